@@ -1,0 +1,134 @@
+-- acquire: admit one request against every limit of one slot group, all or none.
+--
+-- KEYS[1]    reservation record of this request in this group
+-- KEYS[2]    pending holds of this group (sorted set: request id -> hold deadline, ms)
+-- KEYS[3..]  one key per limit spec, in order (a budget's key is the prefix of its periods)
+-- ARGV[1]    request id
+-- ARGV[2]    now in ms, or 0 to use Redis's clock
+-- ARGV[3]    msgpack array of limit specs (format in lib.lua)
+-- ARGV[4]    hold ttl, ms: an unsettled reservation is expired at its estimate after this
+-- ARGV[5]    record ttl, ms: how long the record outlives its deadline awaiting collection
+-- ARGV[6]    caller metadata, opaque bytes, returned with the hold if it expires
+--
+-- Returns a msgpack map:
+--   ok   1 admitted, 0 refused
+--   st   {remaining_1, reset_ms_1, remaining_2, reset_ms_2, ...}, one pair per limit
+--   i    (refused) 1-based index of the limit that frees last; why = its reason;
+--        ra = retry-after ms until every refusing limit has room, -1 if it never will
+--   dup  (repeated request id) status of the existing reservation; nothing is changed
+--
+-- A refusal writes nothing that counts: only buckets that slid out and expired leases are purged.
+
+local rid, now = ARGV[1], clock(ARGV[2])
+local specs = mp_unpack(ARGV[3])
+
+local existing = record_load(KEYS[1])
+if existing then
+  return mp_pack({ok = existing.s == 'held' and 1 or 0, dup = existing.s, st = existing.st})
+end
+
+local NEVER = -1
+local views, states = {}, {}
+local refused, reason, retry = 0, nil, 0
+
+-- Pass 1: read every limit and decide.
+for i, spec in ipairs(specs) do
+  local key, kind, amount, cap = KEYS[i + 2], spec[1], spec[2], spec[3]
+  local view = {used = 0}
+  local why, wait
+  if kind == 'w' then
+    view = window_view(key, now, spec[5], spec[6])
+    view.used = view.sum
+    if amount > cap then
+      why = 'exceeds_capacity'
+    elseif view.used + amount > cap then
+      why, wait = 'window_full', window_retry(view, now, amount, cap)
+    end
+  elseif kind == 'l' then
+    view.used = lease_count(key, now, true)
+    if amount > cap then
+      why = 'exceeds_capacity'
+    elseif view.used + amount > cap then
+      why, wait = 'no_free_slot', math.max((lease_first_expiry(key) or now) - now, 0)
+    end
+  else
+    view.start, view.stop = budget_period(spec, now)
+    view.pkey = budget_key(key, view.start)
+    view.used = budget_used(view.pkey)
+    if amount > cap then
+      why = 'exceeds_capacity'
+    elseif view.used >= cap or view.used + amount > cap then
+      why, wait = 'budget_exhausted', view.stop - now
+    end
+  end
+  if why then
+    wait = wait or NEVER
+    if refused == 0 or (retry ~= NEVER and (wait == NEVER or wait > retry)) then
+      refused, reason, retry = i, why, wait
+    end
+  end
+  views[i] = view
+end
+
+local function remaining(spec, used)
+  return math.max(spec[3] - used, 0)
+end
+
+if refused > 0 then
+  for i, spec in ipairs(specs) do
+    local view, reset = views[i], 0
+    if spec[1] == 'w' then
+      reset = window_reset(view, now)
+    elseif spec[1] == 'l' then
+      if view.used > 0 then
+        reset = math.max((lease_first_expiry(KEYS[i + 2]) or now) - now, 0)
+      end
+    else
+      reset = view.stop - now
+    end
+    states[#states + 1] = remaining(spec, view.used)
+    states[#states + 1] = reset
+  end
+  return mp_pack({ok = 0, i = refused, why = reason, ra = retry, st = states})
+end
+
+-- Pass 2: every limit has room; take it and remember where, for settle and release.
+local taken = {}
+for i, spec in ipairs(specs) do
+  local key, kind, amount, measure = KEYS[i + 2], spec[1], spec[2], spec[4]
+  local view, reset = views[i], 0
+  if kind == 'w' then
+    window_purge(view)
+    if amount > 0 then
+      window_add(view, now, amount)
+    end
+    reset = view.sum > 0 and window_frees_at(view, view.cur) - now or 0
+    taken[i] = {k = 'w', key = key, a = amount, m = measure, W = spec[5], g = spec[6], id = view.cur}
+  elseif kind == 'l' then
+    local ttl = spec[5]
+    redis.call('ZADD', key, int(now + ttl), rid)
+    redis.call('PEXPIRE', key, int(ttl))
+    view.used = view.used + 1
+    if view.used >= spec[3] then
+      reset = math.max((lease_first_expiry(key) or now) - now, 0)
+    end
+    taken[i] = {k = 'l', key = key, a = amount, m = measure, ttl = ttl}
+  else
+    budget_add(view.pkey, amount, amount, view.stop, spec[8], now)
+    reset = view.stop - now
+    taken[i] = {k = 'b', key = view.pkey, a = amount, m = measure, pe = view.stop, r = spec[8]}
+  end
+  if kind ~= 'l' then
+    view.used = view.used + amount
+  end
+  states[#states + 1] = remaining(spec, view.used)
+  states[#states + 1] = reset
+end
+
+local hold_ttl, record_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
+local deadline = now + hold_ttl
+record_store(KEYS[1], {s = 'held', t0 = now, dl = deadline, meta = ARGV[6], L = taken, st = states},
+  hold_ttl + record_ttl)
+redis.call('ZADD', KEYS[2], int(deadline), rid)
+redis.call('PEXPIRE', KEYS[2], int(hold_ttl + record_ttl))
+return mp_pack({ok = 1, st = states})

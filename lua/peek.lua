@@ -1,0 +1,34 @@
+#!lua flags=no-writes
+-- peek: remaining capacity and time to reset of each limit, changing nothing.
+--
+-- KEYS[1..]  one key per limit spec, in order
+-- ARGV[1]    now in ms, or 0 to use Redis's clock
+-- ARGV[2]    msgpack array of limit specs (format in lib.lua; amounts are ignored)
+--
+-- Returns a msgpack array {remaining_1, reset_ms_1, remaining_2, reset_ms_2, ...}:
+--   window: capacity minus what counts now; reset = until all of it has slid out
+--   lease:  free slots; reset = until the first lease expires, 0 while a slot is free
+--   budget: capacity minus spent and held this period; reset = until the period ends
+
+local now = clock(ARGV[1])
+local specs = mp_unpack(ARGV[2])
+local out = {}
+for i, spec in ipairs(specs) do
+  local key, kind, cap = KEYS[i], spec[1], spec[3]
+  local used, reset = 0, 0
+  if kind == 'w' then
+    local w = window_view(key, now, spec[5], spec[6])
+    used, reset = w.sum, window_reset(w, now)
+  elseif kind == 'l' then
+    used = lease_count(key, now, false)
+    if used >= cap and used > 0 then
+      reset = math.max((lease_first_expiry(key) or now) - now, 0)
+    end
+  else
+    local start, stop = budget_period(spec, now)
+    used, reset = budget_used(budget_key(key, start)), stop - now
+  end
+  out[#out + 1] = math.max(cap - used, 0)
+  out[#out + 1] = reset
+end
+return mp_pack(out)

@@ -1,0 +1,36 @@
+-- settle / release: finish a held reservation of one slot group, exactly once.
+--
+-- KEYS[1]  reservation record of this request in this group
+-- KEYS[2]  pending holds of this group
+-- ARGV[1]  request id
+-- ARGV[2]  now in ms, or 0 to use Redis's clock
+-- ARGV[3]  'settle': limits with a measure named in the actuals take that amount instead of
+--          their estimate (a window's bucket and a budget's period are the ones reserved);
+--          'release': every reserved amount is refunded
+-- ARGV[4]  msgpack map measure -> actual amount (integers; ignored by 'release')
+-- ARGV[5]  result ttl, ms: how long the finished record answers repeated calls
+--
+-- Leases are freed in both modes. Returns a msgpack map:
+--   s      final status: 'settled', 'released' or 'expired'; 'unknown' if no record exists
+--   first  1 if this call finished the reservation, 0 if an earlier call (or expiry) did
+--   t0, t1 acquisition and finish times (ms); est, out: amount per measure, reserved and charged
+--   meta   the caller metadata given at acquisition
+-- A repeated call changes nothing and returns the first outcome.
+
+local rid, now, mode = ARGV[1], clock(ARGV[2]), ARGV[3]
+local rec = record_load(KEYS[1])
+if not rec then
+  return mp_pack({s = 'unknown', first = 0})
+end
+
+local first = 0
+if rec.s == 'held' then
+  first = 1
+  rec.est, rec.out = record_finish(rec, rid, now, mode, mp_unpack(ARGV[4]))
+  rec.s = mode == 'release' and 'released' or 'settled'
+  rec.t1 = now
+  record_store(KEYS[1], rec, tonumber(ARGV[5]))
+  redis.call('ZREM', KEYS[2], rid)
+end
+return mp_pack({s = rec.s, first = first, t0 = rec.t0, t1 = rec.t1, est = rec.est, out = rec.out,
+  meta = rec.meta})

@@ -1,0 +1,43 @@
+"""The exceptions the library raises; everything derives from ``RateLimiterError``."""
+
+from __future__ import annotations
+
+__all__ = [
+    "DuplicateRequest",
+    "InvalidDuration",
+    "InvalidLimit",
+    "RateLimiterError",
+    "RedisUnavailable",
+]
+
+
+class RateLimiterError(Exception):
+    """Base class of every error raised by ratelimiter."""
+
+
+class InvalidLimit(RateLimiterError, ValueError):
+    """A limit, a list of limits or an amount is malformed; nothing was sent to Redis."""
+
+
+class InvalidDuration(InvalidLimit):
+    """A duration or time zone string could not be understood."""
+
+
+class RedisUnavailable(RateLimiterError, ConnectionError):
+    """Redis could not be reached or did not answer in time."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(f"Redis at {address} is unreachable: {reason}")
+        self.address = address
+
+
+class DuplicateRequest(RateLimiterError):
+    """A request id was reused after its reservation had already been finished."""
+
+    def __init__(self, request_id: str, status: str) -> None:
+        super().__init__(
+            f"request id {request_id!r} was already used and is {status}; "
+            "every request needs a new id"
+        )
+        self.request_id = request_id
+        self.status = status

@@ -1,0 +1,130 @@
+"""Real Redis servers for the suite: each started on a free port, never the standard one."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from ratelimiter import Engine, RedisServer
+from ratelimiter.embedded import free_port
+
+
+class ManualClock:
+    """A clock the test moves by hand, in milliseconds (passed to Engine as ``clock``)."""
+
+    def __init__(self, start_ms: int = 1_800_000_000_000) -> None:
+        self.now = start_ms
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, ms: int) -> None:
+        self.now += ms
+
+
+def start_server(path: Path, **options: object) -> RedisServer:
+    return RedisServer(path, port=free_port(), appendonly=False, **options).start()  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = start_server(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def ns() -> str:
+    """A namespace so tests sharing a server never share keys."""
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def engine(redis_url: str, ns: str) -> AsyncIterator[Engine]:
+    async with await Engine.connect(redis_url, prefix=f"t:{ns}:") as eng:
+        yield eng
+
+
+@pytest.fixture
+async def clocked(redis_url: str, ns: str, clock: ManualClock) -> AsyncIterator[Engine]:
+    """An engine on a hand-moved clock, for exact timing assertions."""
+    async with await Engine.connect(
+        redis_url, prefix=f"t:{ns}:", clock=clock, hold_ttl_ms=20_000
+    ) as eng:
+        yield eng
+
+
+class Cluster:
+    def __init__(self, root: Path, masters: int = 3) -> None:
+        self.servers = [
+            RedisServer(
+                root / f"node{i}",
+                port=free_port(),
+                appendonly=False,
+                extra_args=(
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    str(root / f"node{i}" / "nodes.conf"),
+                    "--cluster-node-timeout",
+                    "2000",
+                ),
+            )
+            for i in range(masters)
+        ]
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.servers[0].port}/0"
+
+    def start(self) -> Cluster:
+        for server in self.servers:
+            server.start()
+        clients = [redis.Redis(port=s.port) for s in self.servers]
+        step = 16384 // len(clients)
+        for i, client in enumerate(clients):
+            last = 16383 if i == len(clients) - 1 else (i + 1) * step - 1
+            client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * step, last)
+        for server in self.servers[1:]:
+            clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", server.port)
+        deadline = time.monotonic() + 30
+        while not all(c.cluster("info")["cluster_state"] == "ok" for c in clients):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the test cluster did not converge in 30 s")
+            time.sleep(0.05)
+        for client in clients:
+            client.close()
+        return self
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    cluster = Cluster(tmp_path_factory.mktemp("cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+async def cluster_engine(redis_cluster: Cluster, ns: str) -> AsyncIterator[Engine]:
+    async with await Engine.connect(redis_cluster.url, prefix=f"t:{ns}:") as eng:
+        assert eng.cluster
+        yield eng
