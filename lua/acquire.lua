@@ -80,7 +80,7 @@ if refused > 0 then
     if spec[1] == 'w' then
       reset = window_reset(view, now)
     elseif spec[1] == 'l' then
-      if view.used > 0 then
+      if view.used >= spec[3] and view.used > 0 then
         reset = math.max((lease_first_expiry(KEYS[i + 2]) or now) - now, 0)
       end
     else
@@ -101,8 +101,11 @@ for i, spec in ipairs(specs) do
     window_purge(view)
     if amount > 0 then
       window_add(view, now, amount)
+      reset = window_frees_at(view, view.cur) - now
+    else
+      redis.call('PEXPIRE', key, int(window_frees_at(view, view.cur) - now))
+      reset = window_reset(view, now)
     end
-    reset = view.sum > 0 and window_frees_at(view, view.cur) - now or 0
     taken[i] = {k = 'w', key = key, a = amount, m = measure, W = spec[5], g = spec[6], id = view.cur}
   elseif kind == 'l' then
     local ttl = spec[5]

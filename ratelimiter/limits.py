@@ -59,7 +59,10 @@ class SlidingWindow:
         _check_int(owner, "capacity", self.capacity)
         _check_int(owner, "amount", self.amount)
         _check_int(owner, "buckets", self.buckets, minimum=1)
-        object.__setattr__(self, "window", parse_duration(self.window))
+        window = parse_duration(self.window)
+        if window.is_calendar:
+            raise InvalidLimit(f"{owner}: '{window}' has no fixed length; use s, m, h, d or w")
+        object.__setattr__(self, "window", window)
 
     @property
     def window_ms(self) -> int:
