@@ -8,6 +8,7 @@ the data directory; the server is shut down cleanly (AOF flushed) on ``stop``.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import shutil
 import socket
@@ -20,6 +21,8 @@ from .errors import RateLimiterError
 __all__ = ["RedisServer", "find_server_binary"]
 
 log = logging.getLogger("ratelimiter.embedded")
+
+DEFAULT_DATA_DIR = Path(".ratelimiter") / "redis"
 
 
 def find_server_binary() -> Path:
@@ -161,6 +164,7 @@ class RedisServer:
         """SIGTERM: Redis flushes the AOF and exits; SIGKILL only if it does not."""
         if self.process is None:
             return
+        atexit.unregister(self.stop)
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -175,6 +179,7 @@ class RedisServer:
     def kill(self) -> None:
         """SIGKILL, as a crash would (for fault tests)."""
         if self.process is not None:
+            atexit.unregister(self.stop)
             self.process.kill()
             self.process.wait()
             if self.process.stderr:

@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -23,6 +24,7 @@ from redis.crc import key_slot
 
 from .connections import RedisClient, RedisSettings, connect, translate_errors
 from .durations import Duration, period_bounds, time_zone
+from .embedded import DEFAULT_DATA_DIR, RedisServer
 from .errors import DuplicateRequest, InvalidLimit
 from .limits import MAX_AMOUNT, Budget, Concurrency, Limit, SlidingWindow, validate_limits
 from .scripts import Script, load_scripts, run_script
@@ -181,16 +183,41 @@ class Engine:
         self._offset_at = float("-inf")
         self._periods: dict[Duration, tuple[int, int, int]] = {}
         self._scripts = load_scripts()
+        self._server: RedisServer | None = None
 
     @classmethod
-    async def connect(cls, settings: RedisSettings | str, **options: Any) -> Engine:
-        """Connect to Redis (see ``RedisSettings.from_url``) and build an engine on it."""
+    async def connect(
+        cls,
+        settings: RedisSettings | str | None,
+        *,
+        data_dir: str | Path = DEFAULT_DATA_DIR,
+        **options: Any,
+    ) -> Engine:
+        """Connect to Redis (see ``RedisSettings.from_url``) and build an engine on it.
+
+        With ``settings=None`` a private server is started (see ``RedisServer``), persisting
+        in ``data_dir``; ``close`` stops it.
+        """
+        server = None
+        if settings is None:
+            server = RedisServer(data_dir).start()
+            settings = server.url
         if isinstance(settings, str):
             settings = RedisSettings.from_url(settings)
-        return cls(await connect(settings), address=settings.address, **options)
+        try:
+            engine = cls(await connect(settings), address=settings.address, **options)
+        except BaseException:
+            if server:
+                server.stop()
+            raise
+        engine._server = server
+        return engine
 
     async def close(self) -> None:
         await self.redis.aclose()
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
 
     async def __aenter__(self) -> Engine:
         return self

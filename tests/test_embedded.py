@@ -61,3 +61,13 @@ def test_a_server_that_cannot_start_reports_its_log(tmp_path: Path) -> None:
     with pytest.raises(RateLimiterError, match="did not start"):
         server.start(timeout=5)
     assert server.process is None
+
+
+async def test_engine_without_a_url_runs_its_own_server(tmp_path: Path) -> None:
+    engine = await Engine.connect(None, data_dir=tmp_path)
+    server = engine._server
+    assert server is not None and server.process is not None
+    assert (await engine.acquire(None, [SlidingWindow("k", 1, "1m")])).allowed
+    process = server.process
+    await engine.close()
+    assert process.poll() == 0  # shut down cleanly, not killed
