@@ -40,4 +40,5 @@ local hold_ttl, record_ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
 rec.dl = now + hold_ttl
 record_store(KEYS[1], rec, hold_ttl + record_ttl)
 redis.call('ZADD', KEYS[2], 'XX', int(rec.dl), rid)
+redis.call('PEXPIRE', KEYS[2], int(hold_ttl + record_ttl))
 return mp_pack({s = 'held', lost = lost, dl = rec.dl})
