@@ -22,9 +22,11 @@
 local rid, now = ARGV[1], clock(ARGV[2])
 local specs = mp_unpack(ARGV[3])
 
-local existing = record_load(KEYS[1])
-if existing then
-  return mp_pack({ok = existing.s == 'held' and 1 or 0, dup = existing.s, st = existing.st})
+local existing = redis.call('HMGET', KEYS[1], 's', 'reply')
+if existing[1] == 'held' then
+  return existing[2]
+elseif existing[1] then
+  return mp_pack({ok = 0, dup = existing[1], st = {}})
 end
 
 local NEVER = -1
@@ -54,7 +56,9 @@ for i, spec in ipairs(specs) do
   else
     view.start, view.stop = budget_period(spec, now)
     view.pkey = budget_key(key, view.start)
-    view.used = budget_used(view.pkey)
+    view.used, view.held = budget_read(view.pkey)
+    view.fresh = view.used == nil
+    view.used = view.used or 0
     if amount > cap then
       why = 'exceeds_capacity'
     elseif view.used >= cap or view.used + amount > cap then
@@ -93,20 +97,14 @@ if refused > 0 then
 end
 
 -- Pass 2: every limit has room; take it and remember where, for settle and release.
-local taken = {}
+local at = {}
 for i, spec in ipairs(specs) do
-  local key, kind, amount, measure = KEYS[i + 2], spec[1], spec[2], spec[4]
+  local key, kind, amount = KEYS[i + 2], spec[1], spec[2]
   local view, reset = views[i], 0
   if kind == 'w' then
-    window_purge(view)
-    if amount > 0 then
-      window_add(view, now, amount)
-      reset = window_frees_at(view, view.cur) - now
-    else
-      redis.call('PEXPIRE', key, int(window_frees_at(view, view.cur) - now))
-      reset = window_reset(view, now)
-    end
-    taken[i] = {k = 'w', key = key, a = amount, m = measure, W = spec[5], g = spec[6], id = view.cur}
+    window_add(view, now, amount)
+    reset = amount > 0 and window_frees_at(view, view.cur) - now or window_reset(view, now)
+    at[i] = view.cur
   elseif kind == 'l' then
     local ttl = spec[5]
     redis.call('ZADD', key, int(now + ttl), rid)
@@ -115,11 +113,14 @@ for i, spec in ipairs(specs) do
     if view.used >= spec[3] then
       reset = math.max((lease_first_expiry(key) or now) - now, 0)
     end
-    taken[i] = {k = 'l', key = key, a = amount, m = measure, ttl = ttl}
+    at[i] = 0
   else
-    budget_add(view.pkey, amount, amount, view.stop, spec[8], now)
+    redis.call('HSET', view.pkey, 'u', int(view.used + amount), 'h', int(view.held + amount))
+    if view.fresh then
+      redis.call('PEXPIRE', view.pkey, int(view.stop + spec[8] - now))
+    end
     reset = view.stop - now
-    taken[i] = {k = 'b', key = view.pkey, a = amount, m = measure, pe = view.stop, r = spec[8]}
+    at[i] = view.start
   end
   if kind ~= 'l' then
     view.used = view.used + amount
@@ -130,8 +131,10 @@ end
 
 local hold_ttl, record_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local deadline = now + hold_ttl
-record_store(KEYS[1], {s = 'held', t0 = now, dl = deadline, meta = ARGV[6], L = taken, st = states},
-  hold_ttl + record_ttl)
+local reply = mp_pack({ok = 1, st = states})
+redis.call('HSET', KEYS[1], 's', 'held', 't0', int(now), 'dl', int(deadline), 'spec', ARGV[3],
+  'keys', table.concat(KEYS, '\0', 3), 'at', mp_pack(at), 'meta', ARGV[6], 'reply', reply)
+redis.call('PEXPIRE', KEYS[1], int(hold_ttl + record_ttl))
 redis.call('ZADD', KEYS[2], int(deadline), rid)
 redis.call('PEXPIRE', KEYS[2], int(hold_ttl + record_ttl))
-return mp_pack({ok = 1, st = states})
+return reply

@@ -23,10 +23,9 @@ for _, rid in ipairs(due) do
   if not rec then
     out[#out + 1] = {rid = rid, lost = 1}
   elseif rec.s == 'held' then
-    rec.est, rec.out = record_finish(rec, rid, now, 'expire', {})
-    rec.s, rec.t1 = 'expired', now
-    record_store(key, rec, tonumber(ARGV[4]))
-    out[#out + 1] = {rid = rid, t0 = rec.t0, t1 = now, dl = rec.dl, est = rec.est, meta = rec.meta}
+    local reserved = record_finish(rec, key, rid, now, 'expire', {}, tonumber(ARGV[4]))
+    out[#out + 1] = {rid = rid, t0 = tonumber(rec.t0), t1 = now, dl = tonumber(rec.dl),
+      est = reserved, meta = rec.meta}
   end
 end
 return mp_pack(out)

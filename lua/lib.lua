@@ -36,14 +36,15 @@ local function window_view(key, now, W, g)
   local w = {key = key, W = W, g = g, M = math.ceil(W / g) + 1}
   w.lo = floor((now - W) / g)
   w.cur = floor(now / g)
-  local v = redis.call('HMGET', key, 's', 'o')
+  w.field = tostring(w.cur % w.M)
+  local v = redis.call('HMGET', key, 's', 'o', w.field)
   w.sum = tonumber(v[1]) or 0
   w.o = tonumber(v[2])
+  w.in_cur = tonumber(v[3]) or 0
   w.expired = {}
   if w.o and w.o < w.lo then
     if w.lo - w.o >= w.M then
-      w.sum = 0
-      w.gone = true
+      w.sum, w.in_cur, w.gone = 0, 0, true
     else
       for id = w.o, w.lo - 1 do
         w.expired[#w.expired + 1] = tostring(id % w.M)
@@ -52,24 +53,34 @@ local function window_view(key, now, W, g)
       for i = 1, #old do
         w.sum = w.sum - (tonumber(old[i]) or 0)
       end
+      if w.cur - w.M >= w.o then
+        w.in_cur = 0 -- its field still holds an expired bucket, dropped on write
+      end
     end
   end
   return w
 end
 
--- Makes the stored hash match the view: drops the buckets that slid out.
-local function window_purge(w)
+-- Writes the view back with `changes` (field -> new value): first drops the buckets that
+-- slid out, then one HSET for the changes, the sum and the oldest id.
+local function window_write(w, changes)
   if w.gone then
     redis.call('DEL', w.key)
   elseif #w.expired > 0 then
     redis.call('HDEL', w.key, unpack(w.expired))
-    redis.call('HSET', w.key, 's', int(w.sum))
+  end
+  local args = {'s', int(w.sum)}
+  for field, value in pairs(changes) do
+    args[#args + 1] = field
+    args[#args + 1] = int(value)
   end
   -- 'o' only moves forward, so a clock stepping back cannot resurrect purged buckets.
   if w.o == nil or w.o < w.lo then
-    redis.call('HSET', w.key, 'o', int(w.lo))
     w.o = w.lo
+    args[#args + 1] = 'o'
+    args[#args + 1] = int(w.lo)
   end
+  redis.call('HSET', w.key, unpack(args))
 end
 
 -- Amount in each live bucket, oldest first. Before a purge, a live bucket whose field
@@ -124,11 +135,16 @@ local function window_retry(w, now, amount, capacity)
   return window_frees_at(w, w.cur) - now
 end
 
+-- Takes `amount` in the current bucket. The first write to a bucket sets the key to
+-- expire when that bucket slides out; later writes to it need not repeat that.
 local function window_add(w, now, amount)
-  redis.call('HINCRBY', w.key, tostring(w.cur % w.M), int(amount))
-  redis.call('HINCRBY', w.key, 's', int(amount))
+  local fresh = w.in_cur == 0
   w.sum = w.sum + amount
-  redis.call('PEXPIRE', w.key, int(window_frees_at(w, w.cur) - now))
+  w.in_cur = w.in_cur + amount
+  window_write(w, amount > 0 and {[w.field] = w.in_cur} or {})
+  if fresh then
+    redis.call('PEXPIRE', w.key, int(window_frees_at(w, w.cur) - now))
+  end
 end
 
 -- Changes a reserved bucket by delta if it still counts; never below zero.
@@ -137,16 +153,11 @@ local function window_adjust(key, now, W, g, id, delta)
   if w.o == nil or id < w.lo then
     return
   end
-  window_purge(w)
   local field = tostring(id % w.M)
   local held = tonumber(redis.call('HGET', key, field)) or 0
-  if held + delta < 0 then
-    delta = -held
-  end
-  if delta ~= 0 then
-    redis.call('HINCRBY', key, field, int(delta))
-    redis.call('HINCRBY', key, 's', int(delta))
-  end
+  delta = math.max(delta, -held)
+  w.sum = w.sum + delta
+  window_write(w, {[field] = held + delta})
 end
 
 -- Lease semaphore -------------------------------------------------------------------
@@ -184,62 +195,102 @@ local function budget_key(key, start)
   return key .. ':' .. int(start)
 end
 
-local function budget_used(pkey)
-  return tonumber(redis.call('HGET', pkey, 'u')) or 0
+-- Spent-plus-held and held of one period; nil when the period has no key yet.
+local function budget_read(pkey)
+  local v = redis.call('HMGET', pkey, 'u', 'h')
+  return tonumber(v[1]), tonumber(v[2]) or 0
 end
 
--- Adds to spend and holds of one period; the key lives until the period ends plus retention.
+-- Adds to spend and holds of one period; a new key lives until the period ends plus retention.
 local function budget_add(pkey, used, held, period_end, retention, now)
-  if used ~= 0 then
-    redis.call('HINCRBY', pkey, 'u', int(used))
+  local u, h = budget_read(pkey)
+  redis.call('HSET', pkey, 'u', int((u or 0) + used), 'h', int(h + held))
+  if u == nil then
+    redis.call('PEXPIRE', pkey, int(math.max(period_end + retention - now, 1000)))
   end
-  if held ~= 0 then
-    redis.call('HINCRBY', pkey, 'h', int(held))
-  end
-  redis.call('PEXPIRE', pkey, int(math.max(period_end + retention - now, 1000)))
 end
 
 -- Reservation records ---------------------------------------------------------------
--- One msgpack string per request and slot group; status 'held' until it is settled,
--- released or expired, then kept for the result ttl so a repeated call can be answered.
+-- One hash per request and slot group. While held it keeps what acquire was given, as
+-- given (packing it anew would cost more than the whole admission's bookkeeping):
+--   s = 'held' | 'settled' | 'released' | 'expired'    t0, dl = acquired at, hold deadline
+--   spec = the msgpack specs    keys = the limit keys joined by NUL
+--   at = msgpack array, per limit: the bucket id (window), period start (budget), 0 (lease)
+--   meta = caller metadata      reply = acquire's packed answer, for a repeated acquire
+-- Once finished, spec/keys/at give way to t1, est and out (msgpack maps measure -> amount)
+-- and the hash lives for the result ttl so repeated calls get the first outcome.
 
 local function record_load(key)
-  local raw = redis.call('GET', key)
-  if not raw then
+  local flat = redis.call('HGETALL', key)
+  if #flat == 0 then
     return nil
   end
-  return mp_unpack(raw)
+  local rec = {}
+  for i = 1, #flat, 2 do
+    rec[flat[i]] = flat[i + 1]
+  end
+  return rec
 end
 
-local function record_store(key, rec, ttl)
-  redis.call('SET', key, mp_pack(rec), 'PX', int(ttl))
-end
-
--- Applies the final amounts of a held reservation to every limit it touched.
--- mode 'settle': measured limits take `actuals[measure]`, others keep their reservation;
--- mode 'release': everything is refunded; mode 'expire': charged at the estimate.
--- Returns two maps measure -> amount: what was reserved and what is charged.
-local function record_finish(rec, rid, now, mode, actuals)
-  local reserved, charged = {}, {}
-  for _, lim in ipairs(rec.L) do
-    local final = lim.a
-    if mode == 'release' then
-      final = 0
-    elseif mode == 'settle' and lim.m ~= '' and actuals[lim.m] ~= nil then
-      final = actuals[lim.m]
-    end
-    if lim.m ~= '' and charged[lim.m] == nil then
-      reserved[lim.m], charged[lim.m] = lim.a, final
-    end
-    if lim.k == 'w' then
-      if final ~= lim.a then
-        window_adjust(lim.key, now, lim.W, lim.g, lim.id, final - lim.a)
-      end
-    elseif lim.k == 'b' then
-      budget_add(lim.key, final - lim.a, -lim.a, lim.pe, lim.r, now)
+-- Where each amount of a held record went: {kind, key, amount, measure, ...} per limit,
+-- windows adding window ms, bucket ms, bucket id; leases the ttl; budgets the period key's
+-- end and retention (the key itself is the period's).
+local function record_limits(rec)
+  local specs, at, keys = mp_unpack(rec.spec), mp_unpack(rec.at), {}
+  for key in string.gmatch(rec.keys, '([^%z]+)') do
+    keys[#keys + 1] = key
+  end
+  local out = {}
+  for i, spec in ipairs(specs) do
+    local kind, amount, measure = spec[1], spec[2], spec[4]
+    if kind == 'w' then
+      out[i] = {kind, keys[i], amount, measure, spec[5], spec[6], at[i]}
+    elseif kind == 'l' then
+      out[i] = {kind, keys[i], 1, '', spec[5]}
     else
-      redis.call('ZREM', lim.key, rid)
+      local stop = at[i] == spec[5] and spec[6] or spec[7]
+      out[i] = {kind, budget_key(keys[i], at[i]), amount, measure, stop, spec[8]}
     end
   end
+  return out
+end
+
+local function record_fields(rec)
+  return {s = rec.s, first = 0, t0 = tonumber(rec.t0), t1 = tonumber(rec.t1),
+    est = rec.est and mp_unpack(rec.est), out = rec.out and mp_unpack(rec.out), meta = rec.meta}
+end
+
+-- Applies the final amounts of a held reservation to every limit it touched and marks the
+-- record finished. mode 'settle': measured limits take `actuals[measure]`, others keep
+-- their reservation; 'release': everything is refunded; 'expire': charged at the estimate.
+-- Returns two maps measure -> amount: what was reserved and what is charged.
+local function record_finish(rec, key, rid, now, mode, actuals, ttl)
+  local reserved, charged = {}, {}
+  for _, lim in ipairs(record_limits(rec)) do
+    local kind, lkey, amount, measure = lim[1], lim[2], lim[3], lim[4]
+    local final = amount
+    if mode == 'release' then
+      final = 0
+    elseif mode == 'settle' and measure ~= '' and actuals[measure] ~= nil then
+      final = actuals[measure]
+    end
+    if measure ~= '' and charged[measure] == nil then
+      reserved[measure], charged[measure] = amount, final
+    end
+    if kind == 'w' then
+      if final ~= amount then
+        window_adjust(lkey, now, lim[5], lim[6], lim[7], final - amount)
+      end
+    elseif kind == 'b' then
+      budget_add(lkey, final - amount, -amount, lim[5], lim[6], now)
+    else
+      redis.call('ZREM', lkey, rid)
+    end
+  end
+  local status = mode == 'release' and 'released' or (mode == 'settle' and 'settled' or 'expired')
+  rec.s, rec.t1, rec.est, rec.out = status, now, mp_pack(reserved), mp_pack(charged)
+  redis.call('HDEL', key, 'spec', 'keys', 'at', 'reply')
+  redis.call('HSET', key, 's', status, 't1', int(now), 'est', rec.est, 'out', rec.out)
+  redis.call('PEXPIRE', key, int(ttl))
   return reserved, charged
 end

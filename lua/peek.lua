@@ -26,7 +26,7 @@ for i, spec in ipairs(specs) do
     end
   else
     local start, stop = budget_period(spec, now)
-    used, reset = budget_used(budget_key(key, start)), stop - now
+    used, reset = budget_read(budget_key(key, start)) or 0, stop - now
   end
   out[#out + 1] = math.max(cap - used, 0)
   out[#out + 1] = reset

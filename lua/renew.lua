@@ -22,23 +22,25 @@ if rec.s ~= 'held' then
 end
 
 local lost = 0
-for _, lim in ipairs(rec.L) do
-  if lim.k == 'l' then
+for _, lim in ipairs(record_limits(rec)) do
+  local kind, key, ttl = lim[1], lim[2], lim[5]
+  if kind == 'l' then
     -- a lease past its expiry is still counted until an acquire purges it, so updating it
     -- in place (XX) never takes a slot someone else was given
-    if redis.call('ZADD', lim.key, 'XX', 'CH', int(now + lim.ttl), rid) == 0
-        and not redis.call('ZSCORE', lim.key, rid) then
+    if redis.call('ZADD', key, 'XX', 'CH', int(now + ttl), rid) == 0
+        and not redis.call('ZSCORE', key, rid) then
       lost = lost + 1
     end
-    if redis.call('PTTL', lim.key) < lim.ttl then
-      redis.call('PEXPIRE', lim.key, int(lim.ttl))
+    if redis.call('PTTL', key) < ttl then
+      redis.call('PEXPIRE', key, int(ttl))
     end
   end
 end
 
 local hold_ttl, record_ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
-rec.dl = now + hold_ttl
-record_store(KEYS[1], rec, hold_ttl + record_ttl)
-redis.call('ZADD', KEYS[2], 'XX', int(rec.dl), rid)
+local deadline = now + hold_ttl
+redis.call('HSET', KEYS[1], 'dl', int(deadline))
+redis.call('PEXPIRE', KEYS[1], int(hold_ttl + record_ttl))
+redis.call('ZADD', KEYS[2], 'XX', int(deadline), rid)
 redis.call('PEXPIRE', KEYS[2], int(hold_ttl + record_ttl))
-return mp_pack({s = 'held', lost = lost, dl = rec.dl})
+return mp_pack({s = 'held', lost = lost, dl = deadline})

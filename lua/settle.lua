@@ -22,15 +22,11 @@ local rec = record_load(KEYS[1])
 if not rec then
   return mp_pack({s = 'unknown', first = 0})
 end
-
-local first = 0
-if rec.s == 'held' then
-  first = 1
-  rec.est, rec.out = record_finish(rec, rid, now, mode, mp_unpack(ARGV[4]))
-  rec.s = mode == 'release' and 'released' or 'settled'
-  rec.t1 = now
-  record_store(KEYS[1], rec, tonumber(ARGV[5]))
-  redis.call('ZREM', KEYS[2], rid)
+if rec.s ~= 'held' then
+  return mp_pack(record_fields(rec))
 end
-return mp_pack({s = rec.s, first = first, t0 = rec.t0, t1 = rec.t1, est = rec.est, out = rec.out,
-  meta = rec.meta})
+record_finish(rec, KEYS[1], rid, now, mode, mp_unpack(ARGV[4]), tonumber(ARGV[5]))
+redis.call('ZREM', KEYS[2], rid)
+local out = record_fields(rec)
+out.first = 1
+return mp_pack(out)

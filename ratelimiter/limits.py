@@ -10,7 +10,7 @@ without a measure (a request counter, a lease) keep what they reserved.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .durations import Duration, parse_duration
@@ -33,8 +33,8 @@ def _check_int(owner: str, name: str, value: Any, *, minimum: int = 0) -> None:
 
 
 def _check_key(owner: str, key: Any) -> None:
-    if not isinstance(key, str) or not key:
-        raise InvalidLimit(f"{owner}: key must be a non-empty string, got {key!r}")
+    if not isinstance(key, str) or not key or "\0" in key:
+        raise InvalidLimit(f"{owner}: key must be a non-empty string without NUL, got {key!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +52,8 @@ class SlidingWindow:
     measure: str | None = None
     name: str = ""
     buckets: int = DEFAULT_BUCKETS
+    window_ms: int = field(init=False, repr=False, compare=False)
+    bucket_ms: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         owner = f"sliding window {self.name or self.key!r}"
@@ -63,14 +65,12 @@ class SlidingWindow:
         if window.is_calendar:
             raise InvalidLimit(f"{owner}: '{window}' has no fixed length; use s, m, h, d or w")
         object.__setattr__(self, "window", window)
+        object.__setattr__(self, "window_ms", window.milliseconds)
+        object.__setattr__(self, "bucket_ms", max(1, -(-window.milliseconds // self.buckets)))
 
-    @property
-    def window_ms(self) -> int:
-        return parse_duration(self.window).milliseconds
-
-    @property
-    def bucket_ms(self) -> int:
-        return max(1, -(-self.window_ms // self.buckets))
+    def with_amount(self, amount: int) -> SlidingWindow:
+        """The same limit for a request of another size (checks only the new amount)."""
+        return _with_amount(self, amount)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +122,20 @@ class Budget:
         _check_int(owner, "amount", self.amount)
         _check_int(owner, "retention_ms", self.retention_ms)
         object.__setattr__(self, "period", parse_duration(self.period))
+
+    def with_amount(self, amount: int) -> Budget:
+        """The same budget for a request of another cost (checks only the new amount)."""
+        return _with_amount(self, amount)
+
+
+def _with_amount(limit: Any, amount: int) -> Any:
+    # The policy layer builds limits on every request; copying skips re-validating the rest.
+    _check_int(f"limit {limit.name or limit.key!r}", "amount", amount)
+    clone = object.__new__(type(limit))
+    for name in type(limit).__slots__:
+        object.__setattr__(clone, name, getattr(limit, name))
+    object.__setattr__(clone, "amount", amount)
+    return clone
 
 
 Limit = SlidingWindow | Concurrency | Budget

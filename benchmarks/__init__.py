@@ -1,0 +1,1 @@
+"""Load and performance tools: the figures in the README come from here."""
