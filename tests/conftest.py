@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -69,12 +71,27 @@ async def clocked(redis_url: str, ns: str, clock: ManualClock) -> AsyncIterator[
         yield eng
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (10000 higher) is free too, so at most 55535."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20_000, 45_000)
+        try:
+            for candidate in (port, port + 10_000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 class Cluster:
     def __init__(self, root: Path, masters: int = 3) -> None:
         self.servers = [
             RedisServer(
                 root / f"node{i}",
-                port=free_port(),
+                port=cluster_port(),
                 appendonly=False,
                 extra_args=(
                     "--cluster-enabled",
