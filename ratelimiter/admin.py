@@ -1,0 +1,385 @@
+"""Admin routes with LiteLLM's paths and field names; all need the master key."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from .durations import parse_duration
+from .policy import Scope, dollars, scope_budgets
+from .server import (
+    ENGINE,
+    SETTINGS,
+    STORE,
+    hash_key,
+    json_response,
+    new_key,
+    read_json,
+    require_master,
+)
+from .store import EntityError, Store, validate
+
+__all__ = ["add_admin_routes", "effective_fields"]
+
+SCOPE_KIND = {"key": "key", "user": "user", "team": "team", "customer": "end_user"}
+LIMIT_FIELDS = (
+    "max_budget",
+    "soft_budget",
+    "budget_duration",
+    "tpm_limit",
+    "rpm_limit",
+    "max_parallel_requests",
+    "model_max_budget",
+)
+
+
+def _iso(ms: int | None) -> str | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC).isoformat()
+
+
+async def effective_fields(store: Store, entity: dict[str, Any]) -> dict[str, Any]:
+    """An entity's own limits, with the gaps filled from the budget it names."""
+    budget_id = entity.get("budget_id")
+    if not budget_id:
+        return entity
+    budget = await store.get("budget", budget_id) or {}
+    merged = dict(entity)
+    for name in LIMIT_FIELDS:
+        if merged.get(name) is None and budget.get(name) is not None:
+            merged[name] = budget[name]
+    return merged
+
+
+async def _check_budget_exists(store: Store, fields: dict[str, Any]) -> None:
+    budget_id = fields.get("budget_id")
+    if budget_id and await store.get("budget", budget_id) is None:
+        raise EntityError(
+            404,
+            f"budget_id {budget_id!r} does not exist: create it with /budget/new first",
+            "budget_id",
+        )
+
+
+async def _spend(
+    request: web.Request, kind: str, entity_id: str, entity: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Spend, remaining and reset time of every budget window of an entity, now."""
+    store, engine = request.app[STORE], request.app[ENGINE]
+    scope = Scope(SCOPE_KIND.get(kind, kind), entity_id, await effective_fields(store, entity))
+    budgets = list(scope_budgets(scope, request.app[SETTINGS].key_prefix))
+    if not budgets:
+        return []
+    now = await engine.now_ms()
+    states = await engine.peek(budgets)
+    return [
+        {
+            "budget_duration": str(s.limit.period),
+            "max_budget": dollars(s.limit.capacity),
+            "spend": dollars(s.limit.capacity - s.remaining),
+            "remaining": dollars(s.remaining),
+            "budget_reset_at": _iso(now + s.reset_ms),
+        }
+        for s in states
+    ]
+
+
+async def _info(
+    request: web.Request, kind: str, entity_id: str, entity: dict[str, Any]
+) -> dict[str, Any]:
+    windows = await _spend(request, kind, entity_id, entity)
+    first = windows[0] if windows else {}
+    return {
+        **entity,
+        "spend": first.get("spend", 0.0),
+        "budget_reset_at": first.get("budget_reset_at"),
+        "budget_windows": windows,
+    }
+
+
+def _required(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise EntityError(400, f"{name} is required", name)
+    return value
+
+
+def _query(request: web.Request, *names: str) -> str:
+    for name in names:
+        if request.query.get(name):
+            return request.query[name]
+    raise EntityError(400, f"query parameter {names[0]} is required", names[0])
+
+
+async def _load(store: Store, kind: str, entity_id: str) -> dict[str, Any]:
+    entity = await store.get(kind, entity_id)
+    if entity is None:
+        raise EntityError(404, f"{kind} {entity_id!r} not found", SCOPE_KIND.get(kind, kind))
+    return entity
+
+
+def _key_id(value: str) -> str:
+    """Keys are addressed by the plain key or by its hash (as /key/list shows them)."""
+    return hash_key(value) if value.startswith("sk-") else value
+
+
+# -- keys ---------------------------------------------------------------------------
+
+
+async def _create_key(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
+    store = request.app[STORE]
+    fields = validate("key", body)
+    await _check_budget_exists(store, fields)
+    plain = new_key()
+    token = hash_key(plain)
+    now = int(time.time() * 1000)
+    expires = None
+    if fields.get("duration"):
+        expires = now + parse_duration(fields["duration"]).milliseconds
+    entity = {**fields, "token": token, "created_at": now, "expires_at": expires}
+    await store.create("key", token, entity)
+    return {**entity, "key": plain, "expires": _iso(expires)}
+
+
+async def key_generate(request: web.Request) -> web.Response:
+    require_master(request)
+    return json_response(await _create_key(request, await read_json(request)))
+
+
+async def key_update(request: web.Request) -> web.Response:
+    require_master(request)
+    body = await read_json(request)
+    token = _key_id(_required(body, "key"))
+    changes = validate("key", {k: v for k, v in body.items() if k != "key"}, partial=True)
+    return json_response(await _update(request, "key", token, changes))
+
+
+async def _update(
+    request: web.Request, kind: str, entity_id: str, changes: dict[str, Any]
+) -> dict[str, Any]:
+    store = request.app[STORE]
+    await _check_budget_exists(store, changes)
+    entity = {**await _load(store, kind, entity_id), **changes}
+    if kind == "customer" and entity.get("budget_id") and entity.get("max_budget") is not None:
+        raise EntityError(
+            400, "give a customer either budget_id or max_budget, not both", "budget_id"
+        )
+    await store.put(kind, entity_id, entity)
+    return entity
+
+
+async def key_info(request: web.Request) -> web.Response:
+    require_master(request)
+    token = _key_id(_query(request, "key"))
+    entity = await _load(request.app[STORE], "key", token)
+    return json_response({"key": token, "info": await _info(request, "key", token, entity)})
+
+
+async def key_delete(request: web.Request) -> web.Response:
+    require_master(request)
+    body = await read_json(request)
+    keys = body.get("keys")
+    if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
+        raise EntityError(400, "keys must be a non-empty list of keys", "keys")
+    store = request.app[STORE]
+    tokens = [_key_id(k) for k in keys]
+    for token in tokens:
+        await _load(store, "key", token)
+    for token in tokens:
+        await store.delete("key", token)
+    return json_response({"deleted_keys": keys})
+
+
+def _set_blocked(kind: str, blocked: bool) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        require_master(request)
+        body = await read_json(request)
+        if kind == "key":
+            ids = [_key_id(_required(body, "key"))]
+        else:
+            ids = body.get("user_ids")
+            if not isinstance(ids, list) or not ids:
+                raise EntityError(400, "user_ids must be a non-empty list", "user_ids")
+        entities = [await _update(request, kind, i, {"blocked": blocked}) for i in ids]
+        return json_response(
+            entities[0]
+            if kind == "key"
+            else {"blocked_users": ids}
+            if blocked
+            else {"unblocked_users": ids}
+        )
+
+    return handler
+
+
+async def key_list(request: web.Request) -> web.Response:
+    require_master(request)
+    keys = await request.app[STORE].ids("key")
+    return json_response({"keys": keys, "total_count": len(keys)})
+
+
+# -- users, teams, customers, budgets ------------------------------------------------
+
+
+async def user_new(request: web.Request) -> web.Response:
+    require_master(request)
+    body = await read_json(request)
+    store = request.app[STORE]
+    user = validate("user", body)
+    user_id = user.get("user_id") or str(uuid.uuid4())
+    user["user_id"] = user_id
+    await _check_budget_exists(store, user)
+    await store.create("user", user_id, user)
+    # LiteLLM's /user/new also hands out a key for the user; it shares the user's limits
+    key = await _create_key(request, {"user_id": user_id, "models": user.get("models") or []})
+    return json_response({**user, "key": key["key"], "expires": key["expires"]})
+
+
+def _create(kind: str, id_field: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        require_master(request)
+        store = request.app[STORE]
+        entity = validate(kind, await read_json(request))
+        entity_id = entity.get(id_field) or (None if kind != "team" else str(uuid.uuid4()))
+        if not entity_id:
+            raise EntityError(400, f"{id_field} is required", id_field)
+        entity[id_field] = entity_id
+        await _check_budget_exists(store, entity)
+        await store.create(kind, entity_id, entity)
+        return json_response(entity)
+
+    return handler
+
+
+def _info_route(kind: str, *params: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        require_master(request)
+        entity_id = _query(request, *params)
+        entity = await _load(request.app[STORE], kind, entity_id)
+        info = await _info(request, kind, entity_id, entity)
+        return json_response({params[0]: entity_id, f"{kind}_info": info, **info})
+
+    return handler
+
+
+def _update_route(kind: str, id_field: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        require_master(request)
+        body = await read_json(request)
+        entity_id = _required(body, id_field)
+        changes = validate(kind, {k: v for k, v in body.items() if k != id_field}, partial=True)
+        return json_response(await _update(request, kind, entity_id, changes))
+
+    return handler
+
+
+def _delete_route(kind: str, list_field: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        require_master(request)
+        body = await read_json(request)
+        ids = body.get(list_field)
+        if isinstance(ids, str):
+            ids = [ids]
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+            raise EntityError(400, f"{list_field} must be a non-empty list of ids", list_field)
+        store = request.app[STORE]
+        for entity_id in ids:
+            await _load(store, kind, entity_id)
+        for entity_id in ids:
+            await store.delete(kind, entity_id)
+        return json_response({"deleted": ids})
+
+    return handler
+
+
+async def team_member_add(request: web.Request) -> web.Response:
+    require_master(request)
+    body = await read_json(request)
+    team_id = _required(body, "team_id")
+    raw = body.get("member")
+    raw = raw if isinstance(raw, list) else [raw]
+    extra = (
+        {"max_budget_in_team": body["max_budget_in_team"]} if "max_budget_in_team" in body else {}
+    )
+    added = validate("team", {"members": [{**(m or {}), **extra} for m in raw]}, partial=True)[
+        "members"
+    ]
+    team = await _load(request.app[STORE], "team", team_id)
+    current = {m["user_id"]: m for m in team.get("members") or []}
+    for member in added:
+        if member["user_id"] in current:
+            raise EntityError(
+                409, f"user {member['user_id']!r} is already in team {team_id!r}", "member"
+            )
+        current[member["user_id"]] = member
+    return json_response(
+        await _update(request, "team", team_id, {"members": list(current.values())})
+    )
+
+
+async def team_member_delete(request: web.Request) -> web.Response:
+    require_master(request)
+    body = await read_json(request)
+    team_id, user_id = _required(body, "team_id"), _required(body, "user_id")
+    team = await _load(request.app[STORE], "team", team_id)
+    members = [m for m in team.get("members") or [] if m["user_id"] != user_id]
+    if len(members) == len(team.get("members") or []):
+        raise EntityError(404, f"user {user_id!r} is not a member of team {team_id!r}", "user_id")
+    return json_response(await _update(request, "team", team_id, {"members": members}))
+
+
+async def budget_list(request: web.Request) -> web.Response:
+    require_master(request)
+    store = request.app[STORE]
+    budgets = [await store.get("budget", b) for b in await store.ids("budget")]
+    return json_response([b for b in budgets if b is not None])
+
+
+async def budget_info(request: web.Request) -> web.Response:
+    require_master(request)
+    store = request.app[STORE]
+    if request.method == "POST":
+        ids = (await read_json(request)).get("budgets")
+        if not isinstance(ids, list) or not ids:
+            raise EntityError(400, "budgets must be a non-empty list of budget ids", "budgets")
+    else:
+        ids = [_query(request, "budget_id")]
+    return json_response([await _load(store, "budget", b) for b in ids])
+
+
+def add_admin_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/key/generate", key_generate)
+    r.add_post("/key/update", key_update)
+    r.add_get("/key/info", key_info)
+    r.add_post("/key/delete", key_delete)
+    r.add_post("/key/block", _set_blocked("key", True))
+    r.add_post("/key/unblock", _set_blocked("key", False))
+    r.add_get("/key/list", key_list)
+    r.add_post("/user/new", user_new)
+    r.add_get("/user/info", _info_route("user", "user_id"))
+    r.add_post("/user/update", _update_route("user", "user_id"))
+    r.add_post("/user/delete", _delete_route("user", "user_ids"))
+    r.add_post("/team/new", _create("team", "team_id"))
+    r.add_get("/team/info", _info_route("team", "team_id"))
+    r.add_post("/team/update", _update_route("team", "team_id"))
+    r.add_post("/team/delete", _delete_route("team", "team_ids"))
+    r.add_post("/team/member_add", team_member_add)
+    r.add_post("/team/member_delete", team_member_delete)
+    for base in ("/customer", "/end_user"):
+        r.add_post(f"{base}/new", _create("customer", "user_id"))
+        r.add_get(f"{base}/info", _info_route("customer", "end_user_id", "user_id"))
+        r.add_post(f"{base}/update", _update_route("customer", "user_id"))
+        r.add_post(f"{base}/delete", _delete_route("customer", "user_ids"))
+        r.add_post(f"{base}/block", _set_blocked("customer", True))
+        r.add_post(f"{base}/unblock", _set_blocked("customer", False))
+    r.add_post("/budget/new", _create("budget", "budget_id"))
+    r.add_post("/budget/info", budget_info)
+    r.add_get("/budget/info", budget_info)
+    r.add_post("/budget/update", _update_route("budget", "budget_id"))
+    r.add_post("/budget/delete", _delete_route("budget", "id"))
+    r.add_get("/budget/list", budget_list)

@@ -1,0 +1,78 @@
+"""``ratelimiter serve``: the sidecar from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+
+from aiohttp import web
+
+from .config import ConfigError, Settings, load_config
+from .embedded import RedisServer
+from .engine import Engine
+from .errors import RateLimiterError
+from .server import create_app
+
+__all__ = ["main"]
+
+log = logging.getLogger("ratelimiter")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ratelimiter", description="LLM rate limiter sidecar")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the sidecar")
+    serve.add_argument("--config", help="LiteLLM-style config.yaml")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=4000)
+    serve.add_argument(
+        "--unsafe-allow-weak-master-key",
+        action="store_true",
+        help="accept a short or published master key (throwaway setups only)",
+    )
+    return parser
+
+
+async def _app(settings: Settings, url: str) -> web.Application:
+    engine = await Engine.connect(url, prefix=settings.key_prefix, timezone=settings.timezone)
+    return create_app(settings, engine)
+
+
+def serve(args: argparse.Namespace) -> int:
+    settings = load_config(args.config, allow_weak_master_key=args.unsafe_allow_weak_master_key)
+    server = None
+    url = settings.redis_url
+    if url is None:
+        server = RedisServer(settings.data_dir).start()
+        url = server.url
+    try:
+        with contextlib.suppress(ImportError):
+            import uvloop
+
+            uvloop.install()
+        web.run_app(
+            _app(settings, url), host=args.host, port=args.port, print=None, access_log=None
+        )
+    finally:
+        if server is not None:
+            server.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        return serve(args)
+    except ConfigError as exc:
+        print(f"ratelimiter: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except RateLimiterError as exc:
+        print(f"ratelimiter: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

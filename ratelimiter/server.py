@@ -1,0 +1,161 @@
+"""The aiohttp application: one factory, shared state in ``web.AppKey``s, lifecycle in
+``cleanup_ctx``. Errors leave in OpenAI's envelope, never as a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .config import Settings
+from .engine import Engine
+from .errors import RedisUnavailable
+from .store import EntityError, Store
+
+__all__ = ["ENGINE", "SETTINGS", "STORE", "create_app", "error_response", "hash_key", "new_key"]
+
+log = logging.getLogger("ratelimiter.server")
+
+SETTINGS = web.AppKey("settings", Settings)
+ENGINE = web.AppKey("engine", Engine)
+STORE = web.AppKey("store", Store)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def new_key() -> str:
+    return "sk-" + secrets.token_urlsafe(24)
+
+
+def hash_key(key: str) -> str:
+    """Virtual keys are stored as sha256: a leaked database leaks no usable key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error_response(
+    status: int,
+    message: str,
+    kind: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    return json_response(
+        {"error": {"message": message, "type": kind, "param": param, "code": code}},
+        status,
+        headers,
+    )
+
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_denied",
+    404: "not_found_error",
+    409: "conflict_error",
+}
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except EntityError as exc:
+        return error_response(
+            exc.status, str(exc), _ERROR_TYPES.get(exc.status, "error"), exc.param
+        )
+    except RedisUnavailable as exc:
+        log.error("redis unavailable: %s", exc)
+        return error_response(
+            503,
+            f"{exc}; the limiter cannot decide, so it refuses. Check that Redis is running.",
+            "service_unavailable",
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.status, exc.reason, _ERROR_TYPES.get(exc.status, "error"))
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(
+            500, "internal error in the rate limiter; see its log", "internal_error"
+        )
+
+
+def bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("x-api-key") or None
+
+
+def require_master(request: web.Request) -> None:
+    token = bearer(request)
+    if token is None:
+        raise EntityError(401, "missing API key: send 'Authorization: Bearer <master key>'")
+    if not hmac.compare_digest(token.encode(), request.app[SETTINGS].master_key.encode()):
+        raise EntityError(401, "admin routes need the master key; this key is not it")
+
+
+async def read_json(request: web.Request) -> Any:
+    if request.content_type != "application/json":
+        raise EntityError(400, f"send the body as application/json, not {request.content_type!r}")
+    raw = await request.read()
+    try:
+        return orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError as exc:
+        raise EntityError(400, f"the body is not valid JSON: {exc}") from None
+
+
+async def health_liveliness(request: web.Request) -> web.Response:
+    return json_response("I'm alive!")
+
+
+async def health_readiness(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    try:
+        await asyncio.wait_for(engine.redis.ping(), 2)
+    except Exception as exc:
+        return json_response({"status": "unhealthy", "redis": str(exc) or "timeout"}, 503)
+    return json_response({"status": "healthy", "redis": "connected"})
+
+
+def create_app(settings: Settings, engine: Engine) -> web.Application:
+    """The sidecar: ``engine`` is connected by the caller and closed with the app."""
+    from .admin import add_admin_routes
+
+    app = web.Application(middlewares=[errors_middleware], client_max_size=4 * 1024 * 1024)
+    app[SETTINGS] = settings
+    app[ENGINE] = engine
+    app[STORE] = Store(engine.redis, prefix=settings.key_prefix, address=engine.address)
+    app.cleanup_ctx.append(_lifecycle)
+    app.router.add_get("/health/liveliness", health_liveliness)
+    app.router.add_get("/health/readiness", health_readiness)
+    add_admin_routes(app)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    listener = asyncio.create_task(app[STORE].listen())
+    yield
+    listener.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await listener
+    await app[ENGINE].close()
