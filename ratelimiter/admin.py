@@ -248,7 +248,8 @@ def _create(kind: str, id_field: str) -> Callable[[web.Request], Awaitable[web.R
         if not entity_id:
             raise EntityError(400, f"{id_field} is required", id_field)
         entity[id_field] = entity_id
-        await _check_budget_exists(store, entity)
+        if kind != "budget":
+            await _check_budget_exists(store, entity)
         await store.create(kind, entity_id, entity)
         return json_response(entity)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import time
@@ -9,11 +10,15 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 import redis
+from aiohttp import web
 
 from ratelimiter import Engine, RedisServer
+from ratelimiter.config import Settings
 from ratelimiter.embedded import free_port
+from ratelimiter.server import create_app
 
 
 class ManualClock:
@@ -145,3 +150,60 @@ async def cluster_engine(redis_cluster: Cluster, ns: str) -> AsyncIterator[Engin
     async with await Engine.connect(redis_cluster.url, prefix=f"t:{ns}:") as eng:
         assert eng.cluster
         yield eng
+
+
+MASTER_KEY = "sk-test-master-7f3a9c2e5b1d"
+
+
+@contextlib.asynccontextmanager
+async def running_sidecar(settings: Settings, redis_url: str) -> AsyncIterator[str]:
+    """The sidecar's app served over real HTTP on a free port; yields its base URL."""
+    engine = await Engine.connect(redis_url, prefix=settings.key_prefix)
+    runner = web.AppRunner(create_app(settings, engine))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+def settings(ns: str) -> Settings:
+    return Settings(master_key=MASTER_KEY, key_prefix=f"t:{ns}:")
+
+
+class Admin:
+    """A small client for the admin API."""
+
+    def __init__(self, session: aiohttp.ClientSession, base: str, key: str = MASTER_KEY) -> None:
+        self.session, self.base, self.key = session, base, key
+
+    async def call(
+        self, method: str, path: str, body: object = None, **params: str
+    ) -> tuple[int, dict]:
+        async with self.session.request(
+            method,
+            self.base + path,
+            json=body,
+            params=params or None,
+            headers={"Authorization": f"Bearer {self.key}"},
+        ) as response:
+            return response.status, await response.json(content_type=None)
+
+    async def post(self, path: str, body: object = None) -> dict:
+        status, payload = await self.call("POST", path, body if body is not None else {})
+        assert status == 200, payload
+        return payload
+
+    async def get(self, path: str, **params: str) -> dict:
+        status, payload = await self.call("GET", path, **params)
+        assert status == 200, payload
+        return payload
+
+
+@pytest.fixture
+async def admin(settings: Settings, redis_url: str) -> AsyncIterator[Admin]:
+    async with running_sidecar(settings, redis_url) as base, aiohttp.ClientSession() as session:
+        yield Admin(session, base)
