@@ -1,0 +1,67 @@
+"""`ratelimiter serve` as users run it: a real process, its embedded Redis, a clean stop."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from ratelimiter.embedded import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-cli-test-3d9f1b7e5c2a"
+
+
+def test_serve_with_the_example_config(tmp_path: Path) -> None:
+    port = free_port()
+    shutil.copy(ROOT / "config.example.yaml", tmp_path / "config.yaml")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ratelimiter.cli",
+            "serve",
+            "--config",
+            "config.yaml",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "RATELIMITER_MASTER_KEY": KEY},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/readiness") as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert process.poll() is None, process.stdout.read()  # type: ignore[union-attr]
+                assert time.monotonic() < deadline, "the sidecar did not come up"
+                time.sleep(0.1)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/key/generate",
+            data=b"{}",
+            method="POST",
+            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request) as r:
+            assert r.status == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=20)
+    assert process.returncode == 0, output
+    assert f"data in {tmp_path / '.ratelimiter' / 'redis'}" in output
+    assert KEY not in output  # no secret in logs
+    assert not (tmp_path / ".ratelimiter" / "redis" / "redis.sock").exists()  # server stopped
