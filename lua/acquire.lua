@@ -46,6 +46,11 @@ for i, spec in ipairs(specs) do
     elseif view.used + amount > cap then
       why, wait = 'window_full', window_retry(view, now, amount, cap)
     end
+  elseif kind == 'g' then
+    view.used = redis.call('EXISTS', key)
+    if view.used == 1 then
+      why = 'closed'
+    end
   elseif kind == 'l' then
     view.used = lease_count(key, now, true)
     if amount > cap then
@@ -83,6 +88,8 @@ if refused > 0 then
     local view, reset = views[i], 0
     if spec[1] == 'w' then
       reset = window_reset(view, now)
+    elseif spec[1] == 'g' then
+      reset = 0
     elseif spec[1] == 'l' then
       if view.used >= spec[3] and view.used > 0 then
         reset = math.max((lease_first_expiry(KEYS[i + 2]) or now) - now, 0)
@@ -105,6 +112,8 @@ for i, spec in ipairs(specs) do
     window_add(view, now, amount)
     reset = amount > 0 and window_frees_at(view, view.cur) - now or window_reset(view, now)
     at[i] = view.cur
+  elseif kind == 'g' then
+    at[i] = 0
   elseif kind == 'l' then
     local ttl = spec[5]
     redis.call('ZADD', key, int(now + ttl), rid)
@@ -122,7 +131,7 @@ for i, spec in ipairs(specs) do
     reset = view.stop - now
     at[i] = view.start
   end
-  if kind ~= 'l' then
+  if kind == 'w' or kind == 'b' then
     view.used = view.used + amount
   end
   states[#states + 1] = remaining(spec, view.used)

@@ -6,6 +6,7 @@
 --   kind 'w' sliding window:  p1 = window ms, p2 = bucket ms
 --   kind 'l' lease semaphore: p1 = lease ttl ms
 --   kind 'b' spend budget:    p1, p2, p3 = period boundaries b0 < b1 < b2 (ms), p4 = retention ms
+--   kind 'g' gate:            refuses while its key exists (a block); capacity 1, amount 0
 -- All amounts are integers (requests, tokens, nano-dollars); all times are milliseconds
 -- on Redis's clock unless the caller passes an explicit "now" (tests, simulations).
 
@@ -245,8 +246,8 @@ local function record_limits(rec)
     local kind, amount, measure = spec[1], spec[2], spec[4]
     if kind == 'w' then
       out[i] = {kind, keys[i], amount, measure, spec[5], spec[6], at[i]}
-    elseif kind == 'l' then
-      out[i] = {kind, keys[i], 1, '', spec[5]}
+    elseif kind == 'l' or kind == 'g' then
+      out[i] = {kind, keys[i], amount, '', spec[5]}
     else
       local stop = at[i] == spec[5] and spec[6] or spec[7]
       out[i] = {kind, budget_key(keys[i], at[i]), amount, measure, stop, spec[8]}
@@ -283,7 +284,7 @@ local function record_finish(rec, key, rid, now, mode, actuals, ttl)
       end
     elseif kind == 'b' then
       budget_add(lkey, final - amount, -amount, lim[5], lim[6], now)
-    else
+    elseif kind == 'l' then
       redis.call('ZREM', lkey, rid)
     end
   end

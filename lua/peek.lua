@@ -9,6 +9,7 @@
 --   window: capacity minus what counts now; reset = until all of it has slid out
 --   lease:  free slots; reset = until the first lease expires, 0 while a slot is free
 --   budget: capacity minus spent and held this period; reset = until the period ends
+--   gate:   1 while open, 0 while its key exists
 
 local now = clock(ARGV[1])
 local specs = mp_unpack(ARGV[2])
@@ -19,6 +20,8 @@ for i, spec in ipairs(specs) do
   if kind == 'w' then
     local w = window_view(key, now, spec[5], spec[6])
     used, reset = w.sum, window_reset(w, now)
+  elseif kind == 'g' then
+    used = redis.call('EXISTS', key)
   elseif kind == 'l' then
     used = lease_count(key, now, false)
     if used >= cap and used > 0 then

@@ -11,7 +11,7 @@ from .errors import (
     RateLimiterError,
     RedisUnavailable,
 )
-from .limits import Budget, Concurrency, Limit, SlidingWindow
+from .limits import Budget, Concurrency, Gate, Limit, SlidingWindow
 
 __all__ = [
     "Budget",
@@ -21,6 +21,7 @@ __all__ = [
     "Duration",
     "Engine",
     "ExpiredHold",
+    "Gate",
     "InvalidDuration",
     "InvalidLimit",
     "Limit",

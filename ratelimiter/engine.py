@@ -26,7 +26,7 @@ from .connections import RedisClient, RedisSettings, connect, translate_errors
 from .durations import Duration, period_bounds, time_zone
 from .embedded import DEFAULT_DATA_DIR, RedisServer
 from .errors import DuplicateRequest, InvalidLimit
-from .limits import MAX_AMOUNT, Budget, Concurrency, Limit, SlidingWindow, validate_limits
+from .limits import MAX_AMOUNT, Budget, Concurrency, Gate, Limit, SlidingWindow, validate_limits
 from .scripts import Script, load_scripts, run_script
 
 __all__ = [
@@ -483,6 +483,8 @@ class Engine:
                 )
             elif isinstance(limit, Concurrency):
                 specs.append(["l", 1, limit.capacity, "", limit.ttl_ms])
+            elif isinstance(limit, Gate):
+                specs.append(["g", 0, 1, ""])
             else:
                 b0, b1, b2 = self._period(limit.period, now)
                 specs.append(

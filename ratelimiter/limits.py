@@ -16,7 +16,7 @@ from typing import Any
 from .durations import Duration, parse_duration
 from .errors import InvalidLimit
 
-__all__ = ["Budget", "Concurrency", "Limit", "SlidingWindow", "validate_limits"]
+__all__ = ["Budget", "Concurrency", "Gate", "Limit", "SlidingWindow", "validate_limits"]
 
 # Integers above 2**53 lose precision in Lua's doubles.
 MAX_AMOUNT = 2**53 - 1
@@ -138,8 +138,24 @@ def _with_amount(limit: Any, amount: int) -> Any:
     return clone
 
 
-Limit = SlidingWindow | Concurrency | Budget
-_KINDS = (SlidingWindow, Concurrency, Budget)
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """Admits only while ``key`` does not exist: a block that takes effect in the same atomic
+    step as every other limit, so no process can admit past it once it is set."""
+
+    key: str
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        _check_key(f"gate {self.name or self.key!r}", self.key)
+
+    capacity = 1
+    amount = 0
+    measure = None
+
+
+Limit = SlidingWindow | Concurrency | Budget | Gate
+_KINDS = (SlidingWindow, Concurrency, Budget, Gate)
 
 
 def validate_limits(limits: Any) -> tuple[Limit, ...]:
@@ -153,8 +169,8 @@ def validate_limits(limits: Any) -> tuple[Limit, ...]:
     for limit in limits:
         if not isinstance(limit, _KINDS):
             raise InvalidLimit(
-                f"unknown limit kind {type(limit).__name__}: use SlidingWindow, Concurrency "
-                "or Budget"
+                f"unknown limit kind {type(limit).__name__}: use SlidingWindow, Concurrency, "
+                "Budget or Gate"
             )
         if limit.key in seen:
             raise InvalidLimit(f"key {limit.key!r} is used by two limits of one request")

@@ -13,6 +13,7 @@ from ratelimiter import (
     Concurrency,
     DuplicateRequest,
     Engine,
+    Gate,
     Reservation,
     SlidingWindow,
 )
@@ -283,3 +284,16 @@ async def test_keys_carry_ttls(engine: Engine, ns: str) -> None:
     await engine.settle(decision.reservation)
     async for key in engine.redis.scan_iter(match=f"*{ns}*"):
         assert await engine.redis.pttl(key) > 0, key
+
+
+async def test_a_gate_refuses_from_the_moment_its_key_exists(engine: Engine, ns: str) -> None:
+    gate, rpm = Gate(f"{ns}:blocked", name="key:blocked"), window(ns, 10)
+    assert (await engine.acquire(None, [gate, rpm])).allowed
+    await engine.redis.set(gate.key, 1)
+    refused = await engine.acquire(None, [gate, rpm])
+    assert (refused.refused, refused.reason, refused.retry_after_ms) == (gate, "closed", None)
+    assert [s.remaining for s in await engine.peek([gate, rpm])] == [0, 9]
+    await engine.redis.delete(gate.key)
+    decision = await engine.acquire(None, [gate, rpm])
+    assert decision.allowed and decision.reservation is not None
+    assert (await engine.settle(decision.reservation)).status == "settled"
