@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .connections import translate_errors
 from .durations import parse_duration
 from .policy import Scope, dollars, scope_budgets
 from .server import (
@@ -190,8 +191,24 @@ async def key_delete(request: web.Request) -> web.Response:
     for token in tokens:
         await _load(store, "key", token)
     for token in tokens:
+        await _gate(request, "key", token, True, DELETED_GATE_TTL_S)
         await store.delete("key", token)
     return json_response({"deleted_keys": keys})
+
+
+# A deleted entity's gate outlives every sidecar's cached copy of it.
+DELETED_GATE_TTL_S = 60
+
+
+async def _gate(
+    request: web.Request, kind: str, entity_id: str, closed: bool, ttl_s: int | None = None
+) -> None:
+    gate = Scope(SCOPE_KIND[kind], entity_id).gate(request.app[SETTINGS].key_prefix)
+    with translate_errors(request.app[ENGINE].address):
+        if closed:
+            await request.app[ENGINE].redis.set(gate, 1, ex=ttl_s)
+        else:
+            await request.app[ENGINE].redis.delete(gate)
 
 
 def _set_blocked(kind: str, blocked: bool) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -205,6 +222,8 @@ def _set_blocked(kind: str, blocked: bool) -> Callable[[web.Request], Awaitable[
             if not isinstance(ids, list) or not ids:
                 raise EntityError(400, "user_ids must be a non-empty list", "user_ids")
         entities = [await _update(request, kind, i, {"blocked": blocked}) for i in ids]
+        for entity_id in ids:
+            await _gate(request, kind, entity_id, blocked)
         return json_response(
             entities[0]
             if kind == "key"
@@ -291,6 +310,8 @@ def _delete_route(kind: str, list_field: str) -> Callable[[web.Request], Awaitab
         for entity_id in ids:
             await _load(store, kind, entity_id)
         for entity_id in ids:
+            if kind in SCOPE_KIND:
+                await _gate(request, kind, entity_id, True, DELETED_GATE_TTL_S)
             await store.delete(kind, entity_id)
         return json_response({"deleted": ids})
 

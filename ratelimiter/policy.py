@@ -14,12 +14,15 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .limits import Budget, Concurrency, Limit, SlidingWindow
+from .limits import Budget, Concurrency, Gate, Limit, SlidingWindow
 
 __all__ = ["NANO", "Resolved", "Scope", "dollars", "limits_for", "nano", "scope_budgets"]
 
 NANO = 1_000_000_000
 LEASE_TTL_MS = 60_000
+# Scopes an admin can block: their gate is checked inside the atomic admission, so a block
+# holds from the moment the admin call returns, whatever any sidecar's cache says.
+GATED = ("key", "user", "team", "end_user")
 
 
 def nano(dollars: float) -> int:
@@ -41,6 +44,9 @@ class Scope:
 
     def key(self, prefix: str, what: str) -> str:
         return f"{prefix}{{{self.kind}:{self.id}}}:{what}"
+
+    def gate(self, prefix: str) -> str:
+        return self.key(prefix, "blocked")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +106,8 @@ def limits_for(request: Resolved, prefix: str) -> list[Limit]:
     model = request.model
     for scope in request.scopes:
         f = scope.fields
+        if scope.kind in GATED:
+            limits.append(Gate(scope.gate(prefix), name=f"{scope.kind}:blocked"))
         limits += _rates(scope, prefix, request.tokens, f.get("rpm_limit"), f.get("tpm_limit"))
         if f.get("max_parallel_requests") is not None:
             limits.append(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ratelimiter import Budget, Concurrency, Engine, SlidingWindow
+from ratelimiter import Budget, Concurrency, Engine, Gate, SlidingWindow
 from ratelimiter.policy import NANO, Resolved, Scope, limits_for, nano
 
 P = "rl:"
@@ -67,11 +67,16 @@ def test_every_scope_and_kind() -> None:
     assert limits["rl:{team:t}:spend:model:gpt-4o:1d"].capacity == 3 * NANO
     assert limits["rl:{team:t}:tpm:model:gpt-4o"].capacity == 50
     assert limits["rl:{member:t:ana}:spend:100y"].capacity == 2 * NANO  # never resets
-    assert len(limits) == 10
+    assert limits["rl:{key:h1}:blocked"] == Gate("rl:{key:h1}:blocked", name="key:blocked")
+    assert "rl:{proxy:all}:blocked" not in limits  # nobody can block the proxy
+    assert len(limits) == 12
 
 
-def test_a_scope_without_limits_adds_nothing() -> None:
-    assert limits_for(Resolved((Scope("user", "u"),), "m", 10, 10), P) == []
+def test_a_scope_without_limits_adds_only_its_gate() -> None:
+    assert limits_for(Resolved((Scope("user", "u"),), "m", 10, 10), P) == [
+        Gate("rl:{user:u}:blocked", name="user:blocked")
+    ]
+    assert limits_for(Resolved((Scope("deployment", "d"),), "m", 10, 10), P) == []
 
 
 async def test_two_budget_windows_are_both_enforced(engine: Engine, ns: str) -> None:
