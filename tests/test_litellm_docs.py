@@ -7,6 +7,7 @@ make them; each request is then authenticated, resolved and admitted as the prox
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -146,3 +147,24 @@ async def test_a_block_holds_from_the_moment_the_call_returns(
     assert (refused.allowed, refused.reason) == (False, "closed")
     await admin.post("/key/unblock", {"key": key})
     assert (await proxy.admit(key)).allowed
+
+
+async def test_info_shows_spend_and_reset_of_every_window(
+    docs: tuple[Admin, Proxy, ManualClock],
+) -> None:
+    admin, proxy, clock = docs
+    clock.now = int(time.time() * 1000)  # the admin sidecar reads the real clock
+    body = {
+        "max_budget": 1,
+        "budget_duration": "monthly",
+        "budget_limits": [{"max_budget": 0.5, "budget_duration": "daily"}],
+    }
+    key = (await admin.post("/key/generate", body))["key"]
+    decision = await proxy.admit(key, cost=0.25)
+    assert decision.reservation is not None
+    await proxy.engine.settle(decision.reservation, {"spend": nano(0.1)})
+    info = (await admin.get("/key/info", key=key))["info"]
+    windows = {w["budget_duration"]: w for w in info["budget_windows"]}
+    assert (windows["1mo"]["spend"], windows["1mo"]["remaining"]) == (0.1, 0.9)
+    assert (windows["1d"]["spend"], windows["1d"]["remaining"]) == (0.1, 0.4)
+    assert info["spend"] == 0.1 and windows["1d"]["budget_reset_at"].endswith("+00:00")
