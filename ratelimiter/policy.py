@@ -20,6 +20,7 @@ __all__ = ["NANO", "Resolved", "Scope", "dollars", "limits_for", "nano", "scope_
 
 NANO = 1_000_000_000
 LEASE_TTL_MS = 60_000
+NEVER_RESETS = "100y"  # a budget without a duration: one period from 1970 to 2070
 # Scopes an admin can block: their gate is checked inside the atomic admission, so a block
 # holds from the moment the admin call returns, whatever any sidecar's cache says.
 GATED = ("key", "user", "team", "end_user")
@@ -61,25 +62,22 @@ class Resolved:
 
 def scope_budgets(scope: Scope, prefix: str, cost: int = 0) -> Iterator[Budget]:
     """Every budget window of a scope: max_budget over budget_duration (never resetting when
-    no duration is set), each of budget_limits, and a team member's max_budget_in_team."""
+    no duration is set) and each of budget_limits; one duration given twice keeps the lower."""
     f = scope.fields
+    windows: dict[str, tuple[float, str]] = {}
     if f.get("max_budget") is not None:
-        period = f.get("budget_duration") or "100y"
-        yield Budget(
-            scope.key(prefix, f"spend:{period}"),
-            nano(f["max_budget"]),
-            period,
-            cost,
-            name=f"{scope.kind}:budget",
-        )
+        windows[f.get("budget_duration") or NEVER_RESETS] = (f["max_budget"], "budget")
     for window in f.get("budget_limits") or ():
         period = window["budget_duration"]
+        if period not in windows or window["max_budget"] < windows[period][0]:
+            windows[period] = (window["max_budget"], f"budget:{period}")
+    for period, (limit, name) in windows.items():
         yield Budget(
             scope.key(prefix, f"spend:{period}"),
-            nano(window["max_budget"]),
+            nano(limit),
             period,
             cost,
-            name=f"{scope.kind}:budget:{period}",
+            name=f"{scope.kind}:{name}",
         )
 
 
@@ -131,7 +129,7 @@ def limits_for(request: Resolved, prefix: str) -> list[Limit]:
                 what,
             )
             if per_model.get("max_budget") is not None:
-                period = per_model.get("budget_duration") or "100y"
+                period = per_model.get("budget_duration") or NEVER_RESETS
                 limits.append(
                     Budget(
                         scope.key(prefix, f"spend{what}:{period}"),

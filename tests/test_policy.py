@@ -98,3 +98,17 @@ async def test_two_budget_windows_are_both_enforced(engine: Engine, ns: str) -> 
     assert admitted == [True, True, False]
     refused = await engine.acquire(None, request())
     assert refused.refused is not None and refused.refused.name == "key:budget:24h"
+
+
+def test_one_duration_twice_keeps_the_lower_budget() -> None:
+    key = Scope(
+        "key",
+        "k",
+        {
+            "max_budget": 5,
+            "budget_duration": "30d",
+            "budget_limits": [{"max_budget": 3, "budget_duration": "30d"}],
+        },
+    )
+    (budget,) = [x for x in limits_for(Resolved((key,), "m", 1, 1), P) if isinstance(x, Budget)]
+    assert (budget.capacity, budget.name) == (3 * NANO, "key:budget:30d")
