@@ -122,8 +122,9 @@ class Renewal:
 
 @dataclass(frozen=True, slots=True)
 class ExpiredHold:
-    """A reservation that was never settled, finalised at its estimate by ``collect_expired``.
-    ``lost`` marks one whose record aged out before collection: its amounts are unknown."""
+    """A reservation that was never settled, finalised at its estimate by ``collect_expired``
+    (on a Cluster, one per slot group of the request). ``lost`` marks one whose record aged
+    out before collection: its amounts are unknown."""
 
     request_id: str
     started_ms: int | None
