@@ -13,6 +13,7 @@ from .config import ConfigError, Settings, load_config
 from .embedded import RedisServer
 from .engine import Engine
 from .errors import RateLimiterError
+from .fake_upstream import FakeUpstream, create_fake_upstream
 from .server import create_app
 
 __all__ = ["main"]
@@ -32,7 +33,23 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accept a short or published master key (throwaway setups only)",
     )
+    fake = commands.add_parser("fake-upstream", help="run a fake OpenAI-compatible upstream")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=8000)
+    fake.add_argument("--latency-ms", type=float, default=0.0, help="delay before answering")
+    fake.add_argument("--error-rate", type=float, default=0.0, help="share of 500 answers, 0-1")
     return parser
+
+
+def fake_upstream(args: argparse.Namespace) -> int:
+    if not 0 <= args.error_rate <= 1:
+        raise RateLimiterError(f"--error-rate must be between 0 and 1, got {args.error_rate}")
+    fake = FakeUpstream(latency_ms=args.latency_ms, error_rate=args.error_rate)
+    log.info("fake upstream on http://%s:%d/v1", args.host, args.port)
+    web.run_app(
+        create_fake_upstream(fake), host=args.host, port=args.port, print=None, access_log=None
+    )
+    return 0
 
 
 async def _app(settings: Settings, url: str) -> web.Application:
@@ -65,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = _parser().parse_args(argv)
     try:
-        return serve(args)
+        return serve(args) if args.command == "serve" else fake_upstream(args)
     except ConfigError as exc:
         print(f"ratelimiter: configuration error: {exc}", file=sys.stderr)
         return 2
