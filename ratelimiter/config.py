@@ -70,6 +70,9 @@ class Settings:
     timezone: str = "UTC"
     on_redis_error: str = "deny"
     data_dir: Path = DEFAULT_DATA_DIR
+    default_max_tokens: int = 4096
+    unpriced_models: str = "free"
+    upstream_timeout_s: float = 600.0
     source: str = "<defaults>"
     extra_warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -161,7 +164,16 @@ _TOP = {
 }
 _GENERAL = {"master_key"}
 _LITELLM = {"max_budget", "budget_duration", "max_end_user_budget_id"}
-_OURS = {"redis_url", "key_prefix", "timezone", "on_redis_error", "data_dir"}
+_OURS = {
+    "redis_url",
+    "key_prefix",
+    "timezone",
+    "on_redis_error",
+    "data_dir",
+    "default_max_tokens",
+    "unpriced_models",
+    "upstream_timeout",
+}
 _PARAMS = {
     "model",
     "api_base",
@@ -253,6 +265,17 @@ def load_config(
         raise reader.fail(
             "ratelimiter_settings.on_redis_error", f"must be deny or allow, got {on_error!r}"
         )
+    unpriced = reader.string("ratelimiter_settings.unpriced_models", ours.get("unpriced_models"))
+    if unpriced not in (None, "free", "refuse"):
+        raise reader.fail(
+            "ratelimiter_settings.unpriced_models", f"must be free or refuse, got {unpriced!r}"
+        )
+    default_max_tokens = reader.number(
+        "ratelimiter_settings.default_max_tokens", ours.get("default_max_tokens"), whole=True
+    )
+    upstream_timeout = reader.number(
+        "ratelimiter_settings.upstream_timeout", ours.get("upstream_timeout")
+    )
     timezone = reader.string("ratelimiter_settings.timezone", ours.get("timezone")) or "UTC"
     try:
         time_zone(timezone)
@@ -282,6 +305,9 @@ def load_config(
         data_dir=Path(
             reader.string("ratelimiter_settings.data_dir", ours.get("data_dir")) or DEFAULT_DATA_DIR
         ),
+        default_max_tokens=default_max_tokens or 4096,
+        unpriced_models=unpriced or "free",
+        upstream_timeout_s=float(upstream_timeout or 600.0),
         source=source,
         extra_warnings=tuple(reader.warnings),
     )

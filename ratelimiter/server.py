@@ -29,6 +29,7 @@ ENGINE = web.AppKey("engine", Engine)
 STORE = web.AppKey("store", Store)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 def new_key() -> str:
@@ -140,8 +141,9 @@ async def health_readiness(request: web.Request) -> web.Response:
 def create_app(settings: Settings, engine: Engine) -> web.Application:
     """The sidecar: ``engine`` is connected by the caller and closed with the app."""
     from .admin import add_admin_routes
+    from .proxy import add_proxy_routes
 
-    app = web.Application(middlewares=[errors_middleware], client_max_size=4 * 1024 * 1024)
+    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
     app[ENGINE] = engine
     app[STORE] = Store(engine.redis, prefix=settings.key_prefix, address=engine.address)
@@ -149,6 +151,7 @@ def create_app(settings: Settings, engine: Engine) -> web.Application:
     app.router.add_get("/health/liveliness", health_liveliness)
     app.router.add_get("/health/readiness", health_readiness)
     add_admin_routes(app)
+    add_proxy_routes(app)
     return app
 
 

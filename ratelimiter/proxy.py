@@ -1,0 +1,420 @@
+"""The proxy routes: authenticate, admit across every scope in one step, forward, settle.
+
+A request is estimated (prompt characters / 4 + the most it may generate), admitted by one
+atomic acquire for all its limits, forwarded to a deployment of its model (the next one is
+tried when a deployment's own rpm/tpm is full), and settled with the usage the upstream
+reports. Streams pass through unbuffered; usage is taken from the final chunk, which is asked
+for and, if the client did not ask, removed before it reaches the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from .config import Deployment, Settings
+from .engine import Decision, LimitState, Reservation
+from .estimate import cost_nano, estimate_tokens, price_of
+from .limits import Budget, Concurrency, Gate, SlidingWindow
+from .policy import LEASE_TTL_MS, dollars, limits_for
+from .resolver import Caller, authenticate, check_model_access, resolve
+from .server import (
+    ENGINE,
+    MAX_BODY_BYTES,
+    SETTINGS,
+    STORE,
+    bearer,
+    error_response,
+    json_response,
+)
+from .store import EntityError
+
+__all__ = ["HTTP", "add_proxy_routes"]
+
+log = logging.getLogger("ratelimiter.proxy")
+
+HTTP = web.AppKey("http", aiohttp.ClientSession)
+ROUTES = {"chat/completions": "chat", "completions": "completion", "embeddings": "embedding"}
+
+
+def _duration(ms: int) -> str:
+    """OpenAI's reset format: 1s, 6m0s, 1h2m3s."""
+    seconds = max(ms, 0) / 1000
+    if seconds < 60:
+        return f"{seconds:.3g}s" if seconds < 1 else f"{round(seconds)}s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return (f"{hours}h" if hours else "") + f"{minutes}m{secs}s"
+
+
+def _tightest(states: tuple[LimitState, ...], measure: str | None) -> LimitState | None:
+    windows = [
+        s for s in states if isinstance(s.limit, SlidingWindow) and s.limit.measure == measure
+    ]
+    return min(windows, key=lambda s: s.remaining, default=None)
+
+
+def rate_headers(decision: Decision, request_id: str) -> dict[str, str]:
+    headers = {"x-request-id": request_id}
+    for what, measure in (("requests", None), ("tokens", "tokens")):
+        state = _tightest(decision.states, measure)
+        if state is not None:
+            headers[f"x-ratelimit-limit-{what}"] = str(state.limit.capacity)
+            headers[f"x-ratelimit-remaining-{what}"] = str(state.remaining)
+            headers[f"x-ratelimit-reset-{what}"] = _duration(state.reset_ms)
+    for state in decision.states:  # per-scope detail
+        if isinstance(state.limit, Gate) or not state.limit.name:
+            continue
+        name = state.limit.name.replace(":", "-").replace("_", "-")
+        value = dollars(state.remaining) if isinstance(state.limit, Budget) else state.remaining
+        headers.setdefault(f"x-ratelimit-remaining-{name}", str(value))
+    return headers
+
+
+def refusal(decision: Decision, request_id: str) -> web.Response:
+    limit, retry = decision.refused, decision.retry_after_ms
+    headers = rate_headers(decision, request_id)
+    label = limit.name if limit is not None and limit.name else "a limit"
+    if isinstance(limit, Gate):
+        return error_response(
+            403, f"{label.split(':')[0]} is blocked", "permission_denied", headers=headers
+        )
+    if retry is not None:
+        headers["retry-after"] = str(-(-retry // 1000))
+        headers["retry-after-ms"] = str(retry)
+    when = f" Retry in {retry / 1000:.1f}s." if retry is not None else " It cannot succeed."
+    if isinstance(limit, Budget):
+        headers["x-should-retry"] = "false"
+        return error_response(
+            429,
+            f"Budget exceeded for {label}: {dollars(limit.capacity):g} dollars per "
+            f"{limit.period}.{when}",
+            "budget_exceeded",
+            code="budget_exceeded",
+            headers=headers,
+        )
+    if isinstance(limit, Concurrency):
+        kind, what = "max_parallel_requests", f"{limit.capacity} requests in parallel"
+    elif isinstance(limit, SlidingWindow) and limit.measure == "tokens":
+        kind, what = "tokens", f"{limit.capacity} tokens per {limit.window}"
+    else:
+        kind, what = "requests", f"{limit.capacity if limit else '?'} requests per minute"
+    if retry is None:
+        headers["x-should-retry"] = "false"
+    return error_response(
+        429,
+        f"Rate limit reached for {label}: {what}.{when}",
+        kind,
+        code="rate_limit_exceeded",
+        headers=headers,
+    )
+
+
+def _check_body(body: Any, kind: str) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise EntityError(400, "the request body must be a JSON object")
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise EntityError(400, "model is required: name one of GET /v1/models", "model")
+    if kind == "chat" and not isinstance(body.get("messages"), list):
+        raise EntityError(400, "messages must be a list of messages", "messages")
+    for field in ("max_tokens", "max_completion_tokens", "n"):
+        value = body.get(field)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise EntityError(400, f"{field} must be a positive whole number", field)
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise EntityError(400, "stream must be true or false", "stream")
+    return body
+
+
+def _deployments(settings: Settings, model: str) -> list[Deployment]:
+    found = [d for d in settings.models if d.model_name == model]
+    if not found:
+        raise EntityError(404, f"model {model!r} is not served here: ask GET /v1/models", "model")
+    return found
+
+
+class Call:
+    """One proxied request from admission to settlement."""
+
+    def __init__(self, request: web.Request, kind: str, body: dict[str, Any]) -> None:
+        self.request, self.kind, self.body = request, kind, body
+        self.app = request.app
+        self.settings: Settings = self.app[SETTINGS]
+        self.engine = self.app[ENGINE]
+        self.request_id = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex}"
+        self.prompt, self.most = estimate_tokens(
+            body, self.settings.default_max_tokens, embedding=kind == "embedding"
+        )
+
+    async def admit(self, caller: Caller) -> tuple[Deployment, Decision] | web.Response:
+        store = self.app[STORE]
+        last: Decision | None = None
+        for deployment in _deployments(self.settings, self.body["model"]):
+            check_model_access(caller, deployment, self.settings)
+            price = price_of(deployment)
+            if price is None and not self._unpriced_ok(deployment):
+                raise EntityError(
+                    400,
+                    f"model {deployment.model_name!r} has no price: set "
+                    "input_cost_per_token/output_cost_per_token in model_list",
+                )
+            resolved = await resolve(
+                store,
+                self.settings,
+                caller,
+                deployment,
+                _end_user(self.body),
+                self.prompt + self.most,
+                cost_nano(price, self.prompt, self.most),
+            )
+            limits = limits_for(resolved, self.settings.key_prefix)
+            decision = await self.engine.acquire(
+                self.request_id, limits, meta=orjson.dumps({"model": deployment.model_name})
+            )
+            if decision.allowed:
+                return deployment, decision
+            last = decision  # a refusal reserved nothing: the id can be tried again
+            if not (decision.refused and decision.refused.name.startswith("deployment:")):
+                break
+        assert last is not None
+        return refusal(last, self.request_id)
+
+    def _unpriced_ok(self, deployment: Deployment) -> bool:
+        if self.settings.unpriced_models == "refuse":
+            return False
+        warned = self.app[UNPRICED_WARNED]
+        if deployment.model_name not in warned:
+            warned.add(deployment.model_name)
+            log.warning("model %s has no price; its requests count as free", deployment.model_name)
+        return True
+
+    def upstream_body(self, deployment: Deployment) -> dict[str, Any]:
+        body = {**self.body, "model": deployment.model.split("/", 1)[-1]}
+        if body.get("stream"):
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        return body
+
+    def actuals(
+        self, deployment: Deployment, usage: dict[str, Any] | None, streamed_chars: int = 0
+    ) -> dict[str, int]:
+        if usage:
+            prompt = int(usage.get("prompt_tokens") or 0)
+            completion = int(usage.get("completion_tokens") or 0)
+        else:  # no usage came (a cut stream): what was sent, estimated from its text
+            prompt, completion = self.prompt, -(-streamed_chars // 4)
+        return {
+            "tokens": prompt + completion,
+            "spend": cost_nano(price_of(deployment), prompt, completion),
+        }
+
+
+UNPRICED_WARNED = web.AppKey("unpriced_warned", set)
+
+
+def _end_user(body: dict[str, Any]) -> str | None:
+    user = body.get("user")
+    return user if isinstance(user, str) and user else None
+
+
+async def _read_body(request: web.Request, kind: str) -> dict[str, Any]:
+    if request.content_type != "application/json":
+        raise EntityError(400, f"send the body as application/json, not {request.content_type!r}")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise EntityError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes") from None
+    try:
+        return _check_body(orjson.loads(raw), kind)
+    except orjson.JSONDecodeError as exc:
+        raise EntityError(400, f"the body is not valid JSON: {exc}") from None
+
+
+def proxy_route(kind: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await _read_body(request, kind)
+        caller = await authenticate(request.app[STORE], request.app[SETTINGS], bearer(request))
+        call = Call(request, kind, body)
+        admitted = await call.admit(caller)
+        if isinstance(admitted, web.Response):
+            return admitted
+        deployment, decision = admitted
+        assert decision.reservation is not None
+        return await forward(call, deployment, decision, decision.reservation)
+
+    return handler
+
+
+async def forward(
+    call: Call, deployment: Deployment, decision: Decision, reservation: Reservation
+) -> web.StreamResponse:
+    engine = call.engine
+    path = next(p for p, k in ROUTES.items() if k == call.kind)
+    url = f"{(deployment.api_base or 'https://api.openai.com/v1').rstrip('/')}/{path}"
+    headers = {"Content-Type": "application/json"}
+    if deployment.api_key:
+        headers["Authorization"] = f"Bearer {deployment.api_key}"
+    failure = rate_headers(decision, call.request_id)
+    try:
+        upstream = await call.app[HTTP].post(
+            url, data=orjson.dumps(call.upstream_body(deployment)), headers=headers
+        )
+        async with upstream:
+            if upstream.status >= 400:
+                return await _upstream_error(call, upstream, reservation, decision)
+            if call.body.get("stream"):
+                return await _stream(call, deployment, decision, reservation, upstream)
+            raw = await upstream.read()
+    except TimeoutError:  # before OSError: TimeoutError is one
+        await engine.release(reservation)
+        return error_response(
+            504,
+            f"the upstream for {deployment.model_name!r} did not answer "
+            f"within {call.settings.upstream_timeout_s:g}s",
+            "upstream_timeout",
+            headers=failure,
+        )
+    except (aiohttp.ClientError, OSError) as exc:
+        await engine.release(reservation)
+        return error_response(
+            502,
+            f"the upstream for {deployment.model_name!r} could not be "
+            f"reached: {type(exc).__name__}",
+            "upstream_error",
+            headers=failure,
+        )
+    try:
+        usage = orjson.loads(raw).get("usage")
+    except (orjson.JSONDecodeError, AttributeError):
+        usage = None
+    await engine.settle(reservation, call.actuals(deployment, usage))
+    return web.Response(
+        body=raw, status=upstream.status, content_type="application/json", headers=failure
+    )
+
+
+async def _upstream_error(
+    call: Call, upstream: aiohttp.ClientResponse, reservation: Reservation, decision: Decision
+) -> web.Response:
+    await call.engine.release(reservation)
+    raw = await upstream.read()
+    try:
+        error = orjson.loads(raw).get("error") or {}
+    except (orjson.JSONDecodeError, AttributeError):
+        error = {}
+    message = error.get("message") if isinstance(error, dict) else None
+    return error_response(
+        upstream.status,
+        message or raw.decode(errors="replace")[:500] or f"upstream answered {upstream.status}",
+        (error.get("type") if isinstance(error, dict) else None) or "upstream_error",
+        headers=rate_headers(decision, call.request_id),
+    )
+
+
+@contextlib.asynccontextmanager
+async def _renewing(call: Call, reservation: Reservation) -> AsyncIterator[None]:
+    """Keep the leases and the hold alive while a stream runs."""
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(LEASE_TTL_MS / 3000)
+            with contextlib.suppress(Exception):
+                await call.engine.renew(reservation)
+
+    task = asyncio.create_task(renew())
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+async def _stream(
+    call: Call,
+    deployment: Deployment,
+    decision: Decision,
+    reservation: Reservation,
+    upstream: aiohttp.ClientResponse,
+) -> web.StreamResponse:
+    wants_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
+    response = web.StreamResponse(
+        headers={
+            **rate_headers(decision, call.request_id),
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+        }
+    )
+    await response.prepare(call.request)
+    usage: dict[str, Any] | None = None
+    streamed = 0
+    try:
+        async with _renewing(call, reservation):
+            async for line in upstream.content:
+                if line.startswith(b"data: {"):
+                    chunk = orjson.loads(line[6:])
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                        if not wants_usage and not chunk.get("choices"):
+                            continue  # the client did not ask for the usage chunk
+                    for choice in chunk.get("choices") or ():
+                        streamed += len(((choice.get("delta") or {}).get("content")) or "")
+                await response.write(line)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError, asyncio.CancelledError):
+        upstream.close()  # the client left: stop paying for tokens nobody reads
+        await asyncio.shield(
+            call.engine.settle(reservation, call.actuals(deployment, usage, streamed))
+        )
+        raise
+    await call.engine.settle(reservation, call.actuals(deployment, usage, streamed))
+    with contextlib.suppress(ConnectionResetError):
+        await response.write_eof()
+    return response
+
+
+async def list_models(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    caller = await authenticate(request.app[STORE], settings, bearer(request))
+    names = []
+    for deployment in settings.models:
+        if deployment.model_name in names:
+            continue
+        try:
+            check_model_access(caller, deployment, settings)
+        except EntityError:
+            continue
+        names.append(deployment.model_name)
+    return json_response(
+        {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "ratelimiter"}
+                for name in names
+            ],
+        }
+    )
+
+
+async def _http_session(app: web.Application) -> AsyncIterator[None]:
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=10, sock_read=app[SETTINGS].upstream_timeout_s
+    )
+    app[HTTP] = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+    yield
+    await app[HTTP].close()
+
+
+def add_proxy_routes(app: web.Application) -> None:
+    app[UNPRICED_WARNED] = set()
+    app.cleanup_ctx.append(_http_session)
+    for prefix in ("/v1", ""):
+        for path, kind in ROUTES.items():
+            app.router.add_post(f"{prefix}/{path}", proxy_route(kind))
+        app.router.add_get(f"{prefix}/models", list_models)

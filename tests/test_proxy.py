@@ -1,0 +1,236 @@
+"""The proxy path end to end: the official openai client, the sidecar over HTTP, real Redis,
+and the fake upstream over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+
+from ratelimiter import Engine
+from ratelimiter.config import Deployment, Settings
+from ratelimiter.embedded import free_port
+from ratelimiter.fake_upstream import FakeUpstream, create_fake_upstream
+
+from .conftest import MASTER_KEY, Admin, running_sidecar
+
+MESSAGES = [{"role": "user", "content": "x" * 40}]  # 10 prompt tokens
+
+
+@dataclass
+class Stack:
+    base: str
+    admin: Admin
+    fake: FakeUpstream
+    engine: Engine
+    settings: Settings
+    clients: list[openai.AsyncOpenAI]
+
+    def client(self, key: str, retries: int = 0) -> openai.AsyncOpenAI:
+        client = openai.AsyncOpenAI(base_url=f"{self.base}/v1", api_key=key, max_retries=retries)
+        self.clients.append(client)
+        return client
+
+    async def key(self, **fields: object) -> str:
+        return (await self.admin.post("/key/generate", fields))["key"]
+
+
+@pytest.fixture
+async def stack(ns: str, redis_url: str) -> AsyncIterator[Stack]:
+    fake = FakeUpstream(seed=7)
+    runner = web.AppRunner(create_fake_upstream(fake))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    upstream = f"http://127.0.0.1:{port}/v1"
+    settings = Settings(
+        master_key=MASTER_KEY,
+        key_prefix=f"t:{ns}:",
+        default_max_tokens=16,
+        models=(
+            Deployment(
+                "gpt-4o",
+                "openai/gpt-4o",
+                api_base=upstream,
+                api_key="sk-up",
+                input_cost_per_token=1e-6,
+                output_cost_per_token=2e-6,
+                index=0,
+            ),
+            Deployment("embed", "openai/text-embedding-3-small", api_base=upstream, index=1),
+            Deployment(
+                "down", "openai/down", api_base=f"http://127.0.0.1:{free_port()}/v1", index=2
+            ),
+        ),
+    )
+    async with (
+        running_sidecar(settings, redis_url) as base,
+        aiohttp.ClientSession() as session,
+        await Engine.connect(redis_url, prefix=settings.key_prefix) as engine,
+    ):
+        stack = Stack(base, Admin(session, base), fake, engine, settings, [])
+        yield stack
+        for client in stack.clients:
+            await client.close()
+    await runner.cleanup()
+
+
+async def test_chat_completions_and_embeddings(stack: Stack) -> None:
+    client = stack.client(await stack.key())
+    reply = await client.chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=MESSAGES, max_tokens=4
+    )
+    chat = reply.parse()
+    assert chat.choices[0].message.content == "lorem lorem lorem lorem"
+    assert chat.usage is not None and chat.usage.total_tokens == 14
+    assert reply.headers["x-request-id"]
+    completion = await client.completions.create(model="gpt-4o", prompt="abcd", max_tokens=2)
+    assert completion.choices[0].text == "lorem lorem"
+    embedded = await client.embeddings.create(model="embed", input=["a", "b"])
+    assert len(embedded.data) == 2
+
+
+async def test_streaming_passes_through_and_settles_usage(stack: Stack) -> None:
+    key = await stack.key(max_budget=1)
+    client = stack.client(key)
+    stream = await client.chat.completions.create(
+        model="gpt-4o", messages=MESSAGES, max_tokens=5, stream=True
+    )
+    chunks = [c async for c in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        "lorem lorem lorem lorem lorem"
+    )
+    assert all(c.usage is None for c in chunks)  # not asked for: the usage chunk is removed
+    info = (await stack.admin.get("/key/info", key=key))["info"]
+    assert info["spend"] == pytest.approx(10 * 1e-6 + 5 * 2e-6)  # settled from the usage chunk
+    asked = await client.chat.completions.create(
+        model="gpt-4o",
+        messages=MESSAGES,
+        max_tokens=2,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    assert [c async for c in asked][-1].usage is not None
+
+
+async def test_rpm_refusal_with_exact_retry_after(stack: Stack) -> None:
+    client = stack.client(await stack.key(rpm_limit=2))
+    for _ in range(2):
+        await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    with pytest.raises(openai.RateLimitError) as raised:
+        await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    response = raised.value.response
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
+    assert "key:requests" in error["message"]
+    retry_ms = int(response.headers["retry-after-ms"])
+    assert 59_000 < retry_ms <= 61_000
+    assert response.headers["retry-after"] == str(-(-retry_ms // 1000))
+    assert response.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_budget_refusal_is_not_retried_by_the_openai_client(stack: Stack) -> None:
+    client = stack.client(await stack.key(max_budget=0.00003), retries=3)
+    await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=4)
+    served = stack.fake.requests
+    with pytest.raises(openai.RateLimitError) as raised:
+        await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=4)
+    assert raised.value.response.headers["x-should-retry"] == "false"
+    assert raised.value.response.json()["error"]["type"] == "budget_exceeded"
+    assert stack.fake.requests == served
+
+
+async def test_upstream_failure_releases_the_reservation(stack: Stack) -> None:
+    key = await stack.key(rpm_limit=1)
+    client = stack.client(key)
+    stack.fake.error_rate = 1.0
+    with pytest.raises(openai.InternalServerError, match="failed on purpose"):
+        await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    stack.fake.error_rate = 0.0
+    await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # rpm slot came back
+    with pytest.raises(openai.APIStatusError) as raised:
+        await client.chat.completions.create(model="down", messages=MESSAGES)
+    assert raised.value.status_code in (429, 502)
+
+
+async def test_refused_connection_is_a_502_and_reserves_nothing(stack: Stack) -> None:
+    client = stack.client(await stack.key(rpm_limit=5))
+    for _ in range(6):  # more than the rpm: each failure gave its slot back
+        with pytest.raises(openai.APIStatusError) as raised:
+            await client.chat.completions.create(model="down", messages=MESSAGES)
+        assert raised.value.status_code == 502
+        assert "could not be reached" in raised.value.response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "message"),
+    [
+        (b"{nope", "application/json", 400, "not valid JSON"),
+        (b'{"messages": []}', "application/json", 400, "model is required"),
+        (b'{"model": "gpt-5", "messages": []}', "application/json", 404, "'gpt-5' is not served"),
+        (
+            b'{"model": "gpt-4o", "messages": [], "max_tokens": 0}',
+            "application/json",
+            400,
+            "max_tokens must be a positive whole number",
+        ),
+        (b'{"model": "gpt-4o"}', "text/plain", 400, "application/json"),
+        (
+            b'{"model": "gpt-4o", "messages": []}' + b" " * (5 * 1024 * 1024),
+            "application/json",
+            413,
+            "larger than",
+        ),
+    ],
+)
+async def test_bad_requests_reserve_nothing(
+    stack: Stack, body: bytes, content_type: str, status: int, message: str
+) -> None:
+    key = await stack.key(rpm_limit=1)
+    async with stack.admin.session.post(
+        f"{stack.base}/v1/chat/completions",
+        data=body,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": content_type},
+    ) as response:
+        assert response.status == status
+        assert message in (await response.json())["error"]["message"]
+    await stack.client(key).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+
+
+async def test_models_lists_only_what_the_key_may_use(stack: Stack) -> None:
+    client = stack.client(await stack.key(models=["embed"]))
+    assert [m.id async for m in client.models.list()] == ["embed"]
+    with pytest.raises(openai.PermissionDeniedError, match="may not use model 'gpt-4o'"):
+        await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+
+
+async def test_a_client_leaving_mid_stream_frees_its_lease(stack: Stack) -> None:
+    key = await stack.key(max_parallel_requests=1)
+    stack.fake.chunk_delay_ms = 50
+    async with stack.admin.session.post(
+        f"{stack.base}/v1/chat/completions",
+        json={"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 200, "stream": True},
+        headers={"Authorization": f"Bearer {key}"},
+    ) as response:
+        assert response.status == 200
+        await response.content.readline()
+    # the client is gone; the lease comes back once the sidecar notices
+    client = stack.client(key)
+    for _ in range(100):
+        try:
+            await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=1)
+            break
+        except openai.RateLimitError:
+            await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the lease of the abandoned stream was not freed")
+    for _ in range(40):  # and the upstream was told to stop
+        if stack.fake.cancelled:
+            break
+        await asyncio.sleep(0.05)
+    assert stack.fake.cancelled == 1
