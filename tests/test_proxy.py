@@ -52,6 +52,7 @@ async def stack(ns: str, redis_url: str) -> AsyncIterator[Stack]:
         master_key=MASTER_KEY,
         key_prefix=f"t:{ns}:",
         default_max_tokens=16,
+        upstream_timeout_s=0.5,
         models=(
             Deployment(
                 "gpt-4o",
@@ -234,3 +235,14 @@ async def test_a_client_leaving_mid_stream_frees_its_lease(stack: Stack) -> None
             break
         await asyncio.sleep(0.05)
     assert stack.fake.cancelled == 1
+
+
+async def test_an_upstream_timeout_is_a_504_and_releases(stack: Stack) -> None:
+    client = stack.client(await stack.key(rpm_limit=1))
+    stack.fake.latency_ms = 1_000
+    with pytest.raises(openai.APIStatusError) as raised:
+        await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert raised.value.status_code == 504
+    assert "did not answer within 0.5s" in raised.value.response.json()["error"]["message"]
+    stack.fake.latency_ms = 0
+    await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # slot came back
