@@ -24,6 +24,7 @@ from .config import Deployment, Settings
 from .engine import Decision, LimitState, Reservation
 from .estimate import cost_nano, estimate_tokens, price_of
 from .limits import Budget, Concurrency, Gate, SlidingWindow
+from .metrics import METRICS, timer
 from .policy import LEASE_TTL_MS, dollars, limits_for
 from .resolver import Caller, authenticate, check_model_access, resolve
 from .server import (
@@ -178,11 +179,16 @@ class Call:
                 cost_nano(price, self.prompt, self.most),
             )
             limits = limits_for(resolved, self.settings.key_prefix)
-            decision = await self.engine.acquire(
-                self.request_id, limits, meta=orjson.dumps({"model": deployment.model_name})
-            )
+            metrics = self.app[METRICS]
+            with timer(metrics.redis_seconds):
+                decision = await self.engine.acquire(
+                    self.request_id, limits, meta=orjson.dumps({"model": deployment.model_name})
+                )
+            metrics.admissions.labels("admitted" if decision.allowed else "refused").inc()
             if decision.allowed:
                 return deployment, decision
+            refused = decision.refused.name if decision.refused else ""
+            metrics.refusals.labels(refused.split(":")[0], decision.reason or "").inc()
             last = decision  # a refusal reserved nothing: the id can be tried again
             if not (decision.refused and decision.refused.name.startswith("deployment:")):
                 break
@@ -212,10 +218,9 @@ class Call:
             completion = int(usage.get("completion_tokens") or 0)
         else:  # no usage came (a cut stream): what was sent, estimated from its text
             prompt, completion = self.prompt, -(-streamed_chars // 4)
-        return {
-            "tokens": prompt + completion,
-            "spend": cost_nano(price_of(deployment), prompt, completion),
-        }
+        spend = cost_nano(price_of(deployment), prompt, completion)
+        self.app[METRICS].spend.labels(deployment.model_name).inc(dollars(spend))
+        return {"tokens": prompt + completion, "spend": spend}
 
 
 UNPRICED_WARNED = web.AppKey("unpriced_warned", set)
@@ -249,7 +254,11 @@ def proxy_route(kind: str) -> Callable[[web.Request], Awaitable[web.StreamRespon
             return admitted
         deployment, decision = admitted
         assert decision.reservation is not None
-        return await forward(call, deployment, decision, decision.reservation)
+        request.app[METRICS].in_flight.inc()
+        try:
+            return await forward(call, deployment, decision, decision.reservation)
+        finally:
+            request.app[METRICS].in_flight.dec()
 
     return handler
 
@@ -265,9 +274,10 @@ async def forward(
         headers["Authorization"] = f"Bearer {deployment.api_key}"
     failure = rate_headers(decision, call.request_id)
     try:
-        upstream = await call.app[HTTP].post(
-            url, data=orjson.dumps(call.upstream_body(deployment)), headers=headers
-        )
+        with timer(call.app[METRICS].upstream_seconds):
+            upstream = await call.app[HTTP].post(
+                url, data=orjson.dumps(call.upstream_body(deployment)), headers=headers
+            )
         async with upstream:
             if upstream.status >= 400:
                 return await _upstream_error(call, upstream, reservation, decision)

@@ -18,6 +18,7 @@ from aiohttp import web
 from .config import Settings
 from .engine import Engine
 from .errors import RedisUnavailable
+from .metrics import METRICS, add_metrics
 from .store import EntityError, Store
 
 __all__ = ["ENGINE", "SETTINGS", "STORE", "create_app", "error_response", "hash_key", "new_key"]
@@ -83,6 +84,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         )
     except RedisUnavailable as exc:
         log.error("redis unavailable: %s", exc)
+        if METRICS in request.app:
+            request.app[METRICS].redis_errors.inc()
         return error_response(
             503,
             f"{exc}; the limiter cannot decide, so it refuses. Check that Redis is running.",
@@ -140,7 +143,7 @@ async def health_readiness(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings, engine: Engine) -> web.Application:
     """The sidecar: ``engine`` is connected by the caller and closed with the app."""
-    from .admin import add_admin_routes
+    from .admin import add_admin_routes  # they build on this module
     from .proxy import add_proxy_routes
 
     app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY_BYTES)
@@ -150,6 +153,7 @@ def create_app(settings: Settings, engine: Engine) -> web.Application:
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_get("/health/liveliness", health_liveliness)
     app.router.add_get("/health/readiness", health_readiness)
+    add_metrics(app)
     add_admin_routes(app)
     add_proxy_routes(app)
     return app

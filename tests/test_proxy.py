@@ -246,3 +246,18 @@ async def test_an_upstream_timeout_is_a_504_and_releases(stack: Stack) -> None:
     assert "did not answer within 0.5s" in raised.value.response.json()["error"]["message"]
     stack.fake.latency_ms = 0
     await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # slot came back
+
+
+async def test_metrics(stack: Stack) -> None:
+    client = stack.client(await stack.key(rpm_limit=1))
+    await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=4)
+    with pytest.raises(openai.RateLimitError):
+        await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    async with stack.admin.session.get(f"{stack.base}/metrics") as response:
+        text = await response.text()
+    assert 'ratelimiter_admissions_total{outcome="admitted"} 1.0' in text
+    assert 'ratelimiter_refusals_total{reason="window_full",scope="key"} 1.0' in text
+    assert 'ratelimiter_requests_total{route="/v1/chat/completions",status="429"} 1.0' in text
+    assert 'ratelimiter_spend_dollars_total{model="gpt-4o"} 1.8e-05' in text
+    assert "ratelimiter_redis_seconds_count 2.0" in text
+    assert "ratelimiter_in_flight 0.0" in text

@@ -1,0 +1,103 @@
+"""Prometheus metrics, one registry per app (no process-global state)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+__all__ = ["METRICS", "Metrics", "add_metrics", "timer"]
+
+_LATENCY = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    registry: CollectorRegistry
+    requests: Counter
+    admissions: Counter
+    refusals: Counter
+    redis_seconds: Histogram
+    upstream_seconds: Histogram
+    in_flight: Gauge
+    spend: Counter
+    redis_errors: Counter
+
+    @classmethod
+    def create(cls) -> Metrics:
+        r = CollectorRegistry()
+        return cls(
+            registry=r,
+            requests=Counter(
+                "ratelimiter_requests", "HTTP requests", ["route", "status"], registry=r
+            ),
+            admissions=Counter(
+                "ratelimiter_admissions", "Admission decisions", ["outcome"], registry=r
+            ),
+            refusals=Counter(
+                "ratelimiter_refusals",
+                "Refusals by scope and reason",
+                ["scope", "reason"],
+                registry=r,
+            ),
+            redis_seconds=Histogram(
+                "ratelimiter_redis_seconds", "Admission call latency", buckets=_LATENCY, registry=r
+            ),
+            upstream_seconds=Histogram(
+                "ratelimiter_upstream_seconds",
+                "Upstream time to response headers",
+                buckets=_LATENCY,
+                registry=r,
+            ),
+            in_flight=Gauge("ratelimiter_in_flight", "Proxied requests in flight", registry=r),
+            spend=Counter("ratelimiter_spend_dollars", "Settled spend", ["model"], registry=r),
+            redis_errors=Counter("ratelimiter_redis_errors", "Redis calls that failed", registry=r),
+        )
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+@web.middleware
+async def _count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    route = request.match_info.route.resource
+    name = route.canonical if route is not None else "unmatched"
+    response = await handler(request)
+    request.app[METRICS].requests.labels(name, str(response.status)).inc()
+    return response
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def add_metrics(app: web.Application) -> None:
+    app[METRICS] = Metrics.create()
+    app.middlewares.append(_count_requests)
+    app.router.add_get("/metrics", _metrics)
+
+
+class timer:
+    """Observe the seconds a block takes into a histogram."""
+
+    def __init__(self, histogram: Histogram) -> None:
+        self.histogram = histogram
+
+    def __enter__(self) -> None:
+        self.started = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.histogram.observe(time.perf_counter() - self.started)
