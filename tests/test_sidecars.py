@@ -1,0 +1,107 @@
+"""Two sidecar processes on one Redis enforce one limit together, exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from ratelimiter.embedded import free_port
+from ratelimiter.fake_upstream import FakeUpstream, create_fake_upstream
+
+MASTER = "sk-two-sidecars-6b1e9d4f2a"
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[str]:
+    runner = web.AppRunner(create_fake_upstream(FakeUpstream(latency_ms=5)))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}/v1"
+    await runner.cleanup()
+
+
+@pytest.fixture
+def sidecars(tmp_path: Path, redis_url: str, upstream: str, ns: str) -> Iterator[list[str]]:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "model_list:\n  - model_name: m\n    litellm_params:\n      model: openai/m\n"
+        f"      api_base: {upstream}\n      input_cost_per_token: 0.000001\n"
+        f"ratelimiter_settings:\n  key_prefix: 't:{ns}:'\n"
+    )
+    env = {**os.environ, "REDIS_URL": redis_url, "RATELIMITER_MASTER_KEY": MASTER}
+    ports = [free_port(), free_port()]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ratelimiter.cli",
+                "serve",
+                "--config",
+                str(config),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for port in ports
+    ]
+    try:
+        yield [f"http://127.0.0.1:{port}" for port in ports]
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(20)
+
+
+async def wait_ready(session: aiohttp.ClientSession, base: str) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            async with session.get(f"{base}/health/readiness") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        assert time.monotonic() < deadline, f"{base} did not come up"
+        await asyncio.sleep(0.1)
+
+
+async def test_two_sidecars_admit_exactly_the_limit(sidecars: list[str]) -> None:
+    async with aiohttp.ClientSession() as session:
+        for base in sidecars:
+            await wait_ready(session, base)
+        async with session.post(
+            f"{sidecars[0]}/key/generate",
+            json={"rpm_limit": 25},
+            headers={"Authorization": f"Bearer {MASTER}"},
+        ) as response:
+            key = (await response.json())["key"]
+
+        async def call(i: int) -> int:
+            async with session.post(
+                f"{sidecars[i % 2]}/v1/chat/completions",
+                json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                headers={"Authorization": f"Bearer {key}"},
+            ) as response:
+                return response.status
+
+        statuses = await asyncio.gather(*(call(i) for i in range(100)))
+    assert statuses.count(200) == 25
+    assert statuses.count(429) == 75
