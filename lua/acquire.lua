@@ -9,6 +9,8 @@
 -- ARGV[4]    hold ttl, ms: an unsettled reservation is expired at its estimate after this
 -- ARGV[5]    record ttl, ms: how long the record outlives its deadline awaiting collection
 -- ARGV[6]    caller metadata, opaque bytes, returned with the hold if it expires
+-- ARGV[7]    '1' to take every limit even past its capacity: usage that already happened
+--            (admitted while Redis was unreachable) is recorded, not decided
 --
 -- Returns a msgpack map:
 --   ok   1 admitted, 0 refused
@@ -83,7 +85,7 @@ local function remaining(spec, used)
   return math.max(spec[3] - used, 0)
 end
 
-if refused > 0 then
+if refused > 0 and ARGV[7] ~= '1' then
   for i, spec in ipairs(specs) do
     local view, reset = views[i], 0
     if spec[1] == 'w' then

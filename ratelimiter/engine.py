@@ -9,6 +9,7 @@ over-admission).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import defaultdict
@@ -229,12 +230,18 @@ class Engine:
     # -- public API -----------------------------------------------------------------
 
     async def acquire(
-        self, request_id: str | None, limits: Iterable[Limit], *, meta: bytes = b""
+        self,
+        request_id: str | None,
+        limits: Iterable[Limit],
+        *,
+        meta: bytes = b"",
+        force: bool = False,
     ) -> Decision:
         """Reserve every limit for one request, or none of them.
 
         Repeating the call with the same id while the reservation is held returns an
         admission again without taking anything twice (safe to retry after a timeout).
+        ``force`` takes every limit even past its capacity: for usage that already happened.
         """
         request_id = _check_request_id(request_id)
         limits = validate_limits(limits)
@@ -243,7 +250,7 @@ class Engine:
         now = await self._now_ms()
         groups = self._groups(limits)
         replies = await self._gather(
-            self._acquire_group(request_id, anchor, [limits[i] for i in indices], now, meta)
+            self._acquire_group(request_id, anchor, [limits[i] for i in indices], now, meta, force)
             for anchor, indices in groups
         )
         states: list[LimitState | None] = [None] * len(limits)
@@ -287,6 +294,22 @@ class Engine:
         """
         packed = msgpack.packb(_check_actuals(actuals or {}))
         return await self._finish(reservation, "settle", packed)
+
+    async def charge(
+        self,
+        request_id: str,
+        limits: Iterable[Limit],
+        actuals: Mapping[str, int],
+        *,
+        meta: bytes = b"",
+    ) -> Settlement:
+        """Record usage that happened without an admission (Redis was unreachable): every
+        limit takes it even past its capacity, exactly once per request id."""
+        limits = validate_limits(limits)
+        anchors = tuple(anchor for anchor, _ in self._groups(limits))
+        with contextlib.suppress(DuplicateRequest):  # charged before: settle answers how
+            await self.acquire(request_id, limits, meta=meta, force=True)
+        return await self.settle(Reservation(request_id, anchors), actuals)
 
     async def release(self, reservation: Reservation | str) -> Settlement:
         """Refund everything reserved (the request failed before the upstream answered)."""
@@ -411,7 +434,7 @@ class Engine:
         )
 
     async def _acquire_group(
-        self, rid: str, anchor: str, limits: Sequence[Limit], now: int, meta: bytes
+        self, rid: str, anchor: str, limits: Sequence[Limit], now: int, meta: bytes, force: bool
     ) -> dict[str, Any]:
         keys = [*self._record_keys(anchor, rid), *(limit.key for limit in limits)]
         args = [
@@ -421,6 +444,7 @@ class Engine:
             self.hold_ttl_ms,
             self.record_grace_ms,
             meta,
+            "1" if force else "0",
         ]
         return await self._run(self._scripts["acquire"], keys, args)
 

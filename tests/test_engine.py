@@ -297,3 +297,15 @@ async def test_a_gate_refuses_from_the_moment_its_key_exists(engine: Engine, ns:
     decision = await engine.acquire(None, [gate, rpm])
     assert decision.allowed and decision.reservation is not None
     assert (await engine.settle(decision.reservation)).status == "settled"
+
+
+async def test_charge_records_usage_past_capacity_exactly_once(clocked: Engine, ns: str) -> None:
+    limits = [window(ns, 1, suffix="rpm"), Budget(f"{{{ns}}}:b", 100, "daily", 80)]
+    assert (await clocked.acquire(None, limits)).allowed
+    first = await clocked.charge("while-redis-was-down", limits, {"spend": 70})
+    again = await clocked.charge("while-redis-was-down", limits, {"spend": 70})
+    assert (first.first, again.first) == (True, False)
+    assert [s.remaining for s in await clocked.peek(limits)] == [0, 0]
+    start = clocked._period(Budget(f"{{{ns}}}:b", 1, "daily", 0).period, await clocked.now_ms())
+    spent = await clocked.redis.hget(f"{{{ns}}}:b:{start[0]}", "u")
+    assert int(spent) == 150  # 80 held by the first request + 70 charged
