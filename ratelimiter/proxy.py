@@ -22,8 +22,9 @@ from aiohttp import web
 
 from .config import Deployment, Settings
 from .engine import Decision, LimitState, Reservation
+from .errors import RedisUnavailable
 from .estimate import cost_nano, estimate_tokens, price_of
-from .limits import Budget, Concurrency, Gate, SlidingWindow
+from .limits import Budget, Concurrency, Gate, Limit, SlidingWindow
 from .metrics import METRICS, timer
 from .policy import LEASE_TTL_MS, dollars, limits_for
 from .resolver import Caller, authenticate, check_model_access, resolve
@@ -153,6 +154,8 @@ class Call:
         self.settings: Settings = self.app[SETTINGS]
         self.engine = self.app[ENGINE]
         self.request_id = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex}"
+        self.reservation: Reservation | None = None
+        self.limits: list[Limit] | None = None  # kept to charge later when Redis was down
         self.prompt, self.most = estimate_tokens(
             body, self.settings.default_max_tokens, embedding=kind == "embedding"
         )
@@ -180,12 +183,26 @@ class Call:
             )
             limits = limits_for(resolved, self.settings.key_prefix)
             metrics = self.app[METRICS]
-            with timer(metrics.redis_seconds):
-                decision = await self.engine.acquire(
-                    self.request_id, limits, meta=orjson.dumps({"model": deployment.model_name})
-                )
+            self.limits = limits
+            try:
+                with timer(metrics.redis_seconds):
+                    decision = await self.engine.acquire(
+                        self.request_id,
+                        limits,
+                        meta=orjson.dumps({"model": deployment.model_name}),
+                    )
+            except RedisUnavailable as exc:
+                if self.settings.on_redis_error != "allow":
+                    raise
+                # on_redis_error: allow. The request goes through unchecked; its usage is
+                # charged to every limit once Redis answers again.
+                metrics.redis_errors.inc()
+                metrics.admissions.labels("unchecked").inc()
+                log.warning("admitting %s unchecked: %s", self.request_id, exc)
+                return deployment, Decision(True, self.request_id, ())
             metrics.admissions.labels("admitted" if decision.allowed else "refused").inc()
             if decision.allowed:
+                self.reservation = decision.reservation
                 return deployment, decision
             refused = decision.refused.name if decision.refused else ""
             metrics.refusals.labels(refused.split(":")[0], decision.reason or "").inc()
@@ -203,6 +220,20 @@ class Call:
             warned.add(deployment.model_name)
             log.warning("model %s has no price; its requests count as free", deployment.model_name)
         return True
+
+    async def settle(self, actuals: dict[str, int]) -> None:
+        if self.reservation is not None:
+            await self.engine.settle(self.reservation, actuals)
+        elif self.limits is not None:
+            self.app[DEFERRED].put_nowait((self.request_id, self.limits, actuals))
+
+    async def release(self) -> None:
+        if self.reservation is not None:
+            await self.engine.release(self.reservation)
+
+    async def renew(self) -> None:
+        if self.reservation is not None:
+            await self.engine.renew(self.reservation)
 
     def upstream_body(self, deployment: Deployment) -> dict[str, Any]:
         body = {**self.body, "model": deployment.model.split("/", 1)[-1]}
@@ -224,6 +255,29 @@ class Call:
 
 
 UNPRICED_WARNED = web.AppKey("unpriced_warned", set)
+DEFERRED = web.AppKey("deferred_charges", asyncio.Queue)
+
+
+async def _charge_deferred(app: web.Application) -> AsyncIterator[None]:
+    """Charges requests admitted while Redis was unreachable, once it answers again."""
+    queue: asyncio.Queue[tuple[str, list[Limit], dict[str, int]]] = asyncio.Queue()
+    app[DEFERRED] = queue
+
+    async def drain() -> None:
+        while True:
+            request_id, limits, actuals = await queue.get()
+            while True:
+                try:
+                    await app[ENGINE].charge(request_id, limits, actuals)
+                    break
+                except RedisUnavailable:
+                    await asyncio.sleep(1)
+
+    task = asyncio.create_task(drain())
+    yield
+    task.cancel()
+    if queue.qsize():
+        log.error("%d requests admitted while Redis was down were never charged", queue.qsize())
 
 
 def _end_user(body: dict[str, Any]) -> str | None:
@@ -253,20 +307,16 @@ def proxy_route(kind: str) -> Callable[[web.Request], Awaitable[web.StreamRespon
         if isinstance(admitted, web.Response):
             return admitted
         deployment, decision = admitted
-        assert decision.reservation is not None
         request.app[METRICS].in_flight.inc()
         try:
-            return await forward(call, deployment, decision, decision.reservation)
+            return await forward(call, deployment, decision)
         finally:
             request.app[METRICS].in_flight.dec()
 
     return handler
 
 
-async def forward(
-    call: Call, deployment: Deployment, decision: Decision, reservation: Reservation
-) -> web.StreamResponse:
-    engine = call.engine
+async def forward(call: Call, deployment: Deployment, decision: Decision) -> web.StreamResponse:
     path = next(p for p, k in ROUTES.items() if k == call.kind)
     url = f"{(deployment.api_base or 'https://api.openai.com/v1').rstrip('/')}/{path}"
     headers = {"Content-Type": "application/json"}
@@ -280,12 +330,12 @@ async def forward(
             )
         async with upstream:
             if upstream.status >= 400:
-                return await _upstream_error(call, upstream, reservation, decision)
+                return await _upstream_error(call, upstream, decision)
             if call.body.get("stream"):
-                return await _stream(call, deployment, decision, reservation, upstream)
+                return await _stream(call, deployment, decision, upstream)
             raw = await upstream.read()
     except TimeoutError:  # before OSError: TimeoutError is one
-        await engine.release(reservation)
+        await call.release()
         return error_response(
             504,
             f"the upstream for {deployment.model_name!r} did not answer "
@@ -294,7 +344,7 @@ async def forward(
             headers=failure,
         )
     except (aiohttp.ClientError, OSError) as exc:
-        await engine.release(reservation)
+        await call.release()
         return error_response(
             502,
             f"the upstream for {deployment.model_name!r} could not be "
@@ -306,16 +356,16 @@ async def forward(
         usage = orjson.loads(raw).get("usage")
     except (orjson.JSONDecodeError, AttributeError):
         usage = None
-    await engine.settle(reservation, call.actuals(deployment, usage))
+    await call.settle(call.actuals(deployment, usage))
     return web.Response(
         body=raw, status=upstream.status, content_type="application/json", headers=failure
     )
 
 
 async def _upstream_error(
-    call: Call, upstream: aiohttp.ClientResponse, reservation: Reservation, decision: Decision
+    call: Call, upstream: aiohttp.ClientResponse, decision: Decision
 ) -> web.Response:
-    await call.engine.release(reservation)
+    await call.release()
     raw = await upstream.read()
     try:
         error = orjson.loads(raw).get("error") or {}
@@ -331,14 +381,14 @@ async def _upstream_error(
 
 
 @contextlib.asynccontextmanager
-async def _renewing(call: Call, reservation: Reservation) -> AsyncIterator[None]:
+async def _renewing(call: Call) -> AsyncIterator[None]:
     """Keep the leases and the hold alive while a stream runs."""
 
     async def renew() -> None:
         while True:
             await asyncio.sleep(LEASE_TTL_MS / 3000)
             with contextlib.suppress(Exception):
-                await call.engine.renew(reservation)
+                await call.renew()
 
     task = asyncio.create_task(renew())
     try:
@@ -351,7 +401,6 @@ async def _stream(
     call: Call,
     deployment: Deployment,
     decision: Decision,
-    reservation: Reservation,
     upstream: aiohttp.ClientResponse,
 ) -> web.StreamResponse:
     wants_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
@@ -366,7 +415,7 @@ async def _stream(
     usage: dict[str, Any] | None = None
     streamed = 0
     try:
-        async with _renewing(call, reservation):
+        async with _renewing(call):
             async for line in upstream.content:
                 if line.startswith(b"data: {"):
                     chunk = orjson.loads(line[6:])
@@ -379,11 +428,9 @@ async def _stream(
                 await response.write(line)
     except (ConnectionResetError, aiohttp.ClientConnectionResetError, asyncio.CancelledError):
         upstream.close()  # the client left: stop paying for tokens nobody reads
-        await asyncio.shield(
-            call.engine.settle(reservation, call.actuals(deployment, usage, streamed))
-        )
+        await asyncio.shield(call.settle(call.actuals(deployment, usage, streamed)))
         raise
-    await call.engine.settle(reservation, call.actuals(deployment, usage, streamed))
+    await call.settle(call.actuals(deployment, usage, streamed))
     with contextlib.suppress(ConnectionResetError):
         await response.write_eof()
     return response
@@ -424,6 +471,7 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
 def add_proxy_routes(app: web.Application) -> None:
     app[UNPRICED_WARNED] = set()
     app.cleanup_ctx.append(_http_session)
+    app.cleanup_ctx.append(_charge_deferred)
     for prefix in ("/v1", ""):
         for path, kind in ROUTES.items():
             app.router.add_post(f"{prefix}/{path}", proxy_route(kind))

@@ -338,8 +338,9 @@ class Store:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                # The cache stays (its TTL bounds staleness) so that on_redis_error: allow
+                # can still authenticate; it is cleared once subscribed again.
                 log.warning("invalidation channel lost (%s); retrying in 1 s", exc)
-                self._cache.clear()
                 await asyncio.sleep(1)
             finally:
                 with contextlib.suppress(Exception):
