@@ -14,6 +14,7 @@ from .embedded import RedisServer
 from .engine import Engine
 from .errors import RateLimiterError
 from .fake_upstream import FakeUpstream, create_fake_upstream
+from .logs import configure_logging
 from .server import create_app
 
 __all__ = ["main"]
@@ -23,6 +24,12 @@ log = logging.getLogger("ratelimiter")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ratelimiter", description="LLM rate limiter sidecar")
+    parser.add_argument(
+        "--log-format",
+        choices=("json", "text"),
+        default="json",
+        help="one JSON object per log line (default), or plain text",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the sidecar")
     serve.add_argument("--config", help="LiteLLM-style config.yaml")
@@ -79,8 +86,8 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = _parser().parse_args(argv)
+    configure_logging(json=args.log_format == "json")
     try:
         return serve(args) if args.command == "serve" else fake_upstream(args)
     except ConfigError as exc:

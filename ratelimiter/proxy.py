@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -154,6 +155,8 @@ class Call:
         self.settings: Settings = self.app[SETTINGS]
         self.engine = self.app[ENGINE]
         self.request_id = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex}"
+        self.started = time.perf_counter()
+        self.charged: dict[str, int] | None = None
         self.reservation: Reservation | None = None
         self.limits: list[Limit] | None = None  # kept to charge later when Redis was down
         self.prompt, self.most = estimate_tokens(
@@ -221,7 +224,27 @@ class Call:
             log.warning("model %s has no price; its requests count as free", deployment.model_name)
         return True
 
+    def log_fields(self, deployment: Deployment, status: int, caller: Caller) -> dict[str, Any]:
+        """What a log line may say about a request: never the key or the prompt."""
+        key = caller.key or {}
+        return {
+            "request_id": self.request_id,
+            "route": self.kind,
+            "status": status,
+            "model": deployment.model_name,
+            "deployment": deployment.deployment_id,
+            "key_alias": key.get("key_alias"),
+            "key_hash": (caller.token or "")[:12] or None,
+            "user_id": key.get("user_id"),
+            "team_id": key.get("team_id"),
+            "end_user": _end_user(self.body),
+            "stream": bool(self.body.get("stream")),
+            "charged": self.charged,
+            "duration_ms": round((time.perf_counter() - self.started) * 1000, 1),
+        }
+
     async def settle(self, actuals: dict[str, int]) -> None:
+        self.charged = actuals
         if self.reservation is not None:
             await self.engine.settle(self.reservation, actuals)
         elif self.limits is not None:
@@ -308,10 +331,14 @@ def proxy_route(kind: str) -> Callable[[web.Request], Awaitable[web.StreamRespon
             return admitted
         deployment, decision = admitted
         request.app[METRICS].in_flight.inc()
+        status = 499  # the client went away before an answer was made
         try:
-            return await forward(call, deployment, decision)
+            response = await forward(call, deployment, decision)
+            status = response.status
+            return response
         finally:
             request.app[METRICS].in_flight.dec()
+            log.info("proxied", extra=call.log_fields(deployment, status, caller))
 
     return handler
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -57,11 +59,32 @@ def test_serve_with_the_example_config(tmp_path: Path) -> None:
             headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request) as r:
-            assert r.status == 200
+            virtual = json.load(r)["key"]
+        chat = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            method="POST",
+            data=json.dumps(
+                {
+                    "model": "gpt-4o-mini",
+                    "user": "cust-1",
+                    "messages": [{"role": "user", "content": "SECRET-PROMPT"}],
+                }
+            ).encode(),
+            headers={"Authorization": f"Bearer {virtual}", "Content-Type": "application/json"},
+        )
+        try:
+            urllib.request.urlopen(chat)
+        except urllib.error.HTTPError as error:  # nothing listens where the example points
+            assert error.code == 502
     finally:
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=20)
     assert process.returncode == 0, output
     assert f"data in {tmp_path / '.ratelimiter' / 'redis'}" in output
-    assert KEY not in output  # no secret in logs
+    assert KEY not in output and virtual not in output  # no secret in logs
+    assert "SECRET-PROMPT" not in output  # nor prompt text
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    (proxied,) = [line for line in lines if line["message"] == "proxied"]
+    assert proxied["request_id"].startswith("req-") and proxied["status"] == 502
+    assert (proxied["model"], proxied["end_user"]) == ("gpt-4o-mini", "cust-1")
     assert not (tmp_path / ".ratelimiter" / "redis" / "redis.sock").exists()  # server stopped
