@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import multiprocessing
+import os
+import signal
 import sys
 
 from aiohttp import web
@@ -35,6 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="LiteLLM-style config.yaml")
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=4000)
+    serve.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get to finish on SIGTERM",
+    )
     serve.add_argument(
         "--unsafe-allow-weak-master-key",
         action="store_true",
@@ -64,21 +74,65 @@ async def _app(settings: Settings, url: str) -> web.Application:
     return create_app(settings, engine)
 
 
+def _run_worker(settings: Settings, url: str, args: argparse.Namespace) -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+    # SIGTERM: stop accepting, let in-flight requests finish for up to --shutdown-timeout, then
+    # cancel the rest (each cancelled request releases or settles its reservation).
+    web.run_app(
+        _app(settings, url),
+        host=args.host,
+        port=args.port,
+        print=None,
+        access_log=None,
+        reuse_port=args.workers > 1,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+
+
+def _run_workers(settings: Settings, url: str, args: argparse.Namespace) -> None:
+    """N processes on one port (SO_REUSEPORT): the kernel spreads connections among them."""
+    context = multiprocessing.get_context("fork")
+    workers = [
+        context.Process(target=_run_worker, args=(settings, url, args), daemon=False)
+        for _ in range(args.workers)
+    ]
+    for worker in workers:
+        worker.start()
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for worker in workers:
+            if worker.pid and worker.is_alive():
+                os.kill(worker.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for worker in workers:
+        worker.join()
+    if not stopping:
+        raise RateLimiterError("a worker exited on its own; see its log")
+
+
 def serve(args: argparse.Namespace) -> int:
     settings = load_config(args.config, allow_weak_master_key=args.unsafe_allow_weak_master_key)
+    if args.workers < 1:
+        raise RateLimiterError(f"--workers must be at least 1, got {args.workers}")
     server = None
     url = settings.redis_url
     if url is None:
         server = RedisServer(settings.data_dir).start()
         url = server.url
     try:
-        with contextlib.suppress(ImportError):
-            import uvloop
-
-            uvloop.install()
-        web.run_app(
-            _app(settings, url), host=args.host, port=args.port, print=None, access_log=None
-        )
+        if args.workers == 1:
+            _run_worker(settings, url, args)
+        else:
+            log.info("starting %d workers on port %d", args.workers, args.port)
+            _run_workers(settings, url, args)
     finally:
         if server is not None:
             server.stop()

@@ -336,6 +336,10 @@ def proxy_route(kind: str) -> Callable[[web.Request], Awaitable[web.StreamRespon
             response = await forward(call, deployment, decision)
             status = response.status
             return response
+        except asyncio.CancelledError:  # shutdown deadline or a client that left
+            if call.charged is None:
+                await asyncio.shield(call.release())
+            raise
         finally:
             request.app[METRICS].in_flight.dec()
             log.info("proxied", extra=call.log_fields(deployment, status, caller))

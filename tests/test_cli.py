@@ -88,3 +88,60 @@ def test_serve_with_the_example_config(tmp_path: Path) -> None:
     assert proxied["request_id"].startswith("req-") and proxied["status"] == 502
     assert (proxied["model"], proxied["end_user"]) == ("gpt-4o-mini", "cust-1")
     assert not (tmp_path / ".ratelimiter" / "redis" / "redis.sock").exists()  # server stopped
+
+
+def _processes_with(argument: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if argument.encode() in (entry / "cmdline").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
+    port = str(free_port())
+    (tmp_path / "config.yaml").write_text("ratelimiter_settings:\n  timezone: UTC\n")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ratelimiter.cli",
+            "serve",
+            "--config",
+            "config.yaml",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            port,
+            "--workers",
+            "2",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "RATELIMITER_MASTER_KEY": KEY},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while len(_processes_with(port)) < 3:  # the parent and two workers
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.1)
+        answered = 0
+        while answered < 20:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/liveliness") as r:
+                    answered += r.status == 200
+            except OSError:
+                assert time.monotonic() < deadline, "the workers did not come up"
+                time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    assert "starting 2 workers" in output
+    assert _processes_with(port) == []
