@@ -261,3 +261,49 @@ async def test_metrics(stack: Stack) -> None:
     assert 'ratelimiter_spend_dollars_total{model="gpt-4o"} 1.8e-05' in text
     assert "ratelimiter_redis_seconds_count 2.0" in text
     assert "ratelimiter_in_flight 0.0" in text
+
+
+async def test_tpm_and_parallel_refusals(stack: Stack) -> None:
+    tokens = stack.client(await stack.key(tpm_limit=30))
+    await tokens.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=4)
+    with pytest.raises(openai.RateLimitError) as raised:  # 14 used, 10 + 16 more asked
+        await tokens.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert raised.value.response.json()["error"]["type"] == "tokens"
+    assert raised.value.response.headers["x-ratelimit-remaining-tokens"] == "16"
+
+    key = await stack.key(max_parallel_requests=1)
+    stack.fake.chunk_delay_ms = 20
+    parallel = stack.client(key)
+    stream = await parallel.chat.completions.create(
+        model="gpt-4o", messages=MESSAGES, max_tokens=20, stream=True
+    )
+    with pytest.raises(openai.RateLimitError) as raised:
+        await parallel.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert raised.value.response.json()["error"]["type"] == "max_parallel_requests"
+    assert [c async for c in stream]  # the first stream runs to its end...
+    await parallel.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # ...and frees
+
+
+async def test_a_full_deployment_hands_over_to_the_next(
+    stack: Stack, ns: str, redis_url: str
+) -> None:
+    upstream = stack.settings.models[0].api_base
+    settings = Settings(
+        master_key=MASTER_KEY,
+        key_prefix=f"t:{ns}:fb:",
+        models=(
+            Deployment("pool", "openai/a", api_base=upstream, rpm=1, index=0),
+            Deployment("pool", "openai/b", api_base=upstream, rpm=1, index=1),
+        ),
+    )
+    async with running_sidecar(settings, redis_url) as base, aiohttp.ClientSession() as session:
+        key = (await Admin(session, base).post("/key/generate", {}))["key"]
+        client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+        served = [
+            (await client.chat.completions.create(model="pool", messages=MESSAGES)).model
+            for _ in range(2)
+        ]
+        assert served == ["a", "b"]
+        with pytest.raises(openai.RateLimitError, match="deployment:requests"):
+            await client.chat.completions.create(model="pool", messages=MESSAGES)
+        await client.close()
