@@ -18,6 +18,7 @@ from aiohttp import web
 from ratelimiter import Engine, RedisServer
 from ratelimiter.config import Settings
 from ratelimiter.embedded import free_port
+from ratelimiter.fake_upstream import FakeUpstream, create_fake_upstream
 from ratelimiter.server import create_app
 
 
@@ -165,6 +166,19 @@ async def running_sidecar(settings: Settings, redis_url: str) -> AsyncIterator[s
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
         yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def running_upstream(fake: FakeUpstream | None = None) -> AsyncIterator[str]:
+    """The fake OpenAI upstream over real HTTP on a free port; yields its /v1 base URL."""
+    runner = web.AppRunner(create_fake_upstream(fake))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
     finally:
         await runner.cleanup()
 

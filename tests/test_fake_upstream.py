@@ -6,23 +6,19 @@ from collections.abc import AsyncIterator
 
 import openai
 import pytest
-from aiohttp import web
 
-from ratelimiter.embedded import free_port
-from ratelimiter.fake_upstream import FakeUpstream, create_fake_upstream
+from ratelimiter.fake_upstream import FakeUpstream
+
+from .conftest import running_upstream
 
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[tuple[openai.AsyncOpenAI, FakeUpstream]]:
     fake = FakeUpstream(seed=1)
-    runner = web.AppRunner(create_fake_upstream(fake))
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-    yield client, fake
-    await client.close()
-    await runner.cleanup()
+    async with running_upstream(fake) as base:
+        client = openai.AsyncOpenAI(base_url=base, api_key="x", max_retries=0)
+        yield client, fake
+        await client.close()
 
 
 async def test_chat_plain_and_streaming(upstream: tuple[openai.AsyncOpenAI, FakeUpstream]) -> None:

@@ -10,14 +10,13 @@ from dataclasses import dataclass
 import aiohttp
 import openai
 import pytest
-from aiohttp import web
 
 from ratelimiter import Engine
 from ratelimiter.config import Deployment, Settings
 from ratelimiter.embedded import free_port
-from ratelimiter.fake_upstream import FakeUpstream, create_fake_upstream
+from ratelimiter.fake_upstream import FakeUpstream
 
-from .conftest import MASTER_KEY, Admin, running_sidecar
+from .conftest import MASTER_KEY, Admin, running_sidecar, running_upstream
 
 MESSAGES = [{"role": "user", "content": "x" * 40}]  # 10 prompt tokens
 
@@ -43,11 +42,14 @@ class Stack:
 @pytest.fixture
 async def stack(ns: str, redis_url: str) -> AsyncIterator[Stack]:
     fake = FakeUpstream(seed=7)
-    runner = web.AppRunner(create_fake_upstream(fake))
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    upstream = f"http://127.0.0.1:{port}/v1"
+    async with running_upstream(fake) as upstream:
+        async for stack in _stack(ns, redis_url, fake, upstream):
+            yield stack
+
+
+async def _stack(
+    ns: str, redis_url: str, fake: FakeUpstream, upstream: str
+) -> AsyncIterator[Stack]:
     settings = Settings(
         master_key=MASTER_KEY,
         key_prefix=f"t:{ns}:",
@@ -78,7 +80,6 @@ async def stack(ns: str, redis_url: str) -> AsyncIterator[Stack]:
         yield stack
         for client in stack.clients:
             await client.close()
-    await runner.cleanup()
 
 
 async def test_chat_completions_and_embeddings(stack: Stack) -> None:

@@ -10,26 +10,20 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from ratelimiter import Engine, RedisServer, SlidingWindow
 from ratelimiter.config import Deployment, Settings
 from ratelimiter.embedded import free_port
-from ratelimiter.fake_upstream import create_fake_upstream
 
-from .conftest import MASTER_KEY, Admin, running_sidecar
+from .conftest import MASTER_KEY, Admin, running_sidecar, running_upstream
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[str]:
-    runner = web.AppRunner(create_fake_upstream())
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}/v1"
-    await runner.cleanup()
+    async with running_upstream() as base:
+        yield base
 
 
 async def post(session: aiohttp.ClientSession, base: str, key: str) -> tuple[int, dict]:

@@ -13,22 +13,19 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from ratelimiter.embedded import free_port
-from ratelimiter.fake_upstream import FakeUpstream, create_fake_upstream
+from ratelimiter.fake_upstream import FakeUpstream
+
+from .conftest import running_upstream
 
 MASTER = "sk-two-sidecars-6b1e9d4f2a"
 
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[str]:
-    runner = web.AppRunner(create_fake_upstream(FakeUpstream(latency_ms=5)))
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}/v1"
-    await runner.cleanup()
+    async with running_upstream(FakeUpstream(latency_ms=5)) as base:
+        yield base
 
 
 @pytest.fixture
