@@ -19,10 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-cli-test-3d9f1b7e5c2a"
 
 
-def test_serve_with_the_example_config(tmp_path: Path) -> None:
-    port = free_port()
-    shutil.copy(ROOT / "config.example.yaml", tmp_path / "config.yaml")
-    process = subprocess.Popen(
+def serve(cwd: Path, port: str, *extra: str) -> subprocess.Popen[str]:
+    """`ratelimiter serve` as a user starts it, in ``cwd`` with its config.yaml."""
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -33,14 +32,21 @@ def test_serve_with_the_example_config(tmp_path: Path) -> None:
             "--host",
             "127.0.0.1",
             "--port",
-            str(port),
+            port,
+            *extra,
         ],
-        cwd=tmp_path,
+        cwd=cwd,
         env={**os.environ, "RATELIMITER_MASTER_KEY": KEY},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def test_serve_with_the_example_config(tmp_path: Path) -> None:
+    port = free_port()
+    shutil.copy(ROOT / "config.example.yaml", tmp_path / "config.yaml")
+    process = serve(tmp_path, str(port))
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -105,27 +111,7 @@ def _processes_with(argument: str) -> list[int]:
 def test_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
     port = str(free_port())
     (tmp_path / "config.yaml").write_text("ratelimiter_settings:\n  timezone: UTC\n")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ratelimiter.cli",
-            "serve",
-            "--config",
-            "config.yaml",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            port,
-            "--workers",
-            "2",
-        ],
-        cwd=tmp_path,
-        env={**os.environ, "RATELIMITER_MASTER_KEY": KEY},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = serve(tmp_path, port, "--workers", "2")
     try:
         deadline = time.monotonic() + 20
         while len(_processes_with(port)) < 3:  # the parent and two workers
