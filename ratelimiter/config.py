@@ -73,6 +73,7 @@ class Settings:
     default_max_tokens: int = 4096
     unpriced_models: str = "free"
     upstream_timeout_s: float = 600.0
+    lease_ttl_s: float = 60.0
     source: str = "<defaults>"
     extra_warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -173,6 +174,7 @@ _OURS = {
     "default_max_tokens",
     "unpriced_models",
     "upstream_timeout",
+    "lease_ttl",
 }
 _PARAMS = {
     "model",
@@ -273,6 +275,7 @@ def load_config(
     default_max_tokens = reader.number(
         "ratelimiter_settings.default_max_tokens", ours.get("default_max_tokens"), whole=True
     )
+    lease_ttl = reader.number("ratelimiter_settings.lease_ttl", ours.get("lease_ttl"))
     upstream_timeout = reader.number(
         "ratelimiter_settings.upstream_timeout", ours.get("upstream_timeout")
     )
@@ -308,6 +311,7 @@ def load_config(
         default_max_tokens=default_max_tokens or 4096,
         unpriced_models=unpriced or "free",
         upstream_timeout_s=float(upstream_timeout or 600.0),
+        lease_ttl_s=float(lease_ttl or 60.0),
         source=source,
         extra_warnings=tuple(reader.warnings),
     )

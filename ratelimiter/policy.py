@@ -99,7 +99,7 @@ def _rates(
         )
 
 
-def limits_for(request: Resolved, prefix: str) -> list[Limit]:
+def limits_for(request: Resolved, prefix: str, lease_ttl_ms: int = LEASE_TTL_MS) -> list[Limit]:
     limits: list[Limit] = []
     model = request.model
     for scope in request.scopes:
@@ -112,7 +112,7 @@ def limits_for(request: Resolved, prefix: str) -> list[Limit]:
                 Concurrency(
                     scope.key(prefix, "parallel"),
                     f["max_parallel_requests"],
-                    LEASE_TTL_MS,
+                    lease_ttl_ms,
                     name=f"{scope.kind}:parallel",
                 )
             )

@@ -27,7 +27,7 @@ from .errors import RedisUnavailable
 from .estimate import cost_nano, estimate_tokens, price_of
 from .limits import Budget, Concurrency, Gate, Limit, SlidingWindow
 from .metrics import METRICS, timer
-from .policy import LEASE_TTL_MS, dollars, limits_for
+from .policy import dollars, limits_for
 from .resolver import Caller, authenticate, check_model_access, resolve
 from .server import (
     ENGINE,
@@ -184,7 +184,9 @@ class Call:
                 self.prompt + self.most,
                 cost_nano(price, self.prompt, self.most),
             )
-            limits = limits_for(resolved, self.settings.key_prefix)
+            limits = limits_for(
+                resolved, self.settings.key_prefix, round(self.settings.lease_ttl_s * 1000)
+            )
             metrics = self.app[METRICS]
             self.limits = limits
             try:
@@ -417,7 +419,7 @@ async def _renewing(call: Call) -> AsyncIterator[None]:
 
     async def renew() -> None:
         while True:
-            await asyncio.sleep(LEASE_TTL_MS / 3000)
+            await asyncio.sleep(call.settings.lease_ttl_s / 3)
             with contextlib.suppress(Exception):
                 await call.renew()
 

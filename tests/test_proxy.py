@@ -4,6 +4,7 @@ and the fake upstream over HTTP."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -308,3 +309,42 @@ async def test_a_full_deployment_hands_over_to_the_next(
         with pytest.raises(openai.RateLimitError, match="deployment:requests"):
             await client.chat.completions.create(model="pool", messages=MESSAGES)
         await client.close()
+
+
+async def test_the_openai_client_waits_as_long_as_retry_after_says(ns: str, redis_url: str) -> None:
+    fake = FakeUpstream(chunk_delay_ms=50)
+    async with running_upstream(fake) as upstream:
+        settings = Settings(
+            master_key=MASTER_KEY,
+            key_prefix=f"t:{ns}:",
+            lease_ttl_s=2.0,
+            models=(Deployment("m", "openai/m", api_base=upstream, index=0),),
+        )
+        async with running_sidecar(settings, redis_url) as base, aiohttp.ClientSession() as session:
+            key = (await Admin(session, base).post("/key/generate", {"max_parallel_requests": 1}))[
+                "key"
+            ]
+            holder = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+            patient = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key, max_retries=2)
+            stream = await holder.chat.completions.create(  # ~1 s, holding the only slot
+                model="m", messages=MESSAGES, max_tokens=20, stream=True
+            )
+            started = time.monotonic()
+            drain = asyncio.create_task(asyncio.wait_for(_drain(stream), 10))
+            await patient.chat.completions.create(model="m", messages=MESSAGES, max_tokens=1)
+            waited = time.monotonic() - started
+            await drain
+            # refused once with retry-after ~1.95 s (the lease's expiry) and served on the
+            # first retry; the client's own backoff (~0.4 s, then ~0.9 s) would have been
+            # refused a second time while the stream still ran
+            async with session.get(f"{base}/metrics") as response:
+                metrics = await response.text()
+            assert 'ratelimiter_refusals_total{reason="no_free_slot",scope="key"} 1.0' in metrics
+            assert waited > 1.5
+            await holder.close()
+            await patient.close()
+
+
+async def _drain(stream: object) -> None:
+    async for _ in stream:  # type: ignore[attr-defined]
+        pass
