@@ -213,7 +213,7 @@ async def test_models_lists_only_what_the_key_may_use(stack: Stack) -> None:
 
 
 async def test_a_client_leaving_mid_stream_frees_its_lease(stack: Stack) -> None:
-    key = await stack.key(max_parallel_requests=1)
+    key = await stack.key(max_parallel_requests=1, max_budget=1)
     stack.fake.chunk_delay_ms = 50
     async with stack.admin.session.post(
         f"{stack.base}/v1/chat/completions",
@@ -237,6 +237,10 @@ async def test_a_client_leaving_mid_stream_frees_its_lease(stack: Stack) -> None
             break
         await asyncio.sleep(0.05)
     assert stack.fake.cancelled == 1
+    # charged what was streamed (a few words, estimated from the text), not the 200 reserved
+    spend = (await stack.admin.get("/key/info", key=key))["info"]["spend"]
+    second = 10 * 1e-6 + 1 * 2e-6
+    assert 10 * 1e-6 < spend - second < 10 * 1e-6 + 20 * 2e-6
 
 
 async def test_an_upstream_timeout_is_a_504_and_releases(stack: Stack) -> None:
