@@ -188,6 +188,9 @@ class Call:
                 resolved, self.settings.key_prefix, round(self.settings.lease_ttl_s * 1000)
             )
             metrics = self.app[METRICS]
+            if not limits:  # nothing limits this caller (the master key, no proxy budget)
+                metrics.admissions.labels("unlimited").inc()
+                return deployment, Decision(True, self.request_id, ())
             self.limits = limits
             try:
                 with timer(metrics.redis_seconds):

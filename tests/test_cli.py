@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -131,3 +132,54 @@ def test_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
     assert process.returncode == 0, output
     assert "starting 2 workers" in output
     assert _processes_with(port) == []
+
+
+def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
+    upstream_port, port = str(free_port()), str(free_port())
+    upstream = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ratelimiter.cli",
+            "fake-upstream",
+            "--port",
+            upstream_port,
+            "--latency-ms",
+            "1000",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    (tmp_path / "config.yaml").write_text(
+        "model_list:\n  - model_name: m\n    litellm_params:\n      model: openai/m\n"
+        f"      api_base: http://127.0.0.1:{upstream_port}/v1\n"
+    )
+    process = serve(tmp_path, port)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health/liveliness")
+                urllib.request.urlopen(f"http://127.0.0.1:{upstream_port}/v1/models")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "sidecar or upstream did not come up"
+                time.sleep(0.1)
+        chat = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            method="POST",
+            data=b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}',
+            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        )
+        result: list[int] = []
+        caller = threading.Thread(target=lambda: result.append(urllib.request.urlopen(chat).status))
+        caller.start()
+        time.sleep(0.4)  # the request is waiting on the slow upstream
+        process.send_signal(signal.SIGTERM)
+        caller.join(10)
+        assert result == [200]  # finished, not cut off
+        assert process.wait(20) == 0
+    finally:
+        process.kill()
+        upstream.kill()
+        upstream.wait()
