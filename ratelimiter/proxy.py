@@ -366,7 +366,7 @@ async def forward(call: Call, deployment: Deployment, decision: Decision) -> web
             )
         async with upstream:
             if upstream.status >= 400:
-                return await _upstream_error(call, upstream, decision)
+                return await _upstream_error(call, deployment, upstream, decision)
             if call.body.get("stream"):
                 return await _stream(call, deployment, decision, upstream)
             raw = await upstream.read()
@@ -399,14 +399,18 @@ async def forward(call: Call, deployment: Deployment, decision: Decision) -> web
 
 
 async def _upstream_error(
-    call: Call, upstream: aiohttp.ClientResponse, decision: Decision
+    call: Call, deployment: Deployment, upstream: aiohttp.ClientResponse, decision: Decision
 ) -> web.Response:
-    await call.release()
     raw = await upstream.read()
     try:
-        error = orjson.loads(raw).get("error") or {}
+        payload = orjson.loads(raw)
+        error, usage = payload.get("error") or {}, payload.get("usage")
     except (orjson.JSONDecodeError, AttributeError):
-        error = {}
+        error, usage = {}, None
+    if usage:  # the upstream says it consumed tokens even though it failed: charge them
+        await call.settle(call.actuals(deployment, usage))
+    else:
+        await call.release()
     message = error.get("message") if isinstance(error, dict) else None
     return error_response(
         upstream.status,
