@@ -11,6 +11,9 @@
 -- ARGV[6]    caller metadata, opaque bytes, returned with the hold if it expires
 -- ARGV[7]    '1' to take every limit even past its capacity: usage that already happened
 --            (admitted while Redis was unreachable) is recorded, not decided
+-- ARGV[8]    ledger base '<prefix>{<anchor>}:' to write a ledger entry when the request is
+--            finished, or '' for none (see lib.lua); ARGV[9] msgpack array of its rollup
+--            dimensions
 --
 -- Returns a msgpack map:
 --   ok   1 admitted, 0 refused
@@ -145,6 +148,9 @@ local deadline = now + hold_ttl
 local reply = mp_pack({ok = 1, st = states})
 redis.call('HSET', KEYS[1], 's', 'held', 't0', int(now), 'dl', int(deadline), 'spec', ARGV[3],
   'keys', table.concat(KEYS, '\0', 3), 'at', mp_pack(at), 'meta', ARGV[6], 'reply', reply)
+if ARGV[8] ~= '' then
+  redis.call('HSET', KEYS[1], 'lg', ARGV[8], 'dims', ARGV[9])
+end
 redis.call('PEXPIRE', KEYS[1], int(hold_ttl + record_ttl))
 redis.call('ZADD', KEYS[2], int(deadline), rid)
 redis.call('PEXPIRE', KEYS[2], int(hold_ttl + record_ttl))

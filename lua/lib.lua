@@ -265,7 +265,34 @@ end
 -- record finished. mode 'settle': measured limits take `actuals[measure]`, others keep
 -- their reservation; 'release': everything is refunded; 'expire': charged at the estimate.
 -- Returns two maps measure -> amount: what was reserved and what is charged.
-local function record_finish(rec, key, rid, now, mode, actuals, ttl)
+-- The spend ledger -------------------------------------------------------------------
+-- A record acquired with a ledger base (rec.lg, '<prefix>{<anchor>}:') writes one stream
+-- entry when it is finished, in the same script, so counters and ledger never disagree:
+-- stream <lg>ledger:<UTC day number>, fields rid, t0, t1, s (status), est, out (msgpack
+-- measure -> amount), meta (from acquire), info (from settle). The same step adds to the
+-- day's rollup hash <lg>rollup:<day>: for each dimension d given at acquire, d|requests,
+-- d|<status> and d|<measure> for every charged measure.
+local DAY_MS = 86400000
+local ROLLUP_TTL_MS = 400 * DAY_MS
+
+local function ledger_write(rec, rid, now, status, est, out, charged, info)
+  local day = int(floor(now / DAY_MS))
+  redis.call('XADD', rec.lg .. 'ledger:' .. day, '*', 'rid', rid, 't0', rec.t0, 't1', int(now),
+    's', status, 'est', est, 'out', out, 'meta', rec.meta or '', 'info', info or '')
+  local rollup = rec.lg .. 'rollup:' .. day
+  for _, d in ipairs(mp_unpack(rec.dims)) do
+    redis.call('HINCRBY', rollup, d .. '|requests', 1)
+    redis.call('HINCRBY', rollup, d .. '|' .. status, 1)
+    for measure, amount in pairs(charged) do
+      if amount ~= 0 then
+        redis.call('HINCRBY', rollup, d .. '|' .. measure, int(amount))
+      end
+    end
+  end
+  redis.call('PEXPIRE', rollup, ROLLUP_TTL_MS)
+end
+
+local function record_finish(rec, key, rid, now, mode, actuals, ttl, info)
   local reserved, charged = {}, {}
   for _, lim in ipairs(record_limits(rec)) do
     local kind, lkey, amount, measure = lim[1], lim[2], lim[3], lim[4]
@@ -288,9 +315,19 @@ local function record_finish(rec, key, rid, now, mode, actuals, ttl)
       redis.call('ZREM', lkey, rid)
     end
   end
+  if mode == 'settle' then  -- measured but limited nowhere (tokens with no tpm): still recorded
+    for measure, amount in pairs(actuals) do
+      if charged[measure] == nil then
+        charged[measure] = amount
+      end
+    end
+  end
   local status = mode == 'release' and 'released' or (mode == 'settle' and 'settled' or 'expired')
   rec.s, rec.t1, rec.est, rec.out = status, now, mp_pack(reserved), mp_pack(charged)
-  redis.call('HDEL', key, 'spec', 'keys', 'at', 'reply')
+  if rec.lg then
+    ledger_write(rec, rid, now, status, rec.est, rec.out, charged, info)
+  end
+  redis.call('HDEL', key, 'spec', 'keys', 'at', 'reply', 'dims')
   redis.call('HSET', key, 's', status, 't1', int(now), 'est', rec.est, 'out', rec.out)
   redis.call('PEXPIRE', key, int(ttl))
   return reserved, charged

@@ -9,6 +9,7 @@
 --          'release': every reserved amount is refunded
 -- ARGV[4]  msgpack map measure -> actual amount (integers; ignored by 'release')
 -- ARGV[5]  result ttl, ms: how long the finished record answers repeated calls
+-- ARGV[6]  opaque bytes for the ledger entry (actual token counts, outcome), if it has one
 --
 -- Leases are freed in both modes. Returns a msgpack map:
 --   s      final status: 'settled', 'released' or 'expired'; 'unknown' if no record exists
@@ -25,7 +26,7 @@ end
 if rec.s ~= 'held' then
   return mp_pack(record_fields(rec))
 end
-record_finish(rec, KEYS[1], rid, now, mode, mp_unpack(ARGV[4]), tonumber(ARGV[5]))
+record_finish(rec, KEYS[1], rid, now, mode, mp_unpack(ARGV[4]), tonumber(ARGV[5]), ARGV[6])
 redis.call('ZREM', KEYS[2], rid)
 local out = record_fields(rec)
 out.first = 1

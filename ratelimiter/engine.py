@@ -236,12 +236,16 @@ class Engine:
         *,
         meta: bytes = b"",
         force: bool = False,
+        ledger: Sequence[str] | None = None,
     ) -> Decision:
         """Reserve every limit for one request, or none of them.
 
         Repeating the call with the same id while the reservation is held returns an
         admission again without taking anything twice (safe to retry after a timeout).
         ``force`` takes every limit even past its capacity: for usage that already happened.
+        ``ledger``: rollup dimensions (e.g. ``"key:3f9a"``, ``"model:gpt-4o"``); when given,
+        finishing the request writes one ledger entry with ``meta`` and adds to those
+        dimensions' daily rollups, in the same atomic step (see ``ratelimiter.ledger``).
         """
         request_id = _check_request_id(request_id)
         limits = validate_limits(limits)
@@ -249,9 +253,18 @@ class Engine:
             raise InvalidLimit(f"meta must be bytes, got {type(meta).__name__}")
         now = await self._now_ms()
         groups = self._groups(limits)
+        dims = None if ledger is None else msgpack.packb(list(ledger))
         replies = await self._gather(
-            self._acquire_group(request_id, anchor, [limits[i] for i in indices], now, meta, force)
-            for anchor, indices in groups
+            self._acquire_group(
+                request_id,
+                anchor,
+                [limits[i] for i in indices],
+                now,
+                meta,
+                force,
+                dims if n == 0 else None,  # the first group keeps the request's ledger entry
+            )
+            for n, (anchor, indices) in enumerate(groups)
         )
         states: list[LimitState | None] = [None] * len(limits)
         refusal: tuple[int, str, int] | None = None
@@ -286,14 +299,21 @@ class Engine:
         )
 
     async def settle(
-        self, reservation: Reservation | str, actuals: Mapping[str, int] | None = None
+        self,
+        reservation: Reservation | str,
+        actuals: Mapping[str, int] | None = None,
+        *,
+        info: bytes = b"",
     ) -> Settlement:
         """Replace estimates by ``actuals`` (measure -> amount) and free the leases.
 
         Exactly once: a repeated call changes nothing and returns the first outcome.
+        ``info`` goes into the ledger entry, if the request has one.
         """
+        if not isinstance(info, bytes):
+            raise InvalidLimit(f"info must be bytes, got {type(info).__name__}")
         packed = msgpack.packb(_check_actuals(actuals or {}))
-        return await self._finish(reservation, "settle", packed)
+        return await self._finish(reservation, "settle", packed, info)
 
     async def charge(
         self,
@@ -302,14 +322,16 @@ class Engine:
         actuals: Mapping[str, int],
         *,
         meta: bytes = b"",
+        ledger: Sequence[str] | None = None,
+        info: bytes = b"",
     ) -> Settlement:
         """Record usage that happened without an admission (Redis was unreachable): every
         limit takes it even past its capacity, exactly once per request id."""
         limits = validate_limits(limits)
         anchors = tuple(anchor for anchor, _ in self._groups(limits))
         with contextlib.suppress(DuplicateRequest):  # charged before: settle answers how
-            await self.acquire(request_id, limits, meta=meta, force=True)
-        return await self.settle(Reservation(request_id, anchors), actuals)
+            await self.acquire(request_id, limits, meta=meta, force=True, ledger=ledger)
+        return await self.settle(Reservation(request_id, anchors), actuals, info=info)
 
     async def release(self, reservation: Reservation | str) -> Settlement:
         """Refund everything reserved (the request failed before the upstream answered)."""
@@ -405,12 +427,12 @@ class Engine:
         return Reservation(request_id)
 
     async def _finish(
-        self, reservation: Reservation | str, mode: str, actuals: bytes
+        self, reservation: Reservation | str, mode: str, actuals: bytes, info: bytes = b""
     ) -> Settlement:
         reservation = self._reservation(reservation)
         rid = reservation.request_id
         script = self._scripts["settle"]
-        args = [rid, self._now_override(), mode, actuals, self.result_ttl_ms]
+        args = [rid, self._now_override(), mode, actuals, self.result_ttl_ms, info]
         replies = await self._gather(
             self._run(script, self._record_keys(anchor, rid), args)
             for anchor in reservation.anchors
@@ -434,7 +456,14 @@ class Engine:
         )
 
     async def _acquire_group(
-        self, rid: str, anchor: str, limits: Sequence[Limit], now: int, meta: bytes, force: bool
+        self,
+        rid: str,
+        anchor: str,
+        limits: Sequence[Limit],
+        now: int,
+        meta: bytes,
+        force: bool,
+        ledger_dims: bytes | None,
     ) -> dict[str, Any]:
         keys = [*self._record_keys(anchor, rid), *(limit.key for limit in limits)]
         args = [
@@ -445,6 +474,8 @@ class Engine:
             self.record_grace_ms,
             meta,
             "1" if force else "0",
+            "" if ledger_dims is None else self.ledger_base(anchor),
+            ledger_dims or b"",
         ]
         return await self._run(self._scripts["acquire"], keys, args)
 
@@ -471,6 +502,14 @@ class Engine:
             by_slot[key_slot(limit.key.encode())].append(i)
         tags = slot_tags()
         return [(tags[slot], indices) for slot, indices in by_slot.items()]
+
+    def ledger_base(self, anchor: str) -> str:
+        """Prefix of one slot group's ledger streams and rollups (``ledger:<day>``...)."""
+        return f"{self.prefix}{{{anchor}}}:"
+
+    def anchors(self) -> list[str]:
+        """Every slot group name: one on a single Redis, one per slot on a Cluster."""
+        return list(slot_tags()) if self.cluster else [SINGLE_ANCHOR]
 
     def _record_prefix(self, anchor: str) -> str:
         return f"{self.prefix}{{{anchor}}}:res:"

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import msgpack
 import orjson
 from aiohttp import web
 
@@ -25,6 +26,7 @@ from .config import Deployment, Settings
 from .engine import Decision, LimitState, Reservation
 from .errors import RedisUnavailable
 from .estimate import cost_nano, estimate_tokens, price_of
+from .ledger import ledger_dims
 from .limits import Budget, Concurrency, Gate, Limit, SlidingWindow
 from .metrics import METRICS, timer
 from .policy import dollars, limits_for
@@ -156,6 +158,8 @@ class Call:
         self.engine = self.app[ENGINE]
         self.request_id = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex}"
         self.started = time.perf_counter()
+        self.meta, self.dims = b"", ["proxy:all"]
+        self.usage: dict[str, Any] = {}
         self.charged: dict[str, int] | None = None
         self.reservation: Reservation | None = None
         self.limits: list[Limit] | None = None  # kept to charge later when Redis was down
@@ -188,6 +192,7 @@ class Call:
                 resolved, self.settings.key_prefix, round(self.settings.lease_ttl_s * 1000)
             )
             metrics = self.app[METRICS]
+            self.describe(caller, deployment)
             if not limits:  # nothing limits this caller (the master key, no proxy budget)
                 metrics.admissions.labels("unlimited").inc()
                 return deployment, Decision(True, self.request_id, ())
@@ -195,9 +200,7 @@ class Call:
             try:
                 with timer(metrics.redis_seconds):
                     decision = await self.engine.acquire(
-                        self.request_id,
-                        limits,
-                        meta=orjson.dumps({"model": deployment.model_name}),
+                        self.request_id, limits, meta=self.meta, ledger=self.dims
                     )
             except RedisUnavailable as exc:
                 if self.settings.on_redis_error != "allow":
@@ -248,12 +251,31 @@ class Call:
             "duration_ms": round((time.perf_counter() - self.started) * 1000, 1),
         }
 
+    def describe(self, caller: Caller, deployment: Deployment) -> None:
+        """What the ledger entry will say of this request (never the key or the prompt)."""
+        key = caller.key or {}
+        fields = {
+            "key_hash": caller.token,
+            "key_alias": key.get("key_alias"),
+            "user_id": key.get("user_id"),
+            "team_id": key.get("team_id"),
+            "end_user": _end_user(self.body),
+            "model": deployment.model_name,
+            "deployment": deployment.deployment_id,
+            "route": self.kind,
+        }
+        fields = {k: v for k, v in fields.items() if v is not None}
+        self.meta, self.dims = msgpack.packb(fields), ledger_dims(fields)
+
     async def settle(self, actuals: dict[str, int]) -> None:
         self.charged = actuals
+        info = msgpack.packb(self.usage)
         if self.reservation is not None:
-            await self.engine.settle(self.reservation, actuals)
+            await self.engine.settle(self.reservation, actuals, info=info)
         elif self.limits is not None:
-            self.app[DEFERRED].put_nowait((self.request_id, self.limits, actuals))
+            self.app[DEFERRED].put_nowait(
+                (self.request_id, self.limits, actuals, self.meta, self.dims, info)
+            )
 
     async def release(self) -> None:
         if self.reservation is not None:
@@ -278,6 +300,11 @@ class Call:
         else:  # no usage came (a cut stream): what was sent, estimated from its text
             prompt, completion = self.prompt, -(-streamed_chars // 4)
         spend = cost_nano(price_of(deployment), prompt, completion)
+        self.usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "usage_reported": bool(usage),
+        }
         self.app[METRICS].spend.labels(deployment.model_name).inc(dollars(spend))
         return {"tokens": prompt + completion, "spend": spend}
 
@@ -288,15 +315,17 @@ DEFERRED = web.AppKey("deferred_charges", asyncio.Queue)
 
 async def _charge_deferred(app: web.Application) -> AsyncIterator[None]:
     """Charges requests admitted while Redis was unreachable, once it answers again."""
-    queue: asyncio.Queue[tuple[str, list[Limit], dict[str, int]]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
     app[DEFERRED] = queue
 
     async def drain() -> None:
         while True:
-            request_id, limits, actuals = await queue.get()
+            request_id, limits, actuals, meta, dims, info = await queue.get()
             while True:
                 try:
-                    await app[ENGINE].charge(request_id, limits, actuals)
+                    await app[ENGINE].charge(
+                        request_id, limits, actuals, meta=meta, ledger=dims, info=info
+                    )
                     break
                 except RedisUnavailable:
                     await asyncio.sleep(1)

@@ -188,6 +188,8 @@ class Scenario:
             self.budget.add(req.period_start, final_spend - req.spend)
             req.charged["spend"] = final_spend
         self.lease.leases.pop(req.rid, None)
+        if mode == "settle":  # every measure settled is recorded, limited or not
+            req.charged = {"tokens": final_tokens, "spend": final_spend}
         req.status = "released" if mode == "release" else "settled"
         assert (result.status, result.first, result.charged) == (req.status, True, req.charged)
 

@@ -1,0 +1,127 @@
+"""Reading the spend ledger: entries and daily rollups.
+
+Entries are written by the settle and expire scripts in the same atomic step as the counters
+(``lua/lib.lua``, ``ledger_write``): one Redis stream per slot group and UTC day, so no key
+grows without bound and a Cluster spreads them; rollups are one hash per slot group and day.
+Records inside are msgpack; this module turns them into plain dictionaries for the HTTP edge.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import msgpack
+
+from .connections import translate_errors
+from .engine import Engine
+
+__all__ = ["DAY_MS", "Entry", "Ledger", "day_number", "ledger_dims"]
+
+DAY_MS = 86_400_000
+
+
+def day_number(ms: int) -> int:
+    return ms // DAY_MS
+
+
+def _day(number: int) -> date:
+    return date(1970, 1, 1) + timedelta(days=number)
+
+
+def ledger_dims(meta: dict[str, Any]) -> list[str]:
+    """The rollup dimensions of a request: the proxy, its key, user, team, customer, model."""
+    dims = ["proxy:all"]
+    for dim, name in (
+        ("key", "key_hash"),
+        ("user", "user_id"),
+        ("team", "team_id"),
+        ("customer", "end_user"),
+        ("model", "model"),
+    ):
+        if meta.get(name):
+            dims.append(f"{dim}:{meta[name]}")
+    return dims
+
+
+def _unpack(raw: bytes | None) -> Any:
+    return msgpack.unpackb(raw) if raw else {}
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One finished request: ``status`` is settled, released (refunded) or expired."""
+
+    stream_id: str
+    request_id: str
+    started_ms: int
+    finished_ms: int
+    status: str
+    reserved: dict[str, int]
+    charged: dict[str, int]
+    meta: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_stream(cls, stream_id: bytes, fields: dict[bytes, bytes]) -> Entry:
+        return cls(
+            stream_id.decode(),
+            fields[b"rid"].decode(),
+            int(fields[b"t0"]),
+            int(fields[b"t1"]),
+            fields[b"s"].decode(),
+            dict(_unpack(fields.get(b"est")) or {}),
+            dict(_unpack(fields.get(b"out")) or {}),
+            dict(_unpack(fields.get(b"meta")) or {}),
+            dict(_unpack(fields.get(b"info")) or {}),
+        )
+
+
+class Ledger:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def _keys(self, kind: str, day: int) -> list[str]:
+        return [f"{self.engine.ledger_base(a)}{kind}:{day}" for a in self.engine.anchors()]
+
+    async def _existing(self, keys: list[str]) -> list[str]:
+        if len(keys) == 1:
+            return keys
+        pipe = self.engine.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.exists(key)
+        return [k for k, found in zip(keys, await pipe.execute(), strict=True) if found]
+
+    async def entries(self, since_ms: int, until_ms: int) -> AsyncIterator[Entry]:
+        """Every entry finished in [since_ms, until_ms), day by day."""
+        redis = self.engine.redis
+        for day in range(day_number(since_ms), day_number(until_ms - 1) + 1):
+            with translate_errors(self.engine.address):
+                for key in await self._existing(self._keys("ledger", day)):
+                    for stream_id, fields in await redis.xrange(key):
+                        entry = Entry.from_stream(stream_id, fields)
+                        if since_ms <= entry.finished_ms < until_ms:
+                            yield entry
+
+    async def rollup(self, day: int) -> dict[str, dict[str, int]]:
+        """dimension -> measure -> total for one UTC day (requests, settled, released,
+        expired, and each charged measure: tokens, spend in nano-dollars)."""
+        totals: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        with translate_errors(self.engine.address):
+            for key in await self._existing(self._keys("rollup", day)):
+                for name, value in (await self.engine.redis.hgetall(key)).items():
+                    dim, _, measure = name.decode().rpartition("|")
+                    totals[dim][measure] += int(value)
+        return {dim: dict(measures) for dim, measures in totals.items()}
+
+    async def rollups(self, since: date, until: date) -> dict[date, dict[str, dict[str, int]]]:
+        first = (since - date(1970, 1, 1)).days
+        last = (until - date(1970, 1, 1)).days
+        return {_day(d): await self.rollup(d) for d in range(first, last + 1)}
+
+
+def utc_ms(day: date) -> int:
+    return int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp() * 1000)
