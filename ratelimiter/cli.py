@@ -70,7 +70,12 @@ def fake_upstream(args: argparse.Namespace) -> int:
 
 
 async def _app(settings: Settings, url: str) -> web.Application:
-    engine = await Engine.connect(url, prefix=settings.key_prefix, timezone=settings.timezone)
+    engine = await Engine.connect(
+        url,
+        prefix=settings.key_prefix,
+        timezone=settings.timezone,
+        hold_ttl_ms=round(settings.hold_ttl_s * 1000),
+    )
     return create_app(settings, engine)
 
 

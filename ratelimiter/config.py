@@ -74,6 +74,8 @@ class Settings:
     unpriced_models: str = "free"
     upstream_timeout_s: float = 600.0
     lease_ttl_s: float = 60.0
+    hold_ttl_s: float = 600.0
+    collect_interval_s: float = 5.0
     source: str = "<defaults>"
     extra_warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -175,6 +177,7 @@ _OURS = {
     "unpriced_models",
     "upstream_timeout",
     "lease_ttl",
+    "hold_ttl",
 }
 _PARAMS = {
     "model",
@@ -276,6 +279,7 @@ def load_config(
         "ratelimiter_settings.default_max_tokens", ours.get("default_max_tokens"), whole=True
     )
     lease_ttl = reader.number("ratelimiter_settings.lease_ttl", ours.get("lease_ttl"))
+    hold_ttl = reader.number("ratelimiter_settings.hold_ttl", ours.get("hold_ttl"))
     upstream_timeout = reader.number(
         "ratelimiter_settings.upstream_timeout", ours.get("upstream_timeout")
     )
@@ -312,6 +316,7 @@ def load_config(
         unpriced_models=unpriced or "free",
         upstream_timeout_s=float(upstream_timeout or 600.0),
         lease_ttl_s=float(lease_ttl or 60.0),
+        hold_ttl_s=float(hold_ttl or 600.0),
         source=source,
         extra_warnings=tuple(reader.warnings),
     )

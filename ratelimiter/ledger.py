@@ -8,6 +8,9 @@ Records inside are msgpack; this module turns them into plain dictionaries for t
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,7 +22,9 @@ import msgpack
 from .connections import translate_errors
 from .engine import Engine
 
-__all__ = ["DAY_MS", "Entry", "Ledger", "day_number", "ledger_dims"]
+__all__ = ["DAY_MS", "Entry", "Ledger", "collect_expired_holds", "day_number", "ledger_dims"]
+
+log = logging.getLogger("ratelimiter.ledger")
 
 DAY_MS = 86_400_000
 
@@ -121,6 +126,31 @@ class Ledger:
         first = (since - date(1970, 1, 1)).days
         last = (until - date(1970, 1, 1)).days
         return {_day(d): await self.rollup(d) for d in range(first, last + 1)}
+
+
+async def collect_expired_holds(engine: Engine, interval_s: float = 5.0) -> None:
+    """Finalise holds whose sidecar died, in one sidecar at a time, until cancelled.
+
+    A short lease in Redis elects the collector: whoever holds it renews it each round; when
+    it dies, another takes over within three intervals. (The expire script is atomic, so two
+    collectors could not double-charge anyway; the lease keeps the others from scanning.)
+    """
+    me = uuid.uuid4().hex
+    lease, ttl_ms = f"{engine.prefix}collector", int(interval_s * 3000)
+    while True:
+        try:
+            holder = await engine.redis.get(lease)
+            mine = holder == me.encode()
+            if mine:
+                await engine.redis.pexpire(lease, ttl_ms)
+            elif holder is None:
+                mine = bool(await engine.redis.set(lease, me, nx=True, px=ttl_ms))
+            if mine:
+                while len(await engine.collect_expired()) > 0:
+                    pass  # a full batch may mean more are due
+        except Exception as exc:
+            log.warning("collecting expired holds failed: %s", exc)
+        await asyncio.sleep(interval_s)
 
 
 def utc_ms(day: date) -> int:

@@ -160,9 +160,16 @@ def create_app(settings: Settings, engine: Engine) -> web.Application:
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
-    listener = asyncio.create_task(app[STORE].listen())
+    from .ledger import collect_expired_holds
+
+    tasks = [
+        asyncio.create_task(app[STORE].listen()),
+        asyncio.create_task(collect_expired_holds(app[ENGINE], app[SETTINGS].collect_interval_s)),
+    ]
     yield
-    listener.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await listener
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     await app[ENGINE].close()

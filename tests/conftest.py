@@ -159,7 +159,9 @@ MASTER_KEY = "sk-test-master-7f3a9c2e5b1d"
 @contextlib.asynccontextmanager
 async def running_sidecar(settings: Settings, redis_url: str) -> AsyncIterator[str]:
     """The sidecar's app served over real HTTP on a free port; yields its base URL."""
-    engine = await Engine.connect(redis_url, prefix=settings.key_prefix)
+    engine = await Engine.connect(
+        redis_url, prefix=settings.key_prefix, hold_ttl_ms=round(settings.hold_ttl_s * 1000)
+    )
     runner = web.AppRunner(create_app(settings, engine))
     await runner.setup()
     port = free_port()

@@ -14,10 +14,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from ratelimiter.config import Deployment, Settings
 from ratelimiter.embedded import free_port
 from ratelimiter.fake_upstream import FakeUpstream
 
-from .conftest import running_upstream
+from .conftest import Admin, running_sidecar, running_upstream
 
 MASTER = "sk-two-sidecars-6b1e9d4f2a"
 
@@ -102,3 +103,92 @@ async def test_two_sidecars_admit_exactly_the_limit(sidecars: list[str]) -> None
         statuses = await asyncio.gather(*(call(i) for i in range(100)))
     assert statuses.count(200) == 25
     assert statuses.count(429) == 75
+
+
+async def test_a_killed_sidecars_hold_is_charged_once_by_another(
+    tmp_path: Path, redis_url: str, ns: str
+) -> None:
+    fake = FakeUpstream(chunk_delay_ms=100)
+    async with running_upstream(fake) as upstream:
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            "model_list:\n  - model_name: m\n    litellm_params:\n      model: openai/m\n"
+            f"      api_base: {upstream}\n      input_cost_per_token: 0.000001\n"
+            "      output_cost_per_token: 0.000001\n"
+            f"ratelimiter_settings:\n  key_prefix: 't:{ns}:'\n  hold_ttl: 1\n"
+        )
+        port = free_port()
+        doomed = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ratelimiter.cli",
+                "serve",
+                "--config",
+                str(config),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env={**os.environ, "REDIS_URL": redis_url, "RATELIMITER_MASTER_KEY": MASTER},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        settings = Settings(
+            master_key=MASTER,
+            key_prefix=f"t:{ns}:",
+            hold_ttl_s=1,
+            collect_interval_s=0.2,
+            models=(Deployment("m", "openai/m", api_base=upstream, input_cost_per_token=1e-6),),
+        )
+        try:
+            async with (
+                running_sidecar(settings, redis_url) as survivor,
+                aiohttp.ClientSession() as session,
+            ):
+                admin = Admin(session, survivor, MASTER)
+                key = (
+                    await admin.post("/key/generate", {"max_budget": 1, "max_parallel_requests": 1})
+                )["key"]
+                base = f"http://127.0.0.1:{port}"
+                await wait_ready(session, base)
+                async with session.post(
+                    f"{base}/v1/chat/completions",
+                    json={
+                        "model": "m",
+                        "stream": True,
+                        "max_tokens": 100,
+                        "messages": [{"role": "user", "content": "x" * 40}],
+                    },
+                    headers={"Authorization": f"Bearer {key}"},
+                ) as response:
+                    assert response.status == 200
+                    await response.content.readline()
+                    doomed.kill()  # SIGKILL mid-stream: nothing gets settled
+                    doomed.wait()
+                deadline = time.monotonic() + 10
+                while True:
+                    logs = await admin.get("/spend/logs", api_key=key)
+                    if logs["total"]:
+                        break
+                    assert time.monotonic() < deadline, "the dead sidecar's hold was not collected"
+                    await asyncio.sleep(0.2)
+                (entry,) = logs["data"]
+                assert entry["status"] == "expired"
+                assert entry["spend"] == entry["estimated_spend"] == pytest.approx(110e-6)
+                info = (await admin.get("/key/info", key=key))["info"]
+                assert info["spend"] == pytest.approx(110e-6)  # counters agree with the ledger
+                async with session.post(  # and the lease came back
+                    f"{survivor}/v1/chat/completions",
+                    json={
+                        "model": "m",
+                        "max_tokens": 1,
+                        "messages": [{"role": "user", "content": "hi"}],
+                    },
+                    headers={"Authorization": f"Bearer {key}"},
+                ) as response:
+                    assert response.status == 200
+        finally:
+            doomed.kill()
+            doomed.wait()
