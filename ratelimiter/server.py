@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -169,7 +168,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     yield
     for task in tasks:
         task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    await app[ENGINE].close()
+    # bounded: a connection torn down mid-read must not hold the shutdown
+    await asyncio.wait(tasks, timeout=2)
+    await asyncio.wait_for(app[ENGINE].close(), 5)
