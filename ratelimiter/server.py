@@ -158,8 +158,36 @@ def create_app(settings: Settings, engine: Engine) -> web.Application:
     return app
 
 
+async def redis_health_warnings(engine: Engine) -> list[str]:
+    """What in Redis's configuration puts counters or the ledger at risk."""
+    warnings = []
+    try:
+        persistence = await engine.redis.info("persistence")
+        save = (await engine.redis.config_get("save")).get("save", "")
+        policy = (await engine.redis.config_get("maxmemory-policy")).get("maxmemory-policy", "")
+    except Exception as exc:
+        return [
+            f"could not read Redis's persistence settings ({exc}); check that AOF is on "
+            "and maxmemory-policy is noeviction"
+        ]
+    if not int(persistence.get("aof_enabled", 0)) and not save:
+        warnings.append(
+            "Redis persistence is off (no AOF, no RDB snapshots): a restart "
+            "loses every counter and the spend ledger; enable appendonly yes"
+        )
+    if policy and policy != "noeviction":
+        warnings.append(
+            f"Redis maxmemory-policy is {policy}: under memory pressure it may "
+            "evict counters (admitting too much) or ledger entries; use noeviction"
+        )
+    return warnings
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     from .ledger import collect_expired_holds
+
+    for warning in await redis_health_warnings(app[ENGINE]):
+        log.warning(warning)
 
     tasks = [
         asyncio.create_task(app[STORE].listen()),

@@ -15,6 +15,7 @@ from ratelimiter import (
     connect,
 )
 from ratelimiter.embedded import free_port
+from ratelimiter.server import redis_health_warnings
 
 
 def test_urls() -> None:
@@ -84,3 +85,22 @@ async def test_engine_carries_on_across_a_redis_restart(tmp_path: object, ns: st
             assert (await engine.peek([limit]))[0].remaining == 3
     finally:
         server.stop()
+
+
+async def test_health_warnings_for_risky_redis_settings(tmp_path: object) -> None:
+    risky = RedisServer(
+        tmp_path,
+        port=free_port(),
+        appendonly=False,  # type: ignore[arg-type]
+        extra_args=("--maxmemory-policy", "allkeys-lru"),
+    ).start()
+    try:
+        async with await Engine.connect(risky.url) as engine:
+            warnings = await redis_health_warnings(engine)
+            assert len(warnings) == 2
+            assert "persistence is off" in warnings[0] and "allkeys-lru" in warnings[1]
+            await engine.redis.config_set("appendonly", "yes")
+            await engine.redis.config_set("maxmemory-policy", "noeviction")
+            assert await redis_health_warnings(engine) == []
+    finally:
+        risky.stop()
