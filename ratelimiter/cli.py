@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import multiprocessing
 import os
 import signal
 import sys
+from datetime import UTC, date, datetime
+from pathlib import Path
 
 from aiohttp import web
 
@@ -17,6 +20,7 @@ from .embedded import RedisServer
 from .engine import Engine
 from .errors import RateLimiterError
 from .fake_upstream import FakeUpstream, create_fake_upstream
+from .ledger_cli import check, export
 from .logs import configure_logging
 from .server import create_app
 
@@ -50,6 +54,19 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accept a short or published master key (throwaway setups only)",
     )
+    ledger = commands.add_parser("ledger", help="export or check the spend ledger")
+    ledger_commands = ledger.add_subparsers(dest="ledger_command", required=True)
+    export = ledger_commands.add_parser("export", help="write ledger entries as JSONL or CSV")
+    export.add_argument("--config", help="the sidecar's config.yaml (Redis URL, key prefix)")
+    export.add_argument("--since", type=date.fromisoformat, required=True, help="YYYY-MM-DD")
+    export.add_argument("--until", type=date.fromisoformat, help="YYYY-MM-DD, default today")
+    export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    export.add_argument("--out", type=Path, help="file to write (default: standard output)")
+    export.add_argument(
+        "--ack", action="store_true", help="trim the exported entries from Redis once written"
+    )
+    check = ledger_commands.add_parser("check", help="reconcile the ledger with the counters")
+    check.add_argument("--config", help="the sidecar's config.yaml (Redis URL, key prefix)")
     fake = commands.add_parser("fake-upstream", help="run a fake OpenAI-compatible upstream")
     fake.add_argument("--host", default="127.0.0.1")
     fake.add_argument("--port", type=int, default=8000)
@@ -144,10 +161,38 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _ledger(args: argparse.Namespace) -> int:
+    settings = load_config(args.config, allow_weak_master_key=True)
+    if settings.redis_url is None:
+        raise RateLimiterError(
+            "set REDIS_URL or ratelimiter_settings.redis_url: the ledger "
+            "lives in the sidecar's Redis"
+        )
+    async with await Engine.connect(
+        settings.redis_url, prefix=settings.key_prefix, timezone=settings.timezone
+    ) as engine:
+        if args.ledger_command == "check":
+            problems = await check(engine, settings)
+            for problem in problems:
+                print(problem)
+            print("ledger and counters agree" if not problems else f"{len(problems)} difference(s)")
+            return 1 if problems else 0
+        until = args.until or datetime.now(UTC).date()
+        out = args.out.open("w", newline="") if args.out else sys.stdout
+        try:
+            await export(engine, args.since, until, args.format, out, ack=args.ack)
+        finally:
+            if args.out:
+                out.close()
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(json=args.log_format == "json")
     try:
+        if args.command == "ledger":
+            return asyncio.run(_ledger(args))
         return serve(args) if args.command == "serve" else fake_upstream(args)
     except ConfigError as exc:
         print(f"ratelimiter: configuration error: {exc}", file=sys.stderr)

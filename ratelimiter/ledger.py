@@ -102,14 +102,24 @@ class Ledger:
 
     async def entries(self, since_ms: int, until_ms: int) -> AsyncIterator[Entry]:
         """Every entry finished in [since_ms, until_ms), day by day."""
+        async for _, entry in self.entries_with_keys(since_ms, until_ms):
+            yield entry
+
+    async def entries_with_keys(
+        self, since_ms: int, until_ms: int
+    ) -> AsyncIterator[tuple[str, Entry]]:
+        """The same, with the stream each entry lives in (export acknowledges per stream)."""
         redis = self.engine.redis
         for day in range(day_number(since_ms), day_number(until_ms - 1) + 1):
             with translate_errors(self.engine.address):
-                for key in await self._existing(self._keys("ledger", day)):
-                    for stream_id, fields in await redis.xrange(key):
-                        entry = Entry.from_stream(stream_id, fields)
-                        if since_ms <= entry.finished_ms < until_ms:
-                            yield entry
+                keys = await self._existing(self._keys("ledger", day))
+            for key in keys:
+                with translate_errors(self.engine.address):
+                    rows = await redis.xrange(key)
+                for stream_id, fields in rows:
+                    entry = Entry.from_stream(stream_id, fields)
+                    if since_ms <= entry.finished_ms < until_ms:
+                        yield key, entry
 
     async def rollup(self, day: int) -> dict[str, dict[str, int]]:
         """dimension -> measure -> total for one UTC day (requests, settled, released,

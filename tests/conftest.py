@@ -8,15 +8,17 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import openai
 import pytest
 import redis
 from aiohttp import web
 
 from ratelimiter import Engine, RedisServer
-from ratelimiter.config import Settings
+from ratelimiter.config import Deployment, Settings
 from ratelimiter.embedded import free_port
 from ratelimiter.fake_upstream import FakeUpstream, create_fake_upstream
 from ratelimiter.server import create_app
@@ -223,3 +225,67 @@ class Admin:
 async def admin(settings: Settings, redis_url: str) -> AsyncIterator[Admin]:
     async with running_sidecar(settings, redis_url) as base, aiohttp.ClientSession() as session:
         yield Admin(session, base)
+
+
+MESSAGES = [{"role": "user", "content": "x" * 40}]  # 10 prompt tokens
+
+
+@dataclass
+class Stack:
+    base: str
+    admin: Admin
+    fake: FakeUpstream
+    engine: Engine
+    settings: Settings
+    clients: list[openai.AsyncOpenAI]
+
+    def client(self, key: str, retries: int = 0) -> openai.AsyncOpenAI:
+        client = openai.AsyncOpenAI(base_url=f"{self.base}/v1", api_key=key, max_retries=retries)
+        self.clients.append(client)
+        return client
+
+    async def key(self, **fields: object) -> str:
+        return (await self.admin.post("/key/generate", fields))["key"]
+
+
+@pytest.fixture
+async def stack(ns: str, redis_url: str) -> AsyncIterator[Stack]:
+    fake = FakeUpstream(seed=7)
+    async with running_upstream(fake) as upstream:
+        async for stack in _stack(ns, redis_url, fake, upstream):
+            yield stack
+
+
+async def _stack(
+    ns: str, redis_url: str, fake: FakeUpstream, upstream: str
+) -> AsyncIterator[Stack]:
+    settings = Settings(
+        master_key=MASTER_KEY,
+        key_prefix=f"t:{ns}:",
+        default_max_tokens=16,
+        upstream_timeout_s=0.5,
+        models=(
+            Deployment(
+                "gpt-4o",
+                "openai/gpt-4o",
+                api_base=upstream,
+                api_key="sk-up",
+                input_cost_per_token=1e-6,
+                output_cost_per_token=2e-6,
+                index=0,
+            ),
+            Deployment("embed", "openai/text-embedding-3-small", api_base=upstream, index=1),
+            Deployment(
+                "down", "openai/down", api_base=f"http://127.0.0.1:{free_port()}/v1", index=2
+            ),
+        ),
+    )
+    async with (
+        running_sidecar(settings, redis_url) as base,
+        aiohttp.ClientSession() as session,
+        await Engine.connect(redis_url, prefix=settings.key_prefix) as engine,
+    ):
+        stack = Stack(base, Admin(session, base), fake, engine, settings, [])
+        yield stack
+        for client in stack.clients:
+            await client.close()

@@ -13,10 +13,10 @@ import pytest
 
 from ratelimiter.ledger import Ledger, day_number
 
-from .test_proxy import MESSAGES, Stack, stack  # noqa: F401 - the fixture
+from .conftest import MESSAGES, Stack
 
 
-async def test_every_request_has_exactly_one_entry(stack: Stack) -> None:  # noqa: F811
+async def test_every_request_has_exactly_one_entry(stack: Stack) -> None:
     key = await stack.key(key_alias="ci", max_budget=1)
     client = stack.client(key)
     ok = await client.chat.completions.with_raw_response.create(
@@ -50,7 +50,7 @@ async def test_every_request_has_exactly_one_entry(stack: Stack) -> None:  # noq
     assert (await stack.admin.get("/spend/logs", end_user="bob"))["total"] == 0
 
 
-async def test_ledger_agrees_with_the_counters_under_concurrency(stack: Stack) -> None:  # noqa: F811
+async def test_ledger_agrees_with_the_counters_under_concurrency(stack: Stack) -> None:
     key = await stack.key(max_budget=1)
     client = stack.client(key)
     stack.fake.error_rate = 0.3
@@ -81,7 +81,7 @@ async def test_ledger_agrees_with_the_counters_under_concurrency(stack: Stack) -
     assert rollup.get("released", 0) == sum(e.status == "released" for e in entries)
 
 
-async def test_global_spend_and_report(stack: Stack) -> None:  # noqa: F811
+async def test_global_spend_and_report(stack: Stack) -> None:
     key = await stack.key()
     await stack.client(key).chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=4)
     total = (await stack.admin.get("/global/spend"))["spend"]
