@@ -76,6 +76,7 @@ class Settings:
     lease_ttl_s: float = 60.0
     hold_ttl_s: float = 600.0
     collect_interval_s: float = 5.0
+    alert_webhook_url: str | None = None
     source: str = "<defaults>"
     extra_warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -178,6 +179,7 @@ _OURS = {
     "upstream_timeout",
     "lease_ttl",
     "hold_ttl",
+    "alert_webhook_url",
 }
 _PARAMS = {
     "model",
@@ -317,6 +319,9 @@ def load_config(
         upstream_timeout_s=float(upstream_timeout or 600.0),
         lease_ttl_s=float(lease_ttl or 60.0),
         hold_ttl_s=float(hold_ttl or 600.0),
+        alert_webhook_url=reader.string(
+            "ratelimiter_settings.alert_webhook_url", ours.get("alert_webhook_url")
+        ),
         source=source,
         extra_warnings=tuple(reader.warnings),
     )

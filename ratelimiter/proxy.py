@@ -22,6 +22,7 @@ import msgpack
 import orjson
 from aiohttp import web
 
+from .alerts import ALERTS
 from .config import Deployment, Settings
 from .engine import Decision, LimitState, Reservation
 from .errors import RedisUnavailable
@@ -29,7 +30,7 @@ from .estimate import cost_nano, estimate_tokens, price_of
 from .ledger import ledger_dims
 from .limits import Budget, Concurrency, Gate, Limit, SlidingWindow
 from .metrics import METRICS, timer
-from .policy import dollars, limits_for
+from .policy import Scope, dollars, limits_for
 from .resolver import Caller, authenticate, check_model_access, resolve
 from .server import (
     ENGINE,
@@ -159,6 +160,7 @@ class Call:
         self.request_id = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex}"
         self.started = time.perf_counter()
         self.meta, self.dims = b"", ["proxy:all"]
+        self.scopes: tuple[Scope, ...] = ()
         self.usage: dict[str, Any] = {}
         self.charged: dict[str, int] | None = None
         self.reservation: Reservation | None = None
@@ -188,6 +190,7 @@ class Call:
                 self.prompt + self.most,
                 cost_nano(price, self.prompt, self.most),
             )
+            self.scopes = resolved.scopes
             limits = limits_for(
                 resolved, self.settings.key_prefix, round(self.settings.lease_ttl_s * 1000)
             )
@@ -215,6 +218,8 @@ class Call:
             if decision.allowed:
                 self.reservation = decision.reservation
                 return deployment, decision
+            if isinstance(decision.refused, Budget):
+                self.app[ALERTS].refused(decision.refused)
             refused = decision.refused.name if decision.refused else ""
             metrics.refusals.labels(refused.split(":")[0], decision.reason or "").inc()
             last = decision  # a refusal reserved nothing: the id can be tried again
@@ -272,6 +277,7 @@ class Call:
         info = msgpack.packb(self.usage)
         if self.reservation is not None:
             await self.engine.settle(self.reservation, actuals, info=info)
+            self.app[ALERTS].observe(self.scopes)
         elif self.limits is not None:
             self.app[DEFERRED].put_nowait(
                 (self.request_id, self.limits, actuals, self.meta, self.dims, info)

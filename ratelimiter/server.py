@@ -143,6 +143,7 @@ async def health_readiness(request: web.Request) -> web.Response:
 def create_app(settings: Settings, engine: Engine) -> web.Application:
     """The sidecar: ``engine`` is connected by the caller and closed with the app."""
     from .admin import add_admin_routes  # they build on this module
+    from .alerts import add_alerts
     from .proxy import add_proxy_routes
 
     app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY_BYTES)
@@ -155,6 +156,7 @@ def create_app(settings: Settings, engine: Engine) -> web.Application:
     add_metrics(app)
     add_admin_routes(app)
     add_proxy_routes(app)
+    add_alerts(app)
     return app
 
 
