@@ -245,10 +245,11 @@ class Engine:
         ``force`` takes every limit even past its capacity: for usage that already happened.
         ``ledger``: rollup dimensions (e.g. ``"key:3f9a"``, ``"model:gpt-4o"``); when given,
         finishing the request writes one ledger entry with ``meta`` and adds to those
-        dimensions' daily rollups, in the same atomic step (see ``ratelimiter.ledger``).
+        dimensions' daily rollups, in the same atomic step (see ``ratelimiter.ledger``);
+        ``limits`` may then be empty.
         """
         request_id = _check_request_id(request_id)
-        limits = validate_limits(limits)
+        limits = validate_limits(limits, allow_empty=ledger is not None)
         if not isinstance(meta, bytes):
             raise InvalidLimit(f"meta must be bytes, got {type(meta).__name__}")
         now = await self._now_ms()
@@ -492,6 +493,8 @@ class Engine:
     def _groups(self, limits: Sequence[Limit]) -> list[tuple[str, list[int]]]:
         if not self.cluster:
             return [(SINGLE_ANCHOR, list(range(len(limits))))]
+        if not limits:  # a request no limit applies to still gets its ledger entry
+            return [(slot_tags()[0], [])]
         by_slot: dict[int, list[int]] = defaultdict(list)
         for i, limit in enumerate(limits):
             if isinstance(limit, Budget) and "{" not in limit.key:

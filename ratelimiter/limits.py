@@ -158,12 +158,12 @@ Limit = SlidingWindow | Concurrency | Budget | Gate
 _KINDS = (SlidingWindow, Concurrency, Budget, Gate)
 
 
-def validate_limits(limits: Any) -> tuple[Limit, ...]:
+def validate_limits(limits: Any, *, allow_empty: bool = False) -> tuple[Limit, ...]:
     """Check a list of limits as a whole: non-empty, known kinds, no key used twice."""
     if isinstance(limits, (str, bytes)) or not hasattr(limits, "__iter__"):
         raise InvalidLimit(f"limits must be a list of limits, got {type(limits).__name__}")
     limits = tuple(limits)
-    if not limits:
+    if not limits and not allow_empty:
         raise InvalidLimit("limits must not be empty: a request has to meet at least one limit")
     seen: set[str] = set()
     for limit in limits:

@@ -196,9 +196,6 @@ class Call:
             )
             metrics = self.app[METRICS]
             self.describe(caller, deployment)
-            if not limits:  # nothing limits this caller (the master key, no proxy budget)
-                metrics.admissions.labels("unlimited").inc()
-                return deployment, Decision(True, self.request_id, ())
             self.limits = limits
             try:
                 with timer(metrics.redis_seconds):

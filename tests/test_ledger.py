@@ -92,3 +92,10 @@ async def test_global_spend_and_report(stack: Stack) -> None:
     assert row["group_by_day"] == datetime.now(UTC).date().isoformat()
     status, body = await stack.admin.call("GET", "/global/spend/report", group_by="planet")
     assert status == 400 and "group_by must be one of" in body["error"]["message"]
+
+
+async def test_the_master_key_is_recorded_too(stack: Stack) -> None:
+    client = stack.client(stack.settings.master_key)
+    await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=2)
+    logs = await stack.admin.get("/spend/logs", model="gpt-4o")
+    assert any(row["api_key"] is None and row["status"] == "success" for row in logs["data"])
