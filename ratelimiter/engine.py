@@ -168,7 +168,7 @@ class Engine:
         prefix: str = "rl:",
         hold_ttl_ms: int = 600_000,
         record_grace_ms: int = 3_600_000,
-        result_ttl_ms: int = 300_000,
+        result_ttl_ms: int = 60_000,
         timezone: str = "UTC",
         clock: Callable[[], int] | None = None,
     ) -> None:

@@ -22,7 +22,7 @@ __all__ = ["Budget", "Concurrency", "Gate", "Limit", "SlidingWindow", "validate_
 MAX_AMOUNT = 2**53 - 1
 DEFAULT_BUCKETS = 60
 DEFAULT_LEASE_TTL_MS = 60_000
-DEFAULT_BUDGET_RETENTION_MS = 8 * 86_400_000
+DEFAULT_BUDGET_RETENTION_MS = 2 * 86_400_000
 
 
 def _check_int(owner: str, name: str, value: Any, *, minimum: int = 0) -> None:
