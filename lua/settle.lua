@@ -10,6 +10,8 @@
 -- ARGV[4]  msgpack map measure -> actual amount (integers; ignored by 'release')
 -- ARGV[5]  result ttl, ms: how long the finished record answers repeated calls
 -- ARGV[6]  opaque bytes for the ledger entry (actual token counts, outcome), if it has one
+-- ARGV[7]  '1' to abandon: with no record, leave a 'released' one for ARGV[5] ms, so that an
+--          acquire of this id that reaches Redis later (sent before a timeout) takes nothing
 --
 -- Leases are freed in both modes. Returns a msgpack map:
 --   s      final status: 'settled', 'released' or 'expired'; 'unknown' if no record exists
@@ -21,6 +23,10 @@
 local rid, now, mode = ARGV[1], clock(ARGV[2]), ARGV[3]
 local rec = record_load(KEYS[1])
 if not rec then
+  if ARGV[7] == '1' then
+    redis.call('HSET', KEYS[1], 's', 'released', 't0', now, 't1', now)
+    redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[5]))
+  end
   return mp_pack({s = 'unknown', first = 0})
 end
 if rec.s ~= 'held' then

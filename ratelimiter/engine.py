@@ -28,6 +28,7 @@ from .durations import Duration, period_bounds, time_zone
 from .embedded import DEFAULT_DATA_DIR, RedisServer
 from .errors import DuplicateRequest, InvalidLimit
 from .limits import MAX_AMOUNT, Budget, Concurrency, Gate, Limit, SlidingWindow, validate_limits
+from .multiplex import Multiplexer
 from .scripts import Script, load_scripts, run_script
 
 __all__ = [
@@ -185,6 +186,10 @@ class Engine:
         self._offset_at = float("-inf")
         self._periods: dict[Duration, tuple[int, int, int]] = {}
         self._scripts = load_scripts()
+        # A Cluster client routes each call by slot itself; one server gets pipelined calls.
+        self._scripts_via: RedisClient | Multiplexer = (
+            redis if self.cluster else Multiplexer(redis)  # type: ignore[arg-type]
+        )
         self._server: RedisServer | None = None
 
     @classmethod
@@ -216,6 +221,8 @@ class Engine:
         return engine
 
     async def close(self) -> None:
+        if isinstance(self._scripts_via, Multiplexer):
+            await self._scripts_via.aclose()
         await self.redis.aclose()
         if self._server is not None:
             self._server.stop()
@@ -338,6 +345,14 @@ class Engine:
         """Refund everything reserved (the request failed before the upstream answered)."""
         return await self._finish(reservation, "release", msgpack.packb({}))
 
+    async def abandon(self, request_id: str, limits: Iterable[Limit]) -> Settlement:
+        """Undo an acquire whose answer never came (Redis timed out or the connection broke):
+        whether it ran, runs later or never runs, it ends up taking nothing. Safe to retry."""
+        anchors = tuple(anchor for anchor, _ in self._groups(validate_limits(limits)))
+        return await self._finish(
+            Reservation(request_id, anchors), "release", msgpack.packb({}), abandon=True
+        )
+
     async def renew(self, reservation: Reservation | str) -> Renewal:
         """Extend the leases and the hold of a running request (a long stream)."""
         reservation = self._reservation(reservation)
@@ -428,12 +443,18 @@ class Engine:
         return Reservation(request_id)
 
     async def _finish(
-        self, reservation: Reservation | str, mode: str, actuals: bytes, info: bytes = b""
+        self,
+        reservation: Reservation | str,
+        mode: str,
+        actuals: bytes,
+        info: bytes = b"",
+        abandon: bool = False,
     ) -> Settlement:
         reservation = self._reservation(reservation)
         rid = reservation.request_id
         script = self._scripts["settle"]
         args = [rid, self._now_override(), mode, actuals, self.result_ttl_ms, info]
+        args.append("1" if abandon else "0")
         replies = await self._gather(
             self._run(script, self._record_keys(anchor, rid), args)
             for anchor in reservation.anchors
@@ -482,7 +503,7 @@ class Engine:
 
     async def _run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         with translate_errors(self.address):
-            return _unpack(await run_script(self.redis, script, keys, args))
+            return _unpack(await run_script(self._scripts_via, script, keys, args))
 
     async def _gather(self, calls: Iterable[Any]) -> list[Any]:
         calls = list(calls)

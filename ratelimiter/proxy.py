@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -61,27 +62,33 @@ def _duration(ms: int) -> str:
     return (f"{hours}h" if hours else "") + f"{minutes}m{secs}s"
 
 
-def _tightest(states: tuple[LimitState, ...], measure: str | None) -> LimitState | None:
-    windows = [
-        s for s in states if isinstance(s.limit, SlidingWindow) and s.limit.measure == measure
-    ]
-    return min(windows, key=lambda s: s.remaining, default=None)
+@functools.lru_cache(maxsize=1024)
+def _scope_header(name: str) -> str:
+    return "x-ratelimit-remaining-" + name.replace(":", "-").replace("_", "-")
 
 
 def rate_headers(decision: Decision, request_id: str) -> dict[str, str]:
     headers = {"x-request-id": request_id}
+    tightest: dict[str | None, LimitState] = {}
+    detail: dict[str, str] = {}
+    for state in decision.states:
+        limit = state.limit
+        if isinstance(limit, SlidingWindow):
+            best = tightest.get(limit.measure)
+            if best is None or state.remaining < best.remaining:
+                tightest[limit.measure] = state
+        if isinstance(limit, Gate) or not limit.name:
+            continue
+        value = dollars(state.remaining) if isinstance(limit, Budget) else state.remaining
+        detail.setdefault(_scope_header(limit.name), str(value))  # per-scope detail
     for what, measure in (("requests", None), ("tokens", "tokens")):
-        state = _tightest(decision.states, measure)
+        state = tightest.get(measure)
         if state is not None:
             headers[f"x-ratelimit-limit-{what}"] = str(state.limit.capacity)
             headers[f"x-ratelimit-remaining-{what}"] = str(state.remaining)
             headers[f"x-ratelimit-reset-{what}"] = _duration(state.reset_ms)
-    for state in decision.states:  # per-scope detail
-        if isinstance(state.limit, Gate) or not state.limit.name:
-            continue
-        name = state.limit.name.replace(":", "-").replace("_", "-")
-        value = dollars(state.remaining) if isinstance(state.limit, Budget) else state.remaining
-        headers.setdefault(f"x-ratelimit-remaining-{name}", str(value))
+    for name, value in detail.items():
+        headers.setdefault(name, value)
     return headers
 
 
@@ -204,6 +211,9 @@ class Call:
                     )
             except RedisUnavailable as exc:
                 if self.settings.on_redis_error != "allow":
+                    # The acquire may still run when Redis comes back; it must take nothing.
+                    abandon = functools.partial(self.engine.abandon, self.request_id, limits)
+                    self.app[DEFERRED].put_nowait(abandon)
                     raise
                 # on_redis_error: allow. The request goes through unchecked; its usage is
                 # charged to every limit once Redis answers again.
@@ -276,9 +286,16 @@ class Call:
             await self.engine.settle(self.reservation, actuals, info=info)
             self.app[ALERTS].observe(self.scopes)
         elif self.limits is not None:
-            self.app[DEFERRED].put_nowait(
-                (self.request_id, self.limits, actuals, self.meta, self.dims, info)
+            charge = functools.partial(
+                self.engine.charge,
+                self.request_id,
+                self.limits,
+                actuals,
+                meta=self.meta,
+                ledger=self.dims,
+                info=info,
             )
+            self.app[DEFERRED].put_nowait(charge)
 
     async def release(self) -> None:
         if self.reservation is not None:
@@ -313,22 +330,21 @@ class Call:
 
 
 UNPRICED_WARNED = web.AppKey("unpriced_warned", set)
-DEFERRED = web.AppKey("deferred_charges", asyncio.Queue)
+DEFERRED = web.AppKey("deferred_redis_work", asyncio.Queue)
 
 
-async def _charge_deferred(app: web.Application) -> AsyncIterator[None]:
-    """Charges requests admitted while Redis was unreachable, once it answers again."""
-    queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+async def _run_deferred(app: web.Application) -> AsyncIterator[None]:
+    """Redis work that had to wait for Redis: charging requests admitted while it was
+    unreachable (on_redis_error: allow), abandoning acquires whose answer never came."""
+    queue: asyncio.Queue[Callable[[], Awaitable[Any]]] = asyncio.Queue()
     app[DEFERRED] = queue
 
     async def drain() -> None:
         while True:
-            request_id, limits, actuals, meta, dims, info = await queue.get()
+            work = await queue.get()
             while True:
                 try:
-                    await app[ENGINE].charge(
-                        request_id, limits, actuals, meta=meta, ledger=dims, info=info
-                    )
+                    await work()
                     break
                 except RedisUnavailable:
                     await asyncio.sleep(1)
@@ -337,7 +353,7 @@ async def _charge_deferred(app: web.Application) -> AsyncIterator[None]:
     yield
     task.cancel()
     if queue.qsize():
-        log.error("%d requests admitted while Redis was down were never charged", queue.qsize())
+        log.error("%d deferred Redis updates were never made (Redis stayed down)", queue.qsize())
 
 
 def _end_user(body: dict[str, Any]) -> str | None:
@@ -488,16 +504,26 @@ async def _stream(
     streamed = 0
     try:
         async with _renewing(call):
-            async for line in upstream.content:
-                if line.startswith(b"data: {"):
-                    chunk = orjson.loads(line[6:])
-                    if chunk.get("usage"):
-                        usage = chunk["usage"]
-                        if not wants_usage and not chunk.get("choices"):
-                            continue  # the client did not ask for the usage chunk
-                    for choice in chunk.get("choices") or ():
-                        streamed += len(((choice.get("delta") or {}).get("content")) or "")
-                await response.write(line)
+            # Whatever arrived is parsed line by line but written back in one piece: a write
+            # per SSE line cost more CPU than the rest of the stream's handling together.
+            partial = b""
+            async for data in upstream.content.iter_any():
+                *lines, partial = (partial + data).split(b"\n")
+                out = []
+                for line in lines:
+                    if line.startswith(b"data: {"):
+                        chunk = orjson.loads(line[6:])
+                        if chunk.get("usage"):
+                            usage = chunk["usage"]
+                            if not wants_usage and not chunk.get("choices"):
+                                continue  # the client did not ask for the usage chunk
+                        for choice in chunk.get("choices") or ():
+                            streamed += len(((choice.get("delta") or {}).get("content")) or "")
+                    out.append(line)
+                if out:
+                    await response.write(b"\n".join(out) + b"\n")
+            if partial:
+                await response.write(partial)
     except (ConnectionResetError, aiohttp.ClientConnectionResetError, asyncio.CancelledError):
         upstream.close()  # the client left: stop paying for tokens nobody reads
         await asyncio.shield(call.settle(call.actuals(deployment, usage, streamed)))
@@ -543,7 +569,7 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
 def add_proxy_routes(app: web.Application) -> None:
     app[UNPRICED_WARNED] = set()
     app.cleanup_ctx.append(_http_session)
-    app.cleanup_ctx.append(_charge_deferred)
+    app.cleanup_ctx.append(_run_deferred)
     for prefix in ("/v1", ""):
         for path, kind in ROUTES.items():
             app.router.add_post(f"{prefix}/{path}", proxy_route(kind))

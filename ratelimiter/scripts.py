@@ -11,6 +11,7 @@ from typing import Any
 from redis.exceptions import NoScriptError
 
 from .connections import RedisClient
+from .multiplex import Multiplexer
 
 __all__ = ["Script", "load_scripts", "run_script"]
 
@@ -53,7 +54,9 @@ def load_scripts() -> dict[str, Script]:
     return scripts
 
 
-async def run_script(redis: RedisClient, script: Script, keys: list[str], args: list[Any]) -> Any:
+async def run_script(
+    redis: RedisClient | Multiplexer, script: Script, keys: list[str], args: list[Any]
+) -> Any:
     """EVALSHA; on NOSCRIPT (a restarted or flushed server, a promoted replica) load and retry."""
     try:
         return await redis.evalsha(script.sha, len(keys), *keys, *args)
