@@ -85,20 +85,34 @@ class Entry:
         )
 
 
+def _glob_escape(text: str) -> str:
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
+
+
 class Ledger:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._found: dict[str, dict[int, list[str]]] = {}
 
-    def _keys(self, kind: str, day: int) -> list[str]:
-        return [f"{self.engine.ledger_base(a)}{kind}:{day}" for a in self.engine.anchors()]
+    async def _existing(self, kind: str, day: int) -> list[str]:
+        """The streams (kind "ledger") or rollup hashes ("rollup") written on ``day``.
 
-    async def _existing(self, keys: list[str]) -> list[str]:
-        if len(keys) == 1:
-            return keys
-        pipe = self.engine.redis.pipeline(transaction=False)
-        for key in keys:
-            pipe.exists(key)
-        return [k for k, found in zip(keys, await pipe.execute(), strict=True) if found]
+        One Redis holds one of each. A Cluster may hold one per slot group (16,384 possible
+        anchors): asking for each would be 16,384 calls a day, so the keys of the kind are
+        found with one SCAN of every master and remembered for this Ledger's lifetime."""
+        if not self.engine.cluster:
+            key = f"{self.engine.ledger_base(self.engine.anchors()[0])}{kind}:{day}"
+            return [key] if await self.engine.redis.exists(key) else []
+        if kind not in self._found:
+            found: dict[int, list[str]] = defaultdict(list)
+            pattern = f"{_glob_escape(self.engine.prefix)}{{*}}:{kind}:*"
+            async for raw in self.engine.redis.scan_iter(match=pattern, count=1000):
+                key = raw.decode() if isinstance(raw, bytes) else raw
+                suffix = key.rpartition(":")[2]
+                if suffix.isdigit():
+                    found[int(suffix)].append(key)
+            self._found[kind] = found
+        return sorted(self._found[kind].get(day, []))
 
     async def entries(self, since_ms: int, until_ms: int) -> AsyncIterator[Entry]:
         """Every entry finished in [since_ms, until_ms), day by day."""
@@ -112,7 +126,7 @@ class Ledger:
         redis = self.engine.redis
         for day in range(day_number(since_ms), day_number(until_ms - 1) + 1):
             with translate_errors(self.engine.address):
-                keys = await self._existing(self._keys("ledger", day))
+                keys = await self._existing("ledger", day)
             for key in keys:
                 with translate_errors(self.engine.address):
                     rows = await redis.xrange(key)
@@ -126,7 +140,7 @@ class Ledger:
         expired, and each charged measure: tokens, spend in nano-dollars)."""
         totals: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         with translate_errors(self.engine.address):
-            for key in await self._existing(self._keys("rollup", day)):
+            for key in await self._existing("rollup", day):
                 for name, value in (await self.engine.redis.hgetall(key)).items():
                     dim, _, measure = name.decode().rpartition("|")
                     totals[dim][measure] += int(value)

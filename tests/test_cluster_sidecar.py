@@ -1,0 +1,122 @@
+"""The whole sidecar on a three-master Redis Cluster: proxy, admin API, entity-cache
+invalidation between sidecars, the spend ledger and its check, and several sidecar processes
+enforcing one limit exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from ratelimiter.fake_upstream import FakeUpstream
+from ratelimiter.ledger_cli import check
+
+from .conftest import Admin, Cluster, Stack, _stack, running_sidecar, running_upstream
+
+CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hello there"}]}
+
+
+@pytest.fixture
+async def cluster_stack(ns: str, redis_cluster: Cluster) -> AsyncIterator[Stack]:
+    fake = FakeUpstream(seed=11)
+    async with running_upstream(fake) as upstream:
+        async for stack in _stack(ns, redis_cluster.url, fake, upstream):
+            assert stack.engine.cluster
+            yield stack
+
+
+async def chat(stack: Stack, key: str, **extra: object) -> tuple[int, dict]:
+    async with stack.admin.session.post(
+        f"{stack.base}/v1/chat/completions",
+        json={**CHAT, "max_tokens": 4, **extra},
+        headers={"Authorization": f"Bearer {key}"},
+    ) as response:
+        return response.status, await response.json(content_type=None)
+
+
+async def test_proxy_admin_and_ledger_on_a_cluster(cluster_stack: Stack) -> None:
+    stack, admin = cluster_stack, cluster_stack.admin
+    await admin.post("/team/new", {"team_id": "t1", "max_budget": 10, "rpm_limit": 1000})
+    await admin.post("/user/new", {"user_id": "u1", "max_budget": 10, "tpm_limit": 10**6})
+    await admin.post("/customer/new", {"user_id": "c1", "max_budget": 10})
+    key = (
+        await admin.post(
+            "/key/generate",
+            {
+                "user_id": "u1",
+                "team_id": "t1",
+                "rpm_limit": 6,
+                "max_parallel_requests": 10,
+                "max_budget": 5,
+                "model_rpm_limit": {"gpt-4o": 100},
+            },
+        )
+    )["key"]
+    statuses = await asyncio.gather(*(chat(stack, key, user="c1") for _ in range(10)))
+    assert sorted(s for s, _ in statuses) == [200] * 6 + [429] * 4  # exact across slots
+    refused = next(body for status, body in statuses if status == 429)
+    assert refused["error"]["type"] == "requests"
+
+    logs = await admin.get("/spend/logs", api_key=key)
+    assert logs["total"] == 6 and {e["status"] for e in logs["data"]} == {"success"}
+    spent = sum(e["spend"] for e in logs["data"])
+    info = (await admin.get("/key/info", key=key))["info"]
+    assert info["spend"] == pytest.approx(spent)
+    for path, params in (("/team/info", {"team_id": "t1"}), ("/user/info", {"user_id": "u1"})):
+        assert (await admin.get(path, **params))["spend"] == pytest.approx(spent)
+    report = await admin.get("/global/spend/report", group_by="team")
+    assert report  # rollups were written in every slot group's day hash
+    problems = await check(stack.engine, stack.settings)
+    assert problems == []
+
+    await admin.post("/key/block", {"key": key})
+    status, body = await chat(stack, key)
+    assert status in (401, 403), body
+
+
+async def test_cache_invalidation_reaches_another_sidecar_on_a_cluster(
+    cluster_stack: Stack, redis_cluster: Cluster
+) -> None:
+    settings = cluster_stack.settings
+    async with (
+        running_sidecar(settings, redis_cluster.url) as other,
+        aiohttp.ClientSession() as session,
+    ):
+        one, two = cluster_stack.admin, Admin(session, other)
+        key = (await one.post("/key/generate", {"rpm_limit": 1}))["key"]
+        assert (await two.get("/key/info", key=key))["info"]["rpm_limit"] == 1  # cached on two
+        await asyncio.sleep(0.3)  # its listener is subscribed
+        await one.post("/key/update", {"key": key, "rpm_limit": 99})
+        started = time.monotonic()
+        while (await two.get("/key/info", key=key))["info"]["rpm_limit"] != 99:
+            assert time.monotonic() - started < 1.0, "no invalidation through Cluster pub/sub"
+            await asyncio.sleep(0.02)
+
+
+async def test_four_sidecars_on_a_cluster_admit_exactly_the_limit(
+    cluster_stack: Stack, redis_cluster: Cluster
+) -> None:
+    settings = dataclasses.replace(cluster_stack.settings)
+    key = (await cluster_stack.admin.post("/key/generate", {"rpm_limit": 30}))["key"]
+    async with (
+        running_sidecar(settings, redis_cluster.url) as b,
+        running_sidecar(settings, redis_cluster.url) as c,
+        running_sidecar(settings, redis_cluster.url) as d,
+        aiohttp.ClientSession() as session,
+    ):
+        bases = [cluster_stack.base, b, c, d]
+
+        async def one(i: int) -> int:
+            async with session.post(
+                f"{bases[i % 4]}/v1/chat/completions",
+                json={**CHAT, "max_tokens": 2},
+                headers={"Authorization": f"Bearer {key}"},
+            ) as response:
+                return response.status
+
+        statuses = await asyncio.gather(*(one(i) for i in range(300)))
+    assert statuses.count(200) == 30 and statuses.count(429) == 270
