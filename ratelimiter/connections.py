@@ -22,7 +22,9 @@ __all__ = ["RedisClient", "RedisSettings", "connect", "unavailable_errors"]
 RedisClient = aioredis.Redis | RedisCluster
 
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
-_SCHEMES = {"redis", "rediss", "unix", *_CLUSTER_SCHEMES}
+_SENTINEL_SCHEMES = {"redis+sentinel", "rediss+sentinel"}
+_SCHEMES = {"redis", "rediss", "unix", *_CLUSTER_SCHEMES, *_SENTINEL_SCHEMES}
+DEFAULT_SENTINEL_PORT = 26379
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -41,9 +43,11 @@ unavailable_errors: tuple[type[BaseException], ...] = (
 class RedisSettings:
     """Where Redis is and how patiently to talk to it.
 
-    ``url`` accepts ``redis://``, ``rediss://`` (TLS), ``unix:///path.sock`` and, for a
-    Cluster, ``redis+cluster://`` / ``rediss+cluster://`` or ``?cluster=true``. With
-    ``cluster=None`` the server is asked whether it runs in Cluster mode.
+    ``url`` accepts ``redis://``, ``rediss://`` (TLS), ``unix:///path.sock``; for a
+    Cluster, ``redis+cluster://`` / ``rediss+cluster://`` or ``?cluster=true`` (with
+    ``cluster=None`` the server is asked whether it runs in Cluster mode); and for Sentinel,
+    ``redis+sentinel://[:password@]host:26379[,host2:26379...]/service_name[/db]``
+    (``?sentinel_password=`` when the Sentinels have their own).
     """
 
     url: str = "redis://127.0.0.1:6379/0"
@@ -61,11 +65,13 @@ class RedisSettings:
         if parts.scheme not in _SCHEMES:
             raise RateLimiterError(
                 f"unsupported Redis URL scheme {parts.scheme!r} in {_redact(url)}: use redis://, "
-                "rediss://, unix://, redis+cluster:// or rediss+cluster://"
+                "rediss://, unix://, redis+cluster://, rediss+cluster:// or redis+sentinel://"
             )
         options: dict[str, Any] = {}
         scheme = parts.scheme
-        if scheme in _CLUSTER_SCHEMES:
+        if scheme in _SENTINEL_SCHEMES:
+            options["cluster"] = False
+        elif scheme in _CLUSTER_SCHEMES:
             options["cluster"], scheme = True, _CLUSTER_SCHEMES[scheme]
         rest = []
         for name, value in parse_qsl(parts.query, keep_blank_values=True):
@@ -81,11 +87,18 @@ class RedisSettings:
         return replace(cls(url=clean, **options), **overrides)
 
     @property
+    def sentinel(self) -> bool:
+        return urlsplit(self.url).scheme in _SENTINEL_SCHEMES
+
+    @property
     def address(self) -> str:
         """host:port or socket path, safe to log: never the password."""
         parts = urlsplit(self.url)
         if parts.scheme == "unix":
             return parts.path
+        if self.sentinel:
+            service = parts.path.strip("/").split("/")[0]
+            return f"{service} via Sentinel {parts.netloc.rpartition('@')[2]}"
         return f"{parts.hostname or '127.0.0.1'}:{parts.port or 6379}"
 
 
@@ -145,6 +158,8 @@ async def connect(settings: RedisSettings | str) -> RedisClient:
         settings = RedisSettings.from_url(settings)
     options = _client_options(settings)
     with translate_errors(settings.address):
+        if settings.sentinel:
+            return await _via_sentinel(settings, options)
         cluster = settings.cluster
         if cluster is not True:
             client = aioredis.Redis.from_url(settings.url, **options)
@@ -167,3 +182,54 @@ async def connect(settings: RedisSettings | str) -> RedisClient:
             await client.aclose()
             raise
         return client
+
+
+async def _via_sentinel(settings: RedisSettings, options: dict[str, Any]) -> aioredis.Redis:
+    """The master of a Sentinel-monitored service; after a failover, new connections go to
+    the new master (redis-py asks the Sentinels again when a connection fails)."""
+    from redis.asyncio.sentinel import Sentinel
+
+    parts = urlsplit(settings.url)
+    path = [p for p in parts.path.split("/") if p]
+    if not path:
+        raise RateLimiterError(
+            f"{_redact(settings.url)} names no service: use "
+            "redis+sentinel://host:26379[,host2:26379]/service_name[/db]"
+        )
+    query = dict(parse_qsl(parts.query))
+    try:
+        hosts = [_sentinel_host(item) for item in parts.netloc.rpartition("@")[2].split(",")]
+        db = int(path[1]) if len(path) > 1 else 0
+    except ValueError:
+        raise RateLimiterError(
+            f"cannot read {_redact(settings.url)}: Sentinel ports and the db number are "
+            "integers, as in redis+sentinel://host:26379,host2:26379/service_name/0"
+        ) from None
+    sentinel_kwargs = {
+        "socket_timeout": settings.command_timeout,
+        "socket_connect_timeout": settings.connect_timeout,
+        "password": query.get("sentinel_password"),
+    }
+    options = {k: v for k, v in options.items() if k != "max_connections"}
+    if parts.scheme.startswith("rediss"):
+        options["ssl"] = True
+    sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, **options)
+    client = sentinel.master_for(
+        path[0],
+        db=db,
+        password=parts.password,
+        username=parts.username or None,
+    )
+    try:
+        await client.ping()
+    except BaseException:
+        await client.aclose()
+        raise
+    return client
+
+
+def _sentinel_host(item: str) -> tuple[str, int]:
+    host, colon, port = item.rpartition(":")
+    if not colon:
+        return item or "127.0.0.1", DEFAULT_SENTINEL_PORT
+    return host or "127.0.0.1", int(port)
