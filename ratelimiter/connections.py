@@ -37,6 +37,13 @@ unavailable_errors: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
 )
+# Redis answers, but will not run a write now: full under noeviction, a replica, a slot in
+# migration. For a request that is the same as no Redis: nothing can be decided.
+refusing_errors: tuple[type[BaseException], ...] = (
+    redis_errors.OutOfMemoryError,
+    redis_errors.ReadOnlyError,
+    redis_errors.TryAgainError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,11 +139,33 @@ def _seconds(name: str, value: str, url: str) -> float:
 
 @contextlib.contextmanager
 def translate_errors(address: str) -> Iterator[None]:
-    """Turn redis-py's many connection failures into one ``RedisUnavailable``."""
+    """Turn redis-py's many ways of not serving a command into one ``RedisUnavailable``."""
     try:
         yield
-    except unavailable_errors as exc:
-        raise RedisUnavailable(address, str(exc) or type(exc).__name__) from exc
+    except (*unavailable_errors, *refusing_errors) as exc:
+        raise as_unavailable(address, exc) from exc
+
+
+def as_unavailable(address: str, exc: BaseException) -> RedisUnavailable:
+    reason = str(exc) or type(exc).__name__
+    if isinstance(exc, redis_errors.OutOfMemoryError):
+        return RedisUnavailable(
+            address,
+            reason,
+            "is out of memory",
+            "Free memory (export the spend ledger with --ack) or raise Redis's maxmemory.",
+        )
+    if isinstance(exc, redis_errors.ReadOnlyError):
+        return RedisUnavailable(
+            address,
+            reason,
+            "is a read-only replica",
+            "Point the Redis URL at the master, or use a redis+sentinel:// or Cluster URL "
+            "that follows failovers.",
+        )
+    if isinstance(exc, redis_errors.TryAgainError):
+        return RedisUnavailable(address, reason, "is moving the slot", "Retry in a moment.")
+    return RedisUnavailable(address, reason)
 
 
 def _client_options(settings: RedisSettings) -> dict[str, Any]:

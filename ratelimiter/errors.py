@@ -24,11 +24,17 @@ class InvalidDuration(InvalidLimit):
 
 
 class RedisUnavailable(RateLimiterError, ConnectionError):
-    """Redis could not be reached or did not answer in time."""
+    """Redis could not be reached, did not answer in time, or refused to write."""
 
-    def __init__(self, address: str, reason: str) -> None:
-        super().__init__(f"Redis at {address} is unreachable: {reason}")
-        self.address = address
+    def __init__(
+        self,
+        address: str,
+        reason: str,
+        state: str = "is unreachable",
+        hint: str = "Check that Redis is running.",
+    ) -> None:
+        super().__init__(f"Redis at {address} {state}: {reason}")
+        self.address, self.hint = address, hint
 
 
 class DuplicateRequest(RateLimiterError):

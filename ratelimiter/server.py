@@ -15,6 +15,7 @@ import orjson
 from aiohttp import web
 
 from .config import Settings
+from .connections import as_unavailable, refusing_errors, unavailable_errors
 from .engine import Engine
 from .errors import RedisUnavailable
 from .metrics import METRICS, add_metrics
@@ -82,14 +83,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             exc.status, str(exc), _ERROR_TYPES.get(exc.status, "error"), exc.param
         )
     except RedisUnavailable as exc:
-        log.error("redis unavailable: %s", exc)
-        if METRICS in request.app:
-            request.app[METRICS].redis_errors.inc()
-        return error_response(
-            503,
-            f"{exc}; the limiter cannot decide, so it refuses. Check that Redis is running.",
-            "service_unavailable",
-        )
+        return redis_unavailable(request, exc)
+    except (*unavailable_errors, *refusing_errors) as exc:  # from a call outside the engine
+        address = request.app[ENGINE].address if ENGINE in request.app else "?"
+        return redis_unavailable(request, as_unavailable(address, exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -99,6 +96,15 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(
             500, "internal error in the rate limiter; see its log", "internal_error"
         )
+
+
+def redis_unavailable(request: web.Request, exc: RedisUnavailable) -> web.Response:
+    log.error("redis unavailable: %s", exc)
+    if METRICS in request.app:
+        request.app[METRICS].redis_errors.inc()
+    return error_response(
+        503, f"{exc}; the limiter cannot decide, so it refuses. {exc.hint}", "service_unavailable"
+    )
 
 
 def bearer(request: web.Request) -> str | None:
