@@ -283,7 +283,9 @@ class Call:
         self.charged = actuals
         info = msgpack.packb(self.usage)
         if self.reservation is not None:
-            await self.engine.settle(self.reservation, actuals, info=info)
+            await self._now_or_later(
+                functools.partial(self.engine.settle, self.reservation, actuals, info=info)
+            )
             self.app[ALERTS].observe(self.scopes)
         elif self.limits is not None:
             charge = functools.partial(
@@ -299,7 +301,18 @@ class Call:
 
     async def release(self) -> None:
         if self.reservation is not None:
-            await self.engine.release(self.reservation)
+            await self._now_or_later(functools.partial(self.engine.release, self.reservation))
+
+    async def _now_or_later(self, update: Callable[[], Awaitable[Any]]) -> None:
+        """A request the upstream answered is answered, whatever Redis does next: with Redis
+        gone its settlement waits in the deferred queue (settling is idempotent per request
+        id, so a retry after a lost reply cannot charge twice)."""
+        try:
+            await update()
+        except RedisUnavailable as exc:
+            self.app[METRICS].redis_errors.inc()
+            log.warning("settling %s when Redis is back: %s", self.request_id, exc)
+            self.app[DEFERRED].put_nowait(update)
 
     async def renew(self) -> None:
         if self.reservation is not None:
@@ -348,6 +361,9 @@ async def _run_deferred(app: web.Application) -> AsyncIterator[None]:
                     break
                 except RedisUnavailable:
                     await asyncio.sleep(1)
+                except Exception:  # one bad update must not stop the ones behind it
+                    log.exception("a deferred Redis update failed and was dropped")
+                    break
 
     task = asyncio.create_task(drain())
     yield

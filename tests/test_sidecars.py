@@ -1,4 +1,5 @@
-"""Two sidecar processes on one Redis enforce one limit together, exactly."""
+"""Several sidecar processes on one Redis, or one Cluster, enforce one limit together, exactly;
+one killed mid-stream leaves nothing held that another does not collect."""
 
 from __future__ import annotations
 
@@ -29,16 +30,27 @@ async def upstream() -> AsyncIterator[str]:
         yield base
 
 
+SIDECARS = 4
+
+
+@pytest.fixture(params=["single", "cluster"])
+def shared_redis(request: pytest.FixtureRequest) -> str:
+    if request.param == "cluster":
+        return request.getfixturevalue("redis_cluster").url
+    return request.getfixturevalue("redis_url")
+
+
 @pytest.fixture
-def sidecars(tmp_path: Path, redis_url: str, upstream: str, ns: str) -> Iterator[list[str]]:
+def sidecars(tmp_path: Path, shared_redis: str, upstream: str, ns: str) -> Iterator[list[str]]:
+    """Four sidecar processes on one Redis (or one Cluster)."""
     config = tmp_path / "config.yaml"
     config.write_text(
         "model_list:\n  - model_name: m\n    litellm_params:\n      model: openai/m\n"
         f"      api_base: {upstream}\n      input_cost_per_token: 0.000001\n"
         f"ratelimiter_settings:\n  key_prefix: 't:{ns}:'\n"
     )
-    env = {**os.environ, "REDIS_URL": redis_url, "RATELIMITER_MASTER_KEY": MASTER}
-    ports = [free_port(), free_port()]
+    env = {**os.environ, "REDIS_URL": shared_redis, "RATELIMITER_MASTER_KEY": MASTER}
+    ports = [free_port() for _ in range(SIDECARS)]
     procs = [
         subprocess.Popen(
             [
@@ -81,28 +93,32 @@ async def wait_ready(session: aiohttp.ClientSession, base: str) -> None:
         await asyncio.sleep(0.1)
 
 
-async def test_two_sidecars_admit_exactly_the_limit(sidecars: list[str]) -> None:
+async def test_sidecars_admit_exactly_the_limit_asked_ten_times_over(
+    sidecars: list[str],
+) -> None:
+    limit = 30
     async with aiohttp.ClientSession() as session:
         for base in sidecars:
             await wait_ready(session, base)
-        async with session.post(
-            f"{sidecars[0]}/key/generate",
-            json={"rpm_limit": 25},
-            headers={"Authorization": f"Bearer {MASTER}"},
-        ) as response:
-            key = (await response.json())["key"]
+        admin = Admin(session, sidecars[0], MASTER)
+        key = (await admin.post("/key/generate", {"rpm_limit": limit}))["key"]
 
         async def call(i: int) -> int:
             async with session.post(
-                f"{sidecars[i % 2]}/v1/chat/completions",
+                f"{sidecars[i % len(sidecars)]}/v1/chat/completions",
                 json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
                 headers={"Authorization": f"Bearer {key}"},
             ) as response:
                 return response.status
 
-        statuses = await asyncio.gather(*(call(i) for i in range(100)))
-    assert statuses.count(200) == 25
-    assert statuses.count(429) == 75
+        statuses = await asyncio.gather(*(call(i) for i in range(10 * limit)))
+        assert statuses.count(200) == limit
+        assert statuses.count(429) == 9 * limit
+        # Every admitted request has its one ledger entry, whichever sidecar served it.
+        deadline = time.monotonic() + 10
+        while (logs := await admin.get("/spend/logs", api_key=key))["total"] != limit:
+            assert time.monotonic() < deadline, logs["total"]
+            await asyncio.sleep(0.1)
 
 
 async def test_a_killed_sidecars_hold_is_charged_once_by_another(
