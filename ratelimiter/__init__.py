@@ -1,5 +1,8 @@
 """Exact rate limits, concurrency leases and spend budgets for LLM traffic, in Redis."""
 
+from typing import Any
+
+from .budget_manager import BudgetManager, UnknownModel, UnknownUser
 from .connections import RedisSettings, connect
 from .durations import Duration, parse_duration
 from .embedded import RedisServer
@@ -11,10 +14,27 @@ from .errors import (
     RateLimiterError,
     RedisUnavailable,
 )
+from .estimate import register_model
 from .limits import Budget, Concurrency, Gate, Limit, SlidingWindow
+from .sdk import APIError, BudgetExceededError, ModelResponse, acompletion, completion
+
+# LiteLLM's process-wide budget in dollars: completion() refuses a call that would pass it.
+max_budget: float | None = None
+
+
+def __getattr__(name: str) -> Any:
+    if name == "_current_cost":  # LiteLLM's name for what this process has spent
+        from .sdk import current_cost
+
+        return current_cost()
+    raise AttributeError(f"module 'ratelimiter' has no attribute {name!r}")
+
 
 __all__ = [
+    "APIError",
     "Budget",
+    "BudgetExceededError",
+    "BudgetManager",
     "Concurrency",
     "Decision",
     "DuplicateRequest",
@@ -26,6 +46,7 @@ __all__ = [
     "InvalidLimit",
     "Limit",
     "LimitState",
+    "ModelResponse",
     "RateLimiterError",
     "RedisServer",
     "RedisSettings",
@@ -34,6 +55,12 @@ __all__ = [
     "Reservation",
     "Settlement",
     "SlidingWindow",
+    "UnknownModel",
+    "UnknownUser",
+    "acompletion",
+    "completion",
     "connect",
+    "max_budget",
     "parse_duration",
+    "register_model",
 ]

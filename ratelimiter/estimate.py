@@ -12,7 +12,16 @@ from typing import Any
 from .config import Deployment
 from .policy import NANO
 
-__all__ = ["PRICES", "Price", "estimate_tokens", "price_of", "prompt_chars"]
+__all__ = [
+    "PRICES",
+    "Price",
+    "estimate_tokens",
+    "model_price",
+    "price_of",
+    "prompt_chars",
+    "register_model",
+    "text_tokens",
+]
 
 Price = tuple[float, float]  # dollars per input token, per output token
 
@@ -26,6 +35,8 @@ PRICES: dict[str, Price] = {
     "gpt-4.1-nano": (0.1e-6, 0.4e-6),
     "o3-mini": (1.1e-6, 4.4e-6),
     "gpt-3.5-turbo": (0.5e-6, 1.5e-6),
+    "gpt-4": (30e-6, 60e-6),
+    "gpt-4-turbo": (10e-6, 30e-6),
     "text-embedding-3-small": (0.02e-6, 0.0),
     "text-embedding-3-large": (0.13e-6, 0.0),
     "text-embedding-ada-002": (0.1e-6, 0.0),
@@ -39,6 +50,32 @@ def price_of(deployment: Deployment) -> Price | None:
         return (deployment.input_cost_per_token or 0.0, deployment.output_cost_per_token or 0.0)
     name = deployment.model.rsplit("/", 1)[-1]
     return PRICES.get(name) or PRICES.get(deployment.model_name)
+
+
+def register_model(prices: dict[str, dict[str, float]]) -> None:
+    """Prices for models the table lacks, in LiteLLM's shape:
+    ``{"my-model": {"input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6}}``."""
+    for name, entry in prices.items():
+        PRICES[name] = (
+            float(entry.get("input_cost_per_token") or 0.0),
+            float(entry.get("output_cost_per_token") or 0.0),
+        )
+
+
+def model_price(model: str) -> Price | None:
+    """The price of a model by name, with or without its provider (``openai/gpt-4o``), and
+    of a dated snapshot (``gpt-4o-2024-08-06``) by its family's price."""
+    for name in (model, model.split("/", 1)[-1]):
+        if name in PRICES:
+            return PRICES[name]
+    base = model.split("/", 1)[-1]
+    family = max((n for n in PRICES if base.startswith(n + "-")), key=len, default=None)
+    return PRICES[family] if family else None
+
+
+def text_tokens(content: Any) -> int:
+    """Tokens of a message content (text or a list of parts), counted as chars / 4."""
+    return -(-len(_text(content)) // 4)
 
 
 def cost_nano(price: Price | None, prompt_tokens: int, completion_tokens: int) -> int:

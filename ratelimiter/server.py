@@ -150,6 +150,7 @@ def create_app(settings: Settings, engine: Engine) -> web.Application:
     """The sidecar: ``engine`` is connected by the caller and closed with the app."""
     from .admin import add_admin_routes  # they build on this module
     from .alerts import add_alerts
+    from .hosted_budgets import add_hosted_budget_routes
     from .proxy import add_proxy_routes
 
     app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY_BYTES)
@@ -161,6 +162,7 @@ def create_app(settings: Settings, engine: Engine) -> web.Application:
     app.router.add_get("/health/readiness", health_readiness)
     add_metrics(app)
     add_admin_routes(app)
+    add_hosted_budget_routes(app)
     add_proxy_routes(app)
     add_alerts(app)
     return app
