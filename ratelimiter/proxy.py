@@ -25,14 +25,15 @@ from aiohttp import web
 
 from .alerts import ALERTS
 from .config import Deployment, Settings
-from .engine import Decision, LimitState, Reservation
+from .engine import Decision, Reservation
 from .errors import RedisUnavailable
 from .estimate import cost_nano, estimate_tokens, price_of
 from .ledger import ledger_dims
-from .limits import Budget, Concurrency, Gate, Limit, SlidingWindow
+from .limits import Budget, Limit
 from .metrics import METRICS, timer
 from .policy import Scope, dollars, limits_for
 from .resolver import Caller, authenticate, check_model_access, resolve
+from .responses import rate_headers, refusal
 from .server import (
     ENGINE,
     MAX_BODY_BYTES,
@@ -50,85 +51,6 @@ log = logging.getLogger("ratelimiter.proxy")
 
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 ROUTES = {"chat/completions": "chat", "completions": "completion", "embeddings": "embedding"}
-
-
-def _duration(ms: int) -> str:
-    """OpenAI's reset format: 1s, 6m0s, 1h2m3s."""
-    seconds = max(ms, 0) / 1000
-    if seconds < 60:
-        return f"{seconds:.3g}s" if seconds < 1 else f"{round(seconds)}s"
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return (f"{hours}h" if hours else "") + f"{minutes}m{secs}s"
-
-
-@functools.lru_cache(maxsize=1024)
-def _scope_header(name: str) -> str:
-    return "x-ratelimit-remaining-" + name.replace(":", "-").replace("_", "-")
-
-
-def rate_headers(decision: Decision, request_id: str) -> dict[str, str]:
-    headers = {"x-request-id": request_id}
-    tightest: dict[str | None, LimitState] = {}
-    detail: dict[str, str] = {}
-    for state in decision.states:
-        limit = state.limit
-        if isinstance(limit, SlidingWindow):
-            best = tightest.get(limit.measure)
-            if best is None or state.remaining < best.remaining:
-                tightest[limit.measure] = state
-        if isinstance(limit, Gate) or not limit.name:
-            continue
-        value = dollars(state.remaining) if isinstance(limit, Budget) else state.remaining
-        detail.setdefault(_scope_header(limit.name), str(value))  # per-scope detail
-    for what, measure in (("requests", None), ("tokens", "tokens")):
-        state = tightest.get(measure)
-        if state is not None:
-            headers[f"x-ratelimit-limit-{what}"] = str(state.limit.capacity)
-            headers[f"x-ratelimit-remaining-{what}"] = str(state.remaining)
-            headers[f"x-ratelimit-reset-{what}"] = _duration(state.reset_ms)
-    for name, value in detail.items():
-        headers.setdefault(name, value)
-    return headers
-
-
-def refusal(decision: Decision, request_id: str) -> web.Response:
-    limit, retry = decision.refused, decision.retry_after_ms
-    headers = rate_headers(decision, request_id)
-    label = limit.name if limit is not None and limit.name else "a limit"
-    if isinstance(limit, Gate):
-        return error_response(
-            403, f"{label.split(':')[0]} is blocked", "permission_denied", headers=headers
-        )
-    if retry is not None:
-        headers["retry-after"] = str(-(-retry // 1000))
-        headers["retry-after-ms"] = str(retry)
-    when = f" Retry in {retry / 1000:.1f}s." if retry is not None else " It cannot succeed."
-    if isinstance(limit, Budget):
-        headers["x-should-retry"] = "false"
-        return error_response(
-            429,
-            f"Budget exceeded for {label}: {dollars(limit.capacity):g} dollars per "
-            f"{limit.period}.{when}",
-            "budget_exceeded",
-            code="budget_exceeded",
-            headers=headers,
-        )
-    if isinstance(limit, Concurrency):
-        kind, what = "max_parallel_requests", f"{limit.capacity} requests in parallel"
-    elif isinstance(limit, SlidingWindow) and limit.measure == "tokens":
-        kind, what = "tokens", f"{limit.capacity} tokens per {limit.window}"
-    else:
-        kind, what = "requests", f"{limit.capacity if limit else '?'} requests per minute"
-    if retry is None:
-        headers["x-should-retry"] = "false"
-    return error_response(
-        429,
-        f"Rate limit reached for {label}: {what}.{when}",
-        kind,
-        code="rate_limit_exceeded",
-        headers=headers,
-    )
 
 
 def _check_body(body: Any, kind: str) -> dict[str, Any]:
