@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -289,3 +291,26 @@ async def _stack(
         yield stack
         for client in stack.clients:
             await client.close()
+
+
+@pytest.fixture
+def upstream_in_thread() -> Iterator[tuple[str, FakeUpstream]]:
+    """The fake upstream on its own event loop, for the synchronous completion()."""
+    fake = FakeUpstream()
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    url: list[str] = []
+
+    async def serve(stop: asyncio.Event) -> None:
+        async with running_upstream(fake) as base:
+            url.append(base)
+            started.set()
+            await stop.wait()
+
+    stop = asyncio.Event()
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(stop),), daemon=True)
+    thread.start()
+    assert started.wait(10)
+    yield url[0], fake
+    loop.call_soon_threadsafe(stop.set)
+    thread.join(10)

@@ -11,7 +11,6 @@ import json
 import multiprocessing
 import os
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -233,29 +232,6 @@ def test_threads_and_processes_lose_no_update(
 
 
 # -- max_budget and completion() --------------------------------------------------------
-
-
-@pytest.fixture
-def upstream_in_thread() -> Iterator[tuple[str, FakeUpstream]]:
-    """The fake upstream on its own event loop, for the synchronous completion()."""
-    fake = FakeUpstream()
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    url: list[str] = []
-
-    async def serve(stop: asyncio.Event) -> None:
-        async with running_upstream(fake) as base:
-            url.append(base)
-            started.set()
-            await stop.wait()
-
-    stop = asyncio.Event()
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(stop),), daemon=True)
-    thread.start()
-    assert started.wait(10)
-    yield url[0], fake
-    loop.call_soon_threadsafe(stop.set)
-    thread.join(10)
 
 
 @pytest.fixture
