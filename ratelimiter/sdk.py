@@ -11,12 +11,14 @@ reservation is replaced by the real cost from the response's usage, which
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -157,6 +159,18 @@ def _cost(response: ModelResponse, model: str) -> float:
         return 0.0
 
 
+@contextlib.contextmanager
+def _budgeted(model: str, messages: list[dict[str, Any]], max_tokens: Any) -> Iterator[list[float]]:
+    """Reserve the call's projected cost; the caller puts the actual cost in the list."""
+    projected = _projected(model, messages, max_tokens)
+    SPEND.reserve(projected)
+    actual = [0.0]
+    try:
+        yield actual
+    finally:
+        SPEND.settle(projected, actual[0])
+
+
 def completion(
     model: str,
     messages: list[dict[str, Any]],
@@ -168,10 +182,7 @@ def completion(
 ) -> ModelResponse:
     """A chat completion from ``api_base`` (else ``OPENAI_BASE_URL``, else OpenAI's API) with
     ``api_key`` (else ``OPENAI_API_KEY``); other keyword arguments go into the request body."""
-    projected = _projected(model, messages, kwargs.get("max_tokens"))
-    SPEND.reserve(projected)
-    actual = 0.0
-    try:
+    with _budgeted(model, messages, kwargs.get("max_tokens")) as actual:
         url, body, headers = _request(model, messages, api_base, api_key, kwargs)
         request = urllib.request.Request(url, data=body, headers=headers, method="POST")
         try:
@@ -182,10 +193,8 @@ def completion(
         except (urllib.error.URLError, OSError) as exc:
             raise APIError(0, f"cannot reach {url}: {exc}") from None
         response = _answer(status, raw)
-        actual = _cost(response, model)
+        actual[0] = _cost(response, model)
         return response
-    finally:
-        SPEND.settle(projected, actual)
 
 
 async def acompletion(
@@ -198,10 +207,7 @@ async def acompletion(
     **kwargs: Any,
 ) -> ModelResponse:
     """``completion`` for asyncio."""
-    projected = _projected(model, messages, kwargs.get("max_tokens"))
-    SPEND.reserve(projected)
-    actual = 0.0
-    try:
+    with _budgeted(model, messages, kwargs.get("max_tokens")) as actual:
         url, body, headers = _request(model, messages, api_base, api_key, kwargs)
         client_timeout = aiohttp.ClientTimeout(total=timeout)
         try:
@@ -213,7 +219,5 @@ async def acompletion(
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise APIError(0, f"cannot reach {url}: {exc}") from None
         response = _answer(status, raw)
-        actual = _cost(response, model)
+        actual[0] = _cost(response, model)
         return response
-    finally:
-        SPEND.settle(projected, actual)

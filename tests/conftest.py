@@ -166,25 +166,26 @@ async def running_sidecar(settings: Settings, redis_url: str) -> AsyncIterator[s
     engine = await Engine.connect(
         redis_url, prefix=settings.key_prefix, hold_ttl_ms=round(settings.hold_ttl_s * 1000)
     )
-    runner = web.AppRunner(create_app(settings, engine))
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with serving(create_app(settings, engine)) as base:
+        yield base
 
 
 @contextlib.asynccontextmanager
 async def running_upstream(fake: FakeUpstream | None = None) -> AsyncIterator[str]:
     """The fake OpenAI upstream over real HTTP on a free port; yields its /v1 base URL."""
-    runner = web.AppRunner(create_fake_upstream(fake))
+    async with serving(create_fake_upstream(fake)) as base:
+        yield f"{base}/v1"
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """``app`` over real HTTP on a free port; yields its base URL."""
+    runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        yield f"http://127.0.0.1:{port}/v1"
+        yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
 

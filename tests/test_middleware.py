@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -15,19 +13,9 @@ from ratelimiter import Concurrency, Engine, Limit, RedisServer, SlidingWindow
 from ratelimiter.embedded import free_port
 from ratelimiter.middleware import engine_context, limit_middleware, limited
 
+from .conftest import serving
+
 ENGINE = web.AppKey("engine", Engine)
-
-
-@contextlib.asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
 
 
 def application(ns: str, redis_url: str, **options: object) -> web.Application:
