@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from .budget_manager import BudgetManager, UnknownModel, UnknownUser
+from .budget_manager import BudgetManager, UnknownUser
 from .connections import RedisSettings, connect
 from .durations import Duration, parse_duration
 from .embedded import RedisServer
@@ -13,6 +13,7 @@ from .errors import (
     InvalidLimit,
     RateLimiterError,
     RedisUnavailable,
+    UnknownModel,
 )
 from .estimate import register_model
 from .limits import Budget, Concurrency, Gate, Limit, SlidingWindow

@@ -20,6 +20,7 @@ not ``reset_on_duration`` is called.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -29,17 +30,21 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import redis
 
 from .durations import parse_duration, period_bounds, time_zone
-from .errors import RateLimiterError
-from .estimate import model_price, text_tokens
+from .errors import RateLimiterError, UnknownModel
+from .estimate import model_price, response_cost, text_cost, text_tokens
+from .scripts import lua_source
+from .sdk import BudgetExceededError, ModelResponse, acompletion, completion, projected_call_cost
 
-__all__ = ["BudgetManager", "UnknownModel", "UnknownUser"]
+__all__ = ["BudgetManager", "UnknownUser"]
 
 DURATIONS = ("daily", "weekly", "monthly", "yearly")
 # LiteLLM's files store a duration as days; read them as the calendar period they meant.
@@ -49,6 +54,17 @@ DEFAULT_FILE = "user_cost.json"
 DEFAULT_HOSTED = "http://127.0.0.1:4000"
 
 DurationName = Literal["daily", "weekly", "monthly", "yearly"]
+HOLD_S = 600.0  # a call's hold stops counting after this, if its process never finished it
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """What a call in flight holds of a user's budget, in dollars, until ``expires``."""
+
+    id: str
+    amount: float
+    now: float
+    expires: float
 
 
 class UnknownUser(RateLimiterError, KeyError):
@@ -63,16 +79,6 @@ class UnknownUser(RateLimiterError, KeyError):
     __str__ = RateLimiterError.__str__
 
 
-class UnknownModel(RateLimiterError, ValueError):
-    """A cost was asked of a model with no known price."""
-
-    def __init__(self, model: str) -> None:
-        super().__init__(
-            f"no price for model {model!r}: register one with ratelimiter.register_model("
-            f"{{{model!r}: {{'input_cost_per_token': ..., 'output_cost_per_token': ...}}}})"
-        )
-
-
 def _duration_name(duration: Any) -> str | None:
     if duration is None:
         return None
@@ -81,36 +87,6 @@ def _duration_name(duration: Any) -> str | None:
     if duration in DURATIONS:
         return str(duration)
     raise ValueError(f"duration must be one of {', '.join(DURATIONS)} or None, got {duration!r}")
-
-
-def text_cost(model: str, input_text: str, output_text: str) -> float:
-    price = model_price(model)
-    if price is None:
-        raise UnknownModel(model)
-    return text_tokens(input_text) * price[0] + text_tokens(output_text) * price[1]
-
-
-def response_cost(completion: Any) -> tuple[str, float]:
-    """(model, dollars) of a chat completion: a dict, an OpenAI SDK object or our
-    ``ModelResponse``; priced from its usage, else from its text."""
-    data = completion.model_dump() if hasattr(completion, "model_dump") else dict(completion)
-    model = data.get("model")
-    if not isinstance(model, str):
-        raise ValueError("the completion object has no 'model': pass a chat completion response")
-    price = model_price(model)
-    if price is None:
-        raise UnknownModel(model)
-    usage = data.get("usage") or {}
-    if not hasattr(usage, "get"):
-        usage = usage.model_dump() if hasattr(usage, "model_dump") else vars(usage)
-    prompt, completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if completion_tokens is None:
-        text = "".join(
-            str(((choice.get("message") or {}).get("content")) or "")
-            for choice in data.get("choices") or ()
-        )
-        completion_tokens = text_tokens(text)
-    return model, (prompt or 0) * price[0] + completion_tokens * price[1]
 
 
 class BudgetManager:
@@ -243,11 +219,69 @@ class BudgetManager:
         for user in self.get_users():
             self.reset_on_duration(user)
 
+    def completion(
+        self, user: str, model: str, messages: list[dict[str, Any]], **kwargs: Any
+    ) -> ModelResponse:
+        """Check and call in one step, where LiteLLM's examples check, then call, then update:
+        the call's projected cost (prompt + ``max_tokens``) is held against the user's budget
+        first, so concurrent calls cannot pass it together; ``BudgetExceededError`` if it
+        does not fit, before anything is sent. The real cost replaces the hold afterwards."""
+        hold = self._hold(user, model, messages, kwargs.get("max_tokens"))
+        try:
+            response = completion(model, messages, **kwargs)
+        except BaseException:
+            self.store.add_cost(user, None, 0.0, self._period_of, hold.id)
+            raise
+        self._finish(user, hold, response)
+        return response
+
+    async def acompletion(
+        self, user: str, model: str, messages: list[dict[str, Any]], **kwargs: Any
+    ) -> ModelResponse:
+        """``completion`` for asyncio (the store is called in a worker thread)."""
+        hold = await asyncio.to_thread(self._hold, user, model, messages, kwargs.get("max_tokens"))
+        try:
+            response = await acompletion(model, messages, **kwargs)
+        except BaseException:
+            await asyncio.to_thread(self.store.add_cost, user, None, 0.0, self._period_of, hold.id)
+            raise
+        await asyncio.to_thread(self._finish, user, hold, response)
+        return response
+
     def save_data(self) -> dict[str, str]:
         """Every change is already stored when its method returns; kept for LiteLLM's API."""
         return {"status": "success"}
 
     # -- internals ------------------------------------------------------------------
+
+    def _hold(self, user: str, model: str, messages: list[dict[str, Any]], max_tokens: Any) -> Hold:
+        now = self.clock()
+        hold = Hold(
+            f"hold-{uuid.uuid4().hex}",
+            projected_call_cost(model, messages, max_tokens),
+            now,
+            now + HOLD_S,
+        )
+        fits, spent, held = self.store.hold(user, hold, self._current)
+        if not fits:
+            total = self.get_total_budget(user)
+            raise BudgetExceededError(
+                spent + held,
+                total,
+                hold.amount,
+                f"User {user!r} has {total:g} dollars"
+                + (
+                    f" {self.user_dict[user]['duration']}"
+                    if "duration" in self.user_dict[user]
+                    else ""
+                )
+                + "; raise it with create_budget or wait for the next period.",
+            )
+        return hold
+
+    def _finish(self, user: str, hold: Hold, response: Any) -> None:
+        model, cost = response_cost(response)
+        self.user_dict[user] = self.store.add_cost(user, model, cost, self._period_of, hold.id)
 
     def _user(self, user: str) -> dict[str, Any]:
         self.load_data()
@@ -322,8 +356,16 @@ class _Store:
         raise NotImplementedError
 
     def add_cost(
-        self, user: str, model: str, cost: float, period_of: Callable[[Mapping[str, Any]], int]
+        self,
+        user: str,
+        model: str | None,
+        cost: float,
+        period_of: Callable[[Mapping[str, Any]], int],
+        hold_id: str | None = None,
     ) -> dict[str, Any]:
+        """Add ``cost`` to the user's current period (and to ``model``'s), and drop the hold
+        ``hold_id`` that stood for it, in one change."""
+
         def add(records: Records) -> Records:
             if user not in records:
                 raise UnknownUser(user)
@@ -331,16 +373,47 @@ class _Store:
             period = period_of(record)
             if "duration" in record and int(record.get("period", 0)) < period:
                 record = _zeroed(record)
-            models = dict(record.get("model_cost") or {})
-            models[model] = models.get(model, 0.0) + cost
-            record |= {
-                "current_cost": float(record.get("current_cost", 0.0)) + cost,
-                "model_cost": models,
-                "period": period,
-            }
+            if hold_id is not None:
+                record["holds"] = {
+                    k: v for k, v in (record.get("holds") or {}).items() if k != hold_id
+                }
+            if model is not None:
+                models = dict(record.get("model_cost") or {})
+                models[model] = models.get(model, 0.0) + cost
+                record |= {
+                    "current_cost": float(record.get("current_cost", 0.0)) + cost,
+                    "model_cost": models,
+                    "period": period,
+                }
             return {**records, user: record}
 
         return self.update(add)[user]
+
+    def hold(
+        self,
+        user: str,
+        hold: Hold,
+        current: Callable[[Records], Records],
+    ) -> tuple[bool, float, float]:
+        """Check that the user's cost, what other calls hold and ``hold.amount`` fit the
+        budget, and if so add the hold, in one change: (held, cost so far, held by others)."""
+        outcome: list[tuple[bool, float, float]] = []
+
+        def check(records: Records) -> Records:
+            if user not in records:
+                raise UnknownUser(user)
+            record = dict(current(records)[user])
+            holds = {k: v for k, v in (record.get("holds") or {}).items() if v[1] > hold.now}
+            spent = float(record.get("current_cost", 0.0))
+            held = sum(v[0] for v in holds.values())
+            fits = spent + held + hold.amount <= float(record["total_budget"])
+            if fits:
+                holds[hold.id] = [hold.amount, hold.expires]
+            outcome.append((fits, spent, held))
+            return {**records, user: record | {"holds": holds}}
+
+        self.update(check)
+        return outcome[-1]
 
 
 class _FileStore(_Store):
@@ -461,6 +534,7 @@ class _RedisStore(_Store):
         if not url:
             raise ValueError("client_type='redis' needs redis_url= or the REDIS_URL variable")
         self.redis = redis.Redis.from_url(url)
+        self.hold_script = self.redis.register_script(lua_source("budget_hold"))
         self.tag = f"bm:{{bm:{project_name}}}"
         self.users_key = f"{self.tag}:users"
         self.period = period
@@ -509,22 +583,54 @@ class _RedisStore(_Store):
                 except redis.WatchError:
                     continue
 
-    def add_cost(
-        self, user: str, model: str, cost: float, period_of: Callable[[Mapping[str, Any]], int]
-    ) -> dict[str, Any]:
+    def _record(self, user: str) -> dict[str, Any]:
         raw = self.redis.hget(self.users_key, user)
         if raw is None:
             raise UnknownUser(user)
-        record = json.loads(raw)
-        key, expire_at = self._costs_key(user, record)
+        return json.loads(raw)
+
+    def _hold_keys(self, user: str) -> tuple[str, str]:
+        return f"{self.tag}:holds:{user}", f"{self.tag}:held:{user}"
+
+    def add_cost(
+        self,
+        user: str,
+        model: str | None,
+        cost: float,
+        period_of: Callable[[Mapping[str, Any]], int],
+        hold_id: str | None = None,
+    ) -> dict[str, Any]:
+        key, expire_at = self._costs_key(user, self._record(user))
         nano = round(cost * NANO)
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hincrby(key, "_total", nano)
-        pipe.hincrby(key, model, nano)
-        if expire_at is not None:
-            pipe.pexpireat(key, expire_at)
+        if model is not None:
+            pipe.hincrby(key, "_total", nano)
+            pipe.hincrby(key, model, nano)
+            if expire_at is not None:
+                pipe.pexpireat(key, expire_at)
+        if hold_id is not None:
+            holds, amounts = self._hold_keys(user)
+            pipe.zrem(holds, hold_id)
+            pipe.hdel(amounts, hold_id)
         pipe.execute()
         return self.read()[user]
+
+    def hold(
+        self, user: str, hold: Hold, current: Callable[[Records], Records]
+    ) -> tuple[bool, float, float]:
+        record = self._record(user)
+        key, _ = self._costs_key(user, record)
+        fits, spent, held = self.hold_script(
+            keys=[key, *self._hold_keys(user)],
+            args=[
+                hold.id,
+                round(hold.amount * NANO),
+                round(float(record["total_budget"]) * NANO),
+                int(hold.now * 1000),
+                int(hold.expires * 1000),
+            ],
+        )
+        return bool(fits), spent / NANO, held / NANO
 
 
 def _definition(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ __all__ = [
     "InvalidLimit",
     "RateLimiterError",
     "RedisUnavailable",
+    "UnknownModel",
 ]
 
 
@@ -47,3 +48,13 @@ class DuplicateRequest(RateLimiterError):
         )
         self.request_id = request_id
         self.status = status
+
+
+class UnknownModel(RateLimiterError, ValueError):
+    """A cost was asked of a model with no known price."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"no price for model {model!r}: register one with ratelimiter.register_model("
+            f"{{{model!r}: {{'input_cost_per_token': ..., 'output_cost_per_token': ...}}}})"
+        )

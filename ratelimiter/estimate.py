@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import Deployment
+from .errors import UnknownModel
 from .policy import NANO
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "price_of",
     "prompt_chars",
     "register_model",
+    "response_cost",
+    "text_cost",
     "text_tokens",
 ]
 
@@ -111,3 +114,33 @@ def estimate_tokens(
     most = body.get("max_completion_tokens") or body.get("max_tokens") or default_max_tokens
     n = body.get("n") or 1
     return prompt, int(most) * int(n)
+
+
+def text_cost(model: str, input_text: str, output_text: str) -> float:
+    price = model_price(model)
+    if price is None:
+        raise UnknownModel(model)
+    return text_tokens(input_text) * price[0] + text_tokens(output_text) * price[1]
+
+
+def response_cost(completion: Any) -> tuple[str, float]:
+    """(model, dollars) of a chat completion: a dict, an OpenAI SDK object or our
+    ``ModelResponse``; priced from its usage, else from its text."""
+    data = completion.model_dump() if hasattr(completion, "model_dump") else dict(completion)
+    model = data.get("model")
+    if not isinstance(model, str):
+        raise ValueError("the completion object has no 'model': pass a chat completion response")
+    price = model_price(model)
+    if price is None:
+        raise UnknownModel(model)
+    usage = data.get("usage") or {}
+    if not hasattr(usage, "get"):
+        usage = usage.model_dump() if hasattr(usage, "model_dump") else vars(usage)
+    prompt, completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if completion_tokens is None:
+        text = "".join(
+            str(((choice.get("message") or {}).get("content")) or "")
+            for choice in data.get("choices") or ()
+        )
+        completion_tokens = text_tokens(text)
+    return model, (prompt or 0) * price[0] + completion_tokens * price[1]

@@ -43,6 +43,11 @@ def _assemble(lib: str, body: str) -> str:
     return f"{lib}\n{body}"
 
 
+def lua_source(name: str) -> str:
+    """A script of ``lua/`` that runs on its own, without lib.lua."""
+    return (_lua_dir() / f"{name}.lua").read_text()
+
+
 @cache
 def load_scripts() -> dict[str, Script]:
     directory = _lua_dir()

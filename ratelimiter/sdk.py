@@ -23,9 +23,8 @@ from typing import Any
 
 import aiohttp
 
-from .budget_manager import UnknownModel, response_cost
-from .errors import RateLimiterError
-from .estimate import model_price, text_tokens
+from .errors import RateLimiterError, UnknownModel
+from .estimate import model_price, response_cost, text_tokens
 
 __all__ = [
     "APIError",
@@ -44,13 +43,18 @@ class BudgetExceededError(RateLimiterError):
     """The call would take spend past ``max_budget``; it was not sent. LiteLLM's name and
     attributes."""
 
-    def __init__(self, current_cost: float, max_budget: float, projected_cost: float) -> None:
+    def __init__(
+        self,
+        current_cost: float,
+        max_budget: float,
+        projected_cost: float,
+        hint: str = "Raise ratelimiter.max_budget to allow it.",
+    ) -> None:
         self.current_cost, self.max_budget = current_cost, max_budget
         self.projected_cost = projected_cost
         super().__init__(
             f"Budget has been exceeded! Current cost: {current_cost:.6f}, max budget: "
-            f"{max_budget:.6f}; this call would cost up to {projected_cost:.6f}. Raise "
-            "ratelimiter.max_budget to allow it."
+            f"{max_budget:.6f}; this call would cost up to {projected_cost:.6f}. {hint}"
         )
 
 
@@ -109,14 +113,19 @@ def current_cost() -> float:
     return SPEND.spent
 
 
-def _projected(model: str, messages: list[dict[str, Any]], max_tokens: Any) -> float:
+def projected_call_cost(model: str, messages: list[dict[str, Any]], max_tokens: Any) -> float:
+    """The prompt's cost plus ``max_tokens`` of completion (none when not given)."""
     price = model_price(model)
     if price is None:
-        if sys.modules["ratelimiter"].max_budget is not None:
-            raise UnknownModel(model)
-        return 0.0
+        raise UnknownModel(model)
     prompt = sum(text_tokens(m.get("content")) for m in messages if isinstance(m, dict))
     return prompt * price[0] + int(max_tokens or 0) * price[1]
+
+
+def _projected(model: str, messages: list[dict[str, Any]], max_tokens: Any) -> float:
+    if model_price(model) is None and sys.modules["ratelimiter"].max_budget is None:
+        return 0.0  # nothing to check, and the response may still name a priced model
+    return projected_call_cost(model, messages, max_tokens)
 
 
 def _request(

@@ -363,3 +363,60 @@ async def run_python(code: str, cwd: Path, env: dict[str, str]) -> tuple[int, st
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
+
+
+# -- check and call in one step ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("client_type", ["local", "redis"])
+def test_the_managers_completion_holds_before_it_calls(
+    upstream_in_thread: tuple[str, FakeUpstream],
+    budget: None,
+    tmp_path: Path,
+    redis_url: str,
+    ns: str,
+    client_type: str,
+) -> None:
+    """LiteLLM's check-then-call lets every concurrent caller see room and all of them spend
+    it; here each call's projected cost is held first, so exactly what fits is sent."""
+    url, fake = upstream_in_thread
+    fake.latency_ms = 50
+    if client_type == "redis":
+        manager = BudgetManager(f"p-{ns}", client_type="redis", redis_url=redis_url)
+    else:
+        manager = BudgetManager(f"p-{ns}", path=tmp_path / "user_cost.json")
+    each = 100 * 0.5e-6 + 10 * 1.5e-6  # projected = actual: the answer is max_tokens long
+    manager.create_budget(total_budget=5 * each + each / 2, user="fay", duration="daily")
+    messages = [{"role": "user", "content": "x" * 400}]
+    sent = fake.requests
+
+    def call(_: int) -> bool:
+        try:
+            manager.completion("fay", "gpt-3.5-turbo", messages, api_base=url, max_tokens=10)
+        except BudgetExceededError as exc:
+            assert "User 'fay' has" in str(exc)
+            return False
+        return True
+
+    with ThreadPoolExecutor(16) as pool:
+        assert sum(pool.map(call, range(16))) == 5
+    assert fake.requests == sent + 5  # the refused ones were never sent
+    assert manager.get_current_cost("fay") == pytest.approx(5 * each)
+    assert not manager.user_dict["fay"].get("holds")  # every hold was replaced by its cost
+    # A call that fails gives its hold back.
+    manager.reset_cost("fay")
+    with pytest.raises(ratelimiter.APIError):
+        manager.completion("fay", "gpt-3.5-turbo", messages, api_base="http://127.0.0.1:9")
+    assert manager.get_current_cost("fay") == 0
+    assert manager.completion("fay", "gpt-3.5-turbo", messages, api_base=url, max_tokens=10)
+
+
+async def test_the_managers_acompletion(redis_url: str, ns: str, budget: None) -> None:
+    manager = BudgetManager(f"p-{ns}", client_type="redis", redis_url=redis_url)
+    manager.create_budget(total_budget=1, user="gus")
+    async with running_upstream() as base:
+        response = await manager.acompletion(
+            "gus", "gpt-4o-mini", [{"role": "user", "content": "hi"}], api_base=base, max_tokens=4
+        )
+    assert response.usage.completion_tokens == 4
+    assert manager.get_current_cost("gus") == pytest.approx(1 * 0.15e-6 + 4 * 0.6e-6)
