@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import redis
 
@@ -130,7 +130,7 @@ class BudgetManager:
     # -- LiteLLM's methods ------------------------------------------------------------
 
     def load_data(self) -> None:
-        self.user_dict = self._current(self.store.read())
+        self.user_dict = self.current(self.store.read())
 
     def create_budget(
         self,
@@ -179,7 +179,7 @@ class BudgetManager:
                 "model=, input_text= and output_text="
             )
         self._user(user)
-        return {"user": self.store.add_cost(user, model, cost, self._period_of)}
+        return {"user": self.store.add_cost(user, model, cost, self)}
 
     def get_current_cost(self, user: str) -> float:
         return float(self._user(user).get("current_cost", 0.0))
@@ -230,7 +230,7 @@ class BudgetManager:
         try:
             response = completion(model, messages, **kwargs)
         except BaseException:
-            self.store.add_cost(user, None, 0.0, self._period_of, hold.id)
+            self.store.add_cost(user, None, 0.0, self, hold.id)
             raise
         self._finish(user, hold, response)
         return response
@@ -243,7 +243,7 @@ class BudgetManager:
         try:
             response = await acompletion(model, messages, **kwargs)
         except BaseException:
-            await asyncio.to_thread(self.store.add_cost, user, None, 0.0, self._period_of, hold.id)
+            await asyncio.to_thread(self.store.add_cost, user, None, 0.0, self, hold.id)
             raise
         await asyncio.to_thread(self._finish, user, hold, response)
         return response
@@ -262,26 +262,20 @@ class BudgetManager:
             now,
             now + HOLD_S,
         )
-        fits, spent, held = self.store.hold(user, hold, self._current)
+        fits, spent, held = self.store.hold(user, hold, self)
         if not fits:
-            total = self.get_total_budget(user)
-            raise BudgetExceededError(
-                spent + held,
-                total,
-                hold.amount,
-                f"User {user!r} has {total:g} dollars"
-                + (
-                    f" {self.user_dict[user]['duration']}"
-                    if "duration" in self.user_dict[user]
-                    else ""
-                )
-                + "; raise it with create_budget or wait for the next period.",
+            record = self._user(user)
+            per = f" {record['duration']}" if "duration" in record else ""
+            hint = (
+                f"User {user!r} has {record['total_budget']:g} dollars{per}; raise it with "
+                "create_budget, or wait for the next period."
             )
+            raise BudgetExceededError(spent + held, record["total_budget"], hold.amount, hint)
         return hold
 
     def _finish(self, user: str, hold: Hold, response: Any) -> None:
         model, cost = response_cost(response)
-        self.user_dict[user] = self.store.add_cost(user, model, cost, self._period_of, hold.id)
+        self.user_dict[user] = self.store.add_cost(user, model, cost, self, hold.id)
 
     def _user(self, user: str) -> dict[str, Any]:
         self.load_data()
@@ -298,11 +292,11 @@ class BudgetManager:
         def apply(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             if user not in records and not create:
                 raise UnknownUser(user)
-            records = self._current(records)
+            records = self.current(records)
             records[user] = change(dict(records.get(user) or {}))
             return records
 
-        self.user_dict = self._current(self.store.update(apply))
+        self.user_dict = self.current(self.store.update(apply))
         return self.user_dict[user]
 
     def _period_start(self, duration: str, at_s: float) -> float:
@@ -315,12 +309,12 @@ class BudgetManager:
         at = self.clock() if at_s is None else at_s
         return period_bounds(parse_duration(duration), int(at * 1000), self.tz)
 
-    def _period_of(self, record: Mapping[str, Any]) -> int:
+    def period_of(self, record: Mapping[str, Any]) -> int:
         """Start (ms) of the period a cost added now belongs to; 0 for a budget with none."""
         bounds = self._period(record.get("duration"))
         return 0 if bounds is None else bounds[0]
 
-    def _current(self, records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    def current(self, records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """Records with the costs of past periods read as zero."""
         out = {}
         for user, record in records.items():
@@ -331,7 +325,7 @@ class BudgetManager:
                 if stored is None:  # a LiteLLM file: its costs are of its last update's period
                     bounds = self._period(record["duration"], record.get("last_updated_at", 0))
                     stored = bounds[0] if bounds else 0
-                if int(stored) < self._period_of(record):
+                if int(stored) < self.period_of(record):
                     record = _zeroed(record)
             out[user] = record
         return out
@@ -347,6 +341,14 @@ Records = dict[str, dict[str, Any]]
 Update = Callable[[Records], Records]
 
 
+class _View(Protocol):
+    """How the manager reads records at its clock: past periods' costs as zero."""
+
+    def current(self, records: Records) -> Records: ...
+
+    def period_of(self, record: Mapping[str, Any]) -> int: ...
+
+
 class _Store:
     def read(self) -> Records:
         raise NotImplementedError
@@ -360,7 +362,7 @@ class _Store:
         user: str,
         model: str | None,
         cost: float,
-        period_of: Callable[[Mapping[str, Any]], int],
+        view: _View,
         hold_id: str | None = None,
     ) -> dict[str, Any]:
         """Add ``cost`` to the user's current period (and to ``model``'s), and drop the hold
@@ -369,10 +371,9 @@ class _Store:
         def add(records: Records) -> Records:
             if user not in records:
                 raise UnknownUser(user)
+            records = view.current(records)
             record = dict(records[user])
-            period = period_of(record)
-            if "duration" in record and int(record.get("period", 0)) < period:
-                record = _zeroed(record)
+            period = view.period_of(record)
             if hold_id is not None:
                 record["holds"] = {
                     k: v for k, v in (record.get("holds") or {}).items() if k != hold_id
@@ -389,12 +390,7 @@ class _Store:
 
         return self.update(add)[user]
 
-    def hold(
-        self,
-        user: str,
-        hold: Hold,
-        current: Callable[[Records], Records],
-    ) -> tuple[bool, float, float]:
+    def hold(self, user: str, hold: Hold, view: _View) -> tuple[bool, float, float]:
         """Check that the user's cost, what other calls hold and ``hold.amount`` fit the
         budget, and if so add the hold, in one change: (held, cost so far, held by others)."""
         outcome: list[tuple[bool, float, float]] = []
@@ -402,7 +398,7 @@ class _Store:
         def check(records: Records) -> Records:
             if user not in records:
                 raise UnknownUser(user)
-            record = dict(current(records)[user])
+            record = dict(view.current(records)[user])
             holds = {k: v for k, v in (record.get("holds") or {}).items() if v[1] > hold.now}
             spent = float(record.get("current_cost", 0.0))
             held = sum(v[0] for v in holds.values())
@@ -597,7 +593,7 @@ class _RedisStore(_Store):
         user: str,
         model: str | None,
         cost: float,
-        period_of: Callable[[Mapping[str, Any]], int],
+        view: _View,
         hold_id: str | None = None,
     ) -> dict[str, Any]:
         key, expire_at = self._costs_key(user, self._record(user))
@@ -615,9 +611,7 @@ class _RedisStore(_Store):
         pipe.execute()
         return self.read()[user]
 
-    def hold(
-        self, user: str, hold: Hold, current: Callable[[Records], Records]
-    ) -> tuple[bool, float, float]:
+    def hold(self, user: str, hold: Hold, view: _View) -> tuple[bool, float, float]:
         record = self._record(user)
         key, _ = self._costs_key(user, record)
         fits, spent, held = self.hold_script(

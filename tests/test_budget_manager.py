@@ -174,6 +174,8 @@ def test_a_litellm_file_is_read_as_it_was_meant(tmp_path: Path) -> None:
     manager = BudgetManager("p", path=path, clock=clock)
     assert manager.get_current_cost("old") == 1.5 and manager.get_current_cost("plain") == 0.25
     assert manager.user_dict["old"]["duration"] == "monthly"
+    manager.update_cost(user="old", model="gpt-3.5-turbo", input_text=INPUT, output_text=OUTPUT)
+    assert manager.get_current_cost("old") == pytest.approx(1.5 + TEXT_COST)  # same month
     clock.now = at(2027, 2, 1)
     assert manager.get_current_cost("old") == 0 and manager.get_current_cost("plain") == 0.25
 
