@@ -152,6 +152,7 @@ def create_app(settings: Settings, engine: Engine) -> web.Application:
     from .alerts import add_alerts
     from .hosted_budgets import add_hosted_budget_routes
     from .proxy import add_proxy_routes
+    from .ui import add_ui_routes
 
     app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
@@ -164,6 +165,7 @@ def create_app(settings: Settings, engine: Engine) -> web.Application:
     add_admin_routes(app)
     add_hosted_budget_routes(app)
     add_proxy_routes(app)
+    add_ui_routes(app)
     add_alerts(app)
     return app
 

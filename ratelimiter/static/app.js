@@ -1,0 +1,561 @@
+// The admin UI: plain DOM, no dependencies. Every value from the API is set as text, never
+// parsed as HTML. The master key lives in sessionStorage: gone when the tab closes.
+"use strict";
+
+const KEY_STORE = "ratelimiter-master-key";
+const DURATIONS = ["", "daily", "weekly", "monthly", "yearly", "1d", "7d", "30d"];
+
+// -- DOM ------------------------------------------------------------------------------
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value === null || value === undefined || value === false) continue;
+    if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else if (name === "text") node.textContent = value;
+    else node.setAttribute(name, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined || child === false) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+function svg(tag, attrs = {}, ...children) {
+  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, value);
+  for (const child of children.flat()) {
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+const money = (v) => (v === null || v === undefined ? "—" : "$" + Number(v).toFixed(v < 1 ? 6 : 2));
+const plain = (v) => (v === null || v === undefined || v === "" ? "—" : String(v));
+const when = (v) => (v ? new Date(v).toLocaleString() : "—");
+// The API stores durations in their short form; show the names people type.
+const NAMED = { "1d": "daily", "1w": "weekly", "1mo": "monthly", "1y": "yearly" };
+const durationName = (v) => (v ? NAMED[v] || v : v);
+
+// -- the API --------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, message, param) {
+    super(message);
+    this.status = status;
+    this.param = param;
+  }
+}
+
+async function api(method, path, body) {
+  const headers = { Authorization: "Bearer " + sessionStorage.getItem(KEY_STORE) };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  let response;
+  try {
+    response = await fetch(path, {
+      method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  } catch (err) {
+    throw new ApiError(0, "The sidecar cannot be reached: " + err.message, null);
+  }
+  const data = await response.json().catch(() => null);
+  if (!response.ok) {
+    const error = (data && data.error) || {};
+    if (response.status === 401 && path !== "/key/list") signOut("Signed out: " + error.message);
+    throw new ApiError(response.status, error.message || response.statusText, error.param);
+  }
+  return data;
+}
+
+// -- tables, dialogs ---------------------------------------------------------------------
+
+function table(caption, columns, rows) {
+  if (!rows.length) return el("p", { class: "empty", text: "None yet." });
+  return el("div", { class: "table-wrap" },
+    el("table", {},
+      el("caption", { class: "sr-only", text: caption }),
+      el("thead", {}, el("tr", {}, columns.map((c) =>
+        el("th", { scope: "col", class: c.num ? "num" : null, text: c.title })))),
+      el("tbody", {}, rows.map((row) => el("tr", {}, columns.map((c) => {
+        const value = c.value(row);
+        return el("td", { class: c.num ? "num" : null }, value instanceof Node ? value : plain(value));
+      }))))));
+}
+
+const dialog = () => document.getElementById("dialog");
+
+function closeDialog() {
+  const d = dialog();
+  if (d.open) d.close();
+}
+
+// A form in the modal dialog. fields: {name, label, type, required, options, hint, value}.
+// submit(values) may throw an ApiError: its message is shown beside the field it names.
+function formDialog(title, fields, submit, submitLabel = "Save") {
+  const d = dialog();
+  d.replaceChildren();
+  const general = el("p", { class: "error", role: "alert", id: "form-error" });
+  const inputs = {};
+  const errors = {};
+  const rows = fields.map((f) => {
+    const id = "field-" + f.name;
+    errors[f.name] = el("p", { class: "error", id: id + "-error", role: "alert" });
+    let input;
+    if (f.options) {
+      input = el("select", { id, name: f.name },
+        f.options.map((o) => el("option", { value: o, selected: String(f.value ?? "") === o },
+          o === "" ? "(none)" : o)));
+    } else {
+      input = el("input", {
+        id, name: f.name, type: f.type === "number" ? "number" : "text",
+        step: f.type === "number" ? "any" : null, min: f.type === "number" ? "0" : null,
+        required: f.required, value: f.value ?? "", readonly: f.readonly,
+        "aria-describedby": id + "-error" + (f.hint ? " " + id + "-hint" : ""),
+      });
+    }
+    inputs[f.name] = input;
+    return el("div", {},
+      el("label", { for: id }, f.label + (f.required ? " (required)" : "")),
+      input,
+      f.hint ? el("p", { class: "hint", id: id + "-hint", text: f.hint }) : null,
+      errors[f.name]);
+  });
+  const form = el("form", { method: "dialog" },
+    el("h2", { id: "dialog-title", text: title }),
+    general, rows,
+    el("div", { class: "buttons" },
+      el("button", { type: "button", class: "quiet", onclick: closeDialog }, "Cancel"),
+      el("button", { type: "submit" }, submitLabel)));
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    for (const name in errors) {
+      errors[name].textContent = "";
+      inputs[name].removeAttribute("aria-invalid");
+    }
+    general.textContent = "";
+    const values = {};
+    for (const f of fields) {
+      const raw = inputs[f.name].value.trim();
+      if (raw === "") continue;
+      values[f.name] = f.type === "number" ? Number(raw) : f.type === "list"
+        ? raw.split(",").map((s) => s.trim()).filter(Boolean) : raw;
+    }
+    try {
+      await submit(values);
+      if (d.contains(form)) closeDialog(); // unless submit put something else there
+    } catch (err) {
+      const target = err.param && errors[err.param];
+      if (target) {
+        target.textContent = err.message;
+        inputs[err.param].setAttribute("aria-invalid", "true");
+        inputs[err.param].focus();
+      } else {
+        general.textContent = err.message;
+      }
+    }
+  });
+  d.append(form);
+  d.showModal();
+}
+
+function messageDialog(title, ...content) {
+  const d = dialog();
+  d.replaceChildren(el("div", { class: "body" },
+    el("h2", { id: "dialog-title", text: title }), content,
+    el("div", { class: "buttons" },
+      el("button", { type: "button", onclick: closeDialog, autofocus: true }, "Done"))));
+  d.showModal();
+}
+
+function confirmThen(question, action) {
+  return async () => {
+    if (window.confirm(question)) {
+      try { await action(); } catch (err) { messageDialog("Not done", el("p", { text: err.message })); }
+      render();
+    }
+  };
+}
+
+function button(label, onclick, cls = "quiet small") {
+  return el("button", { type: "button", class: cls, onclick }, label);
+}
+
+function header(title, ...actions) {
+  return el("div", { class: "bar" }, el("h1", { text: title }), el("div", {}, actions));
+}
+
+// -- pages -------------------------------------------------------------------------------
+
+const LIMIT_FIELDS = [
+  { name: "max_budget", label: "Max Budget ($)", type: "number" },
+  { name: "soft_budget", label: "Soft Budget ($)", type: "number",
+    hint: "An alert when spend crosses it; requests still pass." },
+  { name: "tpm_limit", label: "Max Tokens per Minute", type: "number" },
+  { name: "rpm_limit", label: "Max Requests per Minute", type: "number" },
+  { name: "max_parallel_requests", label: "Max Parallel Requests", type: "number" },
+  { name: "budget_duration", label: "Budget Duration", options: DURATIONS,
+    hint: "When spend resets: daily at midnight, monthly on the 1st…" },
+];
+
+function withValues(fields, values) {
+  return fields.map((f) => ({
+    ...f,
+    value: !values ? undefined : f.name === "budget_duration"
+      ? durationName(values[f.name]) : values[f.name],
+  }));
+}
+
+async function budgetsPage() {
+  const budgets = await api("GET", "/ui/api/budgets");
+  const edit = (b) => formDialog("Edit budget " + b.budget_id,
+    withValues([{ name: "budget_id", label: "Budget ID", readonly: true }, ...LIMIT_FIELDS], b),
+    async (values) => { await api("POST", "/budget/update", values); render(); });
+  return [
+    header("Budgets", el("button", { type: "button", id: "create-budget", onclick: () =>
+      formDialog("Create Budget", [{ name: "budget_id", label: "Budget ID", required: true },
+        ...LIMIT_FIELDS], async (values) => { await api("POST", "/budget/new", values); render(); },
+      "Create Budget") }, "+ Create Budget")),
+    el("section", { class: "card" }, table("Budgets", [
+      { title: "Budget ID", value: (b) => b.budget_id },
+      { title: "Max budget", num: true, value: (b) => money(b.max_budget) },
+      { title: "Soft budget", num: true, value: (b) => money(b.soft_budget) },
+      { title: "TPM", num: true, value: (b) => b.tpm_limit },
+      { title: "RPM", num: true, value: (b) => b.rpm_limit },
+      { title: "Max parallel", num: true, value: (b) => b.max_parallel_requests },
+      { title: "Duration", value: (b) => durationName(b.budget_duration) },
+      { title: "Next reset", value: (b) => when(b.budget_reset_at) },
+      { title: "Used by", value: (b) => `${b.keys} keys, ${b.customers} customers` },
+      { title: "", value: (b) => el("div", { class: "actions" },
+        button("Edit", () => edit(b)),
+        button("Delete", confirmThen(`Delete budget ${b.budget_id}?`,
+          () => api("POST", "/budget/delete", { id: b.budget_id })), "danger small")) },
+    ], budgets)),
+  ];
+}
+
+const KEY_FIELDS = [
+  { name: "key_alias", label: "Key alias" },
+  { name: "user_id", label: "User ID" },
+  { name: "team_id", label: "Team ID" },
+  { name: "models", label: "Models", type: "list", hint: "Comma-separated; empty means all." },
+];
+
+async function keysPage() {
+  const [list, budgets] = await Promise.all([api("GET", "/key/list"), api("GET", "/budget/list")]);
+  const infos = await Promise.all(list.keys.map((k) => api("GET", "/key/info?key=" + encodeURIComponent(k))));
+  const budgetField = { name: "budget_id", label: "Budget", options: ["", ...budgets.map((b) => b.budget_id)] };
+  const create = () => formDialog("Create Key", [...KEY_FIELDS, budgetField, ...LIMIT_FIELDS],
+    async (values) => {
+      const created = await api("POST", "/key/generate", values);
+      await render();
+      showKeyOnce(created.key);
+    }, "Create Key");
+  const windows = (info) => (info.budget_windows || []).map((w) =>
+    `${money(w.spend)} of ${money(w.max_budget)} / ${durationName(w.budget_duration)}`).join("; ") || money(info.spend);
+  return [
+    header("Keys", el("button", { type: "button", id: "create-key", onclick: create }, "+ Create Key")),
+    el("section", { class: "card" }, table("Keys", [
+      { title: "Key", value: (k) => el("code", { text: k.key.slice(0, 12) + "…" }) },
+      { title: "Alias", value: (k) => k.info.key_alias },
+      { title: "User", value: (k) => k.info.user_id },
+      { title: "Team", value: (k) => k.info.team_id },
+      { title: "Budget", value: (k) => k.info.budget_id },
+      { title: "RPM / TPM / parallel", value: (k) =>
+        [k.info.rpm_limit, k.info.tpm_limit, k.info.max_parallel_requests].map(plain).join(" / ") },
+      { title: "Spend", value: (k) => windows(k.info) },
+      { title: "State", value: (k) => el("span", { class: "badge " + (k.info.blocked ? "bad" : "good"),
+        text: k.info.blocked ? "blocked" : "active" }) },
+      { title: "", value: (k) => el("div", { class: "actions" },
+        button(k.info.blocked ? "Unblock" : "Block", confirmThen(
+          `${k.info.blocked ? "Unblock" : "Block"} this key?`,
+          () => api("POST", k.info.blocked ? "/key/unblock" : "/key/block", { key: k.key }))),
+        button("Delete", confirmThen("Delete this key? Its holders lose access at once.",
+          () => api("POST", "/key/delete", { keys: [k.key] })), "danger small")) },
+    ], infos)),
+  ];
+}
+
+function showKeyOnce(key) {
+  const status = el("p", { class: "hint", role: "status" });
+  const copy = el("button", { type: "button", id: "copy-key", onclick: async () => {
+    try {
+      await navigator.clipboard.writeText(key);
+      status.textContent = "Copied.";
+    } catch {
+      window.getSelection().selectAllChildren(secret);
+      status.textContent = "Selected: press Ctrl+C to copy.";
+    }
+  } }, "Copy");
+  const secret = el("p", { class: "secret", id: "new-key", text: key });
+  messageDialog("Your new key",
+    el("p", { text: "This is the only time the key is shown. Copy it now." }), secret, copy, status);
+}
+
+async function usersPage() {
+  const users = await api("GET", "/user/list");
+  return [
+    header("Users", el("button", { type: "button", onclick: () => formDialog("Create User",
+      [{ name: "user_id", label: "User ID", required: true }, { name: "user_email", label: "Email" },
+        ...LIMIT_FIELDS], async (v) => { await api("POST", "/user/new", v); render(); }) },
+    "+ Create User")),
+    el("section", { class: "card" }, table("Users", [
+      { title: "User ID", value: (u) => u.user_id },
+      { title: "Email", value: (u) => u.user_email },
+      { title: "Max budget", num: true, value: (u) => money(u.max_budget) },
+      { title: "Duration", value: (u) => durationName(u.budget_duration) },
+      { title: "RPM / TPM", value: (u) => `${plain(u.rpm_limit)} / ${plain(u.tpm_limit)}` },
+      { title: "", value: (u) => button("Delete", confirmThen(`Delete user ${u.user_id}?`,
+        () => api("POST", "/user/delete", { user_ids: [u.user_id] })), "danger small") },
+    ], users)),
+  ];
+}
+
+async function teamsPage() {
+  const teams = await api("GET", "/team/list");
+  const addMember = (t) => formDialog("Add a member to " + t.team_id, [
+    { name: "user_id", label: "User ID", required: true },
+    { name: "role", label: "Role", options: ["user", "admin"] },
+    { name: "max_budget_in_team", label: "Max budget in team ($)", type: "number" },
+  ], async (v) => {
+    const body = { team_id: t.team_id, member: { user_id: v.user_id, role: v.role || "user" } };
+    if (v.max_budget_in_team !== undefined) body.max_budget_in_team = v.max_budget_in_team;
+    try {
+      await api("POST", "/team/member_add", body);
+    } catch (err) {
+      if (err.param === "member") err.param = "user_id";
+      throw err;
+    }
+    render();
+  }, "Add member");
+  return [
+    header("Teams", el("button", { type: "button", onclick: () => formDialog("Create Team",
+      [{ name: "team_id", label: "Team ID", required: true }, { name: "team_alias", label: "Alias" },
+        ...LIMIT_FIELDS], async (v) => { await api("POST", "/team/new", v); render(); }) },
+    "+ Create Team")),
+    el("section", { class: "card" }, table("Teams", [
+      { title: "Team ID", value: (t) => t.team_id },
+      { title: "Alias", value: (t) => t.team_alias },
+      { title: "Max budget", num: true, value: (t) => money(t.max_budget) },
+      { title: "Members", value: (t) => el("div", {}, (t.members || []).map((m) =>
+        el("div", {}, `${m.user_id} (${m.role || "user"}) `,
+          button("Remove", confirmThen(`Remove ${m.user_id} from ${t.team_id}?`,
+            () => api("POST", "/team/member_delete", { team_id: t.team_id, user_id: m.user_id })),
+          "danger small")))) },
+      { title: "", value: (t) => el("div", { class: "actions" },
+        button("Add member", () => addMember(t)),
+        button("Delete", confirmThen(`Delete team ${t.team_id}?`,
+          () => api("POST", "/team/delete", { team_ids: [t.team_id] })), "danger small")) },
+    ], teams)),
+  ];
+}
+
+async function customersPage() {
+  const [customers, budgets] = await Promise.all([api("GET", "/customer/list"), api("GET", "/budget/list")]);
+  const options = ["", ...budgets.map((b) => b.budget_id)];
+  const assign = (c) => formDialog("Budget of customer " + c.user_id,
+    [{ name: "budget_id", label: "Budget", options, value: c.budget_id }],
+    async (v) => { await api("POST", "/customer/update", { user_id: c.user_id, ...v }); render(); });
+  return [
+    header("Customers", el("button", { type: "button", onclick: () => formDialog("Create Customer", [
+      { name: "user_id", label: "Customer ID", required: true,
+        hint: "The `user` field your clients send." },
+      { name: "alias", label: "Alias" },
+      { name: "budget_id", label: "Budget", options },
+      { name: "max_budget", label: "Or its own max budget ($)", type: "number" },
+      { name: "budget_duration", label: "Budget Duration", options: DURATIONS },
+    ], async (v) => { await api("POST", "/customer/new", v); render(); }) }, "+ Create Customer")),
+    el("section", { class: "card" }, table("Customers", [
+      { title: "Customer", value: (c) => c.user_id },
+      { title: "Alias", value: (c) => c.alias },
+      { title: "Budget", value: (c) => c.budget_id || (c.max_budget != null ? money(c.max_budget) : null) },
+      { title: "State", value: (c) => el("span", { class: "badge " + (c.blocked ? "bad" : "good"),
+        text: c.blocked ? "blocked" : "active" }) },
+      { title: "", value: (c) => el("div", { class: "actions" },
+        button("Assign budget", () => assign(c)),
+        button(c.blocked ? "Unblock" : "Block", confirmThen(
+          `${c.blocked ? "Unblock" : "Block"} customer ${c.user_id}?`,
+          () => api("POST", c.blocked ? "/customer/unblock" : "/customer/block",
+            { user_ids: [c.user_id] }))),
+        button("Delete", confirmThen(`Delete customer ${c.user_id}?`,
+          () => api("POST", "/customer/delete", { user_ids: [c.user_id] })), "danger small")) },
+    ], customers)),
+  ];
+}
+
+async function modelsPage() {
+  const models = (await api("GET", "/model/info")).data;
+  const price = (v) => (v == null ? "—" : "$" + (v * 1e6).toFixed(2) + " / M");
+  return [
+    header("Models"),
+    el("p", { class: "muted", text: "From the sidecar's config.yaml (model_list)." }),
+    el("section", { class: "card" }, table("Models", [
+      { title: "Model", value: (m) => m.model_name },
+      { title: "Deployment", value: (m) => m.litellm_params.model },
+      { title: "API base", value: (m) => m.litellm_params.api_base },
+      { title: "RPM / TPM", value: (m) => `${plain(m.litellm_params.rpm)} / ${plain(m.litellm_params.tpm)}` },
+      { title: "Input", num: true, value: (m) => price(m.litellm_params.input_cost_per_token) },
+      { title: "Output", num: true, value: (m) => price(m.litellm_params.output_cost_per_token) },
+      { title: "Access groups", value: (m) => m.model_info.access_groups.join(", ") },
+    ], models)),
+  ];
+}
+
+// -- spend ---------------------------------------------------------------------------------
+
+function dailyChart(days) {
+  const width = 640, height = 220, pad = 28;
+  const most = Math.max(...days.map((d) => d.spend), 1e-9);
+  const step = (width - pad) / Math.max(days.length, 1);
+  return svg("svg", { class: "chart", viewBox: `0 0 ${width} ${height}`, role: "img",
+    "aria-label": "Spend per day: " + days.map((d) => `${d.day} ${money(d.spend)}`).join(", ") },
+    svg("line", { x1: pad, y1: height - pad, x2: width, y2: height - pad }),
+    svg("text", { x: 0, y: 12 }, money(most)),
+    days.map((d, i) => {
+      const h = ((height - 2 * pad) * d.spend) / most;
+      return svg("g", {},
+        svg("rect", { class: "bar", x: pad + i * step + 2, y: height - pad - h,
+          width: Math.max(step - 4, 1), height: h }, svg("title", {}, `${d.day}: ${money(d.spend)}`)),
+        i % Math.ceil(days.length / 8) === 0
+          ? svg("text", { x: pad + i * step, y: height - 8 }, d.day.slice(5)) : null);
+    }).filter(Boolean));
+}
+
+function lastDays(n) {
+  const out = [];
+  for (let i = n - 1; i >= 0; i--) out.push(new Date(Date.now() - i * 86400000).toISOString().slice(0, 10));
+  return out;
+}
+
+function topSpenders(rows, field, n = 8) {
+  const sums = {};
+  for (const r of rows) sums[r[field]] = (sums[r[field]] || 0) + r.spend;
+  return Object.entries(sums).sort((a, b) => b[1] - a[1]).slice(0, n)
+    .map(([name, spend]) => ({ name, spend }));
+}
+
+let liveTimer = null;
+
+async function spendPage() {
+  const report = (group) => api("GET", "/global/spend/report?group_by=" + group);
+  const [byModel, byKey, byCustomer, total] = await Promise.all([
+    report("model"), report("key"), report("customer"), api("GET", "/global/spend")]);
+  const perDay = {};
+  for (const r of byModel) perDay[r.group_by_day] = (perDay[r.group_by_day] || 0) + r.spend;
+  const days = lastDays(30).map((day) => ({ day, spend: perDay[day] || 0 }));
+  const topTable = (title, rows, label) => el("section", { class: "card" },
+    el("h2", { text: title }),
+    table(title, [{ title: label, value: (r) => r.name },
+      { title: "Spend", num: true, value: (r) => money(r.spend) }], rows));
+  const rate = el("p", { class: "stat", id: "live-rps", text: "…" });
+  const refusals = el("div", { id: "live-429" });
+  const spark = svg("svg", { class: "spark", viewBox: "0 0 300 60", "aria-hidden": "true" });
+  startLive(rate, refusals, spark);
+  return [
+    header("Spend"),
+    el("div", { class: "grid" },
+      el("section", { class: "card" }, el("h2", { text: "Last 30 days" }),
+        el("p", { class: "stat", id: "total-spend", text: money(total.spend) }),
+        el("p", { class: "muted", text: total.max_budget != null
+          ? `of a proxy budget of ${money(total.max_budget)}` : "no proxy-wide budget" })),
+      el("section", { class: "card", "aria-live": "polite" }, el("h2", { text: "Requests per second, now" }),
+        rate, spark, el("h2", { text: "429s by reason, last 2 s" }), refusals)),
+    el("section", { class: "card" }, el("h2", { text: "Spend per day" }), dailyChart(days)),
+    el("div", { class: "grid" },
+      topTable("Top keys", topSpenders(byKey, "key").map((r) => ({ ...r, name: r.name.slice(0, 12) + "…" })), "Key"),
+      topTable("Top customers", topSpenders(byCustomer, "customer"), "Customer"),
+      topTable("Top models", topSpenders(byModel, "model"), "Model")),
+  ];
+}
+
+function startLive(rate, refusals, spark) {
+  let last = null;
+  const history = [];
+  const tick = async () => {
+    let now;
+    try { now = await api("GET", "/ui/api/live"); } catch { return; }
+    if (last) {
+      const seconds = Math.max(now.at - last.at, 0.001);
+      const rps = (now.requests - last.requests) / seconds;
+      rate.textContent = rps.toFixed(1) + " /s";
+      history.push(rps);
+      if (history.length > 60) history.shift();
+      const most = Math.max(...history, 1);
+      spark.replaceChildren(svg("polyline", { points: history.map((v, i) =>
+        `${(i * 300) / 59},${58 - (v * 56) / most}`).join(" ") }));
+      const rows = Object.entries(now.refused)
+        .map(([reason, n]) => [reason, n - (last.refused[reason] || 0)]).filter(([, n]) => n > 0);
+      refusals.replaceChildren(rows.length
+        ? el("ul", {}, rows.map(([reason, n]) => el("li", {}, `${reason}: ${n}`)))
+        : el("p", { class: "muted", text: "none" }));
+    }
+    last = now;
+  };
+  tick();
+  liveTimer = setInterval(tick, 2000);
+}
+
+// -- routing, sign-in ------------------------------------------------------------------------
+
+const PAGES = {
+  budgets: budgetsPage, keys: keysPage, users: usersPage, teams: teamsPage,
+  customers: customersPage, models: modelsPage, spend: spendPage,
+};
+
+async function render() {
+  if (liveTimer) { clearInterval(liveTimer); liveTimer = null; }
+  const name = (location.hash.match(/^#\/(\w+)/) || [])[1] || "budgets";
+  const page = document.getElementById("page");
+  for (const link of document.querySelectorAll("#nav a")) {
+    if (link.getAttribute("href") === "#/" + name) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
+  try {
+    page.replaceChildren(...(await (PAGES[name] || budgetsPage)()));
+  } catch (err) {
+    page.replaceChildren(el("p", { class: "error", role: "alert", text: err.message }));
+  }
+}
+
+function showApp(signedIn) {
+  document.getElementById("sign-in").hidden = signedIn;
+  document.getElementById("page").hidden = !signedIn;
+  document.getElementById("nav").hidden = !signedIn;
+  document.getElementById("sign-out").hidden = !signedIn;
+}
+
+function signOut(message) {
+  sessionStorage.removeItem(KEY_STORE);
+  if (liveTimer) { clearInterval(liveTimer); liveTimer = null; }
+  showApp(false);
+  document.getElementById("sign-in-error").textContent = message || "";
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  document.getElementById("sign-in-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const input = document.getElementById("master-key");
+    sessionStorage.setItem(KEY_STORE, input.value.trim());
+    try {
+      await api("GET", "/key/list");
+    } catch (err) {
+      sessionStorage.removeItem(KEY_STORE);
+      document.getElementById("sign-in-error").textContent =
+        err.status === 401 ? "That is not the master key." : err.message;
+      input.setAttribute("aria-invalid", "true");
+      input.focus();
+      return;
+    }
+    input.value = "";
+    input.removeAttribute("aria-invalid");
+    showApp(true);
+    await render();
+    document.getElementById("main").focus();
+  });
+  document.getElementById("sign-out").addEventListener("click", () => signOut("Signed out."));
+  window.addEventListener("hashchange", () => sessionStorage.getItem(KEY_STORE) && render());
+  if (sessionStorage.getItem(KEY_STORE)) {
+    showApp(true);
+    render();
+  }
+});

@@ -1,0 +1,158 @@
+"""The admin web UI at ``/ui``: static files shipped in the package (no CDN, no build step),
+and the few read-only views the admin API lacks, all behind the master key. The browser keeps
+the master key in its session storage only and sends it as a bearer token."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .durations import parse_duration, period_bounds, time_zone
+from .metrics import METRICS
+from .server import ENGINE, SETTINGS, STORE, json_response, require_master
+
+__all__ = ["add_ui_routes"]
+
+STATIC = Path(__file__).resolve().parent / "static"
+FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+# Everything comes from the sidecar itself: a page that loads nothing else cannot leak the key.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(STATIC / "index.html", headers=SECURITY_HEADERS)
+
+
+async def static(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["name"]
+    if name not in FILES:
+        raise web.HTTPNotFound()
+    return web.FileResponse(
+        STATIC / name, headers={**SECURITY_HEADERS, "Content-Type": FILES[name]}
+    )
+
+
+async def redirect(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPFound("/ui/")
+
+
+async def budgets(request: web.Request) -> web.Response:
+    """Every budget with when its current period ends and what uses it."""
+    require_master(request)
+    store, settings = request.app[STORE], request.app[SETTINGS]
+    users: dict[str, dict[str, int]] = {}
+    for kind in ("key", "customer"):
+        for entity_id in await store.ids(kind):
+            entity = await store.get(kind, entity_id) or {}
+            if entity.get("budget_id"):
+                counts = users.setdefault(entity["budget_id"], {"key": 0, "customer": 0})
+                counts[kind] += 1
+    now_ms = int(time.time() * 1000)
+    rows = []
+    for budget_id in await store.ids("budget"):
+        budget = await store.get("budget", budget_id)
+        if budget is None:
+            continue
+        reset = None
+        if budget.get("budget_duration"):
+            duration = parse_duration(budget["budget_duration"])
+            reset = period_bounds(duration, now_ms, time_zone(settings.timezone))[1]
+        counts = users.get(budget_id, {"key": 0, "customer": 0})
+        rows.append(
+            {
+                **budget,
+                "budget_reset_at": reset,
+                "keys": counts["key"],
+                "customers": counts["customer"],
+            }
+        )
+    return json_response(rows)
+
+
+def entities(kind: str) -> Any:
+    """``/user/list``, ``/team/list``, ``/customer/list``: every entity of a kind."""
+
+    async def handler(request: web.Request) -> web.Response:
+        require_master(request)
+        store = request.app[STORE]
+        found = [await store.get(kind, i) for i in await store.ids(kind)]
+        return json_response([e for e in found if e is not None])
+
+    return handler
+
+
+async def model_info(request: web.Request) -> web.Response:
+    """The configured deployments, as LiteLLM's ``/model/info`` shows them (no API keys)."""
+    require_master(request)
+    data = [
+        {
+            "model_name": d.model_name,
+            "litellm_params": {
+                "model": d.model,
+                "api_base": d.api_base,
+                "rpm": d.rpm,
+                "tpm": d.tpm,
+                "input_cost_per_token": d.input_cost_per_token,
+                "output_cost_per_token": d.output_cost_per_token,
+            },
+            "model_info": {"id": d.deployment_id, "access_groups": list(d.access_groups)},
+        }
+        for d in request.app[SETTINGS].models
+    ]
+    return json_response({"data": data})
+
+
+def _counter(metric: Any) -> dict[tuple[str, ...], float]:
+    totals: dict[tuple[str, ...], float] = {}
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                totals[tuple(sample.labels.values())] = sample.value
+    return totals
+
+
+async def live(request: web.Request) -> web.Response:
+    """This sidecar's counters since it started; the page turns them into rates."""
+    require_master(request)
+    metrics = request.app[METRICS]
+    proxied = sum(
+        v
+        for (route, _), v in _counter(metrics.requests).items()
+        if route.endswith(("completions", "embeddings"))
+    )
+    refused: dict[str, float] = {}
+    for (scope, reason), value in _counter(metrics.refusals).items():
+        label = f"{reason} ({scope})"
+        refused[label] = refused.get(label, 0) + value
+    return json_response(
+        {
+            "at": time.time(),
+            "requests": proxied,
+            "refused": refused,
+            "engine": request.app[ENGINE].address,
+        }
+    )
+
+
+def add_ui_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/ui", redirect)
+    r.add_get("/ui/", index)
+    r.add_get("/ui/static/{name}", static)
+    r.add_get("/ui/api/budgets", budgets)
+    r.add_get("/ui/api/live", live)
+    r.add_get("/model/info", model_info)
+    for kind in ("user", "team", "customer"):
+        r.add_get(f"/{kind}/list", entities(kind))
+    r.add_get("/end_user/list", entities("customer"))
