@@ -140,7 +140,13 @@ async def test_budget_key_traffic_and_spend(sidecar: str, page: object, ns: str)
     await p.click("#copy-key")
     await playwright_api.expect(p.locator("#dialog [role=status]")).not_to_be_empty()
     await p.click("text=Done")
-    await playwright_api.expect(p.locator("tr", has_text="ann")).to_contain_text(budget)
+    key_row = p.locator("tr", has_text="ann")
+    await playwright_api.expect(key_row).to_contain_text(budget)
+    await key_row.locator("text=Edit").click()
+    assert await p.input_value("#field-budget_id") == budget  # the dialog shows what is set
+    await p.fill("#field-rpm_limit", "7")
+    await p.click("#dialog button[type=submit]")
+    await playwright_api.expect(key_row).to_contain_text("7 / — / —")
 
     # Traffic through the proxy, then the spend where people look for it.
     async with aiohttp.ClientSession() as session:
