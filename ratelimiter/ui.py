@@ -5,6 +5,7 @@ the master key in its session storage only and sends it as a bearer token."""
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from aiohttp import web
 
 from .durations import parse_duration, period_bounds, time_zone
 from .metrics import METRICS
-from .server import ENGINE, SETTINGS, STORE, json_response, require_master
+from .server import SETTINGS, STORE, json_response, require_master
 
 __all__ = ["add_ui_routes"]
 
@@ -80,7 +81,7 @@ async def budgets(request: web.Request) -> web.Response:
     return json_response(rows)
 
 
-def entities(kind: str) -> Any:
+def entities(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     """``/user/list``, ``/team/list``, ``/customer/list``: every entity of a kind."""
 
     async def handler(request: web.Request) -> web.Response:
@@ -135,14 +136,7 @@ async def live(request: web.Request) -> web.Response:
     for (scope, reason), value in _counter(metrics.refusals).items():
         label = f"{reason} ({scope})"
         refused[label] = refused.get(label, 0) + value
-    return json_response(
-        {
-            "at": time.time(),
-            "requests": proxied,
-            "refused": refused,
-            "engine": request.app[ENGINE].address,
-        }
-    )
+    return json_response({"at": time.time(), "requests": proxied, "refused": refused})
 
 
 def add_ui_routes(app: web.Application) -> None:
