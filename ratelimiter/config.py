@@ -75,6 +75,9 @@ class Settings:
     upstream_timeout_s: float = 600.0
     lease_ttl_s: float = 60.0
     hold_ttl_s: float = 600.0
+    # under on_redis_error: allow, how many unchecked requests may wait to be charged (in
+    # memory, until Redis is back) before the rest are refused
+    max_unchecked_requests: int = 10_000
     collect_interval_s: float = 5.0
     alert_webhook_url: str | None = None
     source: str = "<defaults>"
@@ -179,6 +182,7 @@ _OURS = {
     "upstream_timeout",
     "lease_ttl",
     "hold_ttl",
+    "max_unchecked_requests",
     "alert_webhook_url",
 }
 _PARAMS = {
@@ -282,6 +286,11 @@ def load_config(
     )
     lease_ttl = reader.number("ratelimiter_settings.lease_ttl", ours.get("lease_ttl"))
     hold_ttl = reader.number("ratelimiter_settings.hold_ttl", ours.get("hold_ttl"))
+    max_unchecked = reader.number(
+        "ratelimiter_settings.max_unchecked_requests",
+        ours.get("max_unchecked_requests"),
+        whole=True,
+    )
     upstream_timeout = reader.number(
         "ratelimiter_settings.upstream_timeout", ours.get("upstream_timeout")
     )
@@ -319,6 +328,7 @@ def load_config(
         upstream_timeout_s=float(upstream_timeout or 600.0),
         lease_ttl_s=float(lease_ttl or 60.0),
         hold_ttl_s=float(hold_ttl or 600.0),
+        max_unchecked_requests=10_000 if max_unchecked is None else int(max_unchecked),
         alert_webhook_url=reader.string(
             "ratelimiter_settings.alert_webhook_url", ours.get("alert_webhook_url")
         ),

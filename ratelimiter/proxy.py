@@ -132,10 +132,20 @@ class Call:
                         self.request_id, limits, meta=self.meta, ledger=self.dims
                     )
             except RedisUnavailable as exc:
-                if self.settings.on_redis_error != "allow":
+                waiting = self.app[DEFERRED].pending
+                unchecked_full = waiting >= self.settings.max_unchecked_requests
+                if self.settings.on_redis_error != "allow" or unchecked_full:
                     # The acquire may still run when Redis comes back; it must take nothing.
                     abandon = functools.partial(self.engine.abandon, self.request_id, limits)
-                    self.app[DEFERRED].put_nowait(abandon)
+                    self.app[DEFERRED].put(abandon)
+                    if unchecked_full and self.settings.on_redis_error == "allow":
+                        raise RedisUnavailable(
+                            exc.address,
+                            str(exc.__cause__ or exc),
+                            hint=f"{waiting} requests already went through unchecked and wait "
+                            "to be charged (ratelimiter_settings.max_unchecked_requests): no "
+                            "more until Redis is back.",
+                        ) from exc
                     raise
                 # on_redis_error: allow. The request goes through unchecked; its usage is
                 # charged to every limit once Redis answers again.
@@ -219,7 +229,7 @@ class Call:
                 ledger=self.dims,
                 info=info,
             )
-            self.app[DEFERRED].put_nowait(charge)
+            self.app[DEFERRED].put(charge)
 
     async def release(self) -> None:
         if self.reservation is not None:
@@ -234,7 +244,7 @@ class Call:
         except RedisUnavailable as exc:
             self.app[METRICS].redis_errors.inc()
             log.warning("settling %s when Redis is back: %s", self.request_id, exc)
-            self.app[DEFERRED].put_nowait(update)
+            self.app[DEFERRED].put(update)
 
     async def renew(self) -> None:
         if self.reservation is not None:
@@ -265,33 +275,48 @@ class Call:
 
 
 UNPRICED_WARNED = web.AppKey("unpriced_warned", set)
-DEFERRED = web.AppKey("deferred_redis_work", asyncio.Queue)
+
+
+class DeferredWork:
+    """Redis updates that had to wait for Redis: charging requests admitted while it was
+    unreachable (on_redis_error: allow), settling requests answered meanwhile, abandoning
+    acquires whose answer never came. Made in order, each retried until Redis answers."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Callable[[], Awaitable[Any]]] = asyncio.Queue()
+        self.pending = 0  # queued, or being retried
+
+    def put(self, work: Callable[[], Awaitable[Any]]) -> None:
+        self.pending += 1
+        self.queue.put_nowait(work)
+
+    async def run(self) -> None:
+        while True:
+            work = await self.queue.get()
+            try:
+                while True:
+                    try:
+                        await work()
+                        break
+                    except RedisUnavailable:
+                        await asyncio.sleep(1)
+                    except Exception:  # one bad update must not stop the ones behind it
+                        log.exception("a deferred Redis update failed and was dropped")
+                        break
+            finally:
+                self.pending -= 1
+
+
+DEFERRED = web.AppKey("deferred_redis_work", DeferredWork)
 
 
 async def _run_deferred(app: web.Application) -> AsyncIterator[None]:
-    """Redis work that had to wait for Redis: charging requests admitted while it was
-    unreachable (on_redis_error: allow), abandoning acquires whose answer never came."""
-    queue: asyncio.Queue[Callable[[], Awaitable[Any]]] = asyncio.Queue()
-    app[DEFERRED] = queue
-
-    async def drain() -> None:
-        while True:
-            work = await queue.get()
-            while True:
-                try:
-                    await work()
-                    break
-                except RedisUnavailable:
-                    await asyncio.sleep(1)
-                except Exception:  # one bad update must not stop the ones behind it
-                    log.exception("a deferred Redis update failed and was dropped")
-                    break
-
-    task = asyncio.create_task(drain())
+    deferred = app[DEFERRED] = DeferredWork()
+    task = asyncio.create_task(deferred.run())
     yield
     task.cancel()
-    if queue.qsize():
-        log.error("%d deferred Redis updates were never made (Redis stayed down)", queue.qsize())
+    if deferred.pending:
+        log.error("%d deferred Redis updates were never made (Redis stayed down)", deferred.pending)
 
 
 def _end_user(body: dict[str, Any]) -> str | None:

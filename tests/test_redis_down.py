@@ -195,3 +195,38 @@ async def test_redis_lost_while_the_upstream_answers_still_answers_and_settles_l
                 assert entry["spend"] < entry["estimated_spend"]  # the real usage, not the hold
     finally:
         server.stop()
+
+
+async def test_allow_stops_letting_requests_through_unchecked_past_its_bound(
+    tmp_path: Path, upstream: str, ns: str
+) -> None:
+    """What goes through unchecked waits in memory to be charged: past
+    max_unchecked_requests the sidecar refuses instead of growing without bound."""
+    server = RedisServer(tmp_path, port=free_port(), appendonly=True).start()
+    settings = Settings(
+        master_key=MASTER_KEY,
+        key_prefix=f"t:{ns}:",
+        on_redis_error="allow",
+        max_unchecked_requests=2,
+        models=(Deployment("m", "openai/m", api_base=upstream, input_cost_per_token=1e-6),),
+    )
+    try:
+        async with (
+            running_sidecar(settings, server.url) as base,
+            aiohttp.ClientSession() as session,
+        ):
+            admin = Admin(session, base)
+            key = (await admin.post("/key/generate", {"rpm_limit": 100}))["key"]
+            assert (await post(session, base, key))[0] == 200  # the key is now cached
+            server.stop()
+            statuses = [await post(session, base, key) for _ in range(3)]
+            assert [s for s, _ in statuses] == [200, 200, 503]
+            assert "max_unchecked_requests" in statuses[2][1]["error"]["message"]
+            server.start()
+            deadline = time.monotonic() + 10
+            while (await admin.get("/spend/logs", api_key=key))["total"] != 3:
+                assert time.monotonic() < deadline, "the unchecked requests were not charged"
+                await asyncio.sleep(0.2)
+            assert (await post(session, base, key))[0] == 200
+    finally:
+        server.stop()
