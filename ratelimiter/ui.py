@@ -4,20 +4,27 @@ the master key in its session storage only and sends it as a bearer token."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 from aiohttp import web
 
+from .connections import translate_errors
 from .durations import parse_duration, period_bounds, time_zone
 from .metrics import METRICS
-from .server import SETTINGS, STORE, json_response, require_master
+from .server import ENGINE, SETTINGS, STORE, json_response, require_master
 
 __all__ = ["add_ui_routes"]
 
 STATIC = Path(__file__).resolve().parent / "static"
+LIVE_EVERY_S = 1.0
+LIVE_STALE_S = 5.0
 FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 # Everything comes from the sidecar itself: a page that loads nothing else cannot leak the key.
 SECURITY_HEADERS = {
@@ -123,10 +130,8 @@ def _counter(metric: Any) -> dict[tuple[str, ...], float]:
     return totals
 
 
-async def live(request: web.Request) -> web.Response:
-    """This sidecar's counters since it started; the page turns them into rates."""
-    require_master(request)
-    metrics = request.app[METRICS]
+def _own_counts(app: web.Application) -> dict[str, Any]:
+    metrics = app[METRICS]
     proxied = sum(
         v
         for (route, _), v in _counter(metrics.requests).items()
@@ -136,10 +141,58 @@ async def live(request: web.Request) -> web.Response:
     for (scope, reason), value in _counter(metrics.refusals).items():
         label = f"{reason} ({scope})"
         refused[label] = refused.get(label, 0) + value
-    return json_response({"at": time.time(), "requests": proxied, "refused": refused})
+    return {"requests": proxied, "refused": refused}
+
+
+def _live_key(app: web.Application) -> str:
+    return f"{app[SETTINGS].key_prefix}{{live}}"
+
+
+async def _publish_counts(app: web.Application) -> AsyncIterator[None]:
+    """Behind a load balancer each poll of the page reaches any sidecar: every sidecar puts
+    its counters in one Redis hash each second, and the page reads their sum."""
+    me = uuid.uuid4().hex
+
+    async def publish() -> None:
+        redis = app[ENGINE].redis
+        while True:
+            with contextlib.suppress(Exception):  # the page shows stale figures, that is all
+                counts = {**_own_counts(app), "at": time.time()}
+                await redis.hset(_live_key(app), me, orjson.dumps(counts))
+            await asyncio.sleep(LIVE_EVERY_S)
+
+    task = asyncio.create_task(publish())
+    yield
+    task.cancel()
+    with contextlib.suppress(Exception):
+        await app[ENGINE].redis.hdel(_live_key(app), me)
+
+
+async def live(request: web.Request) -> web.Response:
+    """Every sidecar's counters, summed; the page turns two readings into rates."""
+    require_master(request)
+    app, now = request.app, time.time()
+    with translate_errors(app[ENGINE].address):
+        published = await app[ENGINE].redis.hgetall(_live_key(app))
+    total: dict[str, Any] = {"requests": 0.0, "refused": {}}
+    sidecars, stale = 0, []
+    for sidecar, raw in published.items():
+        counts = orjson.loads(raw)
+        if counts["at"] < now - LIVE_STALE_S:
+            stale.append(sidecar)  # stopped without saying so
+            continue
+        sidecars += 1
+        total["requests"] += counts["requests"]
+        for reason, value in counts["refused"].items():
+            total["refused"][reason] = total["refused"].get(reason, 0) + value
+    if stale:
+        with translate_errors(app[ENGINE].address):
+            await app[ENGINE].redis.hdel(_live_key(app), *stale)
+    return json_response({"at": now, "sidecars": sidecars, **total})
 
 
 def add_ui_routes(app: web.Application) -> None:
+    app.cleanup_ctx.append(_publish_counts)
     r = app.router
     r.add_get("/ui", redirect)
     r.add_get("/ui/", index)

@@ -5,6 +5,7 @@ to tests/artifacts/ui/."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -26,7 +27,7 @@ CHROMIUM = (
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts" / "ui"
 STATIC = Path(__file__).resolve().parent.parent / "ratelimiter" / "static"
 
-pytestmark = pytest.mark.skipif(
+needs_chromium = pytest.mark.skipif(
     CHROMIUM is None, reason="no Chromium: install Debian's package with apt-get install chromium"
 )
 
@@ -81,6 +82,7 @@ async def shot(page: object, name: str) -> None:
     await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)  # type: ignore[attr-defined]
 
 
+@needs_chromium
 async def test_budget_key_traffic_and_spend(sidecar: str, page: object, ns: str) -> None:
     p = page  # a Playwright Page
     await p.goto(f"{sidecar}/ui")  # type: ignore[attr-defined]
@@ -181,6 +183,7 @@ async def test_budget_key_traffic_and_spend(sidecar: str, page: object, ns: str)
     )
 
 
+@needs_chromium
 async def test_phone_width_and_keyboard(sidecar: str, page: object) -> None:
     p = page
     await p.set_viewport_size({"width": 390, "height": 800})  # type: ignore[attr-defined]
@@ -218,3 +221,38 @@ async def test_the_ui_loads_nothing_from_elsewhere(sidecar: str) -> None:
         text = path.read_text()
         urls = set(re.findall(r"https?://[^\s\"'`)]+", text)) - {"http://www.w3.org/2000/svg"}
         assert not urls, (path.name, urls)
+
+
+async def test_live_counts_are_summed_over_sidecars(ns: str, redis_url: str) -> None:
+    """Behind a load balancer the page's polls reach any sidecar; each answers with the sum."""
+    async with running_upstream() as upstream:
+        settings = Settings(
+            master_key=MASTER_KEY,
+            key_prefix=f"t:{ns}:",
+            models=(Deployment("m", "openai/m", api_base=upstream, input_cost_per_token=1e-6),),
+        )
+        async with (
+            running_sidecar(settings, redis_url) as one,
+            running_sidecar(settings, redis_url) as two,
+            aiohttp.ClientSession() as session,
+        ):
+            admin = {"Authorization": f"Bearer {MASTER_KEY}"}
+            async with session.post(
+                f"{one}/key/generate", json={"rpm_limit": 3}, headers=admin
+            ) as r:
+                key = (await r.json())["key"]
+            for base in (one, two, one, two, one):  # 3 admitted, 2 refused
+                async with session.post(
+                    f"{base}/v1/chat/completions",
+                    json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                    headers={"Authorization": f"Bearer {key}"},
+                ) as r:
+                    await r.read()
+            for _ in range(50):
+                async with session.get(f"{two}/ui/api/live", headers=admin) as r:
+                    live = await r.json()
+                if live["requests"] == 5:
+                    break
+                await asyncio.sleep(0.1)
+            assert live["sidecars"] == 2 and live["requests"] == 5, live
+            assert live["refused"] == {"window_full (key)": 2}, live

@@ -485,9 +485,11 @@ function startLive(rate, refusals, spark) {
     let now;
     try { now = await api("GET", "/ui/api/live"); } catch { return; }
     if (last) {
+      // A sidecar that restarts or leaves takes its counts away: never a negative rate.
       const seconds = Math.max(now.at - last.at, 0.001);
-      const rps = (now.requests - last.requests) / seconds;
+      const rps = Math.max(now.requests - last.requests, 0) / seconds;
       rate.textContent = rps.toFixed(1) + " /s";
+      rate.title = `summed over ${now.sidecars} sidecar${now.sidecars === 1 ? "" : "s"}`;
       history.push(rps);
       if (history.length > 60) history.shift();
       const most = Math.max(...history, 1);
