@@ -357,9 +357,7 @@ async def team_member_delete(request: web.Request) -> web.Response:
 
 async def budget_list(request: web.Request) -> web.Response:
     require_master(request)
-    store = request.app[STORE]
-    budgets = [await store.get("budget", b) for b in await store.ids("budget")]
-    return json_response([b for b in budgets if b is not None])
+    return json_response(await request.app[STORE].all("budget"))
 
 
 async def budget_info(request: web.Request) -> web.Response:

@@ -290,6 +290,18 @@ class Store:
         self._cache[(kind, entity_id)] = (time.monotonic() + self.cache_ttl_s, entity)
         return entity
 
+    async def all(self, kind: str, batch: int = 500) -> list[dict[str, Any]]:
+        """Every entity of a kind, read from Redis in MGETs of ``batch`` (one kind is one
+        slot, so this works on a Cluster too); for listings, not the request path."""
+        ids = await self.ids(kind)
+        found: list[dict[str, Any]] = []
+        for start in range(0, len(ids), batch):
+            keys = [self._key(kind, i) for i in ids[start : start + batch]]
+            with translate_errors(self.address):
+                values = await self.redis.mget(keys)
+            found += [msgpack.unpackb(v) for v in values if v]
+        return found
+
     async def create(self, kind: str, entity_id: str, entity: Mapping[str, Any]) -> None:
         with translate_errors(self.address):
             created = await self.redis.set(

@@ -61,17 +61,14 @@ async def budgets(request: web.Request) -> web.Response:
     store, settings = request.app[STORE], request.app[SETTINGS]
     users: dict[str, dict[str, int]] = {}
     for kind in ("key", "customer"):
-        for entity_id in await store.ids(kind):
-            entity = await store.get(kind, entity_id) or {}
+        for entity in await store.all(kind):
             if entity.get("budget_id"):
                 counts = users.setdefault(entity["budget_id"], {"key": 0, "customer": 0})
                 counts[kind] += 1
     now_ms = int(time.time() * 1000)
     rows = []
-    for budget_id in await store.ids("budget"):
-        budget = await store.get("budget", budget_id)
-        if budget is None:
-            continue
+    for budget in await store.all("budget"):
+        budget_id = budget["budget_id"]
         reset = None
         if budget.get("budget_duration"):
             duration = parse_duration(budget["budget_duration"])
@@ -93,9 +90,7 @@ def entities(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
 
     async def handler(request: web.Request) -> web.Response:
         require_master(request)
-        store = request.app[STORE]
-        found = [await store.get(kind, i) for i in await store.ids(kind)]
-        return json_response([e for e in found if e is not None])
+        return json_response(await request.app[STORE].all(kind))
 
     return handler
 

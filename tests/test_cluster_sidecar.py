@@ -71,6 +71,10 @@ async def test_proxy_admin_and_ledger_on_a_cluster(cluster_stack: Stack) -> None
     assert report  # rollups were written in every slot group's day hash
     problems = await check(stack.engine, stack.settings)
     assert problems == []
+    # Listings read a kind's entities with MGET: one kind is one slot.
+    assert [c["user_id"] for c in await admin.get("/customer/list")] == ["c1"]
+    await admin.post("/budget/new", {"budget_id": "b1", "max_budget": 1})
+    assert [b["budget_id"] for b in await admin.get("/budget/list")] == ["b1"]
 
     await admin.post("/key/block", {"key": key})
     status, body = await chat(stack, key)
