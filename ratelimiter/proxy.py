@@ -15,7 +15,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -132,23 +132,13 @@ class Call:
                         self.request_id, limits, meta=self.meta, ledger=self.dims
                     )
             except RedisUnavailable as exc:
-                waiting = self.app[DEFERRED].pending
-                unchecked_full = waiting >= self.settings.max_unchecked_requests
-                if self.settings.on_redis_error != "allow" or unchecked_full:
-                    # The acquire may still run when Redis comes back; it must take nothing.
-                    abandon = functools.partial(self.engine.abandon, self.request_id, limits)
-                    self.app[DEFERRED].put(abandon)
-                    if unchecked_full and self.settings.on_redis_error == "allow":
-                        raise RedisUnavailable(
-                            exc.address,
-                            str(exc.__cause__ or exc),
-                            hint=f"{waiting} requests already went through unchecked and wait "
-                            "to be charged (ratelimiter_settings.max_unchecked_requests): no "
-                            "more until Redis is back.",
-                        ) from exc
+                refused = self._refuse_unchecked(exc, limits)
+                if refused is exc:
                     raise
-                # on_redis_error: allow. The request goes through unchecked; its usage is
-                # charged to every limit once Redis answers again.
+                if refused is not None:
+                    raise refused from exc
+                # The request goes through unchecked; its usage is charged to every limit
+                # once Redis answers again.
                 metrics.redis_errors.inc()
                 metrics.admissions.labels("unchecked").inc()
                 log.warning("admitting %s unchecked: %s", self.request_id, exc)
@@ -166,6 +156,27 @@ class Call:
                 break
         assert last is not None
         return refusal(last, self.request_id)
+
+    def _refuse_unchecked(
+        self, exc: RedisUnavailable, limits: Sequence[Limit]
+    ) -> RedisUnavailable | None:
+        """With Redis unreachable: None to let the request through (on_redis_error: allow,
+        while fewer than max_unchecked_requests wait to be charged), else the error to answer
+        with. A refused request's acquire may still reach Redis later: it is abandoned, so it
+        takes nothing."""
+        waiting = self.app[DEFERRED].pending
+        if self.settings.on_redis_error == "allow":
+            if waiting < self.settings.max_unchecked_requests:
+                return None
+            exc = RedisUnavailable(
+                exc.address,
+                str(exc.__cause__ or exc),
+                hint=f"{waiting} requests already went through unchecked and wait to be "
+                "charged (ratelimiter_settings.max_unchecked_requests): no more until Redis "
+                "is back.",
+            )
+        self.app[DEFERRED].put(functools.partial(self.engine.abandon, self.request_id, limits))
+        return exc
 
     def _unpriced_ok(self, deployment: Deployment) -> bool:
         if self.settings.unpriced_models == "refuse":
