@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import openai
@@ -96,24 +97,26 @@ def cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
+def cluster_node(directory: Path, node_timeout_ms: int = 2000) -> RedisServer:
+    """A Redis server in Cluster mode on a free port pair, not yet started."""
+    return RedisServer(
+        directory,
+        port=cluster_port(),
+        appendonly=False,
+        extra_args=(
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            str(directory / "nodes.conf"),
+            "--cluster-node-timeout",
+            str(node_timeout_ms),
+        ),
+    )
+
+
 class Cluster:
     def __init__(self, root: Path, masters: int = 3) -> None:
-        self.servers = [
-            RedisServer(
-                root / f"node{i}",
-                port=cluster_port(),
-                appendonly=False,
-                extra_args=(
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    str(root / f"node{i}" / "nodes.conf"),
-                    "--cluster-node-timeout",
-                    "2000",
-                ),
-            )
-            for i in range(masters)
-        ]
+        self.servers = [cluster_node(root / f"node{i}") for i in range(masters)]
 
     @property
     def url(self) -> str:
@@ -158,6 +161,16 @@ async def cluster_engine(redis_cluster: Cluster, ns: str) -> AsyncIterator[Engin
 
 
 MASTER_KEY = "sk-test-master-7f3a9c2e5b1d"
+
+
+def one_model(ns: str, upstream: str, **options: Any) -> Settings:
+    """Sidecar settings with one model, ``m``, at $1 per million prompt tokens."""
+    return Settings(
+        master_key=MASTER_KEY,
+        key_prefix=f"t:{ns}:",
+        models=(Deployment("m", "openai/m", api_base=upstream, input_cost_per_token=1e-6),),
+        **options,
+    )
 
 
 @contextlib.asynccontextmanager

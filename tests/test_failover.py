@@ -16,9 +16,15 @@ import redis
 from redis.crc import key_slot
 
 from ratelimiter import RedisServer
-from ratelimiter.config import Deployment, Settings
 
-from .conftest import MASTER_KEY, Admin, Cluster, cluster_port, running_sidecar, running_upstream
+from .conftest import (
+    Admin,
+    Cluster,
+    cluster_node,
+    one_model,
+    running_sidecar,
+    running_upstream,
+)
 
 LIMIT = 40
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -30,19 +36,7 @@ class ReplicatedCluster(Cluster):
     def __init__(self, root: Path) -> None:
         super().__init__(root)
         self.replicas = [
-            RedisServer(
-                root / f"replica{i}",
-                port=cluster_port(),
-                appendonly=False,
-                extra_args=(
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    str(root / f"replica{i}" / "nodes.conf"),
-                    "--cluster-node-timeout",
-                    "1000",
-                ),
-            )
+            cluster_node(root / f"replica{i}", node_timeout_ms=1000)
             for i in range(len(self.servers))
         ]
 
@@ -114,11 +108,7 @@ async def test_a_master_dies_its_replica_takes_over_and_the_sidecar_carries_on(
     replicated: ReplicatedCluster, ns: str
 ) -> None:
     async with running_upstream() as upstream:
-        settings = Settings(
-            master_key=MASTER_KEY,
-            key_prefix=f"t:{ns}:",
-            models=(Deployment("m", "openai/m", api_base=upstream, input_cost_per_token=1e-6),),
-        )
+        settings = one_model(ns, upstream)
         url = f"{replicated.url}?timeout=0.5"
         async with running_sidecar(settings, url) as base, aiohttp.ClientSession() as session:
             admin = Admin(session, base)

@@ -15,10 +15,9 @@ import aiohttp
 import pytest
 
 from ratelimiter import Concurrency, DuplicateRequest, Engine, RedisServer, SlidingWindow
-from ratelimiter.config import Deployment, Settings
 from ratelimiter.embedded import free_port
 
-from .conftest import MASTER_KEY, Admin, running_sidecar, running_upstream
+from .conftest import Admin, one_model, running_sidecar, running_upstream
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 REDIS_TIMEOUT_S = 0.3
@@ -53,12 +52,7 @@ async def test_a_paused_redis_answers_in_time_and_stuck_admissions_take_nothing(
     tmp_path: Path, upstream: str, ns: str, policy: str
 ) -> None:
     server = RedisServer(tmp_path, port=free_port(), appendonly=True).start()
-    settings = Settings(
-        master_key=MASTER_KEY,
-        key_prefix=f"t:{ns}:",
-        on_redis_error=policy,
-        models=(Deployment("m", "openai/m", api_base=upstream, input_cost_per_token=1e-6),),
-    )
+    settings = one_model(ns, upstream, on_redis_error=policy)
     url = f"{server.url}?timeout={REDIS_TIMEOUT_S}"
     try:
         async with running_sidecar(settings, url) as base, aiohttp.ClientSession() as session:

@@ -17,7 +17,7 @@ from ratelimiter.embedded import free_port
 from ratelimiter.fake_upstream import FakeUpstream
 from ratelimiter.ledger import Ledger
 
-from .conftest import MASTER_KEY, Admin, running_sidecar, running_upstream
+from .conftest import MASTER_KEY, Admin, one_model, running_sidecar, running_upstream
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
@@ -38,12 +38,7 @@ async def post(session: aiohttp.ClientSession, base: str, key: str) -> tuple[int
 @pytest.mark.parametrize("policy", ["deny", "allow"])
 async def test_redis_down(tmp_path: Path, upstream: str, ns: str, policy: str) -> None:
     server = RedisServer(tmp_path, port=free_port(), appendonly=True).start()
-    settings = Settings(
-        master_key=MASTER_KEY,
-        key_prefix=f"t:{ns}:",
-        on_redis_error=policy,
-        models=(Deployment("m", "openai/m", api_base=upstream, input_cost_per_token=1e-6),),
-    )
+    settings = one_model(ns, upstream, on_redis_error=policy)
     try:
         async with (
             running_sidecar(settings, server.url) as base,
@@ -83,12 +78,7 @@ async def test_a_redis_restart_under_load_loses_no_answered_request(
     server = RedisServer(
         tmp_path, port=free_port(), appendonly=True, extra_args=("--appendfsync", "always")
     ).start()
-    settings = Settings(
-        master_key=MASTER_KEY,
-        key_prefix=f"t:{ns}:",
-        on_redis_error=policy,
-        models=(Deployment("m", "openai/m", api_base=upstream, input_cost_per_token=1e-6),),
-    )
+    settings = one_model(ns, upstream, on_redis_error=policy)
     acknowledged: list[str] = []
     statuses: list[tuple[float, int]] = []
     try:
@@ -203,13 +193,7 @@ async def test_allow_stops_letting_requests_through_unchecked_past_its_bound(
     """What goes through unchecked waits in memory to be charged: past
     max_unchecked_requests the sidecar refuses instead of growing without bound."""
     server = RedisServer(tmp_path, port=free_port(), appendonly=True).start()
-    settings = Settings(
-        master_key=MASTER_KEY,
-        key_prefix=f"t:{ns}:",
-        on_redis_error="allow",
-        max_unchecked_requests=2,
-        models=(Deployment("m", "openai/m", api_base=upstream, input_cost_per_token=1e-6),),
-    )
+    settings = one_model(ns, upstream, on_redis_error="allow", max_unchecked_requests=2)
     try:
         async with (
             running_sidecar(settings, server.url) as base,

@@ -10,10 +10,9 @@ import aiohttp
 import redis
 
 from ratelimiter import RedisServer
-from ratelimiter.config import Deployment, Settings
 from ratelimiter.embedded import free_port
 
-from .conftest import MASTER_KEY, Admin, running_sidecar, running_upstream
+from .conftest import MASTER_KEY, Admin, one_model, running_sidecar, running_upstream
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
@@ -23,11 +22,7 @@ async def test_a_full_redis_is_a_503_that_takes_nothing(tmp_path: Path, ns: str)
     client = redis.Redis(port=server.port)
     try:
         async with running_upstream() as upstream:
-            settings = Settings(
-                master_key=MASTER_KEY,
-                key_prefix=f"t:{ns}:",
-                models=(Deployment("m", "openai/m", api_base=upstream, input_cost_per_token=1e-6),),
-            )
+            settings = one_model(ns, upstream)
             async with running_sidecar(settings, server.url) as base, aiohttp.ClientSession() as s:
                 created = await Admin(s, base).post("/key/generate", {"rpm_limit": 10})
                 headers = {"Authorization": f"Bearer {created['key']}"}

@@ -14,12 +14,11 @@ import pytest
 import redis
 
 from ratelimiter import Engine, RedisServer, SlidingWindow
-from ratelimiter.config import Deployment, Settings
 from ratelimiter.connections import RedisSettings, connect
 from ratelimiter.embedded import find_server_binary, free_port
 from ratelimiter.errors import RateLimiterError
 
-from .conftest import MASTER_KEY, Admin, running_sidecar, running_upstream
+from .conftest import Admin, one_model, running_sidecar, running_upstream
 
 SERVICE = "ratelimiter-test"
 
@@ -107,11 +106,7 @@ async def test_bad_sentinel_urls_say_what_to_write(url: str, says: str) -> None:
 
 async def test_the_sidecar_follows_a_sentinel_failover(sentinel: SentinelSetup, ns: str) -> None:
     async with running_upstream() as upstream:
-        settings = Settings(
-            master_key=MASTER_KEY,
-            key_prefix=f"t:{ns}:",
-            models=(Deployment("m", "openai/m", api_base=upstream, input_cost_per_token=1e-6),),
-        )
+        settings = one_model(ns, upstream)
         url = f"{sentinel.url}?timeout=0.5"
         async with running_sidecar(settings, url) as base, aiohttp.ClientSession() as session:
             admin = Admin(session, base)

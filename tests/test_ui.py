@@ -17,7 +17,7 @@ import pytest
 
 from ratelimiter.config import Deployment, Settings
 
-from .conftest import MASTER_KEY, running_sidecar, running_upstream
+from .conftest import MASTER_KEY, one_model, running_sidecar, running_upstream
 
 playwright_api = pytest.importorskip("playwright.async_api")
 
@@ -226,11 +226,7 @@ async def test_the_ui_loads_nothing_from_elsewhere(sidecar: str) -> None:
 async def test_live_counts_are_summed_over_sidecars(ns: str, redis_url: str) -> None:
     """Behind a load balancer the page's polls reach any sidecar; each answers with the sum."""
     async with running_upstream() as upstream:
-        settings = Settings(
-            master_key=MASTER_KEY,
-            key_prefix=f"t:{ns}:",
-            models=(Deployment("m", "openai/m", api_base=upstream, input_cost_per_token=1e-6),),
-        )
+        settings = one_model(ns, upstream)
         async with (
             running_sidecar(settings, redis_url) as one,
             running_sidecar(settings, redis_url) as two,
