@@ -188,8 +188,7 @@ class BudgetManager:
         return dict(self._user(user).get("model_cost") or {})
 
     def is_valid_user(self, user: str) -> bool:
-        self.load_data()
-        return user in self.user_dict
+        return self.store.read_one(user) is not None
 
     def get_users(self) -> list[str]:
         self.load_data()
@@ -208,8 +207,8 @@ class BudgetManager:
             # note when the new period was entered.
             if "duration" not in record:
                 return record
-            start = self._period_start(record["duration"], now)
-            if float(record.get("last_updated_at", 0.0)) < start:
+            start_ms, _ = self._period(record["duration"], now) or (0, 0)
+            if float(record.get("last_updated_at", 0.0)) * 1000 < start_ms:
                 return record | {"last_updated_at": now}
             return record
 
@@ -278,9 +277,11 @@ class BudgetManager:
         self.user_dict[user] = self.store.add_cost(user, model, cost, self, hold.id)
 
     def _user(self, user: str) -> dict[str, Any]:
-        self.load_data()
-        if user not in self.user_dict:
+        record = self.store.read_one(user)
+        if record is None:
+            self.user_dict.pop(user, None)
             raise UnknownUser(user)
+        self.user_dict[user] = self.current({user: record})[user]
         return self.user_dict[user]
 
     def _change(
@@ -298,10 +299,6 @@ class BudgetManager:
 
         self.user_dict = self.current(self.store.update(apply))
         return self.user_dict[user]
-
-    def _period_start(self, duration: str, at_s: float) -> float:
-        start, _ = period_bounds(parse_duration(duration), int(at_s * 1000), self.tz)
-        return start / 1000
 
     def _period(self, duration: str | None, at_s: float | None = None) -> tuple[int, int] | None:
         if duration is None:
@@ -352,6 +349,10 @@ class _View(Protocol):
 class _Store:
     def read(self) -> Records:
         raise NotImplementedError
+
+    def read_one(self, user: str) -> dict[str, Any] | None:
+        """One user's record; stores that can read it alone do so."""
+        return self.read().get(user)
 
     def update(self, apply: Update) -> Records:
         """Apply ``apply`` to the stored records atomically and return the result."""
@@ -543,17 +544,21 @@ class _RedisStore(_Store):
 
     def read(self) -> Records:
         users = {u.decode(): json.loads(v) for u, v in self.redis.hgetall(self.users_key).items()}
+        keys = {user: self._costs_key(user, record)[0] for user, record in users.items()}
         pipe = self.redis.pipeline(transaction=False)
-        for user, record in users.items():
-            pipe.hgetall(self._costs_key(user, record)[0])
+        for key in keys.values():
+            pipe.hgetall(key)
         for (user, record), costs in zip(users.items(), pipe.execute(), strict=True):
-            models = {k.decode(): int(v) / NANO for k, v in costs.items() if k != b"_total"}
-            record |= {
-                "current_cost": int(costs.get(b"_total", 0)) / NANO,
-                "model_cost": models,
-                "period": self._costs_key(user, record)[0].rsplit(":", 1)[1],
-            }
+            _with_costs(record, keys[user], costs)
         return users
+
+    def read_one(self, user: str) -> dict[str, Any] | None:
+        raw = self.redis.hget(self.users_key, user)
+        if raw is None:
+            return None
+        record = json.loads(raw)
+        key = self._costs_key(user, record)[0]
+        return _with_costs(record, key, self.redis.hgetall(key))
 
     def update(self, apply: Update) -> Records:
         # Budget definitions change rarely and only through create/reset: WATCH the users
@@ -609,7 +614,7 @@ class _RedisStore(_Store):
             pipe.zrem(holds, hold_id)
             pipe.hdel(amounts, hold_id)
         pipe.execute()
-        return self.read()[user]
+        return self.read_one(user) or {}
 
     def hold(self, user: str, hold: Hold, view: _View) -> tuple[bool, float, float]:
         record = self._record(user)
@@ -625,6 +630,16 @@ class _RedisStore(_Store):
             ],
         )
         return bool(fits), spent / NANO, held / NANO
+
+
+def _with_costs(record: dict[str, Any], key: str, costs: Mapping[bytes, bytes]) -> dict[str, Any]:
+    """A user's record with the costs of its current cost hash, in dollars."""
+    record |= {
+        "current_cost": int(costs.get(b"_total", 0)) / NANO,
+        "model_cost": {k.decode(): int(v) / NANO for k, v in costs.items() if k != b"_total"},
+        "period": key.rsplit(":", 1)[1],
+    }
+    return record
 
 
 def _definition(record: Mapping[str, Any]) -> dict[str, Any]:
