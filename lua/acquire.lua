@@ -14,22 +14,32 @@
 -- ARGV[8]    ledger base '<prefix>{<anchor>}:' to write a ledger entry when the request is
 --            finished, or '' for none (see lib.lua); ARGV[9] msgpack array of its rollup
 --            dimensions
+-- ARGV[10]   the slot groups of the whole request (on a Cluster a request spans several), so
+--            a repeated id is matched against the request's limits in every group
 --
 -- Returns a msgpack map:
 --   ok   1 admitted, 0 refused
 --   st   {remaining_1, reset_ms_1, remaining_2, reset_ms_2, ...}, one pair per limit
 --   i    (refused) 1-based index of the limit that frees last; why = its reason;
 --        ra = retry-after ms until every refusing limit has room, -1 if it never will
---   dup  (repeated request id) status of the existing reservation; nothing is changed
+--   dup  (repeated request id) 'held' with the stored reply when the reservation is held for
+--        the same keys and specs (a retry after a lost reply); 'conflict' when it is held for
+--        other limits; else the finished reservation's status. Nothing is changed.
 --
 -- A refusal writes nothing that counts: only buckets that slid out and expired leases are purged.
 
 local rid, now = ARGV[1], clock(ARGV[2])
 local specs = mp_unpack(ARGV[3])
 
-local existing = redis.call('HMGET', KEYS[1], 's', 'reply')
+local existing = redis.call('HMGET', KEYS[1], 's', 'reply', 'spec', 'keys', 'grp')
 if existing[1] == 'held' then
-  return existing[2]
+  if existing[3] ~= ARGV[3] or existing[4] ~= table.concat(KEYS, '\0', 3)
+      or existing[5] ~= ARGV[10] then
+    return mp_pack({ok = 0, dup = 'conflict', st = {}})
+  end
+  local reply = mp_unpack(existing[2])
+  reply.dup = 'held'
+  return mp_pack(reply)
 elseif existing[1] then
   return mp_pack({ok = 0, dup = existing[1], st = {}})
 end
@@ -147,7 +157,7 @@ local hold_ttl, record_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local deadline = now + hold_ttl
 local reply = mp_pack({ok = 1, st = states})
 redis.call('HSET', KEYS[1], 's', 'held', 't0', int(now), 'dl', int(deadline), 'spec', ARGV[3],
-  'keys', table.concat(KEYS, '\0', 3), 'at', mp_pack(at), 'meta', ARGV[6], 'reply', reply)
+  'keys', table.concat(KEYS, '\0', 3), 'at', mp_pack(at), 'meta', ARGV[6], 'reply', reply, 'grp', ARGV[10])
 if ARGV[8] ~= '' then
   redis.call('HSET', KEYS[1], 'lg', ARGV[8], 'dims', ARGV[9])
 end

@@ -247,8 +247,10 @@ class Engine:
     ) -> Decision:
         """Reserve every limit for one request, or none of them.
 
-        Repeating the call with the same id while the reservation is held returns an
-        admission again without taking anything twice (safe to retry after a timeout).
+        Repeating the call with the same id and the same limits while the reservation is
+        held returns an admission again without taking anything twice (safe to retry after
+        a timeout); the same id with other limits, or once finished, raises
+        ``DuplicateRequest`` and takes nothing.
         ``force`` takes every limit even past its capacity: for usage that already happened.
         ``ledger``: rollup dimensions (e.g. ``"key:3f9a"``, ``"model:gpt-4o"``); when given,
         finishing the request writes one ledger entry with ``meta`` and adds to those
@@ -262,6 +264,7 @@ class Engine:
         now = await self._now_ms()
         groups = self._groups(limits)
         dims = None if ledger is None else msgpack.packb(list(ledger))
+        spans = ",".join(anchor for anchor, _ in groups)
         replies = await self._gather(
             self._acquire_group(
                 request_id,
@@ -271,14 +274,24 @@ class Engine:
                 meta,
                 force,
                 dims if n == 0 else None,  # the first group keeps the request's ledger entry
+                spans,
             )
             for n, (anchor, indices) in enumerate(groups)
         )
+        reused = next((r["dup"] for r in replies if r.get("dup") not in (None, "held")), None)
+        if reused is not None:
+            # The id is finished or held for other limits: undo only what this call took.
+            taken = [
+                anchor
+                for (anchor, _), reply in zip(groups, replies, strict=True)
+                if reply["ok"] and "dup" not in reply
+            ]
+            if taken:
+                await self.release(Reservation(request_id, tuple(taken)))
+            raise DuplicateRequest(request_id, reused)
         states: list[LimitState | None] = [None] * len(limits)
         refusal: tuple[int, str, int] | None = None
         for (_, indices), reply in zip(groups, replies, strict=True):
-            if reply.get("dup") not in (None, "held"):
-                raise DuplicateRequest(request_id, reply["dup"])
             flat = reply["st"]
             for n, i in enumerate(indices):
                 states[i] = LimitState(limits[i], flat[2 * n], flat[2 * n + 1])
@@ -486,6 +499,7 @@ class Engine:
         meta: bytes,
         force: bool,
         ledger_dims: bytes | None,
+        spans: str,
     ) -> dict[str, Any]:
         keys = [*self._record_keys(anchor, rid), *(limit.key for limit in limits)]
         args = [
@@ -498,6 +512,7 @@ class Engine:
             "1" if force else "0",
             "" if ledger_dims is None else self.ledger_base(anchor),
             ledger_dims or b"",
+            spans,
         ]
         return await self._run(self._scripts["acquire"], keys, args)
 

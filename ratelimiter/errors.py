@@ -39,11 +39,13 @@ class RedisUnavailable(RateLimiterError, ConnectionError):
 
 
 class DuplicateRequest(RateLimiterError):
-    """A request id was reused after its reservation had already been finished."""
+    """A request id was reused after its reservation was finished, or while it is held for
+    other limits (``status`` is then ``conflict``)."""
 
     def __init__(self, request_id: str, status: str) -> None:
+        state = "held for other limits" if status == "conflict" else status
         super().__init__(
-            f"request id {request_id!r} was already used and is {status}; "
+            f"request id {request_id!r} was already used and is {state}; "
             "every request needs a new id"
         )
         self.request_id = request_id

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from redis.crc import key_slot
 
-from ratelimiter import Budget, Concurrency, Engine, InvalidLimit, SlidingWindow
+from ratelimiter import Budget, Concurrency, DuplicateRequest, Engine, InvalidLimit, SlidingWindow
 from ratelimiter.engine import slot_tags
 
 
@@ -45,6 +45,17 @@ async def test_a_refusal_in_one_slot_releases_the_others(cluster_engine: Engine,
     before = [s.remaining for s in await cluster_engine.peek(limits)]
     refused = await cluster_engine.acquire(None, limits)
     assert (refused.allowed, refused.refused, refused.reason) == (False, limits[0], "window_full")
+    assert [s.remaining for s in await cluster_engine.peek(limits)] == before
+
+
+async def test_a_reused_id_takes_nothing_in_any_slot(cluster_engine: Engine, ns: str) -> None:
+    """The id is held in one slot for one limit; reusing it for more limits must not leave
+    the other slots' new reservations behind."""
+    limits = spread(ns)
+    assert (await cluster_engine.acquire("shared", limits[:1])).allowed
+    before = [s.remaining for s in await cluster_engine.peek(limits)]
+    with pytest.raises(DuplicateRequest, match="held for other limits"):
+        await cluster_engine.acquire("shared", limits)
     assert [s.remaining for s in await cluster_engine.peek(limits)] == before
 
 

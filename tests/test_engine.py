@@ -271,6 +271,17 @@ async def test_repeated_acquire_is_idempotent_and_reuse_is_refused(
         await clocked.acquire("same", [limit])
 
 
+async def test_a_held_id_with_other_limits_is_refused_and_takes_nothing(
+    clocked: Engine, ns: str
+) -> None:
+    mine, other = window(ns, 5, suffix="mine"), window(ns, 5, suffix="other")
+    assert (await clocked.acquire("shared", [mine])).allowed
+    for limits in ([other], [mine, other], [mine.with_amount(2)]):
+        with pytest.raises(DuplicateRequest, match="held for other limits"):
+            await clocked.acquire("shared", limits)
+    assert [s.remaining for s in await clocked.peek([mine, other])] == [4, 5]
+
+
 async def test_unknown_reservation_changes_nothing(clocked: Engine) -> None:
     result = await clocked.settle(Reservation("never-acquired"), {"tokens": 5})
     assert (result.status, result.first) == ("unknown", False)
