@@ -154,6 +154,7 @@ def as_unavailable(address: str, exc: BaseException) -> RedisUnavailable:
             reason,
             "is out of memory",
             "Free memory (export the spend ledger with --ack) or raise Redis's maxmemory.",
+            refusing=True,
         )
     if isinstance(exc, redis_errors.ReadOnlyError):
         return RedisUnavailable(
@@ -162,9 +163,12 @@ def as_unavailable(address: str, exc: BaseException) -> RedisUnavailable:
             "is a read-only replica",
             "Point the Redis URL at the master, or use a redis+sentinel:// or Cluster URL "
             "that follows failovers.",
+            refusing=True,
         )
     if isinstance(exc, redis_errors.TryAgainError):
-        return RedisUnavailable(address, reason, "is moving the slot", "Retry in a moment.")
+        return RedisUnavailable(
+            address, reason, "is moving the slot", "Retry in a moment.", refusing=True
+        )
     return RedisUnavailable(address, reason)
 
 

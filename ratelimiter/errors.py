@@ -25,7 +25,11 @@ class InvalidDuration(InvalidLimit):
 
 
 class RedisUnavailable(RateLimiterError, ConnectionError):
-    """Redis could not be reached, did not answer in time, or refused to write."""
+    """Redis could not be reached, did not answer in time, or refused to write.
+
+    ``refusing``: Redis answered but will not write now (out of memory, a read-only replica,
+    a slot in migration); nothing can be admitted then, whatever ``on_redis_error`` says.
+    """
 
     def __init__(
         self,
@@ -33,9 +37,16 @@ class RedisUnavailable(RateLimiterError, ConnectionError):
         reason: str,
         state: str = "is unreachable",
         hint: str = "Check that Redis is running.",
+        *,
+        refusing: bool = False,
     ) -> None:
         super().__init__(f"Redis at {address} {state}: {reason}")
-        self.address, self.hint = address, hint
+        self.address, self.state, self.hint, self.refusing = address, state, hint, refusing
+
+    @property
+    def public(self) -> str:
+        """What a client may be told: the state, never the address or the driver's words."""
+        return f"Redis {self.state}"
 
 
 class DuplicateRequest(RateLimiterError):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -15,8 +14,6 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 __all__ = ["METRICS", "Metrics", "add_metrics", "timer"]
 
@@ -70,15 +67,6 @@ class Metrics:
 METRICS = web.AppKey("metrics", Metrics)
 
 
-@web.middleware
-async def _count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
-    route = request.match_info.route.resource
-    name = route.canonical if route is not None else "unmatched"
-    response = await handler(request)
-    request.app[METRICS].requests.labels(name, str(response.status)).inc()
-    return response
-
-
 async def _metrics(request: web.Request) -> web.Response:
     body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -86,7 +74,6 @@ async def _metrics(request: web.Request) -> web.Response:
 
 def add_metrics(app: web.Application) -> None:
     app[METRICS] = Metrics.create()
-    app.middlewares.append(_count_requests)
     app.router.add_get("/metrics", _metrics)
 
 

@@ -14,7 +14,6 @@ import contextlib
 import functools
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -29,14 +28,16 @@ from .engine import Decision, Reservation
 from .errors import RedisUnavailable
 from .estimate import cost_nano, estimate_tokens, price_of
 from .ledger import ledger_dims
-from .limits import Budget, Limit
+from .limits import MAX_AMOUNT, Budget, Limit
 from .metrics import METRICS, timer
 from .policy import Scope, dollars, limits_for
 from .resolver import Caller, authenticate, check_model_access, resolve
 from .responses import rate_headers, refusal
 from .server import (
+    CLIENT_REQUEST_ID,
     ENGINE,
     MAX_BODY_BYTES,
+    REQUEST_ID,
     SETTINGS,
     STORE,
     bearer,
@@ -86,7 +87,9 @@ class Call:
         self.app = request.app
         self.settings: Settings = self.app[SETTINGS]
         self.engine = self.app[ENGINE]
-        self.request_id = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex}"
+        # Ours, never the client's: a reused id must not reach another request's hold.
+        self.request_id = request[REQUEST_ID]
+        self.client_request_id = request.get(CLIENT_REQUEST_ID)
         self.started = time.perf_counter()
         self.meta, self.dims = b"", ["proxy:all"]
         self.scopes: tuple[Scope, ...] = ()
@@ -94,6 +97,11 @@ class Call:
         self.charged: dict[str, int] | None = None
         self.reservation: Reservation | None = None
         self.limits: list[Limit] | None = None  # kept to charge later when Redis was down
+        self.deployment: Deployment | None = None
+        self.sent = False  # the upstream may have the prompt: from here on it is billed
+        self.finished = False  # settled or released: both happen once
+        self.streamed_chars = 0
+        self.stream_usage: dict[str, Any] | None = None
         self.prompt, self.most = estimate_tokens(
             body, self.settings.default_max_tokens, embedding=kind == "embedding"
         )
@@ -142,10 +150,11 @@ class Call:
                 metrics.redis_errors.inc()
                 metrics.admissions.labels("unchecked").inc()
                 log.warning("admitting %s unchecked: %s", self.request_id, exc)
+                self.deployment = deployment
                 return deployment, Decision(True, self.request_id, ())
             metrics.admissions.labels("admitted" if decision.allowed else "refused").inc()
             if decision.allowed:
-                self.reservation = decision.reservation
+                self.reservation, self.deployment = decision.reservation, deployment
                 return deployment, decision
             if isinstance(decision.refused, Budget):
                 self.app[ALERTS].refused(decision.refused)
@@ -165,7 +174,9 @@ class Call:
         with. A refused request's acquire may still reach Redis later: it is abandoned, so it
         takes nothing."""
         waiting = self.app[DEFERRED].pending
-        if self.settings.on_redis_error == "allow":
+        # A Redis that answers but will not write (full, a replica) is not an outage to ride
+        # out: what it refuses now it would refuse to charge later.
+        if self.settings.on_redis_error == "allow" and not exc.refusing:
             if waiting < self.settings.max_unchecked_requests:
                 return None
             exc = RedisUnavailable(
@@ -192,6 +203,7 @@ class Call:
         key = caller.key or {}
         return {
             "request_id": self.request_id,
+            "client_request_id": self.client_request_id,
             "route": self.kind,
             "status": status,
             "model": deployment.model_name,
@@ -218,12 +230,15 @@ class Call:
             "model": deployment.model_name,
             "deployment": deployment.deployment_id,
             "route": self.kind,
+            "client_request_id": self.client_request_id,
         }
         fields = {k: v for k, v in fields.items() if v is not None}
         self.meta, self.dims = msgpack.packb(fields), ledger_dims(fields)
 
     async def settle(self, actuals: dict[str, int]) -> None:
-        self.charged = actuals
+        if self.finished:
+            return
+        self.finished, self.charged = True, actuals
         info = msgpack.packb(self.usage)
         if self.reservation is not None:
             await self._now_or_later(
@@ -243,8 +258,22 @@ class Call:
             self.app[DEFERRED].put(charge)
 
     async def release(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
         if self.reservation is not None:
             await self._now_or_later(functools.partial(self.engine.release, self.reservation))
+
+    async def finish(self) -> None:
+        """The one exit every admitted request passes: whatever ended it (our bug, a bad
+        upstream payload, a client gone, a shutdown), what the upstream may have billed is
+        charged, else everything is released; a request finished before is left alone."""
+        if self.finished or self.deployment is None:
+            return
+        if self.sent:
+            await self.settle(self.actuals(self.deployment, self.stream_usage, self.streamed_chars))
+        else:
+            await self.release()
 
     async def _now_or_later(self, update: Callable[[], Awaitable[Any]]) -> None:
         """A request the upstream answered is answered, whatever Redis does next: with Redis
@@ -261,28 +290,84 @@ class Call:
         if self.reservation is not None:
             await self.engine.renew(self.reservation)
 
+    @property
+    def wants_usage(self) -> bool:
+        options = self.body.get("stream_options")
+        return isinstance(options, dict) and options.get("include_usage") is True
+
     def upstream_body(self, deployment: Deployment) -> dict[str, Any]:
         body = {**self.body, "model": deployment.model.split("/", 1)[-1]}
         if body.get("stream"):
-            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+            options = body.get("stream_options")
+            body["stream_options"] = {
+                **(options if isinstance(options, dict) else {}),
+                "include_usage": True,
+            }
         return body
 
     def actuals(
-        self, deployment: Deployment, usage: dict[str, Any] | None, streamed_chars: int = 0
+        self, deployment: Deployment, usage: Any, generated_chars: int = 0
     ) -> dict[str, int]:
-        if usage:
-            prompt = int(usage.get("prompt_tokens") or 0)
-            completion = int(usage.get("completion_tokens") or 0)
-        else:  # no usage came (a cut stream): what was sent, estimated from its text
-            prompt, completion = self.prompt, -(-streamed_chars // 4)
-        spend = cost_nano(price_of(deployment), prompt, completion)
+        """What to charge: the upstream's usage when it is sane, else the prompt estimate
+        and the characters it generated / 4."""
+        reported = reported_tokens(usage)
+        if reported is not None:
+            prompt, completion = reported
+        else:
+            prompt, completion = self.prompt, -(-generated_chars // 4)
+        spend = min(cost_nano(price_of(deployment), prompt, completion), MAX_AMOUNT)
         self.usage = {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
-            "usage_reported": bool(usage),
+            "usage_reported": reported is not None,
         }
         self.app[METRICS].spend.labels(deployment.model_name).inc(dollars(spend))
         return {"tokens": prompt + completion, "spend": spend}
+
+
+# Usage past this is not a real request's (and would not fit the engine): a broken upstream.
+MAX_REPORTED_TOKENS = 2**31
+
+
+def reported_tokens(usage: Any) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from an upstream's ``usage``, or None when it is absent or
+    malformed (not an object, not whole numbers, negative, absurd). Embeddings report no
+    completion tokens."""
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+    for value in (prompt, completion):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return None
+        if not 0 <= value <= MAX_REPORTED_TOKENS:
+            return None
+    return prompt, completion
+
+
+def generated_chars(payload: Any) -> int:
+    """Characters of what a non-streamed answer generated: message content, tool-call
+    arguments, completion text."""
+    choices = payload.get("choices") if isinstance(payload, dict) else None
+    if not isinstance(choices, list):
+        return 0
+    total = 0
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        total += _chars(choice.get("text"))
+        message = choice.get("message")
+        if isinstance(message, dict):
+            total += _chars(message.get("content"))
+            calls = message.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict):
+                    total += _chars(function.get("name")) + _chars(function.get("arguments"))
+    return total
+
+
+def _chars(value: Any) -> int:
+    return len(value) if isinstance(value, str) else 0
 
 
 UNPRICED_WARNED = web.AppKey("unpriced_warned", set)
@@ -363,11 +448,8 @@ def proxy_route(kind: str) -> Callable[[web.Request], Awaitable[web.StreamRespon
             response = await forward(call, deployment, decision)
             status = response.status
             return response
-        except asyncio.CancelledError:  # shutdown deadline or a client that left
-            if call.charged is None:
-                await asyncio.shield(call.release())
-            raise
         finally:
+            await asyncio.shield(call.finish())
             request.app[METRICS].in_flight.dec()
             log.info("proxied", extra=call.log_fields(deployment, status, caller))
 
@@ -381,11 +463,11 @@ async def forward(call: Call, deployment: Deployment, decision: Decision) -> web
     if deployment.api_key:
         headers["Authorization"] = f"Bearer {deployment.api_key}"
     failure = rate_headers(decision, call.request_id)
+    payload = orjson.dumps(call.upstream_body(deployment))
     try:
         with timer(call.app[METRICS].upstream_seconds):
-            upstream = await call.app[HTTP].post(
-                url, data=orjson.dumps(call.upstream_body(deployment)), headers=headers
-            )
+            call.sent = True
+            upstream = await call.app[HTTP].post(url, data=payload, headers=headers)
         async with upstream:
             if upstream.status >= 400:
                 return await _upstream_error(call, deployment, upstream, decision)
@@ -411,10 +493,14 @@ async def forward(call: Call, deployment: Deployment, decision: Decision) -> web
             headers=failure,
         )
     try:
-        usage = orjson.loads(raw).get("usage")
-    except (orjson.JSONDecodeError, AttributeError):
-        usage = None
-    await call.settle(call.actuals(deployment, usage))
+        answer = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        answer = None
+    usage = answer.get("usage") if isinstance(answer, dict) else None
+    # With no sane usage, what came back is charged: its text, or the whole body when it
+    # is not a completion at all.
+    generated = generated_chars(answer) if answer is not None else len(raw)
+    await call.settle(call.actuals(deployment, usage, generated))
     return web.Response(
         body=raw, status=upstream.status, content_type="application/json", headers=failure
     )
@@ -426,18 +512,22 @@ async def _upstream_error(
     raw = await upstream.read()
     try:
         payload = orjson.loads(raw)
-        error, usage = payload.get("error") or {}, payload.get("usage")
-    except (orjson.JSONDecodeError, AttributeError):
-        error, usage = {}, None
-    if usage:  # the upstream says it consumed tokens even though it failed: charge them
+    except orjson.JSONDecodeError:
+        payload = None
+    payload = payload if isinstance(payload, dict) else {}
+    error, usage = payload.get("error"), payload.get("usage")
+    if reported_tokens(usage) is not None:  # it consumed tokens even though it failed
         await call.settle(call.actuals(deployment, usage))
     else:
         await call.release()
     message = error.get("message") if isinstance(error, dict) else None
+    kind = error.get("type") if isinstance(error, dict) else None
     return error_response(
         upstream.status,
-        message or raw.decode(errors="replace")[:500] or f"upstream answered {upstream.status}",
-        (error.get("type") if isinstance(error, dict) else None) or "upstream_error",
+        message
+        if isinstance(message, str) and message
+        else raw.decode(errors="replace")[:500] or f"upstream answered {upstream.status}",
+        kind if isinstance(kind, str) and kind else "upstream_error",
         headers=rate_headers(decision, call.request_id),
     )
 
@@ -465,7 +555,6 @@ async def _stream(
     decision: Decision,
     upstream: aiohttp.ClientResponse,
 ) -> web.StreamResponse:
-    wants_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
     response = web.StreamResponse(
         headers={
             **rate_headers(decision, call.request_id),
@@ -473,39 +562,51 @@ async def _stream(
             "Cache-Control": "no-cache",
         }
     )
-    await response.prepare(call.request)
-    usage: dict[str, Any] | None = None
-    streamed = 0
     try:
+        await response.prepare(call.request)
         async with _renewing(call):
             # Whatever arrived is parsed line by line but written back in one piece: a write
             # per SSE line cost more CPU than the rest of the stream's handling together.
             partial = b""
             async for data in upstream.content.iter_any():
                 *lines, partial = (partial + data).split(b"\n")
-                out = []
-                for line in lines:
-                    if line.startswith(b"data: {"):
-                        chunk = orjson.loads(line[6:])
-                        if chunk.get("usage"):
-                            usage = chunk["usage"]
-                            if not wants_usage and not chunk.get("choices"):
-                                continue  # the client did not ask for the usage chunk
-                        for choice in chunk.get("choices") or ():
-                            streamed += len(((choice.get("delta") or {}).get("content")) or "")
-                    out.append(line)
+                out = [line for line in lines if _read_sse_line(call, line)]
                 if out:
                     await response.write(b"\n".join(out) + b"\n")
             if partial:
                 await response.write(partial)
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError, asyncio.CancelledError):
-        upstream.close()  # the client left: stop paying for tokens nobody reads
-        await asyncio.shield(call.settle(call.actuals(deployment, usage, streamed)))
-        raise
-    await call.settle(call.actuals(deployment, usage, streamed))
-    with contextlib.suppress(ConnectionResetError):
+    except (aiohttp.ClientError, OSError):
+        # The client left (stop paying for tokens nobody reads) or the upstream broke off:
+        # the caller's finish() charges what was streamed.
+        upstream.close()
+        return response
+    await call.settle(call.actuals(deployment, call.stream_usage, call.streamed_chars))
+    with contextlib.suppress(aiohttp.ClientError, OSError):
         await response.write_eof()
     return response
+
+
+def _read_sse_line(call: Call, line: bytes) -> bool:
+    """Take usage and generated characters from one SSE line; False to keep it from the
+    client (the usage chunk it did not ask for). A line that is not valid JSON is passed on
+    and counted whole."""
+    if not line.startswith(b"data: {"):
+        return True
+    try:
+        chunk = orjson.loads(line[6:])
+    except orjson.JSONDecodeError:
+        call.streamed_chars += len(line) - 6
+        return True
+    choices = chunk.get("choices")
+    if chunk.get("usage"):
+        call.stream_usage = chunk["usage"]
+        if not call.wants_usage and not choices:
+            return False
+    for choice in choices if isinstance(choices, list) else ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict):
+            call.streamed_chars += _chars(delta.get("content"))
+    return True
 
 
 async def list_models(request: web.Request) -> web.Response:

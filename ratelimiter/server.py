@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -21,7 +22,17 @@ from .errors import RedisUnavailable
 from .metrics import METRICS, add_metrics
 from .store import EntityError, Store
 
-__all__ = ["ENGINE", "SETTINGS", "STORE", "create_app", "error_response", "hash_key", "new_key"]
+__all__ = [
+    "CLIENT_REQUEST_ID",
+    "ENGINE",
+    "REQUEST_ID",
+    "SETTINGS",
+    "STORE",
+    "create_app",
+    "error_response",
+    "hash_key",
+    "new_key",
+]
 
 log = logging.getLogger("ratelimiter.server")
 
@@ -29,8 +40,12 @@ SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey("engine", Engine)
 STORE = web.AppKey("store", Store)
 
+REQUEST_ID = web.RequestKey("request_id", str)
+CLIENT_REQUEST_ID = web.RequestKey("client_request_id", str | None)
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_CLIENT_REQUEST_ID = 200
 
 
 def new_key() -> str:
@@ -74,36 +89,80 @@ _ERROR_TYPES = {
 }
 
 
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except EntityError as exc:
-        return error_response(
-            exc.status, str(exc), _ERROR_TYPES.get(exc.status, "error"), exc.param
+def _client_request_id(request: web.Request) -> str | None:
+    value = request.headers.get("x-request-id")
+    if value is None:
+        return None
+    if not 0 < len(value) <= MAX_CLIENT_REQUEST_ID or not value.isprintable():
+        raise EntityError(
+            400,
+            f"x-request-id must be 1 to {MAX_CLIENT_REQUEST_ID} printable characters; it is "
+            "only echoed and logged (the limiter gives every request its own id)",
+            "x-request-id",
         )
-    except RedisUnavailable as exc:
-        return redis_unavailable(request, exc)
-    except (*unavailable_errors, *refusing_errors) as exc:  # from a call outside the engine
-        address = request.app[ENGINE].address if ENGINE in request.app else "?"
-        return redis_unavailable(request, as_unavailable(address, exc))
+    return value
+
+
+@web.middleware
+async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every answer gets an id of ours, leaves in OpenAI's envelope instead of a traceback,
+    and is counted by route and status."""
+    request[REQUEST_ID] = f"req-{uuid.uuid4().hex}"
+    try:
+        request[CLIENT_REQUEST_ID] = _client_request_id(request)
+        response = await handler(request)
+    except asyncio.CancelledError:
+        _count(request, 499)  # the client went away
+        raise
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(exc.status, exc.reason, _ERROR_TYPES.get(exc.status, "error"))
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        response = error_response(exc.status, exc.reason, _ERROR_TYPES.get(exc.status, "error"))
+    except Exception as exc:
+        response = _error_answer(request, exc)
+    _count(request, response.status)
+    return response
+
+
+def _error_answer(request: web.Request, exc: Exception) -> web.Response:
+    if isinstance(exc, EntityError):
         return error_response(
-            500, "internal error in the rate limiter; see its log", "internal_error"
+            exc.status, str(exc), _ERROR_TYPES.get(exc.status, "error"), exc.param
         )
+    if isinstance(exc, RedisUnavailable):
+        return redis_unavailable(request, exc)
+    if isinstance(exc, (*unavailable_errors, *refusing_errors)):  # a call outside the engine
+        address = request.app[ENGINE].address if ENGINE in request.app else "?"
+        return redis_unavailable(request, as_unavailable(address, exc))
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    return error_response(500, "internal error in the rate limiter; see its log", "internal_error")
+
+
+def _count(request: web.Request, status: int) -> None:
+    if METRICS in request.app:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        request.app[METRICS].requests.labels(route, str(status)).inc()
+
+
+async def _tag_response(request: web.Request, response: web.StreamResponse) -> None:
+    """Before any answer's headers leave, streams included: our id, and the client's echoed."""
+    if REQUEST_ID in request:
+        response.headers.setdefault("x-request-id", request[REQUEST_ID])
+    if request.get(CLIENT_REQUEST_ID):
+        response.headers.setdefault("x-client-request-id", request[CLIENT_REQUEST_ID])
 
 
 def redis_unavailable(request: web.Request, exc: RedisUnavailable) -> web.Response:
+    """A 503 that tells the client what happened; the address and the driver's words go to
+    the log only."""
     log.error("redis unavailable: %s", exc)
     if METRICS in request.app:
         request.app[METRICS].redis_errors.inc()
     return error_response(
-        503, f"{exc}; the limiter cannot decide, so it refuses. {exc.hint}", "service_unavailable"
+        503,
+        f"{exc.public}; the limiter cannot decide, so it refuses. {exc.hint}",
+        "service_unavailable",
     )
 
 
@@ -116,10 +175,9 @@ def bearer(request: web.Request) -> str | None:
 
 
 def require_master(request: web.Request) -> None:
-    token = bearer(request)
-    if token is None:
+    if bearer(request) is None:
         raise EntityError(401, "missing API key: send 'Authorization: Bearer <master key>'")
-    if not hmac.compare_digest(token.encode(), request.app[SETTINGS].master_key.encode()):
+    if not is_master(request):
         raise EntityError(401, "admin routes need the master key; this key is not it")
 
 
@@ -137,12 +195,23 @@ async def health_liveliness(request: web.Request) -> web.Response:
     return json_response("I'm alive!")
 
 
+def is_master(request: web.Request) -> bool:
+    token = bearer(request)
+    return token is not None and hmac.compare_digest(
+        token.encode(), request.app[SETTINGS].master_key.encode()
+    )
+
+
 async def health_readiness(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     try:
         await asyncio.wait_for(engine.redis.ping(), 2)
     except Exception as exc:
-        return json_response({"status": "unhealthy", "redis": str(exc) or "timeout"}, 503)
+        log.error("readiness: Redis at %s: %s", engine.address, exc or "timeout")
+        body = {"status": "unhealthy", "redis": "unreachable"}
+        if is_master(request):  # operators may see where and why
+            body["detail"] = f"Redis at {engine.address}: {exc or 'timeout'}"
+        return json_response(body, 503)
     return json_response({"status": "healthy", "redis": "connected"})
 
 
@@ -154,7 +223,8 @@ def create_app(settings: Settings, engine: Engine) -> web.Application:
     from .proxy import add_proxy_routes
     from .ui import add_ui_routes
 
-    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[edge_middleware], client_max_size=MAX_BODY_BYTES)
+    app.on_response_prepare.append(_tag_response)
     app[SETTINGS] = settings
     app[ENGINE] = engine
     app[STORE] = Store(engine.redis, prefix=settings.key_prefix, address=engine.address)

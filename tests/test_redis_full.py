@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import aiohttp
+import pytest
 import redis
 
 from ratelimiter import RedisServer
@@ -17,12 +18,17 @@ from .conftest import MASTER_KEY, Admin, one_model, running_sidecar, running_ups
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
-async def test_a_full_redis_is_a_503_that_takes_nothing(tmp_path: Path, ns: str) -> None:
+@pytest.mark.parametrize("policy", ["deny", "allow"])
+async def test_a_full_redis_is_a_503_that_takes_nothing(
+    tmp_path: Path, ns: str, policy: str
+) -> None:
+    """Even under on_redis_error: allow: a Redis that answers but will not write is no outage
+    to ride out, and nothing is admitted unchecked."""
     server = RedisServer(tmp_path, port=free_port(), appendonly=False).start()
     client = redis.Redis(port=server.port)
     try:
         async with running_upstream() as upstream:
-            settings = one_model(ns, upstream)
+            settings = one_model(ns, upstream, on_redis_error=policy)
             async with running_sidecar(settings, server.url) as base, aiohttp.ClientSession() as s:
                 created = await Admin(s, base).post("/key/generate", {"rpm_limit": 10})
                 headers = {"Authorization": f"Bearer {created['key']}"}
