@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .bodies import MAX_OUTPUT_TOKENS
 from .durations import Duration, parse_duration, time_zone
 from .embedded import DEFAULT_DATA_DIR
 from .errors import InvalidDuration, RateLimiterError
@@ -71,6 +73,9 @@ class Settings:
     on_redis_error: str = "deny"
     data_dir: Path = DEFAULT_DATA_DIR
     default_max_tokens: int = 4096
+    # how prompt text becomes tokens: "chars" (characters / 4, OpenAI's own estimate) or
+    # "bytes" (one token per UTF-8 byte: an upper bound, every BPE token being at least a byte)
+    prompt_estimate: str = "chars"
     unpriced_models: str = "free"
     upstream_timeout_s: float = 600.0
     lease_ttl_s: float = 60.0
@@ -147,7 +152,7 @@ class _Reader:
             with contextlib.suppress(ValueError):
                 raw = int(raw) if whole else float(raw)
         kind = int if whole else (int, float)
-        if isinstance(raw, bool) or not isinstance(raw, kind) or raw < 0:
+        if isinstance(raw, bool) or not isinstance(raw, kind) or not 0 <= raw < math.inf:
             what = "a non-negative whole number" if whole else "a non-negative number"
             raise self.fail(path, f"must be {what}, got {raw!r}")
         return raw
@@ -178,6 +183,7 @@ _OURS = {
     "on_redis_error",
     "data_dir",
     "default_max_tokens",
+    "prompt_estimate",
     "unpriced_models",
     "upstream_timeout",
     "lease_ttl",
@@ -281,9 +287,23 @@ def load_config(
         raise reader.fail(
             "ratelimiter_settings.unpriced_models", f"must be free or refuse, got {unpriced!r}"
         )
+    prompt_estimate = reader.string(
+        "ratelimiter_settings.prompt_estimate", ours.get("prompt_estimate")
+    )
+    if prompt_estimate not in (None, "chars", "bytes"):
+        raise reader.fail(
+            "ratelimiter_settings.prompt_estimate",
+            "must be chars (characters / 4, the default) or bytes (one token per UTF-8 byte, "
+            f"an upper bound), got {prompt_estimate!r}",
+        )
     default_max_tokens = reader.number(
         "ratelimiter_settings.default_max_tokens", ours.get("default_max_tokens"), whole=True
     )
+    if default_max_tokens is not None and default_max_tokens > MAX_OUTPUT_TOKENS:
+        raise reader.fail(
+            "ratelimiter_settings.default_max_tokens",
+            f"must be at most {MAX_OUTPUT_TOKENS}, the most a request may ask for",
+        )
     lease_ttl = reader.number("ratelimiter_settings.lease_ttl", ours.get("lease_ttl"))
     hold_ttl = reader.number("ratelimiter_settings.hold_ttl", ours.get("hold_ttl"))
     max_unchecked = reader.number(
@@ -324,6 +344,7 @@ def load_config(
             reader.string("ratelimiter_settings.data_dir", ours.get("data_dir")) or DEFAULT_DATA_DIR
         ),
         default_max_tokens=default_max_tokens or 4096,
+        prompt_estimate=prompt_estimate or "chars",
         unpriced_models=unpriced or "free",
         upstream_timeout_s=float(upstream_timeout or 600.0),
         lease_ttl_s=float(lease_ttl or 60.0),
