@@ -271,7 +271,9 @@ end
 -- stream <lg>ledger:<UTC day number>, fields rid, t0, t1, s (status), est, out (msgpack
 -- measure -> amount), meta (from acquire), info (from settle). The same step adds to the
 -- day's rollup hash <lg>rollup:<day>: for each dimension d given at acquire, d|requests,
--- d|<status> and d|<measure> for every charged measure.
+-- d|<status> and d|<measure> for every charged measure. The sorted set <lg>ledger-days holds
+-- the day numbers written (member and score), so readers visit only days that hold data
+-- instead of probing every day of a period (a budget that never resets spans 1970-2070).
 local DAY_MS = 86400000
 local ROLLUP_TTL_MS = 400 * DAY_MS
 
@@ -279,6 +281,7 @@ local function ledger_write(rec, rid, now, status, est, out, charged, info)
   local day = int(floor(now / DAY_MS))
   redis.call('XADD', rec.lg .. 'ledger:' .. day, '*', 'rid', rid, 't0', rec.t0, 't1', int(now),
     's', status, 'est', est, 'out', out, 'meta', rec.meta or '', 'info', info or '')
+  redis.call('ZADD', rec.lg .. 'ledger-days', day, day)
   local rollup = rec.lg .. 'rollup:' .. day
   for _, d in ipairs(mp_unpack(rec.dims)) do
     redis.call('HINCRBY', rollup, d .. '|requests', 1)

@@ -5,16 +5,21 @@ from __future__ import annotations
 import csv
 import io
 import sys
-from dataclasses import asdict
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, TextIO
+from zoneinfo import ZoneInfo
 
 import orjson
 
 from .config import Settings
-from .durations import period_bounds
+from .connections import translate_errors
+from .durations import parse_duration, period_bounds
 from .engine import Engine
 from .ledger import Entry, Ledger, utc_ms
+from .limits import Budget
 from .policy import Scope, scope_budgets
 from .store import Store
 
@@ -103,11 +108,58 @@ async def export(
     return count
 
 
+@dataclass(slots=True)
+class _Tally:
+    """One budget's current period, and the sum of its ledger entries found so far."""
+
+    budget: Budget
+    owner: str  # the rollup dimension of its entity, e.g. "key:3f9a…"
+    start: int
+    end: int
+    recorded: int = 0
+
+
+_DIM_FIELDS = {"key": "key_hash", "user": "user_id", "team": "team_id", "customer": "end_user"}
+_BUDGET_FIELDS = ("max_budget", "budget_duration", "budget_limits")
+_BATCH = 1000  # counters read per pipeline
+_SHOWN = 200  # characters of an entity's value or error quoted in a problem line
+
+
 async def check(engine: Engine, settings: Settings) -> list[str]:
     """Compare, for every budget of every key, user, team, customer and the proxy, the spend
     counter of the current period (without in-flight holds) with the sum of the ledger
-    entries acquired in that period. Returns the differences; empty means they agree."""
-    store, ledger = Store(engine.redis, prefix=settings.key_prefix), Ledger(engine)
+    entries acquired in that period. Returns the differences, and a line for each entity
+    whose budgets cannot be built (it is skipped); empty means they agree.
+
+    The ledger is read once, from the earliest period start, through its index of days: a
+    budget that never resets (a period from 1970) costs no more than one that resets daily.
+    """
+    now = await engine.now_ms()
+    problems: list[str] = []
+    tallies: list[_Tally] = []
+    store = Store(engine.redis, prefix=settings.key_prefix)
+    for scope, dim, dim_id in await _scopes(store, settings, problems):
+        try:
+            tallies += _periods(scope, f"{dim}:{dim_id}", settings.key_prefix, now, engine.tz)
+        except Exception as exc:  # only the entity's own fields are at work here, no Redis
+            problems.append(_unusable(dim, dim_id, scope.fields, exc))
+    counters = await _counters(engine, tallies)
+    await _sum_ledger(Ledger(engine), tallies, now)
+    for tally, counted in zip(tallies, counters, strict=True):
+        if counted != tally.recorded:
+            problems.append(
+                f"{tally.budget.name} {tally.owner} period from "
+                f"{datetime.fromtimestamp(tally.start / 1000, UTC).isoformat()}: "
+                f"counter {counted} != ledger {tally.recorded} (nano-dollars)"
+            )
+    return problems
+
+
+async def _scopes(
+    store: Store, settings: Settings, problems: list[str]
+) -> list[tuple[Scope, str, str]]:
+    """The proxy and every stored entity, with its rollup dimension; an unreadable record
+    becomes a problem line."""
     scopes: list[tuple[Scope, str, str]] = []
     if settings.max_budget is not None:
         fields = {
@@ -122,35 +174,72 @@ async def check(engine: Engine, settings: Settings) -> list[str]:
         ("customer", "end_user", "customer"),
     ):
         for entity_id in await store.ids(kind):
-            entity = await store.get(kind, entity_id)
+            try:
+                entity = await store.get(kind, entity_id)
+            except ValueError as exc:  # msgpack's errors for a damaged record
+                problems.append(
+                    f"{dim}:{entity_id}: not checked: its record cannot be read "
+                    f"({_short(str(exc))})"
+                )
+                continue
             if entity:
                 scopes.append((Scope(scope_kind, entity_id, entity), dim, entity_id))
-    now = await engine.now_ms()
-    problems = []
-    for scope, dim, dim_id in scopes:
-        for budget in scope_budgets(scope, settings.key_prefix):
-            start, end = period_bounds(budget.period, now, engine.tz)  # type: ignore[arg-type]
-            raw = await engine.redis.hmget(f"{budget.key}:{start}", "u", "h")
-            counted = int(raw[0] or 0) - int(raw[1] or 0)
-            recorded = 0
-            async for entry in ledger.entries(start, now + 1):
-                if start <= entry.started_ms < end and _in_dim(entry, dim, dim_id):
-                    recorded += entry.charged.get(budget.measure or "spend", 0)
-            if counted != recorded:
-                problems.append(
-                    f"{budget.name} {dim}:{dim_id} period from "
-                    f"{datetime.fromtimestamp(start / 1000, UTC).isoformat()}: "
-                    f"counter {counted} != ledger {recorded} (nano-dollars)"
-                )
-    return problems
+    return scopes
 
 
-def _in_dim(entry: Entry, dim: str, dim_id: str) -> bool:
-    field = {
-        "proxy": None,
-        "key": "key_hash",
-        "user": "user_id",
-        "team": "team_id",
-        "customer": "end_user",
-    }[dim]
-    return field is None or entry.meta.get(field) == dim_id
+def _periods(scope: Scope, owner: str, prefix: str, now: int, tz: ZoneInfo) -> list[_Tally]:
+    """The current period of each of the scope's budgets."""
+    tallies = []
+    for budget in scope_budgets(scope, prefix):
+        start, end = period_bounds(parse_duration(budget.period), now, tz)
+        tallies.append(_Tally(budget, owner, start, end))
+    return tallies
+
+
+def _unusable(dim: str, dim_id: str, fields: Any, exc: Exception) -> str:
+    if isinstance(fields, Mapping):
+        fields = {name: fields[name] for name in _BUDGET_FIELDS if name in fields}
+    where = "in the config" if dim == "proxy" else f"with /{dim}/update"
+    return (
+        f"{dim}:{dim_id}: not checked: its budget fields {_short(repr(fields))} cannot be "
+        f"turned into limits ({type(exc).__name__}: {_short(str(exc))}); correct them {where}"
+    )
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + "…"
+
+
+async def _sum_ledger(ledger: Ledger, tallies: list[_Tally], now: int) -> None:
+    """Add each entry to the tallies of its entities whose period it was acquired in."""
+    if not tallies:
+        return
+    by_owner: dict[str, list[_Tally]] = defaultdict(list)
+    for tally in tallies:
+        by_owner[tally.owner].append(tally)
+    async for entry in ledger.entries(min(t.start for t in tallies), now + 1):
+        for owner in _owners(entry):
+            for tally in by_owner.get(owner, ()):
+                if tally.start <= entry.started_ms < tally.end:
+                    tally.recorded += entry.charged.get(tally.budget.measure or "spend", 0)
+
+
+def _owners(entry: Entry) -> Iterator[str]:
+    yield "proxy:all"
+    for dim, name in _DIM_FIELDS.items():
+        value = entry.meta.get(name)
+        if isinstance(value, str) and value:
+            yield f"{dim}:{value}"
+
+
+async def _counters(engine: Engine, tallies: list[_Tally]) -> list[int]:
+    """Each tally's period counter: spent plus held, minus held."""
+    counted: list[int] = []
+    for first in range(0, len(tallies), _BATCH):
+        pipe = engine.redis.pipeline(transaction=False)
+        for tally in tallies[first : first + _BATCH]:
+            pipe.hmget(f"{tally.budget.key}:{tally.start}", "u", "h")
+        with translate_errors(engine.address):
+            replies = await pipe.execute()
+        counted += [int(used or 0) - int(held or 0) for used, held in replies]
+    return counted
