@@ -78,6 +78,8 @@ class Settings:
     prompt_estimate: str = "chars"
     unpriced_models: str = "free"
     upstream_timeout_s: float = 600.0
+    # the most a request waits for Redis before it is admitted or refused (all calls together)
+    redis_timeout_s: float = 2.0
     lease_ttl_s: float = 60.0
     hold_ttl_s: float = 600.0
     # under on_redis_error: allow, how many unchecked requests may wait to be charged (in
@@ -186,6 +188,7 @@ _OURS = {
     "prompt_estimate",
     "unpriced_models",
     "upstream_timeout",
+    "redis_timeout",
     "lease_ttl",
     "hold_ttl",
     "max_unchecked_requests",
@@ -314,6 +317,12 @@ def load_config(
     upstream_timeout = reader.number(
         "ratelimiter_settings.upstream_timeout", ours.get("upstream_timeout")
     )
+    redis_timeout = reader.number("ratelimiter_settings.redis_timeout", ours.get("redis_timeout"))
+    if redis_timeout == 0:
+        raise reader.fail(
+            "ratelimiter_settings.redis_timeout",
+            "must be more than 0 seconds: it is how long a request may wait for Redis",
+        )
     timezone = reader.string("ratelimiter_settings.timezone", ours.get("timezone")) or "UTC"
     try:
         time_zone(timezone)
@@ -347,6 +356,7 @@ def load_config(
         prompt_estimate=prompt_estimate or "chars",
         unpriced_models=unpriced or "free",
         upstream_timeout_s=float(upstream_timeout or 600.0),
+        redis_timeout_s=float(redis_timeout or 2.0),
         lease_ttl_s=float(lease_ttl or 60.0),
         hold_ttl_s=float(hold_ttl or 600.0),
         max_unchecked_requests=10_000 if max_unchecked is None else int(max_unchecked),

@@ -23,10 +23,11 @@ import orjson
 from aiohttp import web
 
 from .alerts import ALERTS
+from .bodies import check_body
 from .config import Deployment, Settings
 from .engine import Decision, Reservation
 from .errors import RedisUnavailable
-from .estimate import cost_nano, estimate_tokens, price_of
+from .estimate import cost_nano, estimate_tokens, estimated_cost, price_of
 from .ledger import ledger_dims
 from .limits import MAX_AMOUNT, Budget, Limit
 from .metrics import METRICS, timer
@@ -52,24 +53,6 @@ log = logging.getLogger("ratelimiter.proxy")
 
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 ROUTES = {"chat/completions": "chat", "completions": "completion", "embeddings": "embedding"}
-
-
-def _check_body(body: Any, kind: str) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise EntityError(400, "the request body must be a JSON object")
-    if not isinstance(body.get("model"), str) or not body["model"]:
-        raise EntityError(400, "model is required: name one of GET /v1/models", "model")
-    if kind == "chat" and not isinstance(body.get("messages"), list):
-        raise EntityError(400, "messages must be a list of messages", "messages")
-    for field in ("max_tokens", "max_completion_tokens", "n"):
-        value = body.get(field)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise EntityError(400, f"{field} must be a positive whole number", field)
-    if "stream" in body and not isinstance(body["stream"], bool):
-        raise EntityError(400, "stream must be true or false", "stream")
-    return body
 
 
 def _deployments(settings: Settings, model: str) -> list[Deployment]:
@@ -102,9 +85,27 @@ class Call:
         self.finished = False  # settled or released: both happen once
         self.streamed_chars = 0
         self.stream_usage: dict[str, Any] | None = None
+        self.deadline = asyncio.get_running_loop().time() + self.settings.redis_timeout_s
         self.prompt, self.most = estimate_tokens(
-            body, self.settings.default_max_tokens, embedding=kind == "embedding"
+            body,
+            self.settings.default_max_tokens,
+            embedding=kind == "embedding",
+            mode=self.settings.prompt_estimate,
         )
+
+    @contextlib.asynccontextmanager
+    async def admission_deadline(self) -> AsyncIterator[None]:
+        """Every Redis call before admission shares one deadline: a paused Redis costs a
+        client redis_timeout, not the timeout of each call and each of its retries."""
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                yield
+        except TimeoutError:
+            raise RedisUnavailable(
+                self.engine.address,
+                f"no answer within {self.settings.redis_timeout_s:g}s "
+                "(ratelimiter_settings.redis_timeout)",
+            ) from None
 
     async def admit(self, caller: Caller) -> tuple[Deployment, Decision] | web.Response:
         store = self.app[STORE]
@@ -118,15 +119,16 @@ class Call:
                     f"model {deployment.model_name!r} has no price: set "
                     "input_cost_per_token/output_cost_per_token in model_list",
                 )
-            resolved = await resolve(
-                store,
-                self.settings,
-                caller,
-                deployment,
-                _end_user(self.body),
-                self.prompt + self.most,
-                cost_nano(price, self.prompt, self.most),
-            )
+            async with self.admission_deadline():
+                resolved = await resolve(
+                    store,
+                    self.settings,
+                    caller,
+                    deployment,
+                    _end_user(self.body),
+                    self.prompt + self.most,
+                    estimated_cost(price, self.prompt, self.most),
+                )
             self.scopes = resolved.scopes
             limits = limits_for(
                 resolved, self.settings.key_prefix, round(self.settings.lease_ttl_s * 1000)
@@ -136,9 +138,10 @@ class Call:
             self.limits = limits
             try:
                 with timer(metrics.redis_seconds):
-                    decision = await self.engine.acquire(
-                        self.request_id, limits, meta=self.meta, ledger=self.dims
-                    )
+                    async with self.admission_deadline():
+                        decision = await self.engine.acquire(
+                            self.request_id, limits, meta=self.meta, ledger=self.dims
+                        )
             except RedisUnavailable as exc:
                 refused = self._refuse_unchecked(exc, limits)
                 if refused is exc:
@@ -428,7 +431,7 @@ async def _read_body(request: web.Request, kind: str) -> dict[str, Any]:
     except web.HTTPRequestEntityTooLarge:
         raise EntityError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes") from None
     try:
-        return _check_body(orjson.loads(raw), kind)
+        return check_body(orjson.loads(raw), kind)
     except orjson.JSONDecodeError as exc:
         raise EntityError(400, f"the body is not valid JSON: {exc}") from None
 
@@ -436,8 +439,9 @@ async def _read_body(request: web.Request, kind: str) -> dict[str, Any]:
 def proxy_route(kind: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
         body = await _read_body(request, kind)
-        caller = await authenticate(request.app[STORE], request.app[SETTINGS], bearer(request))
         call = Call(request, kind, body)
+        async with call.admission_deadline():
+            caller = await authenticate(request.app[STORE], call.settings, bearer(request))
         admitted = await call.admit(caller)
         if isinstance(admitted, web.Response):
             return admitted

@@ -89,6 +89,32 @@ async def test_a_paused_redis_answers_in_time_and_stuck_admissions_take_nothing(
         server.stop()
 
 
+async def test_one_admission_deadline_whatever_the_redis_timeout(
+    tmp_path: Path, upstream: str, ns: str
+) -> None:
+    """A patient Redis URL (10 s per call, retried twice) must not keep a client waiting:
+    every Redis call of an admission shares ratelimiter_settings.redis_timeout."""
+    server = RedisServer(tmp_path, port=free_port(), appendonly=False).start()
+    settings = one_model(ns, upstream, redis_timeout_s=REDIS_TIMEOUT_S)
+    try:
+        async with (
+            running_sidecar(settings, f"{server.url}?timeout=10") as base,
+            aiohttp.ClientSession() as session,
+        ):
+            key = (await Admin(session, base).post("/key/generate", {"rpm_limit": 100}))["key"]
+            assert (await post(session, base, key))[0] == 200  # the key is now cached
+            assert server.process is not None
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                status, elapsed = await post(session, base, key)
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            # Without the deadline: 10 s at least. With it: REDIS_TIMEOUT_S, plus a slow CI.
+            assert status == 503 and elapsed < 5, elapsed
+    finally:
+        server.stop()
+
+
 async def test_abandon_before_or_after_the_acquire_leaves_nothing_taken(
     engine: Engine, ns: str
 ) -> None:

@@ -43,7 +43,8 @@ async def test_every_request_has_exactly_one_entry(stack: Stack) -> None:
         14,
     )
     assert success["spend"] == pytest.approx(10e-6 + 4 * 2e-6)
-    assert success["estimated_spend"] == pytest.approx(10e-6 + 4 * 2e-6)
+    # estimated: 10 tokens of content + 1 of role + 3 per message + 3 for the reply
+    assert success["estimated_spend"] == pytest.approx(17e-6 + 4 * 2e-6)
     assert (failed["status"], failed["spend"]) == ("failure", 0.0)
     by_request = await stack.admin.get("/spend/logs", request_id=success["request_id"])
     assert by_request["total"] == 1

@@ -116,6 +116,24 @@ async def test_refused_connection_is_a_502_and_reserves_nothing(stack: Stack) ->
             "max_tokens must be a positive whole number",
         ),
         (b'{"model": "gpt-4o"}', "text/plain", 400, "application/json"),
+        # Shapes that once failed after admission (500, the lease held until its TTL) or
+        # were forwarded unvalidated: refused before anything is reserved.
+        (b'{"model": "gpt-4o", "messages": [null]}', "application/json", 400, "messages[0]"),
+        (b'{"model": "gpt-4o", "messages": ["s"]}', "application/json", 400, "messages[0]"),
+        (
+            b'{"model": "gpt-4o", "messages": [], "stream": true, "stream_options": "x"}',
+            "application/json",
+            400,
+            "stream_options",
+        ),
+        (
+            b'{"model": "gpt-4o", "messages": [], "max_tokens": 9007199254740993}',
+            "application/json",
+            400,
+            "max_tokens",
+        ),
+        (b'{"model": "gpt-4o", "prompt": 5}', "application/json", 400, "messages"),
+        (b"[1, 2]", "application/json", 400, "JSON object"),
         (
             b'{"model": "gpt-4o", "messages": []}' + b" " * (5 * 1024 * 1024),
             "application/json",

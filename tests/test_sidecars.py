@@ -192,9 +192,9 @@ async def test_a_killed_sidecars_hold_is_charged_once_by_another(
                     await asyncio.sleep(0.2)
                 (entry,) = logs["data"]
                 assert entry["status"] == "expired"
-                assert entry["spend"] == entry["estimated_spend"] == pytest.approx(110e-6)
+                assert entry["spend"] == entry["estimated_spend"] == pytest.approx(117e-6)
                 info = (await admin.get("/key/info", key=key))["info"]
-                assert info["spend"] == pytest.approx(110e-6)  # counters agree with the ledger
+                assert info["spend"] == pytest.approx(117e-6)  # counters agree with the ledger
                 async with session.post(  # and the lease came back
                     f"{survivor}/v1/chat/completions",
                     json={
