@@ -11,8 +11,9 @@ from typing import Any
 from aiohttp import web
 
 from .connections import translate_errors
-from .durations import parse_duration
+from .durations import expiry_ms, parse_duration, period_bounds, shown
 from .ledger import Entry, Ledger, utc_ms
+from .limits import Budget
 from .policy import Scope, dollars, scope_budgets
 from .server import (
     ENGINE,
@@ -24,40 +25,33 @@ from .server import (
     read_json,
     require_master,
 )
-from .store import EntityError, Store, validate
+from .store import (
+    MAX_LIST,
+    MAX_TEXT,
+    REFERENCES,
+    EntityError,
+    Store,
+    effective_fields,
+    validate,
+)
 
-__all__ = ["add_admin_routes", "effective_fields"]
+__all__ = ["add_admin_routes"]
 
 SCOPE_KIND = {"key": "key", "user": "user", "team": "team", "customer": "end_user"}
-LIMIT_FIELDS = (
-    "max_budget",
-    "soft_budget",
-    "budget_duration",
-    "tpm_limit",
-    "rpm_limit",
-    "max_parallel_requests",
-    "model_max_budget",
-)
+MAX_IDS = 1_000  # ids in one delete, block or info call
+MAX_PAGE = 1_000_000  # /spend/logs pages
+MAX_PAGE_SIZE = 1_000  # /spend/logs rows per page
+FIRST_DAY, LAST_DAY = date(1970, 1, 1), date(9999, 12, 30)  # LAST_DAY + 1 still exists
 
 
 def _iso(ms: int | None) -> str | None:
     return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC).isoformat()
 
 
-async def effective_fields(store: Store, entity: dict[str, Any]) -> dict[str, Any]:
-    """An entity's own limits, with the gaps filled from the budget it names."""
-    budget_id = entity.get("budget_id")
-    if not budget_id:
-        return entity
-    budget = await store.get("budget", budget_id) or {}
-    merged = dict(entity)
-    for name in LIMIT_FIELDS:
-        if merged.get(name) is None and budget.get(name) is not None:
-            merged[name] = budget[name]
-    return merged
-
-
-async def _check_budget_exists(store: Store, fields: dict[str, Any]) -> None:
+async def _check_references(store: Store, kind: str, fields: dict[str, Any]) -> None:
+    """The budget an entity names must exist, and so must a key's team (404). A key's user is
+    created if missing, as LiteLLM did: a key never names a user that does not exist (the
+    resolver refuses such a key) or that a later /user/new would create with other limits."""
     budget_id = fields.get("budget_id")
     if budget_id and await store.get("budget", budget_id) is None:
         raise EntityError(
@@ -65,55 +59,114 @@ async def _check_budget_exists(store: Store, fields: dict[str, Any]) -> None:
             f"budget_id {budget_id!r} does not exist: create it with /budget/new first",
             "budget_id",
         )
+    if kind != "key":
+        return
+    team_id = fields.get("team_id")
+    if team_id and await store.get("team", team_id) is None:
+        raise EntityError(
+            404, f"team_id {team_id!r} does not exist: create it with /team/new first", "team_id"
+        )
+    user_id = fields.get("user_id")
+    if user_id and await store.get("user", user_id) is None:
+        try:
+            await store.create("user", user_id, validate("user", {"user_id": user_id}))
+        except EntityError as exc:
+            if exc.status != 409:  # 409: created meanwhile, which is as good
+                raise
 
 
-async def _spend(
-    request: web.Request, kind: str, entity_id: str, entity: dict[str, Any]
-) -> list[dict[str, Any]]:
-    """Spend, remaining and reset time of every budget window of an entity, now."""
-    store, engine = request.app[STORE], request.app[ENGINE]
-    scope = Scope(SCOPE_KIND.get(kind, kind), entity_id, await effective_fields(store, entity))
+async def _spend(request: web.Request, scope: Scope) -> list[dict[str, Any]]:
+    """Spend, remaining and reset time of every budget window of a scope, now. Spend is what
+    was charged, past max_budget too (a request may cost more than it held); remaining is
+    what is left after spend and the holds of requests in flight."""
+    engine = request.app[ENGINE]
     budgets = list(scope_budgets(scope, request.app[SETTINGS].key_prefix))
     if not budgets:
         return []
     now = await engine.now_ms()
-    states = await engine.peek(budgets)
-    return [
-        {
-            "budget_duration": str(s.limit.period),
-            "max_budget": dollars(s.limit.capacity),
-            "spend": dollars(s.limit.capacity - s.remaining),
-            "remaining": dollars(s.remaining),
-            "budget_reset_at": _iso(now + s.reset_ms),
-        }
-        for s in states
-    ]
+    windows = []
+    for budget in budgets:
+        used, held, end = await _period_usage(request, budget, now)
+        windows.append(
+            {
+                "budget_duration": str(budget.period),
+                "max_budget": dollars(budget.capacity),
+                "spend": dollars(used - held),
+                "remaining": dollars(max(budget.capacity - used, 0)),
+                "budget_reset_at": _iso(end),
+            }
+        )
+    return windows
+
+
+async def _period_usage(request: web.Request, budget: Budget, now: int) -> tuple[int, int, int]:
+    """Spent-plus-held, held and end of the budget's current period, read from the period's
+    hash (``<key>:<start>``, fields u and h, as the scripts keep it): the engine's peek
+    answers only what remains, clamped at 0, which hides spend past the budget."""
+    engine = request.app[ENGINE]
+    start, end = period_bounds(budget.period, now, engine.tz)  # type: ignore[arg-type]
+    with translate_errors(engine.address):
+        used, held = await engine.redis.hmget(f"{budget.key}:{start}", "u", "h")
+    return int(used or 0), int(held or 0), end
 
 
 async def _info(
     request: web.Request, kind: str, entity_id: str, entity: dict[str, Any]
 ) -> dict[str, Any]:
-    windows = await _spend(request, kind, entity_id, entity)
+    owner = "this key" if kind == "key" else f"{kind} {entity_id!r}"
+    problem: dict[str, str] = {}
+    try:
+        fields = await effective_fields(request.app[STORE], owner, entity)
+    except EntityError as exc:  # a missing budget: shown, so that an admin can mend it
+        fields, problem = entity, {"error": str(exc)}
+    windows = await _spend(request, Scope(SCOPE_KIND[kind], entity_id, fields))
     first = windows[0] if windows else {}
     return {
         **entity,
         "spend": first.get("spend", 0.0),
         "budget_reset_at": first.get("budget_reset_at"),
         "budget_windows": windows,
+        **problem,
     }
 
 
-def _required(body: dict[str, Any], name: str) -> str:
-    value = body.get(name)
-    if not isinstance(value, str) or not value:
-        raise EntityError(400, f"{name} is required", name)
+async def read_object(request: web.Request) -> dict[str, Any]:
+    """The JSON body, which every admin POST route takes as an object."""
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise EntityError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _id(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_TEXT:
+        raise EntityError(
+            400, f"{name} must be an id of 1 to {MAX_TEXT} characters, got {shown(value)}", name
+        )
     return value
+
+
+def _required(body: dict[str, Any], name: str) -> str:
+    if body.get(name) is None:
+        raise EntityError(400, f"{name} is required", name)
+    return _id(name, body[name])
+
+
+def _ids(body: dict[str, Any], name: str) -> list[str]:
+    """A non-empty list of at most MAX_IDS ids (one id alone is taken as a list of one)."""
+    ids = body.get(name)
+    ids = [ids] if isinstance(ids, str) else ids
+    if not isinstance(ids, list) or not ids or len(ids) > MAX_IDS:
+        raise EntityError(
+            400, f"{name} must be a non-empty list of at most {MAX_IDS} ids, got {shown(ids)}", name
+        )
+    return [_id(name, i) for i in ids]
 
 
 def _query(request: web.Request, *names: str) -> str:
     for name in names:
         if request.query.get(name):
-            return request.query[name]
+            return _id(name, request.query[name])
     raise EntityError(400, f"query parameter {names[0]} is required", names[0])
 
 
@@ -132,16 +185,21 @@ def _key_id(value: str) -> str:
 # -- keys ---------------------------------------------------------------------------
 
 
+def _now_ms() -> int:
+    # The same clock that authenticate() compares expires_at with.
+    return int(time.time() * 1000)
+
+
 async def _create_key(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
     store = request.app[STORE]
     fields = validate("key", body)
-    await _check_budget_exists(store, fields)
+    await _check_references(store, "key", fields)
     plain = new_key()
     token = hash_key(plain)
-    now = int(time.time() * 1000)
+    now = _now_ms()
     expires = None
     if fields.get("duration"):
-        expires = now + parse_duration(fields["duration"]).milliseconds
+        expires = expiry_ms(parse_duration(fields["duration"]), now)
     entity = {**fields, "token": token, "created_at": now, "expires_at": expires}
     await store.create("key", token, entity)
     return {**entity, "key": plain, "expires": _iso(expires)}
@@ -149,22 +207,27 @@ async def _create_key(request: web.Request, body: dict[str, Any]) -> dict[str, A
 
 async def key_generate(request: web.Request) -> web.Response:
     require_master(request)
-    return json_response(await _create_key(request, await read_json(request)))
+    return json_response(await _create_key(request, await read_object(request)))
 
 
 async def key_update(request: web.Request) -> web.Response:
+    """A new ``duration`` counts from now, as in LiteLLM: the key expires that long after
+    the update."""
     require_master(request)
-    body = await read_json(request)
+    body = await read_object(request)
     token = _key_id(_required(body, "key"))
     changes = validate("key", {k: v for k, v in body.items() if k != "key"}, partial=True)
-    return json_response(await _update(request, "key", token, changes))
+    if changes.get("duration"):
+        changes["expires_at"] = expiry_ms(parse_duration(changes["duration"]), _now_ms())
+    entity = await _update(request, "key", token, changes)
+    return json_response({**entity, "expires": _iso(entity.get("expires_at"))})
 
 
 async def _update(
     request: web.Request, kind: str, entity_id: str, changes: dict[str, Any]
 ) -> dict[str, Any]:
     store = request.app[STORE]
-    await _check_budget_exists(store, changes)
+    await _check_references(store, kind, changes)
     entity = {**await _load(store, kind, entity_id), **changes}
     if kind == "customer" and entity.get("budget_id") and entity.get("max_budget") is not None:
         raise EntityError(
@@ -183,18 +246,19 @@ async def key_info(request: web.Request) -> web.Response:
 
 async def key_delete(request: web.Request) -> web.Response:
     require_master(request)
-    body = await read_json(request)
-    keys = body.get("keys")
-    if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
-        raise EntityError(400, "keys must be a non-empty list of keys", "keys")
-    store = request.app[STORE]
+    keys = _ids(await read_object(request), "keys")
     tokens = [_key_id(k) for k in keys]
     for token in tokens:
-        await _load(store, "key", token)
-    for token in tokens:
-        await _gate(request, "key", token, True, DELETED_GATE_TTL_S)
-        await store.delete("key", token)
+        await _load(request.app[STORE], "key", token)
+    await _delete(request, "key", tokens)
     return json_response({"deleted_keys": keys})
+
+
+async def _delete(request: web.Request, kind: str, ids: list[str]) -> None:
+    for entity_id in ids:
+        if kind in SCOPE_KIND:
+            await _gate(request, kind, entity_id, True, DELETED_GATE_TTL_S)
+        await request.app[STORE].delete(kind, entity_id)
 
 
 # A deleted entity's gate outlives every sidecar's cached copy of it.
@@ -215,13 +279,8 @@ async def _gate(
 def _set_blocked(kind: str, blocked: bool) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
         require_master(request)
-        body = await read_json(request)
-        if kind == "key":
-            ids = [_key_id(_required(body, "key"))]
-        else:
-            ids = body.get("user_ids")
-            if not isinstance(ids, list) or not ids:
-                raise EntityError(400, "user_ids must be a non-empty list", "user_ids")
+        body = await read_object(request)
+        ids = [_key_id(_required(body, "key"))] if kind == "key" else _ids(body, "user_ids")
         entities = [await _update(request, kind, i, {"blocked": blocked}) for i in ids]
         for entity_id in ids:
             await _gate(request, kind, entity_id, blocked)
@@ -247,12 +306,12 @@ async def key_list(request: web.Request) -> web.Response:
 
 async def user_new(request: web.Request) -> web.Response:
     require_master(request)
-    body = await read_json(request)
+    body = await read_object(request)
     store = request.app[STORE]
     user = validate("user", body)
     user_id = user.get("user_id") or str(uuid.uuid4())
     user["user_id"] = user_id
-    await _check_budget_exists(store, user)
+    await _check_references(store, "user", user)
     await store.create("user", user_id, user)
     # LiteLLM's /user/new also hands out a key for the user; it shares the user's limits
     key = await _create_key(request, {"user_id": user_id, "models": user.get("models") or []})
@@ -263,13 +322,13 @@ def _create(kind: str, id_field: str) -> Callable[[web.Request], Awaitable[web.R
     async def handler(request: web.Request) -> web.Response:
         require_master(request)
         store = request.app[STORE]
-        entity = validate(kind, await read_json(request))
+        entity = validate(kind, await read_object(request))
         entity_id = entity.get(id_field) or (None if kind != "team" else str(uuid.uuid4()))
         if not entity_id:
             raise EntityError(400, f"{id_field} is required", id_field)
         entity[id_field] = entity_id
         if kind != "budget":
-            await _check_budget_exists(store, entity)
+            await _check_references(store, kind, entity)
         await store.create(kind, entity_id, entity)
         return json_response(entity)
 
@@ -290,7 +349,7 @@ def _info_route(kind: str, *params: str) -> Callable[[web.Request], Awaitable[we
 def _update_route(kind: str, id_field: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
         require_master(request)
-        body = await read_json(request)
+        body = await read_object(request)
         entity_id = _required(body, id_field)
         changes = validate(kind, {k: v for k, v in body.items() if k != id_field}, partial=True)
         return json_response(await _update(request, kind, entity_id, changes))
@@ -299,38 +358,54 @@ def _update_route(kind: str, id_field: str) -> Callable[[web.Request], Awaitable
 
 
 def _delete_route(kind: str, list_field: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """Deleting a user or a team deletes its keys, as LiteLLM does; a budget that anything
+    still names is not deleted (409). So a delete never leaves a key without its limits."""
+
     async def handler(request: web.Request) -> web.Response:
         require_master(request)
-        body = await read_json(request)
-        ids = body.get(list_field)
-        if isinstance(ids, str):
-            ids = [ids]
-        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-            raise EntityError(400, f"{list_field} must be a non-empty list of ids", list_field)
+        ids = _ids(await read_object(request), list_field)
         store = request.app[STORE]
         for entity_id in ids:
             await _load(store, kind, entity_id)
-        for entity_id in ids:
-            if kind in SCOPE_KIND:
-                await _gate(request, kind, entity_id, True, DELETED_GATE_TTL_S)
-            await store.delete(kind, entity_id)
-        return json_response({"deleted": ids})
+        if kind == "budget":
+            for budget_id in ids:
+                await _refuse_if_used(store, budget_id)
+        body: dict[str, Any] = {"deleted": ids}
+        if kind in ("user", "team"):
+            keys = [k["token"] for i in ids for k in await store.naming("key", f"{kind}_id", i)]
+            await _delete(request, "key", keys)  # first: a failure here leaves the owner
+            body["deleted_keys"] = keys
+        await _delete(request, kind, ids)
+        return json_response(body)
 
     return handler
 
 
+async def _refuse_if_used(store: Store, budget_id: str) -> None:
+    users = {kind: len(await store.naming(kind, "budget_id", budget_id)) for kind in REFERENCES}
+    counts = [f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in users.items() if n]
+    if counts:
+        raise EntityError(
+            409,
+            f"budget {budget_id!r} is still used by {', '.join(counts)}: give them another "
+            "budget_id (or none) with /key/update, /user/update, /team/update or "
+            "/customer/update, or delete them, then delete the budget",
+            "id",
+        )
+
+
 async def team_member_add(request: web.Request) -> web.Response:
     require_master(request)
-    body = await read_json(request)
+    body = await read_object(request)
     team_id = _required(body, "team_id")
     raw = body.get("member")
     raw = raw if isinstance(raw, list) else [raw]
     extra = (
         {"max_budget_in_team": body["max_budget_in_team"]} if "max_budget_in_team" in body else {}
     )
-    added = validate("team", {"members": [{**(m or {}), **extra} for m in raw]}, partial=True)[
-        "members"
-    ]
+    # Anything but an object goes to validation as it is, to be refused there by name.
+    merged = [{**m, **extra} if isinstance(m, dict) else m for m in raw]
+    added = validate("team", {"members": merged}, partial=True)["members"]
     team = await _load(request.app[STORE], "team", team_id)
     current = {m["user_id"]: m for m in team.get("members") or []}
     for member in added:
@@ -339,6 +414,8 @@ async def team_member_add(request: web.Request) -> web.Response:
                 409, f"user {member['user_id']!r} is already in team {team_id!r}", "member"
             )
         current[member["user_id"]] = member
+    if len(current) > MAX_LIST:
+        raise EntityError(400, f"a team has at most {MAX_LIST} members", "member")
     return json_response(
         await _update(request, "team", team_id, {"members": list(current.values())})
     )
@@ -346,7 +423,7 @@ async def team_member_add(request: web.Request) -> web.Response:
 
 async def team_member_delete(request: web.Request) -> web.Response:
     require_master(request)
-    body = await read_json(request)
+    body = await read_object(request)
     team_id, user_id = _required(body, "team_id"), _required(body, "user_id")
     team = await _load(request.app[STORE], "team", team_id)
     members = [m for m in team.get("members") or [] if m["user_id"] != user_id]
@@ -364,9 +441,7 @@ async def budget_info(request: web.Request) -> web.Response:
     require_master(request)
     store = request.app[STORE]
     if request.method == "POST":
-        ids = (await read_json(request)).get("budgets")
-        if not isinstance(ids, list) or not ids:
-            raise EntityError(400, "budgets must be a non-empty list of budget ids", "budgets")
+        ids = _ids(await read_object(request), "budgets")
     else:
         ids = [_query(request, "budget_id")]
     return json_response([await _load(store, "budget", b) for b in ids])
@@ -397,11 +472,31 @@ def _date(request: web.Request, name: str, default: date) -> date:
     if not raw:
         return default
     try:
-        return date.fromisoformat(raw)
+        day = date.fromisoformat(raw)
     except ValueError:
+        day = None
+    if day is None or not FIRST_DAY <= day <= LAST_DAY:
         raise EntityError(
-            400, f"{name} must be a date like 2026-11-24, got {raw!r}", name
-        ) from None
+            400,
+            f"{name} must be a date like 2026-11-24 from {FIRST_DAY} to {LAST_DAY}, "
+            f"got {shown(raw)}",
+            name,
+        )
+    return day
+
+
+def _whole(request: web.Request, name: str, default: int, most: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    # isdigit() before int(): int() of thousands of digits is slow, and refused past 4,300.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= len(str(most))) or not (
+        1 <= int(raw) <= most
+    ):
+        raise EntityError(
+            400, f"{name} must be a whole number from 1 to {most}, got {shown(raw)}", name
+        )
+    return int(raw)
 
 
 def _dates(request: web.Request) -> tuple[date, date]:
@@ -446,11 +541,8 @@ async def spend_logs(request: web.Request) -> web.Response:
     if wanted.get("key_hash", "").startswith("sk-"):  # a plain key: look it up by its hash
         wanted["key_hash"] = hash_key(wanted["key_hash"])
     request_id = request.query.get("request_id")
-    try:
-        page = max(int(request.query.get("page", "1")), 1)
-        size = min(max(int(request.query.get("page_size", "50")), 1), 1000)
-    except ValueError:
-        raise EntityError(400, "page and page_size must be whole numbers", "page") from None
+    page = _whole(request, "page", 1, MAX_PAGE)
+    size = _whole(request, "page_size", 50, MAX_PAGE_SIZE)
     ledger = Ledger(request.app[ENGINE])
     matched = []
     async for entry in ledger.entries(utc_ms(start), utc_ms(end + timedelta(days=1))):

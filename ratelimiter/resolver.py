@@ -13,11 +13,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .admin import effective_fields
 from .config import Deployment, Settings
 from .policy import Resolved, Scope
 from .server import hash_key
-from .store import EntityError, Store
+from .store import EntityError, Store, effective_fields
 
 __all__ = ["Caller", "authenticate", "check_model_access", "resolve"]
 
@@ -49,11 +48,30 @@ async def authenticate(store: Store, settings: Settings, presented: str | None) 
         raise EntityError(401, "this API key has expired; ask for a new one")
     if key.get("blocked"):
         raise EntityError(403, "this API key is blocked; an admin can unblock it with /key/unblock")
-    user = await store.get("user", key["user_id"]) if key.get("user_id") else None
-    team = await store.get("team", key["team_id"]) if key.get("team_id") else None
+    user = await _owner(store, key, "user")
+    team = await _owner(store, key, "team")
     if team is not None and team.get("blocked"):
         raise EntityError(403, f"team {key['team_id']!r} is blocked")
     return Caller(False, token, key, user, team)
+
+
+async def _owner(store: Store, key: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    """The user or team a key belongs to. Deleting one deletes its keys; a key that still
+    names a missing one (a race, or a key from an older version) is refused, because its
+    owner's limits are unknown and unknown must never mean unlimited."""
+    owner_id = key.get(f"{kind}_id")
+    if not owner_id:
+        return None
+    owner = await store.get(kind, owner_id)
+    if owner is None:
+        raise EntityError(
+            403,
+            f"this API key belongs to {kind} {owner_id!r}, which does not exist, so its "
+            f"limits are unknown and the key is refused: create the {kind} with /{kind}/new "
+            f"or move the key with /key/update",
+            f"{kind}_id",
+        )
+    return owner
 
 
 def _matches(entry: str, deployment: Deployment, groups: dict[str, set[str]]) -> bool:
@@ -120,14 +138,16 @@ async def resolve(
         }
         scopes.append(Scope("proxy", "all", proxy))
     if caller.key is not None and caller.token is not None:
-        scopes.append(Scope("key", caller.token, await effective_fields(store, caller.key)))
+        key = await effective_fields(store, "this API key", caller.key)
+        scopes.append(Scope("key", caller.token, key))
         if caller.user is not None:
-            scopes.append(
-                Scope("user", caller.user["user_id"], await effective_fields(store, caller.user))
-            )
+            user_id = caller.user["user_id"]
+            user = await effective_fields(store, f"user {user_id!r}", caller.user)
+            scopes.append(Scope("user", user_id, user))
         if caller.team is not None:
             team_id = caller.team["team_id"]
-            scopes.append(Scope("team", team_id, await effective_fields(store, caller.team)))
+            team = await effective_fields(store, f"team {team_id!r}", caller.team)
+            scopes.append(Scope("team", team_id, team))
             member = next(
                 (
                     m
@@ -149,7 +169,8 @@ async def resolve(
                 )
     if end_user:
         customer = await _customer(store, settings, end_user)
-        scopes.append(Scope("end_user", end_user, await effective_fields(store, customer)))
+        fields = await effective_fields(store, f"end user {end_user!r}", customer)
+        scopes.append(Scope("end_user", end_user, fields))
     scopes.append(
         Scope(
             "deployment",

@@ -10,17 +10,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import msgpack
 
 from .connections import RedisClient, translate_errors
-from .durations import parse_duration
+from .durations import parse_duration, shown
 from .errors import InvalidDuration, RateLimiterError
+from .limits import MAX_AMOUNT
+from .policy import NANO
 
-__all__ = ["KINDS", "EntityError", "Store", "validate"]
+__all__ = [
+    "KINDS",
+    "LIMIT_FIELDS",
+    "REFERENCES",
+    "EntityError",
+    "Store",
+    "effective_fields",
+    "validate",
+]
 
 log = logging.getLogger("ratelimiter.store")
 
@@ -43,8 +54,49 @@ class EntityError(RateLimiterError):
         self.param = param
 
 
+# Fields that name another entity. The store keeps, per field and value, the set of entities
+# naming it, so deleting a user, team or budget finds what names it without reading them all.
+REFERENCES: dict[str, tuple[str, ...]] = {
+    "key": ("user_id", "team_id", "budget_id"),
+    "user": ("budget_id",),
+    "team": ("budget_id",),
+    "customer": ("budget_id",),
+}
+# The limits an entity takes from the budget it names when it does not set them itself.
+LIMIT_FIELDS = (
+    "max_budget",
+    "soft_budget",
+    "budget_duration",
+    "tpm_limit",
+    "rpm_limit",
+    "max_parallel_requests",
+    "model_max_budget",
+)
+# The engine counts exactly up to 2**53-1 units (limits.MAX_AMOUNT): nano-dollars for money.
+MAX_DOLLARS = MAX_AMOUNT / NANO
+MAX_TEXT = 256  # characters of an id, alias or name
+MAX_LIST = 1_000  # entries in one list field (models, members, model_max_budget...)
+MAX_WINDOWS = 32  # entries of budget_limits
+_BATCH = 500  # entities per MGET
+
+
 def _fail(field: str, problem: str) -> EntityError:
     return EntityError(400, f"{field}: {problem}", field)
+
+
+def _bounded(field: str, value: Any, what: str) -> None:
+    if len(value) > MAX_LIST:
+        raise _fail(field, f"at most {MAX_LIST} {what}, got {len(value)}")
+
+
+def _models(field: str, value: Any) -> dict[str, Any]:
+    """An object keyed by model name: {model: ...}."""
+    models = mapping(field, value)
+    _bounded(field, models, "models")
+    for model in models:
+        if not 0 < len(model) <= MAX_TEXT:
+            raise _fail(field, f"model names have 1 to {MAX_TEXT} characters, got {shown(model)}")
+    return models
 
 
 # -- field checkers: (field name, raw value) -> stored value ---------------------------
@@ -53,8 +105,20 @@ def _fail(field: str, problem: str) -> EntityError:
 def money(field: str, value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise _fail(field, f"must be a non-negative number of dollars, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise _fail(field, f"must be a non-negative number of dollars, got {shown(value)}")
+    # Compared as nano-dollars, the unit the engine counts, so the maximum itself passes.
+    if value * NANO > MAX_AMOUNT:
+        raise _fail(
+            field,
+            f"must be at most {MAX_DOLLARS:.2f} dollars (2**53-1 nano-dollars, the most the "
+            f"engine counts exactly), got {shown(value)}",
+        )
     return float(value)
 
 
@@ -62,7 +126,13 @@ def count(field: str, value: Any) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _fail(field, f"must be a non-negative whole number, got {value!r}")
+        raise _fail(field, f"must be a non-negative whole number, got {shown(value)}")
+    if value > MAX_AMOUNT:
+        raise _fail(
+            field,
+            f"must be at most {MAX_AMOUNT} (2**53-1, the most the engine counts exactly), "
+            f"got {shown(value)}",
+        )
     return value
 
 
@@ -78,22 +148,30 @@ def duration(field: str, value: Any) -> str | None:
 def text(field: str, value: Any) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not value or len(value) > 256:
-        raise _fail(field, f"must be a non-empty string of at most 256 characters, got {value!r}")
+    if not isinstance(value, str) or not value or len(value) > MAX_TEXT:
+        raise _fail(
+            field,
+            f"must be a non-empty string of at most {MAX_TEXT} characters, got {shown(value)}",
+        )
     return value
 
 
 def flag(field: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise _fail(field, f"must be true or false, got {value!r}")
+        raise _fail(field, f"must be true or false, got {shown(value)}")
     return value
 
 
 def names(field: str, value: Any) -> list[str]:
     if value is None:
         return []
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise _fail(field, f"must be a list of names, got {value!r}")
+    if not isinstance(value, list) or not all(
+        isinstance(v, str) and 0 < len(v) <= MAX_TEXT for v in value
+    ):
+        raise _fail(
+            field, f"must be a list of names of at most {MAX_TEXT} characters, got {shown(value)}"
+        )
+    _bounded(field, value, "names")
     return value
 
 
@@ -101,18 +179,18 @@ def mapping(field: str, value: Any) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _fail(field, f"must be an object, got {value!r}")
+        raise _fail(field, f"must be an object, got {shown(value)}")
     return value
 
 
 def model_counts(field: str, value: Any) -> dict[str, int]:
-    return {m: count(f"{field}.{m}", v) or 0 for m, v in mapping(field, value).items()}
+    return {m: count(f"{field}.{m}", v) or 0 for m, v in _models(field, value).items()}
 
 
 def model_budgets(field: str, value: Any) -> dict[str, dict[str, Any]]:
     """{model: {max_budget | budget_limit, budget_duration | time_period, tpm_limit, rpm_limit}}"""
     out = {}
-    for model, spec in mapping(field, value).items():
+    for model, spec in _models(field, value).items():
         path = f"{field}.{model}"
         spec = mapping(path, spec)
         unknown = set(spec) - {
@@ -143,7 +221,9 @@ def budget_windows(field: str, value: Any) -> list[dict[str, Any]]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise _fail(field, f"must be a list of {{max_budget, budget_duration}}, got {value!r}")
+        raise _fail(field, f"must be a list of {{max_budget, budget_duration}}, got {shown(value)}")
+    if len(value) > MAX_WINDOWS:
+        raise _fail(field, f"at most {MAX_WINDOWS} budget windows, got {len(value)}")
     out = []
     for i, spec in enumerate(value):
         path = f"{field}[{i}]"
@@ -162,7 +242,8 @@ def members(field: str, value: Any) -> list[dict[str, Any]]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise _fail(field, f"must be a list of members, got {value!r}")
+        raise _fail(field, f"must be a list of members, got {shown(value)}")
+    _bounded(field, value, "members")
     return [member(f"{field}[{i}]", m) for i, m in enumerate(value)]
 
 
@@ -176,7 +257,7 @@ def member(field: str, value: Any) -> dict[str, Any]:
         raise _fail(f"{field}.user_id", "is required")
     role = spec.get("role", "user")
     if role not in ("admin", "user"):
-        raise _fail(f"{field}.role", f"must be admin or user, got {role!r}")
+        raise _fail(f"{field}.role", f"must be admin or user, got {shown(role)}")
     return {
         "user_id": user_id,
         "role": role,
@@ -249,7 +330,8 @@ def validate(kind: str, body: Any, *, partial: bool = False) -> dict[str, Any]:
     schema = SCHEMAS[kind]
     for name in body:
         if name not in schema:
-            raise _fail(name, f"unknown field for a {kind}; accepted: {', '.join(sorted(schema))}")
+            label = name if len(name) <= MAX_TEXT else shown(name)
+            raise _fail(label, f"unknown field for a {kind}; accepted: {', '.join(sorted(schema))}")
     out = {name: schema[name](name, value) for name, value in body.items()}
     if kind == "customer" and out.get("budget_id") and out.get("max_budget") is not None:
         raise EntityError(
@@ -273,6 +355,7 @@ class Store:
         self.cache_ttl_s = cache_ttl_s
         self.channel = f"{prefix}invalidate"
         self._cache: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
+        self._references_indexed: set[str] = set()
 
     def _key(self, kind: str, entity_id: str) -> str:
         return f"{self.prefix}e:{{{kind}}}:{entity_id}"
@@ -290,17 +373,19 @@ class Store:
         self._cache[(kind, entity_id)] = (time.monotonic() + self.cache_ttl_s, entity)
         return entity
 
-    async def all(self, kind: str, batch: int = 500) -> list[dict[str, Any]]:
-        """Every entity of a kind, read from Redis in MGETs of ``batch`` (one kind is one
-        slot, so this works on a Cluster too); for listings, not the request path."""
-        ids = await self.ids(kind)
-        found: list[dict[str, Any]] = []
-        for start in range(0, len(ids), batch):
-            keys = [self._key(kind, i) for i in ids[start : start + batch]]
+    async def all(self, kind: str) -> list[dict[str, Any]]:
+        """Every entity of a kind, read from Redis in batched MGETs (one kind is one slot, so
+        this works on a Cluster too); for listings, not the request path."""
+        return [entity async for _, entity in self._read(kind, await self.ids(kind)) if entity]
+
+    async def _read(self, kind: str, ids: list[str]) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """(id, entity) of those of ``ids`` that exist, from Redis in MGETs of ``_BATCH``."""
+        for start in range(0, len(ids), _BATCH):
+            chunk = ids[start : start + _BATCH]
             with translate_errors(self.address):
-                values = await self.redis.mget(keys)
-            found += [msgpack.unpackb(v) for v in values if v]
-        return found
+                values = await self.redis.mget([self._key(kind, i) for i in chunk])
+            for entity_id, raw in zip(chunk, values, strict=True):
+                yield entity_id, msgpack.unpackb(raw) if raw else {}
 
     async def create(self, kind: str, entity_id: str, entity: Mapping[str, Any]) -> None:
         with translate_errors(self.address):
@@ -312,19 +397,85 @@ class Store:
                     409, f"a {kind} with id {entity_id!r} already exists", ID_FIELD[kind]
                 )
             await self.redis.sadd(self._index(kind), entity_id)
+            await self._refer(kind, entity_id, {}, entity)
         await self._changed(kind, entity_id)
 
     async def put(self, kind: str, entity_id: str, entity: Mapping[str, Any]) -> None:
         with translate_errors(self.address):
+            before = await self._stored(kind, entity_id)
+            await self._refer(kind, entity_id, before, entity)
             await self.redis.set(self._key(kind, entity_id), msgpack.packb(entity))
+            await self._unrefer(kind, entity_id, before, entity)
         await self._changed(kind, entity_id)
 
     async def delete(self, kind: str, entity_id: str) -> bool:
         with translate_errors(self.address):
+            before = await self._stored(kind, entity_id)
             removed = await self.redis.delete(self._key(kind, entity_id))
             await self.redis.srem(self._index(kind), entity_id)
+            await self._unrefer(kind, entity_id, before, {})
         await self._changed(kind, entity_id)
         return bool(removed)
+
+    async def naming(self, kind: str, field: str, value: str) -> list[dict[str, Any]]:
+        """Every entity of ``kind`` whose ``field`` is ``value`` (a key's ``user_id``...),
+        read from Redis, not the cache."""
+        await self._index_references(kind)
+        refs = self._refs(kind, field, value)
+        with translate_errors(self.address):
+            ids = sorted(m.decode() for m in await self.redis.smembers(refs))
+        found, stale = [], []
+        async for entity_id, entity in self._read(kind, ids):
+            if entity.get(field) == value:
+                found.append(entity)
+            else:
+                stale.append(entity_id)
+        if stale:  # left by a write that did not finish, or a race: harmless, tidied here
+            with translate_errors(self.address):
+                await self.redis.srem(refs, *stale)
+        return found
+
+    def _refs(self, kind: str, field: str, value: str) -> str:
+        # "r:" never meets an entity key ("e:"), whatever the ids; same slot as the kind.
+        return f"{self.prefix}r:{{{kind}}}:{field}:{value}"
+
+    async def _stored(self, kind: str, entity_id: str) -> dict[str, Any]:
+        if kind not in REFERENCES:
+            return {}
+        raw = await self.redis.get(self._key(kind, entity_id))
+        return msgpack.unpackb(raw) if raw else {}
+
+    async def _refer(
+        self, kind: str, entity_id: str, before: Mapping[str, Any], after: Mapping[str, Any]
+    ) -> None:
+        """Add to the sets of the values ``after`` names, before it is written, so that a
+        write cut short leaves a set naming too much (``naming`` filters and tidies it),
+        not too little."""
+        for field in REFERENCES.get(kind, ()):
+            value = after.get(field)
+            if value and value != before.get(field):
+                await self.redis.sadd(self._refs(kind, field, value), entity_id)
+
+    async def _unrefer(
+        self, kind: str, entity_id: str, before: Mapping[str, Any], after: Mapping[str, Any]
+    ) -> None:
+        for field in REFERENCES.get(kind, ()):
+            value = before.get(field)
+            if value and value != after.get(field):
+                await self.redis.srem(self._refs(kind, field, value), entity_id)
+
+    async def _index_references(self, kind: str) -> None:
+        """Entities written before the store kept reference sets are added once, on the
+        first lookup (a batched read of the kind); a marker in Redis says it was done."""
+        if kind in self._references_indexed:
+            return
+        marker = f"{self.prefix}r:{{{kind}}}:indexed"
+        with translate_errors(self.address):
+            if not await self.redis.exists(marker):
+                async for entity_id, entity in self._read(kind, await self.ids(kind)):
+                    await self._refer(kind, entity_id, {}, entity)
+                await self.redis.set(marker, 1)
+        self._references_indexed.add(kind)
 
     async def ids(self, kind: str) -> list[str]:
         with translate_errors(self.address):
@@ -357,3 +508,27 @@ class Store:
             finally:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(pubsub.aclose(), 1)
+
+
+async def effective_fields(store: Store, owner: str, entity: dict[str, Any]) -> dict[str, Any]:
+    """An entity's own limits, with the gaps filled from the budget it names.
+
+    A named budget that does not exist (deleted by a race, or by an older version) is an
+    error, never "no limits": ``owner`` ("this API key", "user 'ana'"...) says whose it is."""
+    budget_id = entity.get("budget_id")
+    if not budget_id:
+        return entity
+    budget = await store.get("budget", budget_id)
+    if budget is None:
+        raise EntityError(
+            403,
+            f"{owner} names budget {budget_id!r}, which does not exist, so its limits are "
+            "unknown and requests are refused: create the budget again with /budget/new or "
+            "give it another budget_id",
+            "budget_id",
+        )
+    merged = dict(entity)
+    for name in LIMIT_FIELDS:
+        if merged.get(name) is None and budget.get(name) is not None:
+            merged[name] = budget[name]
+    return merged
