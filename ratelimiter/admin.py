@@ -11,9 +11,8 @@ from typing import Any
 from aiohttp import web
 
 from .connections import translate_errors
-from .durations import expiry_ms, parse_duration, period_bounds, shown
+from .durations import expiry_ms, parse_duration, shown
 from .ledger import Entry, Ledger, utc_ms
-from .limits import Budget
 from .policy import Scope, dollars, scope_budgets
 from .server import (
     ENGINE,
@@ -79,35 +78,19 @@ async def _spend(request: web.Request, scope: Scope) -> list[dict[str, Any]]:
     """Spend, remaining and reset time of every budget window of a scope, now. Spend is what
     was charged, past max_budget too (a request may cost more than it held); remaining is
     what is left after spend and the holds of requests in flight."""
-    engine = request.app[ENGINE]
     budgets = list(scope_budgets(scope, request.app[SETTINGS].key_prefix))
     if not budgets:
         return []
-    now = await engine.now_ms()
-    windows = []
-    for budget in budgets:
-        used, held, end = await _period_usage(request, budget, now)
-        windows.append(
-            {
-                "budget_duration": str(budget.period),
-                "max_budget": dollars(budget.capacity),
-                "spend": dollars(used - held),
-                "remaining": dollars(max(budget.capacity - used, 0)),
-                "budget_reset_at": _iso(end),
-            }
-        )
-    return windows
-
-
-async def _period_usage(request: web.Request, budget: Budget, now: int) -> tuple[int, int, int]:
-    """Spent-plus-held, held and end of the budget's current period, read from the period's
-    hash (``<key>:<start>``, fields u and h, as the scripts keep it): the engine's peek
-    answers only what remains, clamped at 0, which hides spend past the budget."""
-    engine = request.app[ENGINE]
-    start, end = period_bounds(budget.period, now, engine.tz)  # type: ignore[arg-type]
-    with translate_errors(engine.address):
-        used, held = await engine.redis.hmget(f"{budget.key}:{start}", "u", "h")
-    return int(used or 0), int(held or 0), end
+    return [
+        {
+            "budget_duration": str(budget.period),
+            "max_budget": dollars(budget.capacity),
+            "spend": dollars(use.spent),
+            "remaining": dollars(max(budget.capacity - use.spent - use.held, 0)),
+            "budget_reset_at": _iso(use.end_ms),
+        }
+        for budget, use in zip(budgets, await request.app[ENGINE].budget_use(budgets), strict=True)
+    ]
 
 
 async def _info(

@@ -24,7 +24,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from .connections import RedisClient, RedisSettings, connect, translate_errors
-from .durations import Duration, period_bounds, time_zone
+from .durations import Duration, parse_duration, period_bounds, time_zone
 from .embedded import DEFAULT_DATA_DIR, RedisServer
 from .errors import DuplicateRequest, InvalidLimit
 from .limits import MAX_AMOUNT, Budget, Concurrency, Gate, Limit, SlidingWindow, validate_limits
@@ -32,6 +32,7 @@ from .multiplex import Multiplexer
 from .scripts import Script, load_scripts, run_script
 
 __all__ = [
+    "BudgetUse",
     "Decision",
     "Engine",
     "ExpiredHold",
@@ -113,6 +114,17 @@ class Settlement:
     reserved: dict[str, int] = field(default_factory=dict)
     charged: dict[str, int] = field(default_factory=dict)
     meta: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetUse:
+    """A budget's current period as it stands, not clamped at the capacity: ``spent`` is
+    settled (and expired) spend, ``held`` the estimates of requests still in flight."""
+
+    spent: int
+    held: int
+    start_ms: int
+    end_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,6 +419,30 @@ class Engine:
             for n, i in enumerate(indices):
                 states[i] = LimitState(limits[i], flat[2 * n], flat[2 * n + 1])
         return [s for s in states if s is not None]
+
+    async def budget_use(
+        self, budgets: Sequence[Budget], now_ms: int | None = None, batch: int = 1000
+    ) -> list[BudgetUse]:
+        """Spent and held amounts of each budget's period at ``now_ms`` (default: now), read
+        in pipelines of ``batch``. ``peek`` answers what remains, clamped at 0; this shows
+        spend past the budget."""
+        now = await self._now_ms() if now_ms is None else now_ms
+        periods = [period_bounds(parse_duration(b.period), now, self.tz) for b in budgets]
+        found: list[BudgetUse] = []
+        for first in range(0, len(budgets), batch):
+            pipe = self.redis.pipeline(transaction=False)
+            for budget, (start, _) in zip(
+                budgets[first : first + batch], periods[first : first + batch], strict=True
+            ):
+                pipe.hmget(f"{budget.key}:{start}", "u", "h")  # as lib.lua's budget_key
+            with translate_errors(self.address):
+                replies = await pipe.execute()
+            for (used, held), (start, end) in zip(
+                replies, periods[first : first + batch], strict=True
+            ):
+                held_now = int(held or 0)
+                found.append(BudgetUse(int(used or 0) - held_now, held_now, start, end))
+        return found
 
     async def collect_expired(self, batch: int = 100) -> list[ExpiredHold]:
         """Finalise reservations whose hold deadline passed, charged at their estimate.

@@ -15,7 +15,6 @@ from zoneinfo import ZoneInfo
 import orjson
 
 from .config import Settings
-from .connections import translate_errors
 from .durations import parse_duration, period_bounds
 from .engine import Engine
 from .ledger import Entry, Ledger, utc_ms
@@ -121,7 +120,6 @@ class _Tally:
 
 _DIM_FIELDS = {"key": "key_hash", "user": "user_id", "team": "team_id", "customer": "end_user"}
 _BUDGET_FIELDS = ("max_budget", "budget_duration", "budget_limits")
-_BATCH = 1000  # counters read per pipeline
 _SHOWN = 200  # characters of an entity's value or error quoted in a problem line
 
 
@@ -143,7 +141,7 @@ async def check(engine: Engine, settings: Settings) -> list[str]:
             tallies += _periods(scope, f"{dim}:{dim_id}", settings.key_prefix, now, engine.tz)
         except Exception as exc:  # only the entity's own fields are at work here, no Redis
             problems.append(_unusable(dim, dim_id, scope.fields, exc))
-    counters = await _counters(engine, tallies)
+    counters = await _counters(engine, tallies, now)
     await _sum_ledger(Ledger(engine), tallies, now)
     for tally, counted in zip(tallies, counters, strict=True):
         if counted != tally.recorded:
@@ -232,14 +230,6 @@ def _owners(entry: Entry) -> Iterator[str]:
             yield f"{dim}:{value}"
 
 
-async def _counters(engine: Engine, tallies: list[_Tally]) -> list[int]:
-    """Each tally's period counter: spent plus held, minus held."""
-    counted: list[int] = []
-    for first in range(0, len(tallies), _BATCH):
-        pipe = engine.redis.pipeline(transaction=False)
-        for tally in tallies[first : first + _BATCH]:
-            pipe.hmget(f"{tally.budget.key}:{tally.start}", "u", "h")
-        with translate_errors(engine.address):
-            replies = await pipe.execute()
-        counted += [int(used or 0) - int(held or 0) for used, held in replies]
-    return counted
+async def _counters(engine: Engine, tallies: list[_Tally], now: int) -> list[int]:
+    """Each tally's period counter: what was spent, without the holds in flight."""
+    return [use.spent for use in await engine.budget_use([t.budget for t in tallies], now)]
