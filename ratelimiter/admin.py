@@ -12,6 +12,7 @@ from aiohttp import web
 
 from .connections import translate_errors
 from .durations import expiry_ms, parse_duration, shown
+from .errors import EntityError
 from .ledger import Entry, Ledger, utc_ms
 from .policy import Scope, dollars, scope_budgets
 from .server import (
@@ -28,7 +29,6 @@ from .store import (
     MAX_LIST,
     MAX_TEXT,
     REFERENCES,
-    EntityError,
     Store,
     effective_fields,
     validate,

@@ -18,7 +18,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from .store import EntityError
+from .errors import EntityError
 
 __all__ = [
     "MAX_END_USER_CHARS",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "DuplicateRequest",
+    "EntityError",
     "InvalidDuration",
     "InvalidLimit",
     "RateLimiterError",
@@ -71,3 +72,13 @@ class UnknownModel(RateLimiterError, ValueError):
             f"no price for model {model!r}: register one with ratelimiter.register_model("
             f"{{{model!r}: {{'input_cost_per_token': ..., 'output_cost_per_token': ...}}}})"
         )
+
+
+class EntityError(RateLimiterError):
+    """A request (to the proxy or the admin API) that cannot be carried out as sent;
+    ``status`` is the HTTP status to answer, ``param`` the field at fault."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.param = param

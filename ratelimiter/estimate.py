@@ -25,10 +25,9 @@ from typing import Any
 import orjson
 
 from .config import Deployment
-from .errors import UnknownModel
+from .errors import EntityError, UnknownModel
 from .limits import MAX_AMOUNT
 from .policy import NANO
-from .store import EntityError
 
 __all__ = [
     "IMAGE_TOKENS",

@@ -12,8 +12,8 @@ import orjson
 from aiohttp import web
 
 from .connections import translate_errors
+from .errors import EntityError
 from .server import ENGINE, SETTINGS, json_response, read_json, require_master
-from .store import EntityError
 
 __all__ = ["add_hosted_budget_routes"]
 

@@ -26,7 +26,7 @@ from .alerts import ALERTS
 from .bodies import check_body
 from .config import Deployment, Settings
 from .engine import Decision, Reservation
-from .errors import RedisUnavailable
+from .errors import EntityError, RedisUnavailable
 from .estimate import cost_nano, estimate_tokens, estimated_cost, price_of
 from .ledger import ledger_dims
 from .limits import MAX_AMOUNT, Budget, Limit
@@ -45,7 +45,6 @@ from .server import (
     error_response,
     json_response,
 )
-from .store import EntityError
 
 __all__ = ["HTTP", "add_proxy_routes"]
 

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Deployment, Settings
+from .errors import EntityError
 from .policy import Resolved, Scope
 from .server import hash_key
-from .store import EntityError, Store, effective_fields
+from .store import Store, effective_fields
 
 __all__ = ["Caller", "authenticate", "check_model_access", "resolve"]
 

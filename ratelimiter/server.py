@@ -18,9 +18,9 @@ from aiohttp import web
 from .config import Settings
 from .connections import as_unavailable, refusing_errors, unavailable_errors
 from .engine import Engine
-from .errors import RedisUnavailable
+from .errors import EntityError, RedisUnavailable
 from .metrics import METRICS, add_metrics
-from .store import EntityError, Store
+from .store import Store
 
 __all__ = [
     "CLIENT_REQUEST_ID",

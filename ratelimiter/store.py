@@ -19,7 +19,7 @@ import msgpack
 
 from .connections import RedisClient, translate_errors
 from .durations import parse_duration, shown
-from .errors import InvalidDuration, RateLimiterError
+from .errors import EntityError, InvalidDuration
 from .limits import MAX_AMOUNT
 from .policy import NANO
 
@@ -43,15 +43,6 @@ ID_FIELD = {
     "team": "team_id",
     "customer": "user_id",
 }
-
-
-class EntityError(RateLimiterError):
-    """An admin call that cannot be carried out; ``status`` is the HTTP status to answer."""
-
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.param = param
 
 
 # Fields that name another entity. The store keeps, per field and value, the set of entities

@@ -11,8 +11,8 @@ import orjson
 import pytest
 
 from ratelimiter.bodies import check_body
+from ratelimiter.errors import EntityError
 from ratelimiter.logs import JsonFormatter
-from ratelimiter.store import EntityError
 
 MODEL = {"model": "gpt-4o"}
 CHAT = {**MODEL, "messages": [{"role": "user", "content": "hi"}]}

@@ -11,9 +11,9 @@ import pytest
 
 from ratelimiter import estimate
 from ratelimiter.config import ConfigError, load_config
+from ratelimiter.errors import EntityError
 from ratelimiter.estimate import estimate_tokens
 from ratelimiter.limits import MAX_AMOUNT
-from ratelimiter.store import EntityError
 
 USER = {"role": "user", "content": "hello"}
 TOOL = {
