@@ -27,14 +27,17 @@ import orjson
 
 from benchmarks import services
 
-PROMPT = "lorem " * 60  # 360 characters: 90 prompt tokens by the sidecar's chars/4 estimate
+# 360 characters: 90 prompt tokens by the sidecar's chars/4 estimate and by the fake upstream's
+# count. Text completions, not chat: a chat estimate adds OpenAI's per-message framing, which
+# the fake does not bill, and a token window could then not be filled to the last unit.
+PROMPT = "lorem " * 60
 MAX_TOKENS = 16
 
 
 async def burst(
     urls: Sequence[str], key: str, model: str, count: int, concurrency: int
 ) -> list[dict[str, Any]]:
-    """``count`` chat completions spread round-robin over ``urls``; each one's status and usage."""
+    """``count`` text completions spread round-robin over ``urls``; each one's status and usage."""
     targets = itertools.cycle(urls)
     plan = [next(targets) for _ in range(count)]
     results: list[dict[str, Any]] = []
@@ -42,7 +45,7 @@ async def burst(
     body = orjson.dumps(
         {
             "model": model,
-            "messages": [{"role": "user", "content": PROMPT}],
+            "prompt": PROMPT,
             "max_tokens": MAX_TOKENS,
         }
     )
@@ -53,7 +56,7 @@ async def burst(
         async def one(url: str) -> None:
             async with (
                 gate,
-                session.post(f"{url}/chat/completions", data=body, headers=headers) as r,
+                session.post(f"{url}/completions", data=body, headers=headers) as r,
             ):
                 payload = orjson.loads(await r.read())
                 results.append({"status": r.status, "usage": payload.get("usage")})
