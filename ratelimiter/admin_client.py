@@ -12,6 +12,7 @@ its status, with the API's own message.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -310,7 +311,12 @@ def _entity(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _info(entity_id: str, info: dict[str, Any]) -> EntityInfo:
-    windows = tuple(BudgetWindow(**w) for w in info.get("budget_windows") or ())
+    # Fields a newer sidecar adds to a window are ignored, not a TypeError.
+    known = [f.name for f in dataclasses.fields(BudgetWindow)]
+    windows = tuple(
+        BudgetWindow(**{name: w.get(name) for name in known})
+        for w in info.get("budget_windows") or ()
+    )
     fields = {
         k: v for k, v in info.items() if k not in ("spend", "budget_reset_at", "budget_windows")
     }

@@ -86,3 +86,18 @@ async def test_errors_are_exceptions_with_the_apis_message(stack: Stack, ns: str
         with pytest.raises(BadRequest) as bad:
             await admin.generate_key(budget_duration="fortnightly")
         assert bad.value.param == "budget_duration" and "fortnightly" in bad.value.message
+
+
+def test_fields_a_newer_sidecar_adds_are_ignored() -> None:
+    from ratelimiter.admin_client import _info
+
+    window = {
+        "budget_duration": "1d",
+        "max_budget": 1.0,
+        "spend": 0.5,
+        "remaining": 0.5,
+        "budget_reset_at": None,
+        "held": 0.1,
+    }
+    info = _info("k", {"spend": 0.5, "budget_windows": [window]})
+    assert info.budget_windows[0].spend == 0.5
