@@ -359,9 +359,20 @@ def _delete_route(kind: str, list_field: str) -> Callable[[web.Request], Awaitab
             await _delete(request, "key", keys)  # first: a failure here leaves the owner
             body["deleted_keys"] = keys
         await _delete(request, kind, ids)
+        if kind == "user":
+            await _leave_teams(request, set(ids))
         return json_response(body)
 
     return handler
+
+
+async def _leave_teams(request: web.Request, user_ids: set[str]) -> None:
+    """A deleted user is no longer a member of any team, as in LiteLLM."""
+    for team in await request.app[STORE].all("team"):
+        members = team.get("members") or []
+        kept = [m for m in members if m.get("user_id") not in user_ids]
+        if len(kept) != len(members):
+            await _update(request, "team", team["team_id"], {"members": kept})
 
 
 async def _refuse_if_used(store: Store, budget_id: str) -> None:

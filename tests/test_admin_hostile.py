@@ -76,6 +76,17 @@ async def test_deleting_a_user_deletes_its_keys(stack: Stack) -> None:
     assert got == 404
 
 
+async def test_a_deleted_user_leaves_its_teams(stack: Stack) -> None:
+    await stack.admin.post("/user/new", {"user_id": "u-gone"})
+    await stack.admin.post(
+        "/team/new",
+        {"team_id": "t-left", "members": [{"user_id": "u-gone"}, {"user_id": "u-stays"}]},
+    )
+    await stack.admin.post("/user/delete", {"user_ids": ["u-gone"]})
+    team = await stack.admin.get("/team/info", team_id="t-left")
+    assert [m["user_id"] for m in team["team_info"]["members"]] == ["u-stays"]
+
+
 async def test_deleting_a_team_deletes_its_keys(stack: Stack) -> None:
     await stack.admin.post("/team/new", {"team_id": "t-zero", "rpm_limit": 0})
     key = await stack.key(team_id="t-zero")
