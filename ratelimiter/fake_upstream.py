@@ -44,12 +44,19 @@ class FakeUpstream:
 FAKE = web.AppKey("fake", FakeUpstream)
 
 
-def _prompt_tokens(body: dict[str, Any]) -> int:
-    if "messages" in body:
-        text = "".join(str(m.get("content") or "") for m in body["messages"])
+def _prompt_tokens(body: dict[str, Any], field: str) -> int:
+    """ceil(characters / 4) of the route's own input field, whatever else the body carries
+    and whatever shape it has (the sidecar passes fields it does not read through)."""
+    raw = body.get(field)
+    if field == "messages":
+        messages = raw if isinstance(raw, list) else []
+        text = "".join(str(m.get("content") or "") for m in messages if isinstance(m, dict))
     else:
-        raw = body.get("prompt") or body.get("input") or ""
-        text = raw if isinstance(raw, str) else " ".join(map(str, raw))
+        text = (
+            raw
+            if isinstance(raw, str)
+            else " ".join(map(str, raw if isinstance(raw, list) else ()))
+        )
     return max(1, -(-len(text) // 4))
 
 
@@ -90,7 +97,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
     n_words = (
         body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_COMPLETION_TOKENS
     )
-    prompt, rid, created = _prompt_tokens(body), f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    prompt, rid, created = (
+        _prompt_tokens(body, "messages"),
+        f"chatcmpl-{uuid.uuid4().hex}",
+        int(time.time()),
+    )
     model = body.get("model", "fake")
     if not body.get("stream"):
         return web.json_response(
@@ -153,7 +164,7 @@ async def completions(request: web.Request) -> web.Response:
                     "logprobs": None,
                 }
             ],
-            "usage": _usage(_prompt_tokens(body), n_words),
+            "usage": _usage(_prompt_tokens(body, "prompt"), n_words),
         }
     )
 
@@ -165,7 +176,7 @@ async def embeddings(request: web.Request) -> web.Response:
     _, body = started
     inputs = body.get("input") or [""]
     inputs = inputs if isinstance(inputs, list) else [inputs]
-    prompt = _prompt_tokens(body)
+    prompt = _prompt_tokens(body, "input")
     return web.json_response(
         {
             "object": "list",
