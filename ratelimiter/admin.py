@@ -13,24 +13,19 @@ from aiohttp import web
 from .connections import translate_errors
 from .durations import expiry_ms, parse_duration, shown
 from .errors import EntityError
+from .estimate import dollars
+from .http import ENGINE, SETTINGS, STORE, read_json, require_master
 from .ledger import Entry, Ledger, utc_ms
-from .policy import Scope, dollars, scope_budgets
-from .server import (
-    ENGINE,
-    SETTINGS,
-    STORE,
-    hash_key,
-    json_response,
-    new_key,
-    read_json,
-    require_master,
-)
+from .policy import Scope, scope_budgets
+from .resolver import effective_fields
+from .responses import json_response
 from .store import (
     MAX_LIST,
     MAX_TEXT,
     REFERENCES,
     Store,
-    effective_fields,
+    hash_key,
+    new_key,
     validate,
 )
 

@@ -20,8 +20,10 @@ from aiohttp import web
 from .config import Settings
 from .durations import period_bounds
 from .engine import Engine
+from .estimate import dollars, nano
+from .http import ENGINE, SETTINGS
 from .limits import Budget
-from .policy import Scope, dollars, nano, scope_budgets
+from .policy import Scope, scope_budgets
 
 __all__ = ["ALERTS", "Alerts", "add_alerts"]
 
@@ -152,8 +154,6 @@ ALERTS = web.AppKey("alerts", Alerts)
 
 
 async def _alerts(app: web.Application) -> AsyncIterator[None]:
-    from .server import ENGINE, SETTINGS
-
     alerts = app[ALERTS] = Alerts(app[ENGINE], app[SETTINGS])
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
     tasks = [

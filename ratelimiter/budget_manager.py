@@ -40,7 +40,7 @@ import redis
 
 from .durations import parse_duration, period_bounds, time_zone
 from .errors import RateLimiterError, UnknownModel
-from .estimate import model_price, response_cost, text_cost, text_tokens
+from .estimate import NANO, model_price, response_cost, text_cost, text_tokens
 from .scripts import lua_source
 from .sdk import BudgetExceededError, ModelResponse, acompletion, completion, projected_call_cost
 
@@ -49,7 +49,6 @@ __all__ = ["BudgetManager", "UnknownUser"]
 DURATIONS = ("daily", "weekly", "monthly", "yearly")
 # LiteLLM's files store a duration as days; read them as the calendar period they meant.
 _LEGACY_DAYS = {1: "daily", 7: "weekly", 28: "monthly", 30: "monthly", 31: "monthly", 365: "yearly"}
-NANO = 1_000_000_000
 DEFAULT_FILE = "user_cost.json"
 DEFAULT_HOSTED = "http://127.0.0.1:4000"
 

@@ -20,8 +20,9 @@ from .embedded import RedisServer
 from .engine import Engine
 from .errors import RateLimiterError
 from .fake_upstream import FakeUpstream, create_fake_upstream
-from .ledger_cli import check, export
+from .ledger_export import export
 from .logs import configure_logging
+from .reconcile import check
 from .server import create_app
 
 __all__ = ["main"]

@@ -22,6 +22,7 @@ from .bodies import MAX_OUTPUT_TOKENS
 from .durations import Duration, parse_duration, time_zone
 from .embedded import DEFAULT_DATA_DIR
 from .errors import InvalidDuration, RateLimiterError
+from .estimate import PRICES, Price
 
 __all__ = ["ConfigError", "Deployment", "Settings", "load_config", "weak_master_key_reason"]
 
@@ -54,6 +55,13 @@ class Deployment:
     output_cost_per_token: float | None = None
     access_groups: tuple[str, ...] = ()
     index: int = 0  # position in model_list: names the deployment's own limits
+
+    @property
+    def price(self) -> Price | None:
+        """Its own prices when the config sets them, else the table's for its model."""
+        if self.input_cost_per_token is not None or self.output_cost_per_token is not None:
+            return (self.input_cost_per_token or 0.0, self.output_cost_per_token or 0.0)
+        return PRICES.get(self.model.rsplit("/", 1)[-1]) or PRICES.get(self.model_name)
 
     @property
     def deployment_id(self) -> str:

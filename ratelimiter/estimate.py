@@ -24,20 +24,20 @@ from typing import Any
 
 import orjson
 
-from .config import Deployment
 from .errors import EntityError, UnknownModel
 from .limits import MAX_AMOUNT
-from .policy import NANO
 
 __all__ = [
     "IMAGE_TOKENS",
+    "NANO",
     "PRICES",
     "PROMPT_ESTIMATES",
     "Price",
+    "dollars",
     "estimate_tokens",
     "estimated_cost",
     "model_price",
-    "price_of",
+    "nano",
     "prompt_tokens",
     "register_model",
     "response_cost",
@@ -80,11 +80,16 @@ PRICES: dict[str, Price] = {
 }
 
 
-def price_of(deployment: Deployment) -> Price | None:
-    if deployment.input_cost_per_token is not None or deployment.output_cost_per_token is not None:
-        return (deployment.input_cost_per_token or 0.0, deployment.output_cost_per_token or 0.0)
-    name = deployment.model.rsplit("/", 1)[-1]
-    return PRICES.get(name) or PRICES.get(deployment.model_name)
+NANO = 1_000_000_000  # money is integer nano-dollars inside; floats only at the API edge
+
+
+def nano(dollars: float) -> int:
+    """Dollars at the API edge to integer nano-dollars inside."""
+    return round(dollars * NANO)
+
+
+def dollars(amount: int) -> float:
+    return amount / NANO
 
 
 def register_model(prices: dict[str, dict[str, float]]) -> None:

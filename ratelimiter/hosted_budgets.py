@@ -13,7 +13,8 @@ from aiohttp import web
 
 from .connections import translate_errors
 from .errors import EntityError
-from .server import ENGINE, SETTINGS, json_response, read_json, require_master
+from .http import ENGINE, SETTINGS, read_json, require_master
+from .responses import json_response
 
 __all__ = ["add_hosted_budget_routes"]
 

@@ -34,8 +34,7 @@ from .engine import Decision, Engine
 from .errors import RedisUnavailable
 from .ledger import collect_expired_holds
 from .limits import Limit
-from .responses import rate_headers, refusal
-from .server import error_response
+from .responses import error_response, rate_headers, refusal
 
 __all__ = ["engine_context", "limit_middleware", "limited"]
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import orjson
 
+from .estimate import nano
 from .limits import Budget, Concurrency, Gate, Limit, SlidingWindow
 
-__all__ = ["NANO", "Resolved", "Scope", "dollars", "limits_for", "nano", "scope_budgets"]
+__all__ = ["LIMIT_FIELDS", "Resolved", "Scope", "inherit", "limits_for", "scope_budgets"]
 
-NANO = 1_000_000_000
 # Distinct (scopes, model) combinations whose limits stay built; past it the cache starts over.
 PLANS = 16_384
 LEASE_TTL_MS = 60_000
@@ -30,13 +30,25 @@ NEVER_RESETS = "100y"  # a budget without a duration: one period from 1970 to 20
 GATED = ("key", "user", "team", "end_user")
 
 
-def nano(dollars: float) -> int:
-    """Dollars at the API edge to integer nano-dollars inside."""
-    return round(dollars * NANO)
+# The limits an entity takes from the budget it names when it does not set them itself.
+LIMIT_FIELDS = (
+    "max_budget",
+    "soft_budget",
+    "budget_duration",
+    "tpm_limit",
+    "rpm_limit",
+    "max_parallel_requests",
+    "model_max_budget",
+)
 
 
-def dollars(amount: int) -> float:
-    return amount / NANO
+def inherit(entity: Mapping[str, Any], budget: Mapping[str, Any]) -> dict[str, Any]:
+    """An entity's own limits, with the gaps filled from its budget's."""
+    merged = dict(entity)
+    for name in LIMIT_FIELDS:
+        if merged.get(name) is None and budget.get(name) is not None:
+            merged[name] = budget[name]
+    return merged
 
 
 @dataclass(frozen=True, slots=True)

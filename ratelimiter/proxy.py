@@ -27,24 +27,14 @@ from .bodies import check_body
 from .config import Deployment, Settings
 from .engine import Decision, Reservation
 from .errors import EntityError, RedisUnavailable
-from .estimate import cost_nano, estimate_tokens, estimated_cost, price_of
+from .estimate import cost_nano, dollars, estimate_tokens, estimated_cost
+from .http import CLIENT_REQUEST_ID, ENGINE, MAX_BODY_BYTES, REQUEST_ID, SETTINGS, STORE, bearer
 from .ledger import ledger_dims
 from .limits import MAX_AMOUNT, Budget, Limit
 from .metrics import METRICS, timer
-from .policy import Scope, dollars, limits_for
+from .policy import Scope, limits_for
 from .resolver import Caller, authenticate, check_model_access, resolve
-from .responses import rate_headers, refusal
-from .server import (
-    CLIENT_REQUEST_ID,
-    ENGINE,
-    MAX_BODY_BYTES,
-    REQUEST_ID,
-    SETTINGS,
-    STORE,
-    bearer,
-    error_response,
-    json_response,
-)
+from .responses import error_response, json_response, rate_headers, refusal
 
 __all__ = ["HTTP", "add_proxy_routes"]
 
@@ -111,7 +101,7 @@ class Call:
         last: Decision | None = None
         for deployment in _deployments(self.settings, self.body["model"]):
             check_model_access(caller, deployment, self.settings)
-            price = price_of(deployment)
+            price = deployment.price
             if price is None and not self._unpriced_ok(deployment):
                 raise EntityError(
                     400,
@@ -317,7 +307,7 @@ class Call:
             prompt, completion = reported
         else:
             prompt, completion = self.prompt, -(-generated_chars // 4)
-        spend = min(cost_nano(price_of(deployment), prompt, completion), MAX_AMOUNT)
+        spend = min(cost_nano(deployment.price, prompt, completion), MAX_AMOUNT)
         self.usage = {
             "prompt_tokens": prompt,
             "completion_tokens": completion,

@@ -15,11 +15,10 @@ from typing import Any
 
 from .config import Deployment, Settings
 from .errors import EntityError
-from .policy import Resolved, Scope
-from .server import hash_key
-from .store import Store, effective_fields
+from .policy import Resolved, Scope, inherit
+from .store import Store, hash_key
 
-__all__ = ["Caller", "authenticate", "check_model_access", "resolve"]
+__all__ = ["Caller", "authenticate", "check_model_access", "effective_fields", "resolve"]
 
 ALL_MODELS = "all-proxy-models"
 
@@ -73,6 +72,26 @@ async def _owner(store: Store, key: dict[str, Any], kind: str) -> dict[str, Any]
             f"{kind}_id",
         )
     return owner
+
+
+async def effective_fields(store: Store, owner: str, entity: dict[str, Any]) -> dict[str, Any]:
+    """An entity's own limits, with the gaps filled from the budget it names.
+
+    A named budget that does not exist (deleted by a race, or by an older version) is an
+    error, never "no limits": ``owner`` ("this API key", "user 'ana'"...) says whose it is."""
+    budget_id = entity.get("budget_id")
+    if not budget_id:
+        return entity
+    budget = await store.get("budget", budget_id)
+    if budget is None:
+        raise EntityError(
+            403,
+            f"{owner} names budget {budget_id!r}, which does not exist, so its limits are "
+            "unknown and requests are refused: create the budget again with /budget/new or "
+            "give it another budget_id",
+            "budget_id",
+        )
+    return inherit(entity, budget)
 
 
 def _matches(entry: str, deployment: Deployment, groups: dict[str, set[str]]) -> bool:

@@ -1,19 +1,44 @@
-"""What a decision looks like over HTTP, for the sidecar and for the aiohttp middleware:
-OpenAI's rate-limit headers, and 429s whose type, message and retry-after say which limit
-refused and when to come back."""
+"""What the engine's answers look like over HTTP, for the sidecar and for the aiohttp
+middleware: OpenAI's error envelope, its rate-limit headers, and 429s whose type, message and
+retry-after say which limit refused and when to come back."""
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
+import orjson
 from aiohttp import web
 
 from .engine import Decision, LimitState
+from .estimate import dollars
 from .limits import Budget, Concurrency, Gate, SlidingWindow
-from .policy import dollars
-from .server import error_response
 
-__all__ = ["rate_headers", "refusal"]
+__all__ = ["error_response", "json_response", "rate_headers", "refusal"]
+
+
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error_response(
+    status: int,
+    message: str,
+    kind: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    return json_response(
+        {"error": {"message": message, "type": kind, "param": param, "code": code}},
+        status,
+        headers,
+    )
+
 
 _PER = {"1s": "second", "1m": "minute", "1h": "hour", "1d": "day"}
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -20,16 +22,16 @@ import msgpack
 from .connections import RedisClient, translate_errors
 from .durations import parse_duration, shown
 from .errors import EntityError, InvalidDuration
+from .estimate import NANO
 from .limits import MAX_AMOUNT
-from .policy import NANO
 
 __all__ = [
     "KINDS",
-    "LIMIT_FIELDS",
     "REFERENCES",
     "EntityError",
     "Store",
-    "effective_fields",
+    "hash_key",
+    "new_key",
     "validate",
 ]
 
@@ -53,16 +55,6 @@ REFERENCES: dict[str, tuple[str, ...]] = {
     "team": ("budget_id",),
     "customer": ("budget_id",),
 }
-# The limits an entity takes from the budget it names when it does not set them itself.
-LIMIT_FIELDS = (
-    "max_budget",
-    "soft_budget",
-    "budget_duration",
-    "tpm_limit",
-    "rpm_limit",
-    "max_parallel_requests",
-    "model_max_budget",
-)
 # The engine counts exactly up to 2**53-1 units (limits.MAX_AMOUNT): nano-dollars for money.
 MAX_DOLLARS = MAX_AMOUNT / NANO
 MAX_TEXT = 256  # characters of an id, alias or name
@@ -334,6 +326,15 @@ def validate(kind: str, body: Any, *, partial: bool = False) -> dict[str, Any]:
     return out
 
 
+def new_key() -> str:
+    return "sk-" + secrets.token_urlsafe(24)
+
+
+def hash_key(key: str) -> str:
+    """Virtual keys are stored as sha256: a leaked database leaks no usable key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 class Store:
     """Entities in Redis under ``<prefix>e:{<kind>}:<id>``, with a per-process cache."""
 
@@ -499,27 +500,3 @@ class Store:
             finally:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(pubsub.aclose(), 1)
-
-
-async def effective_fields(store: Store, owner: str, entity: dict[str, Any]) -> dict[str, Any]:
-    """An entity's own limits, with the gaps filled from the budget it names.
-
-    A named budget that does not exist (deleted by a race, or by an older version) is an
-    error, never "no limits": ``owner`` ("this API key", "user 'ana'"...) says whose it is."""
-    budget_id = entity.get("budget_id")
-    if not budget_id:
-        return entity
-    budget = await store.get("budget", budget_id)
-    if budget is None:
-        raise EntityError(
-            403,
-            f"{owner} names budget {budget_id!r}, which does not exist, so its limits are "
-            "unknown and requests are refused: create the budget again with /budget/new or "
-            "give it another budget_id",
-            "budget_id",
-        )
-    merged = dict(entity)
-    for name in LIMIT_FIELDS:
-        if merged.get(name) is None and budget.get(name) is not None:
-            merged[name] = budget[name]
-    return merged

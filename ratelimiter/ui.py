@@ -17,8 +17,9 @@ from aiohttp import web
 
 from .connections import translate_errors
 from .durations import parse_duration, period_bounds, time_zone
+from .http import ENGINE, SETTINGS, STORE, require_master
 from .metrics import METRICS
-from .server import ENGINE, SETTINGS, STORE, json_response, require_master
+from .responses import json_response
 
 __all__ = ["add_ui_routes"]
 

@@ -21,8 +21,7 @@ from ratelimiter.durations import period_bounds, time_zone
 from ratelimiter.fake_upstream import FakeUpstream
 from ratelimiter.limits import MAX_AMOUNT
 from ratelimiter.policy import Scope, scope_budgets
-from ratelimiter.server import hash_key
-from ratelimiter.store import EntityError, Store, validate
+from ratelimiter.store import EntityError, Store, hash_key, validate
 
 from .conftest import MESSAGES, Admin, Cluster, Stack, _stack, running_upstream
 

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from ratelimiter.fake_upstream import FakeUpstream
-from ratelimiter.ledger_cli import check
+from ratelimiter.reconcile import check
 
 from .conftest import Admin, Cluster, Stack, _stack, running_sidecar, running_upstream
 

@@ -15,7 +15,7 @@ from ratelimiter import (
     connect,
 )
 from ratelimiter.embedded import free_port
-from ratelimiter.server import redis_health_warnings
+from ratelimiter.health import redis_health_warnings
 
 
 def test_urls() -> None:

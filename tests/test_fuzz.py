@@ -32,8 +32,9 @@ from yarl import URL
 
 from ratelimiter.config import Deployment, Settings
 from ratelimiter.engine import Engine
-from ratelimiter.server import MAX_BODY_BYTES, create_app, hash_key
-from ratelimiter.store import SCHEMAS
+from ratelimiter.http import MAX_BODY_BYTES
+from ratelimiter.server import create_app
+from ratelimiter.store import SCHEMAS, hash_key
 
 from .conftest import MASTER_KEY, Admin, running_sidecar, running_upstream
 

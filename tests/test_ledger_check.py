@@ -17,8 +17,8 @@ import pytest
 from ratelimiter import Engine, RedisServer
 from ratelimiter.config import Settings
 from ratelimiter.ledger import Ledger, day_number
-from ratelimiter.ledger_cli import check
 from ratelimiter.policy import Scope, scope_budgets
+from ratelimiter.reconcile import check
 from ratelimiter.store import Store
 
 from .conftest import Cluster, ManualClock, start_server

@@ -15,7 +15,7 @@ import pytest
 
 from ratelimiter.durations import parse_duration, period_bounds
 from ratelimiter.ledger import Ledger
-from ratelimiter.ledger_cli import read_export
+from ratelimiter.ledger_export import read_export
 
 from .conftest import MESSAGES, Stack
 

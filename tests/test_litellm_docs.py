@@ -15,7 +15,8 @@ import pytest
 
 from ratelimiter import Decision, Engine
 from ratelimiter.config import Deployment, Settings
-from ratelimiter.policy import limits_for, nano
+from ratelimiter.estimate import nano
+from ratelimiter.policy import limits_for
 from ratelimiter.resolver import authenticate, resolve
 from ratelimiter.store import EntityError, Store
 

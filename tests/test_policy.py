@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ratelimiter import Budget, Concurrency, Engine, Gate, SlidingWindow
-from ratelimiter.policy import NANO, Resolved, Scope, limits_for, nano
+from ratelimiter.estimate import NANO, nano
+from ratelimiter.policy import Resolved, Scope, limits_for
 
 P = "rl:"
 

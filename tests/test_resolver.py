@@ -8,10 +8,9 @@ import pytest
 
 from ratelimiter import Engine
 from ratelimiter.config import Deployment, Settings
-from ratelimiter.policy import nano
+from ratelimiter.estimate import nano
 from ratelimiter.resolver import authenticate, resolve
-from ratelimiter.server import hash_key
-from ratelimiter.store import EntityError, Store
+from ratelimiter.store import EntityError, Store, hash_key
 
 GPT = Deployment("gpt-4o", "openai/gpt-4o", rpm=100, tpm=1000, index=0)
 CLAUDE = Deployment("claude", "anthropic/claude-sonnet", access_groups=("premium",), index=1)
