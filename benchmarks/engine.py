@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ratelimiter import Budget, Concurrency, Decision, Engine, Reservation, SlidingWindow, connect
-from ratelimiter.connections import RedisClient
-from ratelimiter.embedded import RedisServer, free_port
-from ratelimiter.limits import DEFAULT_BUCKETS, DEFAULT_BUDGET_RETENTION_MS, Limit
+from ratelimiter.engine.connections import RedisClient
+from ratelimiter.engine.embedded import RedisServer, free_port
+from ratelimiter.engine.limits import DEFAULT_BUCKETS, DEFAULT_BUDGET_RETENTION_MS, Limit
 
 SCOPES = ("proxy", "key", "user", "team", "end_user", "key_model")
 # 6 scopes x (requests, tokens, budget) = 18 limits, plus a lease on two of them = 20.

@@ -25,7 +25,7 @@ from pathlib import Path
 import orjson
 import yaml
 
-from ratelimiter.embedded import RedisServer, free_port
+from ratelimiter.engine.embedded import RedisServer, free_port
 
 # Limits no benchmark reaches unless it means to: every request pays for every check.
 UNREACHED = {"rpm_limit": 10**9, "tpm_limit": 10**12, "max_parallel_requests": 10**6}

@@ -2,11 +2,11 @@
 
 from typing import Any
 
-from .budget_manager import BudgetManager, UnknownUser
-from .connections import RedisSettings, connect
-from .durations import Duration, parse_duration
-from .embedded import RedisServer
 from .engine import Decision, Engine, ExpiredHold, LimitState, Renewal, Reservation, Settlement
+from .engine.connections import RedisSettings, connect
+from .engine.durations import Duration, parse_duration
+from .engine.embedded import RedisServer
+from .engine.limits import Budget, Concurrency, Gate, Limit, SlidingWindow
 from .errors import (
     DuplicateRequest,
     InvalidDuration,
@@ -15,9 +15,9 @@ from .errors import (
     RedisUnavailable,
     UnknownModel,
 )
-from .estimate import register_model
-from .limits import Budget, Concurrency, Gate, Limit, SlidingWindow
-from .sdk import APIError, BudgetExceededError, ModelResponse, acompletion, completion
+from .library.budget_manager import BudgetManager, UnknownUser
+from .library.sdk import APIError, BudgetExceededError, ModelResponse, acompletion, completion
+from .pricing import register_model
 
 # LiteLLM's process-wide budget in dollars: completion() refuses a call that would pass it.
 max_budget: float | None = None
@@ -25,7 +25,7 @@ max_budget: float | None = None
 
 def __getattr__(name: str) -> Any:
     if name == "_current_cost":  # LiteLLM's name for what this process has spent
-        from .sdk import current_cost
+        from .library.sdk import current_cost
 
         return current_cost()
     raise AttributeError(f"module 'ratelimiter' has no attribute {name!r}")

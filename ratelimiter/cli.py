@@ -15,15 +15,15 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .config import ConfigError, Settings, load_config
-from .embedded import RedisServer
 from .engine import Engine
+from .engine.embedded import RedisServer
 from .errors import RateLimiterError
-from .fake_upstream import FakeUpstream, create_fake_upstream
-from .ledger_export import export
-from .logs import configure_logging
-from .reconcile import check
-from .server import create_app
+from .gateway.app import create_app
+from .gateway.config import ConfigError, Settings, load_config
+from .gateway.logs import configure_logging
+from .gateway.reconcile import check
+from .ledger.export import export
+from .testing.fake_upstream import FakeUpstream, create_fake_upstream
 
 __all__ = ["main"]
 

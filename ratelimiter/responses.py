@@ -11,8 +11,8 @@ import orjson
 from aiohttp import web
 
 from .engine import Decision, LimitState
-from .estimate import dollars
-from .limits import Budget, Concurrency, Gate, SlidingWindow
+from .engine.limits import Budget, Concurrency, Gate, SlidingWindow
+from .pricing import dollars
 
 __all__ = ["error_response", "json_response", "rate_headers", "refusal"]
 

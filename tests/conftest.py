@@ -21,10 +21,10 @@ import redis
 from aiohttp import web
 
 from ratelimiter import Engine, RedisServer
-from ratelimiter.config import Deployment, Settings
-from ratelimiter.embedded import free_port
-from ratelimiter.fake_upstream import FakeUpstream, create_fake_upstream
-from ratelimiter.server import create_app
+from ratelimiter.engine.embedded import free_port
+from ratelimiter.gateway.app import create_app
+from ratelimiter.gateway.config import Deployment, Settings
+from ratelimiter.testing.fake_upstream import FakeUpstream, create_fake_upstream
 
 
 class ManualClock:

@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ratelimiter.embedded import free_port
+from ratelimiter.engine.embedded import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-cli-test-3d9f1b7e5c2a"

@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from ratelimiter.fake_upstream import FakeUpstream
-from ratelimiter.reconcile import check
+from ratelimiter.gateway.reconcile import check
+from ratelimiter.testing.fake_upstream import FakeUpstream
 
 from .conftest import Admin, Cluster, Stack, _stack, running_sidecar, running_upstream
 

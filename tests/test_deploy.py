@@ -23,9 +23,9 @@ import pytest
 import yaml
 
 from ratelimiter.cli import _parser
-from ratelimiter.config import load_config
-from ratelimiter.embedded import free_port
-from ratelimiter.fake_upstream import FakeUpstream
+from ratelimiter.engine.embedded import free_port
+from ratelimiter.gateway.config import load_config
+from ratelimiter.testing.fake_upstream import FakeUpstream
 
 from .conftest import MASTER_KEY, running_sidecar, running_upstream
 
@@ -244,7 +244,7 @@ async def test_nginx_config_balances_real_sidecars_and_streams(
     async with running_upstream(fake) as upstream:
         from dataclasses import replace
 
-        from ratelimiter.config import Deployment
+        from ratelimiter.gateway.config import Deployment
 
         model = Deployment(
             model_name="m",

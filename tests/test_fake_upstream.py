@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import openai
 import pytest
 
-from ratelimiter.fake_upstream import FakeUpstream
+from ratelimiter.testing.fake_upstream import FakeUpstream
 
 from .conftest import running_upstream
 

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from ratelimiter import Concurrency, DuplicateRequest, Engine, RedisServer, SlidingWindow
-from ratelimiter.embedded import free_port
+from ratelimiter.engine.embedded import free_port
 
 from .conftest import Admin, one_model, running_sidecar, running_upstream
 

@@ -30,11 +30,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
-from ratelimiter.config import Deployment, Settings
 from ratelimiter.engine import Engine
-from ratelimiter.http import MAX_BODY_BYTES
-from ratelimiter.server import create_app
-from ratelimiter.store import SCHEMAS, hash_key
+from ratelimiter.gateway.app import create_app
+from ratelimiter.gateway.config import Deployment, Settings
+from ratelimiter.gateway.http import MAX_BODY_BYTES
+from ratelimiter.gateway.store import SCHEMAS, hash_key
 
 from .conftest import MASTER_KEY, Admin, running_sidecar, running_upstream
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import ratelimiter
-from ratelimiter import sdk
-from ratelimiter.fake_upstream import FakeUpstream
+from ratelimiter.library import sdk
+from ratelimiter.testing.fake_upstream import FakeUpstream
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

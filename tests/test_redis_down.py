@@ -12,10 +12,10 @@ import aiohttp
 import pytest
 
 from ratelimiter import Engine, RedisServer, SlidingWindow
-from ratelimiter.config import Deployment, Settings
-from ratelimiter.embedded import free_port
-from ratelimiter.fake_upstream import FakeUpstream
+from ratelimiter.engine.embedded import free_port
+from ratelimiter.gateway.config import Deployment, Settings
 from ratelimiter.ledger import Ledger
+from ratelimiter.testing.fake_upstream import FakeUpstream
 
 from .conftest import MASTER_KEY, Admin, one_model, running_sidecar, running_upstream
 

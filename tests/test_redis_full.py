@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from ratelimiter import RedisServer
-from ratelimiter.embedded import free_port
+from ratelimiter.engine.embedded import free_port
 
 from .conftest import MASTER_KEY, Admin, one_model, running_sidecar, running_upstream
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from ratelimiter.config import Deployment, Settings
-from ratelimiter.embedded import free_port
-from ratelimiter.fake_upstream import FakeUpstream
+from ratelimiter.engine.embedded import free_port
+from ratelimiter.gateway.config import Deployment, Settings
+from ratelimiter.testing.fake_upstream import FakeUpstream
 
 from .conftest import Admin, running_sidecar, running_upstream
 

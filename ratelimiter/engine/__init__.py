@@ -1,0 +1,27 @@
+"""The mechanism: limits, and the engine that runs the Lua scripts over them in Redis
+(connections, the script cache, pipelining, slot groups on a Cluster, the embedded server).
+It knows nothing of keys, users or models, and imports nothing of ours above it."""
+
+from .engine import (
+    BudgetUse,
+    Decision,
+    Engine,
+    ExpiredHold,
+    LimitState,
+    Renewal,
+    Reservation,
+    Settlement,
+    slot_tags,
+)
+
+__all__ = [
+    "BudgetUse",
+    "Decision",
+    "Engine",
+    "ExpiredHold",
+    "LimitState",
+    "Renewal",
+    "Reservation",
+    "Settlement",
+    "slot_tags",
+]

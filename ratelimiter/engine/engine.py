@@ -1,0 +1,696 @@
+"""The engine: runs the Lua scripts over a list of limits and answers with decisions.
+
+On a single Redis every call is one script. On a Cluster the limits of one request are
+grouped by slot, one script runs per group, the groups run concurrently, and a refusal in
+any group releases what the other groups reserved (an instant of under-admission, never
+over-admission).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+
+from ..errors import DuplicateRequest, InvalidLimit
+from .connections import RedisClient, RedisSettings, connect, translate_errors
+from .durations import Duration, parse_duration, period_bounds, time_zone
+from .embedded import DEFAULT_DATA_DIR, RedisServer
+from .limits import MAX_AMOUNT, Budget, Concurrency, Gate, Limit, SlidingWindow, validate_limits
+from .multiplex import Multiplexer
+from .scripts import Script, load_scripts, run_script
+
+__all__ = [
+    "BudgetUse",
+    "Decision",
+    "Engine",
+    "ExpiredHold",
+    "LimitState",
+    "Renewal",
+    "Reservation",
+    "Settlement",
+]
+
+SINGLE_ANCHOR = "rl"
+SLOTS = 16384
+_CLOCK_REFRESH_S = 30.0
+
+
+@cache
+def slot_tags() -> tuple[str, ...]:
+    """For each Cluster slot, a short hash tag that lands in it.
+
+    A request's record for one slot group is named with its slot's tag, and so is that
+    slot's index of pending holds: the collector can then visit every slot by name.
+    """
+    tags: list[str | None] = [None] * SLOTS
+    missing, n = SLOTS, 0
+    while missing:
+        tag = format(n, "x")
+        slot = key_slot(tag.encode())
+        if tags[slot] is None:
+            tags[slot] = tag
+            missing -= 1
+        n += 1
+    return tuple(tags)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What ``settle``, ``release`` and ``renew`` need: the request id and its slot groups."""
+
+    request_id: str
+    anchors: tuple[str, ...] = (SINGLE_ANCHOR,)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    limit: Limit
+    remaining: int
+    reset_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer to ``acquire``.
+
+    ``retry_after_ms`` (refusals only) is the time until every refusing limit has room for
+    this request; ``None`` when it never will (it asks for more than a limit's capacity).
+    """
+
+    allowed: bool
+    request_id: str
+    states: tuple[LimitState, ...]
+    reservation: Reservation | None = None
+    refused: Limit | None = None
+    reason: str | None = None
+    retry_after_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """The outcome of a reservation, the same however often it is asked for.
+
+    ``status`` is ``settled``, ``released``, ``expired`` or ``unknown`` (no such reservation,
+    or its record has aged out); ``first`` is true for the call that finished it.
+    """
+
+    request_id: str
+    status: str
+    first: bool
+    started_ms: int | None = None
+    finished_ms: int | None = None
+    reserved: dict[str, int] = field(default_factory=dict)
+    charged: dict[str, int] = field(default_factory=dict)
+    meta: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetUse:
+    """A budget's current period as it stands, not clamped at the capacity: ``spent`` is
+    settled (and expired) spend, ``held`` the estimates of requests still in flight."""
+
+    spent: int
+    held: int
+    start_ms: int
+    end_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    status: str
+    lost_leases: int = 0
+    deadline_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiredHold:
+    """A reservation that was never settled, finalised at its estimate by ``collect_expired``
+    (on a Cluster, one per slot group of the request). ``lost`` marks one whose record aged
+    out before collection: its amounts are unknown."""
+
+    request_id: str
+    started_ms: int | None
+    expired_ms: int | None
+    deadline_ms: int | None
+    reserved: dict[str, int]
+    meta: bytes
+    lost: bool = False
+
+
+def _unpack(raw: bytes) -> Any:
+    # Lua strings come back as msgpack str even when they hold bytes (caller metadata).
+    return msgpack.unpackb(raw, unicode_errors="surrogateescape")
+
+
+def _as_bytes(value: Any) -> bytes:
+    return value.encode("utf-8", "surrogateescape") if isinstance(value, str) else b""
+
+
+def _as_map(value: Any) -> dict[str, int]:
+    return dict(value) if isinstance(value, dict) else {}
+
+
+class Engine:
+    """Atomic admission, settlement and inspection of limits in Redis.
+
+    ``hold_ttl_ms``: a reservation not settled (nor renewed) within this is expired at its
+    estimate by ``collect_expired``. ``record_grace_ms``: how long an expired hold's record
+    waits for collection. ``result_ttl_ms``: how long a finished reservation answers repeated
+    calls with its first outcome. ``timezone``: where calendar budget periods turn over.
+    ``clock``: milliseconds since the epoch to use instead of Redis's clock (tests and
+    simulations only: production must use Redis's clock so every sidecar agrees).
+    """
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        *,
+        address: str = "redis",
+        prefix: str = "rl:",
+        hold_ttl_ms: int = 600_000,
+        record_grace_ms: int = 3_600_000,
+        result_ttl_ms: int = 60_000,
+        timezone: str = "UTC",
+        clock: Callable[[], int] | None = None,
+    ) -> None:
+        self.redis = redis
+        self.address = address
+        self.cluster = isinstance(redis, RedisCluster)
+        self.prefix = prefix
+        self.hold_ttl_ms = hold_ttl_ms
+        self.record_grace_ms = record_grace_ms
+        self.result_ttl_ms = result_ttl_ms
+        self.tz = time_zone(timezone)
+        self._clock = clock
+        self._offset_ms = 0.0
+        self._offset_at = float("-inf")
+        self._periods: dict[Duration, tuple[int, int, int]] = {}
+        self._scripts = load_scripts()
+        # A Cluster client routes each call by slot itself; one server gets pipelined calls.
+        self._scripts_via: RedisClient | Multiplexer = (
+            redis if self.cluster else Multiplexer(redis)  # type: ignore[arg-type]
+        )
+        self._server: RedisServer | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        settings: RedisSettings | str | None,
+        *,
+        data_dir: str | Path = DEFAULT_DATA_DIR,
+        **options: Any,
+    ) -> Engine:
+        """Connect to Redis (see ``RedisSettings.from_url``) and build an engine on it.
+
+        With ``settings=None`` a private server is started (see ``RedisServer``), persisting
+        in ``data_dir``; ``close`` stops it.
+        """
+        server = None
+        if settings is None:
+            server = RedisServer(data_dir).start()
+            settings = server.url
+        if isinstance(settings, str):
+            settings = RedisSettings.from_url(settings)
+        try:
+            engine = cls(await connect(settings), address=settings.address, **options)
+        except BaseException:
+            if server:
+                server.stop()
+            raise
+        engine._server = server
+        return engine
+
+    async def close(self) -> None:
+        if isinstance(self._scripts_via, Multiplexer):
+            await self._scripts_via.aclose()
+        await self.redis.aclose()
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- public API -----------------------------------------------------------------
+
+    async def acquire(
+        self,
+        request_id: str | None,
+        limits: Iterable[Limit],
+        *,
+        meta: bytes = b"",
+        force: bool = False,
+        ledger: Sequence[str] | None = None,
+    ) -> Decision:
+        """Reserve every limit for one request, or none of them.
+
+        Repeating the call with the same id and the same limits while the reservation is
+        held returns an admission again without taking anything twice (safe to retry after
+        a timeout); the same id with other limits, or once finished, raises
+        ``DuplicateRequest`` and takes nothing.
+        ``force`` takes every limit even past its capacity: for usage that already happened.
+        ``ledger``: rollup dimensions (e.g. ``"key:3f9a"``, ``"model:gpt-4o"``); when given,
+        finishing the request writes one ledger entry with ``meta`` and adds to those
+        dimensions' daily rollups, in the same atomic step (see ``ratelimiter.ledger``);
+        ``limits`` may then be empty.
+        """
+        request_id = _check_request_id(request_id)
+        limits = validate_limits(limits, allow_empty=ledger is not None)
+        if not isinstance(meta, bytes):
+            raise InvalidLimit(f"meta must be bytes, got {type(meta).__name__}")
+        now = await self._now_ms()
+        groups = self._groups(limits)
+        dims = None if ledger is None else msgpack.packb(list(ledger))
+        spans = ",".join(anchor for anchor, _ in groups)
+        replies = await self._gather(
+            self._acquire_group(
+                request_id,
+                anchor,
+                [limits[i] for i in indices],
+                now,
+                meta,
+                force,
+                dims if n == 0 else None,  # the first group keeps the request's ledger entry
+                spans,
+            )
+            for n, (anchor, indices) in enumerate(groups)
+        )
+        reused = next((r["dup"] for r in replies if r.get("dup") not in (None, "held")), None)
+        if reused is not None:
+            # The id is finished or held for other limits: undo only what this call took.
+            taken = [
+                anchor
+                for (anchor, _), reply in zip(groups, replies, strict=True)
+                if reply["ok"] and "dup" not in reply
+            ]
+            if taken:
+                await self.release(Reservation(request_id, tuple(taken)))
+            raise DuplicateRequest(request_id, reused)
+        states: list[LimitState | None] = [None] * len(limits)
+        refusal: tuple[int, str, int] | None = None
+        for (_, indices), reply in zip(groups, replies, strict=True):
+            flat = reply["st"]
+            for n, i in enumerate(indices):
+                states[i] = LimitState(limits[i], flat[2 * n], flat[2 * n + 1])
+            if not reply["ok"]:
+                candidate = (indices[reply["i"] - 1], reply["why"], reply["ra"])
+                if refusal is None or _later(candidate[2], refusal[2]):
+                    refusal = candidate
+        final_states = tuple(s for s in states if s is not None)
+        reservation = Reservation(request_id, tuple(anchor for anchor, _ in groups))
+        if refusal is None:
+            return Decision(True, request_id, final_states, reservation)
+        admitted = [
+            anchor for (anchor, _), reply in zip(groups, replies, strict=True) if reply["ok"]
+        ]
+        if admitted:
+            await self.release(Reservation(request_id, tuple(admitted)))
+        index, reason, retry = refusal
+        return Decision(
+            False,
+            request_id,
+            final_states,
+            None,
+            limits[index],
+            reason,
+            None if retry < 0 else retry,
+        )
+
+    async def settle(
+        self,
+        reservation: Reservation | str,
+        actuals: Mapping[str, int] | None = None,
+        *,
+        info: bytes = b"",
+    ) -> Settlement:
+        """Replace estimates by ``actuals`` (measure -> amount) and free the leases.
+
+        Exactly once: a repeated call changes nothing and returns the first outcome.
+        ``info`` goes into the ledger entry, if the request has one.
+        """
+        if not isinstance(info, bytes):
+            raise InvalidLimit(f"info must be bytes, got {type(info).__name__}")
+        packed = msgpack.packb(_check_actuals(actuals or {}))
+        return await self._finish(reservation, "settle", packed, info)
+
+    async def charge(
+        self,
+        request_id: str,
+        limits: Iterable[Limit],
+        actuals: Mapping[str, int],
+        *,
+        meta: bytes = b"",
+        ledger: Sequence[str] | None = None,
+        info: bytes = b"",
+    ) -> Settlement:
+        """Record usage that happened without an admission (Redis was unreachable): every
+        limit takes it even past its capacity, exactly once per request id."""
+        limits = validate_limits(limits)
+        anchors = tuple(anchor for anchor, _ in self._groups(limits))
+        with contextlib.suppress(DuplicateRequest):  # charged before: settle answers how
+            await self.acquire(request_id, limits, meta=meta, force=True, ledger=ledger)
+        return await self.settle(Reservation(request_id, anchors), actuals, info=info)
+
+    async def release(self, reservation: Reservation | str) -> Settlement:
+        """Refund everything reserved (the request failed before the upstream answered)."""
+        return await self._finish(reservation, "release", msgpack.packb({}))
+
+    async def abandon(self, request_id: str, limits: Iterable[Limit]) -> Settlement:
+        """Undo an acquire whose answer never came (Redis timed out or the connection broke):
+        whether it ran, runs later or never runs, it ends up taking nothing. Safe to retry."""
+        anchors = tuple(anchor for anchor, _ in self._groups(validate_limits(limits)))
+        return await self._finish(
+            Reservation(request_id, anchors), "release", msgpack.packb({}), abandon=True
+        )
+
+    async def renew(self, reservation: Reservation | str) -> Renewal:
+        """Extend the leases and the hold of a running request (a long stream)."""
+        reservation = self._reservation(reservation)
+        script = self._scripts["renew"]
+        args = [
+            reservation.request_id,
+            self._now_override(),
+            self.hold_ttl_ms,
+            self.record_grace_ms,
+        ]
+        replies = await self._gather(
+            self._run(script, self._record_keys(anchor, reservation.request_id), args)
+            for anchor in reservation.anchors
+        )
+        statuses = {reply["s"] for reply in replies}
+        status = "held" if statuses == {"held"} else sorted(statuses - {"held"})[0]
+        deadlines = [reply["dl"] for reply in replies if "dl" in reply]
+        return Renewal(status, sum(r["lost"] for r in replies), min(deadlines, default=None))
+
+    async def peek(self, limits: Iterable[Limit]) -> list[LimitState]:
+        """Remaining capacity and time to reset of each limit, changing nothing."""
+        limits = validate_limits(limits)
+        now = await self._now_ms()
+        groups = self._groups(limits)
+        script = self._scripts["peek"]
+        replies = await self._gather(
+            self._run(
+                script,
+                [limits[i].key for i in indices],
+                [
+                    0 if self._clock is None else now,
+                    self._encode([limits[i] for i in indices], now),
+                ],
+            )
+            for _, indices in groups
+        )
+        states: list[LimitState | None] = [None] * len(limits)
+        for (_, indices), flat in zip(groups, replies, strict=True):
+            for n, i in enumerate(indices):
+                states[i] = LimitState(limits[i], flat[2 * n], flat[2 * n + 1])
+        return [s for s in states if s is not None]
+
+    async def budget_use(
+        self, budgets: Sequence[Budget], now_ms: int | None = None, batch: int = 1000
+    ) -> list[BudgetUse]:
+        """Spent and held amounts of each budget's period at ``now_ms`` (default: now), read
+        in pipelines of ``batch``. ``peek`` answers what remains, clamped at 0; this shows
+        spend past the budget."""
+        now = await self._now_ms() if now_ms is None else now_ms
+        periods = [period_bounds(parse_duration(b.period), now, self.tz) for b in budgets]
+        found: list[BudgetUse] = []
+        for first in range(0, len(budgets), batch):
+            pipe = self.redis.pipeline(transaction=False)
+            for budget, (start, _) in zip(
+                budgets[first : first + batch], periods[first : first + batch], strict=True
+            ):
+                pipe.hmget(f"{budget.key}:{start}", "u", "h")  # as lib.lua's budget_key
+            with translate_errors(self.address):
+                replies = await pipe.execute()
+            for (used, held), (start, end) in zip(
+                replies, periods[first : first + batch], strict=True
+            ):
+                held_now = int(held or 0)
+                found.append(BudgetUse(int(used or 0) - held_now, held_now, start, end))
+        return found
+
+    async def collect_expired(self, batch: int = 100) -> list[ExpiredHold]:
+        """Finalise reservations whose hold deadline passed, charged at their estimate.
+
+        Each expired hold is returned by exactly one call, whichever process makes it, so
+        the caller can record it (in the ledger) once.
+        """
+        anchors = await self._anchors_with_holds()
+        script = self._scripts["expire"]
+        replies = await self._gather(
+            self._run(
+                script,
+                [self._pending_key(anchor)],
+                [self._now_override(), batch, self._record_prefix(anchor), self.result_ttl_ms],
+            )
+            for anchor in anchors
+        )
+        return [
+            ExpiredHold(
+                item["rid"],
+                item.get("t0"),
+                item.get("t1"),
+                item.get("dl"),
+                _as_map(item.get("est")),
+                _as_bytes(item.get("meta")),
+                bool(item.get("lost")),
+            )
+            for reply in replies
+            for item in reply
+        ]
+
+    async def now_ms(self) -> int:
+        """The engine's clock: Redis's, calibrated, unless a test clock was given."""
+        return await self._now_ms()
+
+    # -- internals ------------------------------------------------------------------
+
+    def _reservation(self, reservation: Reservation | str) -> Reservation:
+        if isinstance(reservation, Reservation):
+            return reservation
+        request_id = _check_request_id(reservation)
+        if self.cluster:
+            raise InvalidLimit(
+                "in Cluster mode a request id alone does not say which slots hold its "
+                "reservation: pass the Reservation that acquire returned"
+            )
+        return Reservation(request_id)
+
+    async def _finish(
+        self,
+        reservation: Reservation | str,
+        mode: str,
+        actuals: bytes,
+        info: bytes = b"",
+        abandon: bool = False,
+    ) -> Settlement:
+        reservation = self._reservation(reservation)
+        rid = reservation.request_id
+        script = self._scripts["settle"]
+        args = [rid, self._now_override(), mode, actuals, self.result_ttl_ms, info]
+        args.append("1" if abandon else "0")
+        replies = await self._gather(
+            self._run(script, self._record_keys(anchor, rid), args)
+            for anchor in reservation.anchors
+        )
+        known = [r for r in replies if r["s"] != "unknown"] or replies
+        reserved: dict[str, int] = {}
+        charged: dict[str, int] = {}
+        for reply in known:
+            reserved.update(_as_map(reply.get("est")))
+            charged.update(_as_map(reply.get("out")))
+        head = known[0]
+        return Settlement(
+            rid,
+            head["s"],
+            any(r["first"] for r in replies),
+            head.get("t0"),
+            head.get("t1"),
+            reserved,
+            charged,
+            _as_bytes(head.get("meta")),
+        )
+
+    async def _acquire_group(
+        self,
+        rid: str,
+        anchor: str,
+        limits: Sequence[Limit],
+        now: int,
+        meta: bytes,
+        force: bool,
+        ledger_dims: bytes | None,
+        spans: str,
+    ) -> dict[str, Any]:
+        keys = [*self._record_keys(anchor, rid), *(limit.key for limit in limits)]
+        args = [
+            rid,
+            self._now_override(),
+            self._encode(limits, now),
+            self.hold_ttl_ms,
+            self.record_grace_ms,
+            meta,
+            "1" if force else "0",
+            "" if ledger_dims is None else self.ledger_base(anchor),
+            ledger_dims or b"",
+            spans,
+        ]
+        return await self._run(self._scripts["acquire"], keys, args)
+
+    async def _run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+        with translate_errors(self.address):
+            return _unpack(await run_script(self._scripts_via, script, keys, args))
+
+    async def _gather(self, calls: Iterable[Any]) -> list[Any]:
+        calls = list(calls)
+        if len(calls) == 1:
+            return [await calls[0]]
+        return list(await asyncio.gather(*calls))
+
+    def _groups(self, limits: Sequence[Limit]) -> list[tuple[str, list[int]]]:
+        if not self.cluster:
+            return [(SINGLE_ANCHOR, list(range(len(limits))))]
+        if not limits:  # a request no limit applies to still gets its ledger entry
+            return [(slot_tags()[0], [])]
+        by_slot: dict[int, list[int]] = defaultdict(list)
+        for i, limit in enumerate(limits):
+            if isinstance(limit, Budget) and "{" not in limit.key:
+                raise InvalidLimit(
+                    f"budget key {limit.key!r} needs a hash tag such as {{scope}} in Cluster "
+                    "mode, so that all its periods live in one slot"
+                )
+            by_slot[key_slot(limit.key.encode())].append(i)
+        tags = slot_tags()
+        return [(tags[slot], indices) for slot, indices in by_slot.items()]
+
+    def ledger_base(self, anchor: str) -> str:
+        """Prefix of one slot group's ledger streams and rollups (``ledger:<day>``...)."""
+        return f"{self.prefix}{{{anchor}}}:"
+
+    def anchors(self) -> list[str]:
+        """Every slot group name: one on a single Redis, one per slot on a Cluster."""
+        return list(slot_tags()) if self.cluster else [SINGLE_ANCHOR]
+
+    def _record_prefix(self, anchor: str) -> str:
+        return f"{self.prefix}{{{anchor}}}:res:"
+
+    def _pending_key(self, anchor: str) -> str:
+        return f"{self.prefix}{{{anchor}}}:pending"
+
+    def _record_keys(self, anchor: str, rid: str) -> list[str]:
+        return [self._record_prefix(anchor) + rid, self._pending_key(anchor)]
+
+    async def _anchors_with_holds(self) -> list[str]:
+        if not self.cluster:
+            return [SINGLE_ANCHOR]
+        tags = slot_tags()
+        with translate_errors(self.address):
+            pipe = self.redis.pipeline(transaction=False)
+            for tag in tags:
+                pipe.exists(self._pending_key(tag))
+            found = await pipe.execute()
+        return [tag for tag, exists in zip(tags, found, strict=True) if exists]
+
+    def _encode(self, limits: Sequence[Limit], now: int) -> bytes:
+        specs: list[list[Any]] = []
+        for limit in limits:
+            if isinstance(limit, SlidingWindow):
+                specs.append(
+                    [
+                        "w",
+                        limit.amount,
+                        limit.capacity,
+                        limit.measure or "",
+                        limit.window_ms,
+                        limit.bucket_ms,
+                    ]
+                )
+            elif isinstance(limit, Concurrency):
+                specs.append(["l", 1, limit.capacity, "", limit.ttl_ms])
+            elif isinstance(limit, Gate):
+                specs.append(["g", 0, 1, ""])
+            else:
+                b0, b1, b2 = self._period(limit.period, now)
+                specs.append(
+                    [
+                        "b",
+                        limit.amount,
+                        limit.capacity,
+                        limit.measure or "",
+                        b0,
+                        b1,
+                        b2,
+                        limit.retention_ms,
+                    ]
+                )
+        return msgpack.packb(specs)
+
+    def _period(self, duration: Duration, now: int) -> tuple[int, int, int]:
+        """Current period and the next one's end: the script picks by its own clock."""
+        cached = self._periods.get(duration)
+        if cached and cached[0] <= now < cached[1]:
+            return cached
+        start, end = period_bounds(duration, now, self.tz)
+        bounds = (start, end, period_bounds(duration, end, self.tz)[1])
+        self._periods[duration] = bounds
+        return bounds
+
+    def _now_override(self) -> int:
+        """What scripts get as "now": 0 tells them to read Redis's own clock."""
+        return 0 if self._clock is None else self._clock()
+
+    async def _now_ms(self) -> int:
+        if self._clock is not None:
+            return self._clock()
+        local = time.time()
+        if local - self._offset_at > _CLOCK_REFRESH_S:
+            with translate_errors(self.address):
+                before = time.time()
+                seconds, micros = await self.redis.time()
+                after = time.time()
+            self._offset_ms = seconds * 1000 + micros / 1000 - (before + after) * 500
+            self._offset_at = local = after
+        return int(local * 1000 + self._offset_ms)
+
+
+def _later(retry: int, other: int) -> bool:
+    """Whether ``retry`` frees later than ``other``; -1 means never."""
+    return other >= 0 and (retry < 0 or retry > other)
+
+
+def _check_request_id(request_id: str | None) -> str:
+    if request_id is None:
+        return uuid.uuid4().hex
+    if not isinstance(request_id, str) or not request_id or len(request_id) > 200:
+        raise InvalidLimit(
+            f"request id must be a non-empty string of at most 200 characters, got {request_id!r}"
+        )
+    return request_id
+
+
+def _check_actuals(actuals: Mapping[str, int]) -> dict[str, int]:
+    if not isinstance(actuals, Mapping):
+        raise InvalidLimit(f"actuals must map a measure to an amount, got {type(actuals).__name__}")
+    for measure, amount in actuals.items():
+        if not isinstance(measure, str) or not measure:
+            raise InvalidLimit(f"actuals: measure names must be non-empty strings, got {measure!r}")
+        if isinstance(amount, bool) or not isinstance(amount, int) or not 0 <= amount <= MAX_AMOUNT:
+            raise InvalidLimit(
+                f"actuals: {measure} must be a whole number between 0 and 2**53-1, got {amount!r}"
+            )
+    return dict(actuals)

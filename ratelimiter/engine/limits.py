@@ -1,0 +1,178 @@
+"""The three kinds of limit the engine enforces, validated before anything reaches Redis.
+
+A limit is pure mechanism: a Redis key, a capacity and the amount one request takes. Which
+limits a request meets (key, user, team, model...) is decided by the policy layer above.
+
+``measure`` names the quantity a limit counts (``"tokens"``, ``"spend"``); settling a request
+with ``{"tokens": 812}`` replaces the estimate in every limit with that measure. Limits
+without a measure (a request counter, a lease) keep what they reserved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InvalidLimit
+from .durations import Duration, parse_duration
+
+__all__ = ["Budget", "Concurrency", "Gate", "Limit", "SlidingWindow", "validate_limits"]
+
+# Integers above 2**53 lose precision in Lua's doubles.
+MAX_AMOUNT = 2**53 - 1
+DEFAULT_BUCKETS = 60
+DEFAULT_LEASE_TTL_MS = 60_000
+DEFAULT_BUDGET_RETENTION_MS = 2 * 86_400_000
+
+
+def _check_int(owner: str, name: str, value: Any, *, minimum: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidLimit(f"{owner}: {name} must be a whole number, got {value!r}")
+    if not minimum <= value <= MAX_AMOUNT:
+        raise InvalidLimit(f"{owner}: {name} must be between {minimum} and 2**53-1, got {value}")
+
+
+def _check_key(owner: str, key: Any) -> None:
+    if not isinstance(key, str) or not key or "\0" in key:
+        raise InvalidLimit(f"{owner}: key must be a non-empty string without NUL, got {key!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class SlidingWindow:
+    """At most ``capacity`` units in any window of ``window``; a request takes ``amount``.
+
+    The window is kept in ``buckets`` buckets. It never over-admits; it may under-admit by
+    at most what the oldest bucket holds (1/``buckets`` of the window's traffic).
+    """
+
+    key: str
+    capacity: int
+    window: str | Duration
+    amount: int = 1
+    measure: str | None = None
+    name: str = ""
+    buckets: int = DEFAULT_BUCKETS
+    window_ms: int = field(init=False, repr=False, compare=False)
+    bucket_ms: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        owner = f"sliding window {self.name or self.key!r}"
+        _check_key(owner, self.key)
+        _check_int(owner, "capacity", self.capacity)
+        _check_int(owner, "amount", self.amount)
+        _check_int(owner, "buckets", self.buckets, minimum=1)
+        window = parse_duration(self.window)
+        if window.is_calendar:
+            raise InvalidLimit(f"{owner}: '{window}' has no fixed length; use s, m, h, d or w")
+        object.__setattr__(self, "window", window)
+        object.__setattr__(self, "window_ms", window.milliseconds)
+        object.__setattr__(self, "bucket_ms", max(1, -(-window.milliseconds // self.buckets)))
+
+    def with_amount(self, amount: int) -> SlidingWindow:
+        """The same limit for a request of another size (checks only the new amount)."""
+        return _with_amount(self, amount)
+
+
+@dataclass(frozen=True, slots=True)
+class Concurrency:
+    """At most ``capacity`` requests in flight; each holds a lease that lapses after ``ttl_ms``
+    unless renewed, so a crashed holder frees its slot by itself."""
+
+    key: str
+    capacity: int
+    ttl_ms: int = DEFAULT_LEASE_TTL_MS
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        owner = f"concurrency limit {self.name or self.key!r}"
+        _check_key(owner, self.key)
+        _check_int(owner, "capacity", self.capacity)
+        _check_int(owner, "ttl_ms", self.ttl_ms, minimum=1)
+
+    @property
+    def amount(self) -> int:
+        return 1
+
+    @property
+    def measure(self) -> None:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """At most ``capacity`` (e.g. nano-dollars) per ``period``; a request holds ``amount``.
+
+    Admission needs spent + held + amount <= capacity, so a budget is only ever passed by
+    what actual costs exceed their estimates. Each period has its own counter, kept for
+    ``retention_ms`` after the period ends.
+    """
+
+    key: str
+    capacity: int
+    period: str | Duration
+    amount: int
+    measure: str | None = "spend"
+    name: str = ""
+    retention_ms: int = DEFAULT_BUDGET_RETENTION_MS
+
+    def __post_init__(self) -> None:
+        owner = f"budget {self.name or self.key!r}"
+        _check_key(owner, self.key)
+        _check_int(owner, "capacity", self.capacity)
+        _check_int(owner, "amount", self.amount)
+        _check_int(owner, "retention_ms", self.retention_ms)
+        object.__setattr__(self, "period", parse_duration(self.period))
+
+    def with_amount(self, amount: int) -> Budget:
+        """The same budget for a request of another cost (checks only the new amount)."""
+        return _with_amount(self, amount)
+
+
+def _with_amount(limit: Any, amount: int) -> Any:
+    # The policy layer builds limits on every request; copying skips re-validating the rest.
+    _check_int(f"limit {limit.name or limit.key!r}", "amount", amount)
+    clone = object.__new__(type(limit))
+    for name in type(limit).__slots__:
+        object.__setattr__(clone, name, getattr(limit, name))
+    object.__setattr__(clone, "amount", amount)
+    return clone
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """Admits only while ``key`` does not exist: a block that takes effect in the same atomic
+    step as every other limit, so no process can admit past it once it is set."""
+
+    key: str
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        _check_key(f"gate {self.name or self.key!r}", self.key)
+
+    capacity = 1
+    amount = 0
+    measure = None
+
+
+Limit = SlidingWindow | Concurrency | Budget | Gate
+_KINDS = (SlidingWindow, Concurrency, Budget, Gate)
+
+
+def validate_limits(limits: Any, *, allow_empty: bool = False) -> tuple[Limit, ...]:
+    """Check a list of limits as a whole: non-empty, known kinds, no key used twice."""
+    if isinstance(limits, (str, bytes)) or not hasattr(limits, "__iter__"):
+        raise InvalidLimit(f"limits must be a list of limits, got {type(limits).__name__}")
+    limits = tuple(limits)
+    if not limits and not allow_empty:
+        raise InvalidLimit("limits must not be empty: a request has to meet at least one limit")
+    seen: set[str] = set()
+    for limit in limits:
+        if not isinstance(limit, _KINDS):
+            raise InvalidLimit(
+                f"unknown limit kind {type(limit).__name__}: use SlidingWindow, Concurrency, "
+                "Budget or Gate"
+            )
+        if limit.key in seen:
+            raise InvalidLimit(f"key {limit.key!r} is used by two limits of one request")
+        seen.add(limit.key)
+    return limits

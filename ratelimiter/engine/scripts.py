@@ -1,0 +1,71 @@
+"""The Lua scripts in ``lua/``: read once, run by SHA, reloaded when Redis forgot them."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+from .connections import RedisClient
+from .multiplex import Multiplexer
+
+__all__ = ["Script", "load_scripts", "run_script"]
+
+NAMES = ("acquire", "settle", "renew", "peek", "expire")
+
+
+def _lua_dir() -> Path:
+    here = Path(__file__).resolve().parent
+    source_tree = here.parent.parent / "lua"
+    for candidate in (here / "lua", source_tree):  # installed wheel, then source tree
+        if (candidate / "lib.lua").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"the Lua scripts are missing: looked in {here / 'lua'} and {source_tree}"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    name: str
+    source: bytes
+    sha: str
+
+
+def _assemble(lib: str, body: str) -> str:
+    # A '#!lua flags=...' line must stay first for Redis to read it.
+    if body.startswith("#!"):
+        shebang, _, rest = body.partition("\n")
+        return f"{shebang}\n{lib}\n{rest}"
+    return f"{lib}\n{body}"
+
+
+def lua_source(name: str) -> str:
+    """A script of ``lua/`` that runs on its own, without lib.lua."""
+    return (_lua_dir() / f"{name}.lua").read_text()
+
+
+@cache
+def load_scripts() -> dict[str, Script]:
+    directory = _lua_dir()
+    lib = (directory / "lib.lua").read_text()
+    scripts = {}
+    for name in NAMES:
+        source = _assemble(lib, (directory / f"{name}.lua").read_text()).encode()
+        scripts[name] = Script(name, source, hashlib.sha1(source).hexdigest())
+    return scripts
+
+
+async def run_script(
+    redis: RedisClient | Multiplexer, script: Script, keys: list[str], args: list[Any]
+) -> Any:
+    """EVALSHA; on NOSCRIPT (a restarted or flushed server, a promoted replica) load and retry."""
+    try:
+        return await redis.evalsha(script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        await redis.script_load(script.source)
+        return await redis.evalsha(script.sha, len(keys), *keys, *args)

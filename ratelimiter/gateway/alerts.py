@@ -1,0 +1,171 @@
+"""Budget alerts: crossing ``soft_budget`` and exhausting ``max_budget`` emit an event, once per
+budget period across all sidecars, as a log line and a webhook POST.
+
+Nothing here runs on the request path: settled requests hand their scopes to a queue; a
+checker task reads the budgets (one peek) and claims each crossing with SET NX, so exactly one
+sidecar reports it; a sender task POSTs the events with retries and back-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from ..engine import Engine
+from ..engine.durations import period_bounds
+from ..engine.limits import Budget
+from ..pricing import dollars, nano
+from .config import Settings
+from .http import ENGINE, SETTINGS
+from .policy import Scope, scope_budgets
+
+__all__ = ["ALERTS", "Alerts", "add_alerts"]
+
+log = logging.getLogger("ratelimiter.alerts")
+
+QUEUE_SIZE = 10_000
+BATCH_S = 0.2
+ATTEMPTS = 6
+
+
+class Alerts:
+    """Budget alerts, checked off the request path.
+
+    Settled requests only mark their scopes dirty; a checker wakes at most every ``BATCH_S``
+    and peeks each dirty scope's budgets once. Under load that is one Redis call per batch,
+    not one per request, and an alert is at most ``BATCH_S`` late.
+    """
+
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine, self.settings = engine, settings
+        self.dirty: dict[tuple[str, str], Scope] = {}
+        self.exhausted: dict[str, Budget] = {}
+        self.wake = asyncio.Event()
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUE_SIZE)
+
+    def observe(self, scopes: tuple[Scope, ...]) -> None:
+        """Called after a request is settled; never waits."""
+        for scope in scopes:
+            self.dirty[scope.kind, scope.id] = scope  # the latest fields win
+        self.wake.set()
+
+    def refused(self, budget: Budget) -> None:
+        """A request was refused by ``budget``: it is exhausted for this period."""
+        self.exhausted[budget.key] = budget
+        self.wake.set()
+
+    async def check(self, scopes: Iterable[Scope], exhausted: Iterable[Budget] = ()) -> None:
+        now = await self.engine.now_ms()
+        exhausted = list(exhausted)
+        if exhausted:
+            states = await self.engine.peek(exhausted)
+            for budget, state in zip(exhausted, states, strict=True):
+                used = budget.capacity - state.remaining
+                await self._report("budget_exceeded", budget, budget.capacity, used, now)
+        prefix = self.settings.key_prefix
+        watched = [(scope, budget) for scope in scopes for budget in scope_budgets(scope, prefix)]
+        if not watched:
+            return
+        states = await self.engine.peek([budget for _, budget in watched])
+        for (scope, budget), state in zip(watched, states, strict=True):
+            used = budget.capacity - state.remaining
+            soft = scope.fields.get("soft_budget")
+            if soft is not None and budget.name.endswith(":budget") and used >= nano(soft):
+                await self._report("soft_budget_crossed", budget, nano(soft), used, now)
+            if state.remaining == 0:
+                await self._report("budget_exceeded", budget, budget.capacity, used, now)
+
+    async def _report(self, kind: str, budget: Budget, threshold: int, used: int, now: int) -> None:
+        """Emit once per budget period, whichever sidecar sees it first (SET NX)."""
+        start, end = period_bounds(budget.period, now, self.engine.tz)  # type: ignore[arg-type]
+        marker = f"{budget.key}:{start}:alert:{kind}"
+        if not await self.engine.redis.set(marker, 1, nx=True, px=end - now + 86_400_000):
+            return
+        scope, _, scope_id = budget.key.partition("{")[2].partition("}")[0].partition(":")
+        self.emit(
+            {
+                "event": kind,
+                "scope": scope,
+                "id": scope_id,
+                "budget": budget.name,
+                "budget_duration": str(budget.period),
+                "threshold": dollars(threshold),
+                "spend": dollars(used),
+                "max_budget": dollars(budget.capacity),
+                "period_start_ms": start,
+                "period_end_ms": end,
+            }
+        )
+
+    def emit(self, event: dict[str, Any]) -> None:
+        log.warning(
+            "budget alert: %s for %s %s",
+            event["event"],
+            event["scope"],
+            event["id"],
+            extra={"alert": event},
+        )
+        if self.settings.alert_webhook_url:
+            with contextlib.suppress(asyncio.QueueFull):
+                self.events.put_nowait(event)
+
+    async def run_checks(self) -> None:
+        while True:
+            await self.wake.wait()
+            await asyncio.sleep(BATCH_S)
+            self.wake.clear()
+            scopes, self.dirty = self.dirty, {}
+            exhausted, self.exhausted = self.exhausted, {}
+            try:
+                await self.check(scopes.values(), exhausted.values())
+            except Exception as exc:
+                log.warning("budget alert check failed: %s", exc)
+
+    async def run_sender(self, session: aiohttp.ClientSession) -> None:
+        url = self.settings.alert_webhook_url
+        while True:
+            event = await self.events.get()
+            for attempt in range(ATTEMPTS):
+                try:
+                    async with session.post(url, json=event) as response:
+                        if response.status < 300:
+                            break
+                        reason = f"status {response.status}"
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    reason = type(exc).__name__
+                await asyncio.sleep(min(0.2 * 2**attempt, 10))
+            else:
+                log.error(
+                    "budget alert webhook failed %d times (%s); event dropped: %s",
+                    ATTEMPTS,
+                    reason,
+                    event["event"],
+                    extra={"alert": event},
+                )
+
+
+ALERTS = web.AppKey("alerts", Alerts)
+
+
+async def _alerts(app: web.Application) -> AsyncIterator[None]:
+    alerts = app[ALERTS] = Alerts(app[ENGINE], app[SETTINGS])
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+    tasks = [
+        asyncio.create_task(alerts.run_checks()),
+        asyncio.create_task(alerts.run_sender(session)),
+    ]
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.wait(tasks, timeout=2)
+    await session.close()
+
+
+def add_alerts(app: web.Application) -> None:
+    app.cleanup_ctx.append(_alerts)

@@ -1,0 +1,62 @@
+"""The aiohttp application: one factory that only composes, shared state in ``web.AppKey``s
+(``http``), lifecycle in ``cleanup_ctx``. Errors leave in OpenAI's envelope, never as a
+traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from ..engine import Engine
+from ..ledger import collect_expired_holds
+from .admin import add_admin_routes
+from .alerts import add_alerts
+from .config import Settings
+from .health import add_health_routes, redis_health_warnings
+from .hosted_budgets import add_hosted_budget_routes
+from .http import ENGINE, MAX_BODY_BYTES, SETTINGS, STORE, edge_middleware, tag_response
+from .metrics import add_metrics
+from .proxy import add_proxy_routes
+from .store import Store
+from .ui import add_ui_routes
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("ratelimiter.server")
+
+
+def create_app(settings: Settings, engine: Engine) -> web.Application:
+    """The sidecar: ``engine`` is connected by the caller and closed with the app."""
+    app = web.Application(middlewares=[edge_middleware], client_max_size=MAX_BODY_BYTES)
+    app.on_response_prepare.append(tag_response)
+    app[SETTINGS] = settings
+    app[ENGINE] = engine
+    app[STORE] = Store(engine.redis, prefix=settings.key_prefix, address=engine.address)
+    app.cleanup_ctx.append(_lifecycle)
+    add_health_routes(app)
+    add_metrics(app)
+    add_admin_routes(app)
+    add_hosted_budget_routes(app)
+    add_proxy_routes(app)
+    add_ui_routes(app)
+    add_alerts(app)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    for warning in await redis_health_warnings(app[ENGINE]):
+        log.warning(warning)
+
+    tasks = [
+        asyncio.create_task(app[STORE].listen()),
+        asyncio.create_task(collect_expired_holds(app[ENGINE], app[SETTINGS].collect_interval_s)),
+    ]
+    yield
+    for task in tasks:
+        task.cancel()
+    # bounded: a connection torn down mid-read must not hold the shutdown
+    await asyncio.wait(tasks, timeout=2)
+    await asyncio.wait_for(app[ENGINE].close(), 5)

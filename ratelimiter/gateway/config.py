@@ -1,0 +1,376 @@
+"""The sidecar's configuration: LiteLLM's proxy ``config.yaml`` for what we implement, plus our
+own settings in ``ratelimiter_settings``.
+
+Every error names the file, the path inside it and what is wrong. Unknown keys get one
+warning each, not a crash, so a LiteLLM config with features we do not implement still loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..engine.durations import Duration, parse_duration, time_zone
+from ..engine.embedded import DEFAULT_DATA_DIR
+from ..errors import InvalidDuration, RateLimiterError
+from ..pricing import PRICES, Price
+from .bodies import MAX_OUTPUT_TOKENS
+
+__all__ = ["ConfigError", "Deployment", "Settings", "load_config", "weak_master_key_reason"]
+
+log = logging.getLogger("ratelimiter.config")
+
+ENV_PREFIX = "os.environ/"
+KNOWN_WEAK_KEYS = {"sk-1234", "sk-12345", "sk-123456", "sk-admin", "sk-master", "sk-test"}
+MIN_MASTER_KEY_LENGTH = 16
+
+
+class ConfigError(RateLimiterError):
+    """The configuration file (or an environment override) is unusable."""
+
+    def __init__(self, source: str, path: str, problem: str) -> None:
+        where = f"{source}: {path}" if path else source
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """One entry of ``model_list``: a public model name served by one upstream."""
+
+    model_name: str
+    model: str
+    api_base: str | None = None
+    api_key: str | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    input_cost_per_token: float | None = None
+    output_cost_per_token: float | None = None
+    access_groups: tuple[str, ...] = ()
+    index: int = 0  # position in model_list: names the deployment's own limits
+
+    @property
+    def price(self) -> Price | None:
+        """Its own prices when the config sets them, else the table's for its model."""
+        if self.input_cost_per_token is not None or self.output_cost_per_token is not None:
+            return (self.input_cost_per_token or 0.0, self.output_cost_per_token or 0.0)
+        return PRICES.get(self.model.rsplit("/", 1)[-1]) or PRICES.get(self.model_name)
+
+    @property
+    def deployment_id(self) -> str:
+        return f"{self.model_name}#{self.index}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    master_key: str
+    models: tuple[Deployment, ...] = ()
+    max_budget: float | None = None
+    budget_duration: Duration | None = None
+    end_user_budget_id: str = "default"
+    redis_url: str | None = None
+    key_prefix: str = "rl:"
+    timezone: str = "UTC"
+    on_redis_error: str = "deny"
+    data_dir: Path = DEFAULT_DATA_DIR
+    default_max_tokens: int = 4096
+    # how prompt text becomes tokens: "chars" (characters / 4, OpenAI's own estimate) or
+    # "bytes" (one token per UTF-8 byte: an upper bound, every BPE token being at least a byte)
+    prompt_estimate: str = "chars"
+    unpriced_models: str = "free"
+    upstream_timeout_s: float = 600.0
+    # the most a request waits for Redis before it is admitted or refused (all calls together)
+    redis_timeout_s: float = 2.0
+    lease_ttl_s: float = 60.0
+    hold_ttl_s: float = 600.0
+    # under on_redis_error: allow, how many unchecked requests may wait to be charged (in
+    # memory, until Redis is back) before the rest are refused
+    max_unchecked_requests: int = 10_000
+    collect_interval_s: float = 5.0
+    alert_webhook_url: str | None = None
+    source: str = "<defaults>"
+    extra_warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def access_groups(self) -> dict[str, set[str]]:
+        groups: dict[str, set[str]] = {}
+        for deployment in self.models:
+            for group in deployment.access_groups:
+                groups.setdefault(group, set()).add(deployment.model_name)
+        return groups
+
+
+def weak_master_key_reason(key: str) -> str | None:
+    if key in KNOWN_WEAK_KEYS:
+        return f"{key!r} is a published example key"
+    if len(key) < MIN_MASTER_KEY_LENGTH:
+        return f"it is shorter than {MIN_MASTER_KEY_LENGTH} characters"
+    if len(set(key.removeprefix("sk-"))) < 6:
+        return "it repeats too few distinct characters"
+    return None
+
+
+class _Reader:
+    """Walks the parsed YAML, resolving ``os.environ/NAME`` and naming paths in errors."""
+
+    def __init__(self, source: str, env: Mapping[str, str]) -> None:
+        self.source = source
+        self.env = env
+        self.warnings: list[str] = []
+
+    def fail(self, path: str, problem: str) -> ConfigError:
+        return ConfigError(self.source, path, problem)
+
+    def value(self, path: str, raw: Any) -> Any:
+        if isinstance(raw, str) and raw.startswith(ENV_PREFIX):
+            name = raw[len(ENV_PREFIX) :]
+            if name not in self.env:
+                raise self.fail(path, f"environment variable {name} is not set")
+            return self.env[name]
+        return raw
+
+    def section(self, path: str, raw: Any, known: set[str]) -> dict[str, Any]:
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            raise self.fail(path, f"must be a mapping, got {type(raw).__name__}")
+        for key in raw:
+            if key not in known:
+                self.warnings.append(f"{self.source}: {path}.{key}: unknown setting, ignored")
+        return {k: self.value(f"{path}.{k}", v) for k, v in raw.items()}
+
+    def string(self, path: str, raw: Any, *, required: bool = False) -> str | None:
+        if raw is None:
+            if required:
+                raise self.fail(path, "is required")
+            return None
+        if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
+            raise self.fail(path, f"must be a string, got {raw!r}")
+        return str(raw)
+
+    def number(self, path: str, raw: Any, *, whole: bool = False) -> Any:
+        if raw is None:
+            return None
+        if isinstance(raw, str):
+            with contextlib.suppress(ValueError):
+                raw = int(raw) if whole else float(raw)
+        kind = int if whole else (int, float)
+        if isinstance(raw, bool) or not isinstance(raw, kind) or not 0 <= raw < math.inf:
+            what = "a non-negative whole number" if whole else "a non-negative number"
+            raise self.fail(path, f"must be {what}, got {raw!r}")
+        return raw
+
+    def duration(self, path: str, raw: Any) -> Duration | None:
+        if raw is None:
+            return None
+        try:
+            return parse_duration(str(raw))
+        except InvalidDuration as exc:
+            raise self.fail(path, str(exc)) from None
+
+
+_TOP = {
+    "model_list",
+    "general_settings",
+    "litellm_settings",
+    "ratelimiter_settings",
+    "router_settings",
+    "environment_variables",
+}
+_GENERAL = {"master_key"}
+_LITELLM = {"max_budget", "budget_duration", "max_end_user_budget_id"}
+_OURS = {
+    "redis_url",
+    "key_prefix",
+    "timezone",
+    "on_redis_error",
+    "data_dir",
+    "default_max_tokens",
+    "prompt_estimate",
+    "unpriced_models",
+    "upstream_timeout",
+    "redis_timeout",
+    "lease_ttl",
+    "hold_ttl",
+    "max_unchecked_requests",
+    "alert_webhook_url",
+}
+_PARAMS = {
+    "model",
+    "api_base",
+    "api_key",
+    "rpm",
+    "tpm",
+    "input_cost_per_token",
+    "output_cost_per_token",
+}
+
+
+def _deployment(reader: _Reader, index: int, raw: Any) -> Deployment:
+    path = f"model_list[{index}]"
+    entry = reader.section(path, raw, {"model_name", "litellm_params", "model_info"})
+    name = reader.string(f"{path}.model_name", entry.get("model_name"), required=True)
+    params = reader.section(f"{path}.litellm_params", entry.get("litellm_params"), _PARAMS)
+    info = reader.section(f"{path}.model_info", entry.get("model_info"), {"access_groups", "id"})
+    groups = info.get("access_groups") or []
+    if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+        raise reader.fail(f"{path}.model_info.access_groups", "must be a list of names")
+    p = f"{path}.litellm_params"
+    return Deployment(
+        model_name=name or "",
+        model=reader.string(f"{p}.model", params.get("model")) or name or "",
+        api_base=reader.string(f"{p}.api_base", params.get("api_base")),
+        api_key=reader.string(f"{p}.api_key", params.get("api_key")),
+        rpm=reader.number(f"{p}.rpm", params.get("rpm"), whole=True),
+        tpm=reader.number(f"{p}.tpm", params.get("tpm"), whole=True),
+        input_cost_per_token=reader.number(
+            f"{p}.input_cost_per_token", params.get("input_cost_per_token")
+        ),
+        output_cost_per_token=reader.number(
+            f"{p}.output_cost_per_token", params.get("output_cost_per_token")
+        ),
+        access_groups=tuple(groups),
+        index=index,
+    )
+
+
+def load_config(
+    path: str | Path | None,
+    *,
+    env: Mapping[str, str] | None = None,
+    allow_weak_master_key: bool = False,
+) -> Settings:
+    """Read and check a config file; ``REDIS_URL``, ``RATELIMITER_MASTER_KEY`` and
+    ``RATELIMITER_END_USER_BUDGET_ID`` in the environment override it."""
+    env = os.environ if env is None else env
+    source = str(path) if path else "<no config file>"
+    raw: Any = {}
+    if path:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(source, "", f"cannot read it: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise ConfigError(source, where, f"not valid YAML: {problem}") from None
+    reader = _Reader(source, env)
+    top = reader.section("(top level)", raw, _TOP)
+    general = reader.section("general_settings", top.get("general_settings"), _GENERAL)
+    litellm = reader.section("litellm_settings", top.get("litellm_settings"), _LITELLM)
+    ours = reader.section("ratelimiter_settings", top.get("ratelimiter_settings"), _OURS)
+    models_raw = top.get("model_list") or []
+    if not isinstance(models_raw, list):
+        raise reader.fail("model_list", "must be a list of models")
+    models = tuple(_deployment(reader, i, m) for i, m in enumerate(models_raw))
+
+    master_key = env.get("RATELIMITER_MASTER_KEY") or reader.string(
+        "general_settings.master_key", general.get("master_key")
+    )
+    if not master_key:
+        raise reader.fail(
+            "general_settings.master_key",
+            "is required (or set RATELIMITER_MASTER_KEY): admin routes need it",
+        )
+    weak = weak_master_key_reason(master_key)
+    if weak and not allow_weak_master_key:
+        raise reader.fail(
+            "general_settings.master_key",
+            f"refused as weak: {weak}. Use a long random key (e.g. `sk-` + 32 random "
+            "characters), or pass --unsafe-allow-weak-master-key for a throwaway setup",
+        )
+
+    on_error = reader.string("ratelimiter_settings.on_redis_error", ours.get("on_redis_error"))
+    if on_error not in (None, "deny", "allow"):
+        raise reader.fail(
+            "ratelimiter_settings.on_redis_error", f"must be deny or allow, got {on_error!r}"
+        )
+    unpriced = reader.string("ratelimiter_settings.unpriced_models", ours.get("unpriced_models"))
+    if unpriced not in (None, "free", "refuse"):
+        raise reader.fail(
+            "ratelimiter_settings.unpriced_models", f"must be free or refuse, got {unpriced!r}"
+        )
+    prompt_estimate = reader.string(
+        "ratelimiter_settings.prompt_estimate", ours.get("prompt_estimate")
+    )
+    if prompt_estimate not in (None, "chars", "bytes"):
+        raise reader.fail(
+            "ratelimiter_settings.prompt_estimate",
+            "must be chars (characters / 4, the default) or bytes (one token per UTF-8 byte, "
+            f"an upper bound), got {prompt_estimate!r}",
+        )
+    default_max_tokens = reader.number(
+        "ratelimiter_settings.default_max_tokens", ours.get("default_max_tokens"), whole=True
+    )
+    if default_max_tokens is not None and default_max_tokens > MAX_OUTPUT_TOKENS:
+        raise reader.fail(
+            "ratelimiter_settings.default_max_tokens",
+            f"must be at most {MAX_OUTPUT_TOKENS}, the most a request may ask for",
+        )
+    lease_ttl = reader.number("ratelimiter_settings.lease_ttl", ours.get("lease_ttl"))
+    hold_ttl = reader.number("ratelimiter_settings.hold_ttl", ours.get("hold_ttl"))
+    max_unchecked = reader.number(
+        "ratelimiter_settings.max_unchecked_requests",
+        ours.get("max_unchecked_requests"),
+        whole=True,
+    )
+    upstream_timeout = reader.number(
+        "ratelimiter_settings.upstream_timeout", ours.get("upstream_timeout")
+    )
+    redis_timeout = reader.number("ratelimiter_settings.redis_timeout", ours.get("redis_timeout"))
+    if redis_timeout == 0:
+        raise reader.fail(
+            "ratelimiter_settings.redis_timeout",
+            "must be more than 0 seconds: it is how long a request may wait for Redis",
+        )
+    timezone = reader.string("ratelimiter_settings.timezone", ours.get("timezone")) or "UTC"
+    try:
+        time_zone(timezone)
+    except InvalidDuration as exc:
+        raise reader.fail("ratelimiter_settings.timezone", str(exc)) from None
+
+    for message in reader.warnings:
+        log.warning(message)
+    return Settings(
+        master_key=master_key,
+        models=models,
+        max_budget=reader.number("litellm_settings.max_budget", litellm.get("max_budget")),
+        budget_duration=reader.duration(
+            "litellm_settings.budget_duration", litellm.get("budget_duration")
+        ),
+        end_user_budget_id=env.get("RATELIMITER_END_USER_BUDGET_ID")
+        or reader.string(
+            "litellm_settings.max_end_user_budget_id", litellm.get("max_end_user_budget_id")
+        )
+        or "default",
+        redis_url=env.get("REDIS_URL")
+        or reader.string("ratelimiter_settings.redis_url", ours.get("redis_url")),
+        key_prefix=reader.string("ratelimiter_settings.key_prefix", ours.get("key_prefix"))
+        or "rl:",
+        timezone=timezone,
+        on_redis_error=on_error or "deny",
+        data_dir=Path(
+            reader.string("ratelimiter_settings.data_dir", ours.get("data_dir")) or DEFAULT_DATA_DIR
+        ),
+        default_max_tokens=default_max_tokens or 4096,
+        prompt_estimate=prompt_estimate or "chars",
+        unpriced_models=unpriced or "free",
+        upstream_timeout_s=float(upstream_timeout or 600.0),
+        redis_timeout_s=float(redis_timeout or 2.0),
+        lease_ttl_s=float(lease_ttl or 60.0),
+        hold_ttl_s=float(hold_ttl or 600.0),
+        max_unchecked_requests=10_000 if max_unchecked is None else int(max_unchecked),
+        alert_webhook_url=reader.string(
+            "ratelimiter_settings.alert_webhook_url", ours.get("alert_webhook_url")
+        ),
+        source=source,
+        extra_warnings=tuple(reader.warnings),
+    )

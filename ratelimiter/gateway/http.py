@@ -1,0 +1,169 @@
+"""What every route of the sidecar shares: the app's state keys, the request's ids, who is
+calling (bearer, master key), reading a JSON body, and the edge middleware that turns every
+exception into OpenAI's error envelope and counts every answer."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ..engine import Engine
+from ..engine.connections import as_unavailable, refusing_errors, unavailable_errors
+from ..errors import EntityError, RedisUnavailable
+from ..responses import error_response
+from .config import Settings
+from .metrics import METRICS
+from .store import Store
+
+__all__ = [
+    "CLIENT_REQUEST_ID",
+    "ENGINE",
+    "MAX_BODY_BYTES",
+    "REQUEST_ID",
+    "SETTINGS",
+    "STORE",
+    "bearer",
+    "edge_middleware",
+    "is_master",
+    "read_json",
+    "require_master",
+    "tag_response",
+]
+
+log = logging.getLogger("ratelimiter.http")
+
+SETTINGS = web.AppKey("settings", Settings)
+ENGINE = web.AppKey("engine", Engine)
+STORE = web.AppKey("store", Store)
+
+REQUEST_ID = web.RequestKey("request_id", str)
+CLIENT_REQUEST_ID = web.RequestKey("client_request_id", str | None)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_CLIENT_REQUEST_ID = 200
+
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_denied",
+    404: "not_found_error",
+    409: "conflict_error",
+}
+
+
+def _client_request_id(request: web.Request) -> str | None:
+    value = request.headers.get("x-request-id")
+    if value is None:
+        return None
+    if not 0 < len(value) <= MAX_CLIENT_REQUEST_ID or not value.isprintable():
+        raise EntityError(
+            400,
+            f"x-request-id must be 1 to {MAX_CLIENT_REQUEST_ID} printable characters; it is "
+            "only echoed and logged (the limiter gives every request its own id)",
+            "x-request-id",
+        )
+    return value
+
+
+@web.middleware
+async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every answer gets an id of ours, leaves in OpenAI's envelope instead of a traceback,
+    and is counted by route and status."""
+    request[REQUEST_ID] = f"req-{uuid.uuid4().hex}"
+    try:
+        request[CLIENT_REQUEST_ID] = _client_request_id(request)
+        response = await handler(request)
+    except asyncio.CancelledError:
+        _count(request, 499)  # the client went away
+        raise
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = error_response(exc.status, exc.reason, _ERROR_TYPES.get(exc.status, "error"))
+    except Exception as exc:
+        response = _error_answer(request, exc)
+    _count(request, response.status)
+    return response
+
+
+def _error_answer(request: web.Request, exc: Exception) -> web.Response:
+    if isinstance(exc, EntityError):
+        return error_response(
+            exc.status, str(exc), _ERROR_TYPES.get(exc.status, "error"), exc.param
+        )
+    if isinstance(exc, RedisUnavailable):
+        return redis_unavailable(request, exc)
+    if isinstance(exc, (*unavailable_errors, *refusing_errors)):  # a call outside the engine
+        address = request.app[ENGINE].address if ENGINE in request.app else "?"
+        return redis_unavailable(request, as_unavailable(address, exc))
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    return error_response(500, "internal error in the rate limiter; see its log", "internal_error")
+
+
+def _count(request: web.Request, status: int) -> None:
+    if METRICS in request.app:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        request.app[METRICS].requests.labels(route, str(status)).inc()
+
+
+async def tag_response(request: web.Request, response: web.StreamResponse) -> None:
+    """Before any answer's headers leave, streams included: our id, and the client's echoed."""
+    if REQUEST_ID in request:
+        response.headers.setdefault("x-request-id", request[REQUEST_ID])
+    if request.get(CLIENT_REQUEST_ID):
+        response.headers.setdefault("x-client-request-id", request[CLIENT_REQUEST_ID])
+
+
+def redis_unavailable(request: web.Request, exc: RedisUnavailable) -> web.Response:
+    """A 503 that tells the client what happened; the address and the driver's words go to
+    the log only."""
+    log.error("redis unavailable: %s", exc)
+    if METRICS in request.app:
+        request.app[METRICS].redis_errors.inc()
+    return error_response(
+        503,
+        f"{exc.public}; the limiter cannot decide, so it refuses. {exc.hint}",
+        "service_unavailable",
+    )
+
+
+def bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("x-api-key") or None
+
+
+def is_master(request: web.Request) -> bool:
+    token = bearer(request)
+    return token is not None and hmac.compare_digest(
+        token.encode(), request.app[SETTINGS].master_key.encode()
+    )
+
+
+def require_master(request: web.Request) -> None:
+    if bearer(request) is None:
+        raise EntityError(401, "missing API key: send 'Authorization: Bearer <master key>'")
+    if not is_master(request):
+        raise EntityError(401, "admin routes need the master key; this key is not it")
+
+
+async def read_json(request: web.Request) -> Any:
+    if request.content_type != "application/json":
+        raise EntityError(400, f"send the body as application/json, not {request.content_type!r}")
+    raw = await request.read()
+    try:
+        return orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError as exc:
+        raise EntityError(400, f"the body is not valid JSON: {exc}") from None

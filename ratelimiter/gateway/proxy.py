@@ -1,0 +1,644 @@
+"""The proxy routes: authenticate, admit across every scope in one step, forward, settle.
+
+A request is estimated (prompt characters / 4 + the most it may generate), admitted by one
+atomic acquire for all its limits, forwarded to a deployment of its model (the next one is
+tried when a deployment's own rpm/tpm is full), and settled with the usage the upstream
+reports. Streams pass through unbuffered; usage is taken from the final chunk, which is asked
+for and, if the client did not ask, removed before it reaches the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import aiohttp
+import msgpack
+import orjson
+from aiohttp import web
+
+from ..engine import Decision, Reservation
+from ..engine.limits import MAX_AMOUNT, Budget, Limit
+from ..errors import EntityError, RedisUnavailable
+from ..ledger import ledger_dims
+from ..pricing import cost_nano, dollars, estimate_tokens, estimated_cost
+from ..responses import error_response, json_response, rate_headers, refusal
+from .alerts import ALERTS
+from .bodies import check_body
+from .config import Deployment, Settings
+from .http import CLIENT_REQUEST_ID, ENGINE, MAX_BODY_BYTES, REQUEST_ID, SETTINGS, STORE, bearer
+from .metrics import METRICS, timer
+from .policy import Scope, limits_for
+from .resolver import Caller, authenticate, check_model_access, resolve
+
+__all__ = ["HTTP", "add_proxy_routes"]
+
+log = logging.getLogger("ratelimiter.proxy")
+
+HTTP = web.AppKey("http", aiohttp.ClientSession)
+ROUTES = {"chat/completions": "chat", "completions": "completion", "embeddings": "embedding"}
+
+
+def _deployments(settings: Settings, model: str) -> list[Deployment]:
+    found = [d for d in settings.models if d.model_name == model]
+    if not found:
+        raise EntityError(404, f"model {model!r} is not served here: ask GET /v1/models", "model")
+    return found
+
+
+class Call:
+    """One proxied request from admission to settlement."""
+
+    def __init__(self, request: web.Request, kind: str, body: dict[str, Any]) -> None:
+        self.request, self.kind, self.body = request, kind, body
+        self.app = request.app
+        self.settings: Settings = self.app[SETTINGS]
+        self.engine = self.app[ENGINE]
+        # Ours, never the client's: a reused id must not reach another request's hold.
+        self.request_id = request[REQUEST_ID]
+        self.client_request_id = request.get(CLIENT_REQUEST_ID)
+        self.started = time.perf_counter()
+        self.meta, self.dims = b"", ["proxy:all"]
+        self.scopes: tuple[Scope, ...] = ()
+        self.usage: dict[str, Any] = {}
+        self.charged: dict[str, int] | None = None
+        self.reservation: Reservation | None = None
+        self.limits: list[Limit] | None = None  # kept to charge later when Redis was down
+        self.deployment: Deployment | None = None
+        self.sent = False  # the upstream may have the prompt: from here on it is billed
+        self.finished = False  # settled or released: both happen once
+        self.streamed_chars = 0
+        self.stream_usage: dict[str, Any] | None = None
+        self.deadline = asyncio.get_running_loop().time() + self.settings.redis_timeout_s
+        self.prompt, self.most = estimate_tokens(
+            body,
+            self.settings.default_max_tokens,
+            embedding=kind == "embedding",
+            mode=self.settings.prompt_estimate,
+        )
+
+    @contextlib.asynccontextmanager
+    async def admission_deadline(self) -> AsyncIterator[None]:
+        """Every Redis call before admission shares one deadline: a paused Redis costs a
+        client redis_timeout, not the timeout of each call and each of its retries."""
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                yield
+        except TimeoutError:
+            raise RedisUnavailable(
+                self.engine.address,
+                f"no answer within {self.settings.redis_timeout_s:g}s "
+                "(ratelimiter_settings.redis_timeout)",
+            ) from None
+
+    async def admit(self, caller: Caller) -> tuple[Deployment, Decision] | web.Response:
+        store = self.app[STORE]
+        last: Decision | None = None
+        for deployment in _deployments(self.settings, self.body["model"]):
+            check_model_access(caller, deployment, self.settings)
+            price = deployment.price
+            if price is None and not self._unpriced_ok(deployment):
+                raise EntityError(
+                    400,
+                    f"model {deployment.model_name!r} has no price: set "
+                    "input_cost_per_token/output_cost_per_token in model_list",
+                )
+            async with self.admission_deadline():
+                resolved = await resolve(
+                    store,
+                    self.settings,
+                    caller,
+                    deployment,
+                    _end_user(self.body),
+                    self.prompt + self.most,
+                    estimated_cost(price, self.prompt, self.most),
+                )
+            self.scopes = resolved.scopes
+            limits = limits_for(
+                resolved, self.settings.key_prefix, round(self.settings.lease_ttl_s * 1000)
+            )
+            metrics = self.app[METRICS]
+            self.describe(caller, deployment)
+            self.limits = limits
+            try:
+                with timer(metrics.redis_seconds):
+                    async with self.admission_deadline():
+                        decision = await self.engine.acquire(
+                            self.request_id, limits, meta=self.meta, ledger=self.dims
+                        )
+            except RedisUnavailable as exc:
+                refused = self._refuse_unchecked(exc, limits)
+                if refused is exc:
+                    raise
+                if refused is not None:
+                    raise refused from exc
+                # The request goes through unchecked; its usage is charged to every limit
+                # once Redis answers again.
+                metrics.redis_errors.inc()
+                metrics.admissions.labels("unchecked").inc()
+                log.warning("admitting %s unchecked: %s", self.request_id, exc)
+                self.deployment = deployment
+                return deployment, Decision(True, self.request_id, ())
+            metrics.admissions.labels("admitted" if decision.allowed else "refused").inc()
+            if decision.allowed:
+                self.reservation, self.deployment = decision.reservation, deployment
+                return deployment, decision
+            if isinstance(decision.refused, Budget):
+                self.app[ALERTS].refused(decision.refused)
+            refused = decision.refused.name if decision.refused else ""
+            metrics.refusals.labels(refused.split(":")[0], decision.reason or "").inc()
+            last = decision  # a refusal reserved nothing: the id can be tried again
+            if not (decision.refused and decision.refused.name.startswith("deployment:")):
+                break
+        assert last is not None
+        return refusal(last, self.request_id)
+
+    def _refuse_unchecked(
+        self, exc: RedisUnavailable, limits: Sequence[Limit]
+    ) -> RedisUnavailable | None:
+        """With Redis unreachable: None to let the request through (on_redis_error: allow,
+        while fewer than max_unchecked_requests wait to be charged), else the error to answer
+        with. A refused request's acquire may still reach Redis later: it is abandoned, so it
+        takes nothing."""
+        waiting = self.app[DEFERRED].pending
+        # A Redis that answers but will not write (full, a replica) is not an outage to ride
+        # out: what it refuses now it would refuse to charge later.
+        if self.settings.on_redis_error == "allow" and not exc.refusing:
+            if waiting < self.settings.max_unchecked_requests:
+                return None
+            exc = RedisUnavailable(
+                exc.address,
+                str(exc.__cause__ or exc),
+                hint=f"{waiting} requests already went through unchecked and wait to be "
+                "charged (ratelimiter_settings.max_unchecked_requests): no more until Redis "
+                "is back.",
+            )
+        self.app[DEFERRED].put(functools.partial(self.engine.abandon, self.request_id, limits))
+        return exc
+
+    def _unpriced_ok(self, deployment: Deployment) -> bool:
+        if self.settings.unpriced_models == "refuse":
+            return False
+        warned = self.app[UNPRICED_WARNED]
+        if deployment.model_name not in warned:
+            warned.add(deployment.model_name)
+            log.warning("model %s has no price; its requests count as free", deployment.model_name)
+        return True
+
+    def log_fields(self, deployment: Deployment, status: int, caller: Caller) -> dict[str, Any]:
+        """What a log line may say about a request: never the key or the prompt."""
+        key = caller.key or {}
+        return {
+            "request_id": self.request_id,
+            "client_request_id": self.client_request_id,
+            "route": self.kind,
+            "status": status,
+            "model": deployment.model_name,
+            "deployment": deployment.deployment_id,
+            "key_alias": key.get("key_alias"),
+            "key_hash": (caller.token or "")[:12] or None,
+            "user_id": key.get("user_id"),
+            "team_id": key.get("team_id"),
+            "end_user": _end_user(self.body),
+            "stream": bool(self.body.get("stream")),
+            "charged": self.charged,
+            "duration_ms": round((time.perf_counter() - self.started) * 1000, 1),
+        }
+
+    def describe(self, caller: Caller, deployment: Deployment) -> None:
+        """What the ledger entry will say of this request (never the key or the prompt)."""
+        key = caller.key or {}
+        fields = {
+            "key_hash": caller.token,
+            "key_alias": key.get("key_alias"),
+            "user_id": key.get("user_id"),
+            "team_id": key.get("team_id"),
+            "end_user": _end_user(self.body),
+            "model": deployment.model_name,
+            "deployment": deployment.deployment_id,
+            "route": self.kind,
+            "client_request_id": self.client_request_id,
+        }
+        fields = {k: v for k, v in fields.items() if v is not None}
+        self.meta, self.dims = msgpack.packb(fields), ledger_dims(fields)
+
+    async def settle(self, actuals: dict[str, int]) -> None:
+        if self.finished:
+            return
+        self.finished, self.charged = True, actuals
+        info = msgpack.packb(self.usage)
+        if self.reservation is not None:
+            await self._now_or_later(
+                functools.partial(self.engine.settle, self.reservation, actuals, info=info)
+            )
+            self.app[ALERTS].observe(self.scopes)
+        elif self.limits is not None:
+            charge = functools.partial(
+                self.engine.charge,
+                self.request_id,
+                self.limits,
+                actuals,
+                meta=self.meta,
+                ledger=self.dims,
+                info=info,
+            )
+            self.app[DEFERRED].put(charge)
+
+    async def release(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.reservation is not None:
+            await self._now_or_later(functools.partial(self.engine.release, self.reservation))
+
+    async def finish(self) -> None:
+        """The one exit every admitted request passes: whatever ended it (our bug, a bad
+        upstream payload, a client gone, a shutdown), what the upstream may have billed is
+        charged, else everything is released; a request finished before is left alone."""
+        if self.finished or self.deployment is None:
+            return
+        if self.sent:
+            await self.settle(self.actuals(self.deployment, self.stream_usage, self.streamed_chars))
+        else:
+            await self.release()
+
+    async def _now_or_later(self, update: Callable[[], Awaitable[Any]]) -> None:
+        """A request the upstream answered is answered, whatever Redis does next: with Redis
+        gone its settlement waits in the deferred queue (settling is idempotent per request
+        id, so a retry after a lost reply cannot charge twice)."""
+        try:
+            await update()
+        except RedisUnavailable as exc:
+            self.app[METRICS].redis_errors.inc()
+            log.warning("settling %s when Redis is back: %s", self.request_id, exc)
+            self.app[DEFERRED].put(update)
+
+    async def renew(self) -> None:
+        if self.reservation is not None:
+            await self.engine.renew(self.reservation)
+
+    @property
+    def wants_usage(self) -> bool:
+        options = self.body.get("stream_options")
+        return isinstance(options, dict) and options.get("include_usage") is True
+
+    def upstream_body(self, deployment: Deployment) -> dict[str, Any]:
+        body = {**self.body, "model": deployment.model.split("/", 1)[-1]}
+        if body.get("stream"):
+            options = body.get("stream_options")
+            body["stream_options"] = {
+                **(options if isinstance(options, dict) else {}),
+                "include_usage": True,
+            }
+        return body
+
+    def actuals(
+        self, deployment: Deployment, usage: Any, generated_chars: int = 0
+    ) -> dict[str, int]:
+        """What to charge: the upstream's usage when it is sane, else the prompt estimate
+        and the characters it generated / 4."""
+        reported = reported_tokens(usage)
+        if reported is not None:
+            prompt, completion = reported
+        else:
+            prompt, completion = self.prompt, -(-generated_chars // 4)
+        spend = min(cost_nano(deployment.price, prompt, completion), MAX_AMOUNT)
+        self.usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "usage_reported": reported is not None,
+        }
+        self.app[METRICS].spend.labels(deployment.model_name).inc(dollars(spend))
+        return {"tokens": prompt + completion, "spend": spend}
+
+
+# Usage past this is not a real request's (and would not fit the engine): a broken upstream.
+MAX_REPORTED_TOKENS = 2**31
+
+
+def reported_tokens(usage: Any) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from an upstream's ``usage``, or None when it is absent or
+    malformed (not an object, not whole numbers, negative, absurd). Embeddings report no
+    completion tokens."""
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+    for value in (prompt, completion):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return None
+        if not 0 <= value <= MAX_REPORTED_TOKENS:
+            return None
+    return prompt, completion
+
+
+def generated_chars(payload: Any) -> int:
+    """Characters of what a non-streamed answer generated: message content, tool-call
+    arguments, completion text."""
+    choices = payload.get("choices") if isinstance(payload, dict) else None
+    if not isinstance(choices, list):
+        return 0
+    total = 0
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        total += _chars(choice.get("text"))
+        message = choice.get("message")
+        if isinstance(message, dict):
+            total += _chars(message.get("content"))
+            calls = message.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict):
+                    total += _chars(function.get("name")) + _chars(function.get("arguments"))
+    return total
+
+
+def _chars(value: Any) -> int:
+    return len(value) if isinstance(value, str) else 0
+
+
+UNPRICED_WARNED = web.AppKey("unpriced_warned", set)
+
+
+class DeferredWork:
+    """Redis updates that had to wait for Redis: charging requests admitted while it was
+    unreachable (on_redis_error: allow), settling requests answered meanwhile, abandoning
+    acquires whose answer never came. Made in order, each retried until Redis answers."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Callable[[], Awaitable[Any]]] = asyncio.Queue()
+        self.pending = 0  # queued, or being retried
+
+    def put(self, work: Callable[[], Awaitable[Any]]) -> None:
+        self.pending += 1
+        self.queue.put_nowait(work)
+
+    async def run(self) -> None:
+        while True:
+            work = await self.queue.get()
+            try:
+                while True:
+                    try:
+                        await work()
+                        break
+                    except RedisUnavailable:
+                        await asyncio.sleep(1)
+                    except Exception:  # one bad update must not stop the ones behind it
+                        log.exception("a deferred Redis update failed and was dropped")
+                        break
+            finally:
+                self.pending -= 1
+
+
+DEFERRED = web.AppKey("deferred_redis_work", DeferredWork)
+
+
+async def _run_deferred(app: web.Application) -> AsyncIterator[None]:
+    deferred = app[DEFERRED] = DeferredWork()
+    task = asyncio.create_task(deferred.run())
+    yield
+    task.cancel()
+    if deferred.pending:
+        log.error("%d deferred Redis updates were never made (Redis stayed down)", deferred.pending)
+
+
+def _end_user(body: dict[str, Any]) -> str | None:
+    user = body.get("user")
+    return user if isinstance(user, str) and user else None
+
+
+async def _read_body(request: web.Request, kind: str) -> dict[str, Any]:
+    if request.content_type != "application/json":
+        raise EntityError(400, f"send the body as application/json, not {request.content_type!r}")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise EntityError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes") from None
+    try:
+        return check_body(orjson.loads(raw), kind)
+    except orjson.JSONDecodeError as exc:
+        raise EntityError(400, f"the body is not valid JSON: {exc}") from None
+
+
+def proxy_route(kind: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await _read_body(request, kind)
+        call = Call(request, kind, body)
+        async with call.admission_deadline():
+            caller = await authenticate(request.app[STORE], call.settings, bearer(request))
+        admitted = await call.admit(caller)
+        if isinstance(admitted, web.Response):
+            return admitted
+        deployment, decision = admitted
+        request.app[METRICS].in_flight.inc()
+        status = 499  # the client went away before an answer was made
+        try:
+            response = await forward(call, deployment, decision)
+            status = response.status
+            return response
+        finally:
+            await asyncio.shield(call.finish())
+            request.app[METRICS].in_flight.dec()
+            log.info("proxied", extra=call.log_fields(deployment, status, caller))
+
+    return handler
+
+
+async def forward(call: Call, deployment: Deployment, decision: Decision) -> web.StreamResponse:
+    path = next(p for p, k in ROUTES.items() if k == call.kind)
+    url = f"{(deployment.api_base or 'https://api.openai.com/v1').rstrip('/')}/{path}"
+    headers = {"Content-Type": "application/json"}
+    if deployment.api_key:
+        headers["Authorization"] = f"Bearer {deployment.api_key}"
+    failure = rate_headers(decision, call.request_id)
+    payload = orjson.dumps(call.upstream_body(deployment))
+    try:
+        with timer(call.app[METRICS].upstream_seconds):
+            call.sent = True
+            upstream = await call.app[HTTP].post(url, data=payload, headers=headers)
+        async with upstream:
+            if upstream.status >= 400:
+                return await _upstream_error(call, deployment, upstream, decision)
+            if call.body.get("stream"):
+                return await _stream(call, deployment, decision, upstream)
+            raw = await upstream.read()
+    except TimeoutError:  # before OSError: TimeoutError is one
+        await call.release()
+        return error_response(
+            504,
+            f"the upstream for {deployment.model_name!r} did not answer "
+            f"within {call.settings.upstream_timeout_s:g}s",
+            "upstream_timeout",
+            headers=failure,
+        )
+    except (aiohttp.ClientError, OSError) as exc:
+        await call.release()
+        return error_response(
+            502,
+            f"the upstream for {deployment.model_name!r} could not be "
+            f"reached: {type(exc).__name__}",
+            "upstream_error",
+            headers=failure,
+        )
+    try:
+        answer = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        answer = None
+    usage = answer.get("usage") if isinstance(answer, dict) else None
+    # With no sane usage, what came back is charged: its text, or the whole body when it
+    # is not a completion at all.
+    generated = generated_chars(answer) if answer is not None else len(raw)
+    await call.settle(call.actuals(deployment, usage, generated))
+    return web.Response(
+        body=raw, status=upstream.status, content_type="application/json", headers=failure
+    )
+
+
+async def _upstream_error(
+    call: Call, deployment: Deployment, upstream: aiohttp.ClientResponse, decision: Decision
+) -> web.Response:
+    raw = await upstream.read()
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        payload = None
+    payload = payload if isinstance(payload, dict) else {}
+    error, usage = payload.get("error"), payload.get("usage")
+    if reported_tokens(usage) is not None:  # it consumed tokens even though it failed
+        await call.settle(call.actuals(deployment, usage))
+    else:
+        await call.release()
+    message = error.get("message") if isinstance(error, dict) else None
+    kind = error.get("type") if isinstance(error, dict) else None
+    return error_response(
+        upstream.status,
+        message
+        if isinstance(message, str) and message
+        else raw.decode(errors="replace")[:500] or f"upstream answered {upstream.status}",
+        kind if isinstance(kind, str) and kind else "upstream_error",
+        headers=rate_headers(decision, call.request_id),
+    )
+
+
+@contextlib.asynccontextmanager
+async def _renewing(call: Call) -> AsyncIterator[None]:
+    """Keep the leases and the hold alive while a stream runs."""
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(call.settings.lease_ttl_s / 3)
+            with contextlib.suppress(Exception):
+                await call.renew()
+
+    task = asyncio.create_task(renew())
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+async def _stream(
+    call: Call,
+    deployment: Deployment,
+    decision: Decision,
+    upstream: aiohttp.ClientResponse,
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={
+            **rate_headers(decision, call.request_id),
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+        }
+    )
+    try:
+        await response.prepare(call.request)
+        async with _renewing(call):
+            # Whatever arrived is parsed line by line but written back in one piece: a write
+            # per SSE line cost more CPU than the rest of the stream's handling together.
+            partial = b""
+            async for data in upstream.content.iter_any():
+                *lines, partial = (partial + data).split(b"\n")
+                out = [line for line in lines if _read_sse_line(call, line)]
+                if out:
+                    await response.write(b"\n".join(out) + b"\n")
+            if partial:
+                await response.write(partial)
+    except (aiohttp.ClientError, OSError):
+        # The client left (stop paying for tokens nobody reads) or the upstream broke off:
+        # the caller's finish() charges what was streamed.
+        upstream.close()
+        return response
+    await call.settle(call.actuals(deployment, call.stream_usage, call.streamed_chars))
+    with contextlib.suppress(aiohttp.ClientError, OSError):
+        await response.write_eof()
+    return response
+
+
+def _read_sse_line(call: Call, line: bytes) -> bool:
+    """Take usage and generated characters from one SSE line; False to keep it from the
+    client (the usage chunk it did not ask for). A line that is not valid JSON is passed on
+    and counted whole."""
+    if not line.startswith(b"data: {"):
+        return True
+    try:
+        chunk = orjson.loads(line[6:])
+    except orjson.JSONDecodeError:
+        call.streamed_chars += len(line) - 6
+        return True
+    choices = chunk.get("choices")
+    if chunk.get("usage"):
+        call.stream_usage = chunk["usage"]
+        if not call.wants_usage and not choices:
+            return False
+    for choice in choices if isinstance(choices, list) else ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict):
+            call.streamed_chars += _chars(delta.get("content"))
+    return True
+
+
+async def list_models(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    caller = await authenticate(request.app[STORE], settings, bearer(request))
+    names = []
+    for deployment in settings.models:
+        if deployment.model_name in names:
+            continue
+        try:
+            check_model_access(caller, deployment, settings)
+        except EntityError:
+            continue
+        names.append(deployment.model_name)
+    return json_response(
+        {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "ratelimiter"}
+                for name in names
+            ],
+        }
+    )
+
+
+async def _http_session(app: web.Application) -> AsyncIterator[None]:
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=10, sock_read=app[SETTINGS].upstream_timeout_s
+    )
+    app[HTTP] = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+    yield
+    await app[HTTP].close()
+
+
+def add_proxy_routes(app: web.Application) -> None:
+    app[UNPRICED_WARNED] = set()
+    app.cleanup_ctx.append(_http_session)
+    app.cleanup_ctx.append(_run_deferred)
+    for prefix in ("/v1", ""):
+        for path, kind in ROUTES.items():
+            app.router.add_post(f"{prefix}/{path}", proxy_route(kind))
+        app.router.add_get(f"{prefix}/models", list_models)

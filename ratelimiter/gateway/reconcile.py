@@ -1,0 +1,150 @@
+"""``ratelimiter ledger check``: every budget's counter reconciled with its ledger entries.
+
+It knows entities and their budgets, so it belongs to the sidecar, not to the ledger."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from ..engine import Engine
+from ..engine.durations import parse_duration, period_bounds
+from ..engine.limits import Budget
+from ..ledger import Entry, Ledger
+from .config import Settings
+from .policy import Scope, scope_budgets
+from .store import Store
+
+__all__ = ["check"]
+
+
+@dataclass(slots=True)
+class _Tally:
+    """One budget's current period, and the sum of its ledger entries found so far."""
+
+    budget: Budget
+    owner: str  # the rollup dimension of its entity, e.g. "key:3f9a…"
+    start: int
+    end: int
+    recorded: int = 0
+
+
+_DIM_FIELDS = {"key": "key_hash", "user": "user_id", "team": "team_id", "customer": "end_user"}
+_BUDGET_FIELDS = ("max_budget", "budget_duration", "budget_limits")
+_SHOWN = 200  # characters of an entity's value or error quoted in a problem line
+
+
+async def check(engine: Engine, settings: Settings) -> list[str]:
+    """Compare, for every budget of every key, user, team, customer and the proxy, the spend
+    counter of the current period (without in-flight holds) with the sum of the ledger
+    entries acquired in that period. Returns the differences, and a line for each entity
+    whose budgets cannot be built (it is skipped); empty means they agree.
+
+    The ledger is read once, from the earliest period start, through its index of days: a
+    budget that never resets (a period from 1970) costs no more than one that resets daily.
+    """
+    now = await engine.now_ms()
+    problems: list[str] = []
+    tallies: list[_Tally] = []
+    store = Store(engine.redis, prefix=settings.key_prefix)
+    for scope, dim, dim_id in await _scopes(store, settings, problems):
+        try:
+            tallies += _periods(scope, f"{dim}:{dim_id}", settings.key_prefix, now, engine.tz)
+        except Exception as exc:  # only the entity's own fields are at work here, no Redis
+            problems.append(_unusable(dim, dim_id, scope.fields, exc))
+    counters = await _counters(engine, tallies, now)
+    await _sum_ledger(Ledger(engine), tallies, now)
+    for tally, counted in zip(tallies, counters, strict=True):
+        if counted != tally.recorded:
+            problems.append(
+                f"{tally.budget.name} {tally.owner} period from "
+                f"{datetime.fromtimestamp(tally.start / 1000, UTC).isoformat()}: "
+                f"counter {counted} != ledger {tally.recorded} (nano-dollars)"
+            )
+    return problems
+
+
+async def _scopes(
+    store: Store, settings: Settings, problems: list[str]
+) -> list[tuple[Scope, str, str]]:
+    """The proxy and every stored entity, with its rollup dimension; an unreadable record
+    becomes a problem line."""
+    scopes: list[tuple[Scope, str, str]] = []
+    if settings.max_budget is not None:
+        fields = {
+            "max_budget": settings.max_budget,
+            "budget_duration": str(settings.budget_duration or "") or None,
+        }
+        scopes.append((Scope("proxy", "all", fields), "proxy", "all"))
+    for kind, scope_kind, dim in (
+        ("key", "key", "key"),
+        ("user", "user", "user"),
+        ("team", "team", "team"),
+        ("customer", "end_user", "customer"),
+    ):
+        for entity_id in await store.ids(kind):
+            try:
+                entity = await store.get(kind, entity_id)
+            except ValueError as exc:  # msgpack's errors for a damaged record
+                problems.append(
+                    f"{dim}:{entity_id}: not checked: its record cannot be read "
+                    f"({_short(str(exc))})"
+                )
+                continue
+            if entity:
+                scopes.append((Scope(scope_kind, entity_id, entity), dim, entity_id))
+    return scopes
+
+
+def _periods(scope: Scope, owner: str, prefix: str, now: int, tz: ZoneInfo) -> list[_Tally]:
+    """The current period of each of the scope's budgets."""
+    tallies = []
+    for budget in scope_budgets(scope, prefix):
+        start, end = period_bounds(parse_duration(budget.period), now, tz)
+        tallies.append(_Tally(budget, owner, start, end))
+    return tallies
+
+
+def _unusable(dim: str, dim_id: str, fields: Any, exc: Exception) -> str:
+    if isinstance(fields, Mapping):
+        fields = {name: fields[name] for name in _BUDGET_FIELDS if name in fields}
+    where = "in the config" if dim == "proxy" else f"with /{dim}/update"
+    return (
+        f"{dim}:{dim_id}: not checked: its budget fields {_short(repr(fields))} cannot be "
+        f"turned into limits ({type(exc).__name__}: {_short(str(exc))}); correct them {where}"
+    )
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + "…"
+
+
+async def _sum_ledger(ledger: Ledger, tallies: list[_Tally], now: int) -> None:
+    """Add each entry to the tallies of its entities whose period it was acquired in."""
+    if not tallies:
+        return
+    by_owner: dict[str, list[_Tally]] = defaultdict(list)
+    for tally in tallies:
+        by_owner[tally.owner].append(tally)
+    async for entry in ledger.entries(min(t.start for t in tallies), now + 1):
+        for owner in _owners(entry):
+            for tally in by_owner.get(owner, ()):
+                if tally.start <= entry.started_ms < tally.end:
+                    tally.recorded += entry.charged.get(tally.budget.measure or "spend", 0)
+
+
+def _owners(entry: Entry) -> Iterator[str]:
+    yield "proxy:all"
+    for dim, name in _DIM_FIELDS.items():
+        value = entry.meta.get(name)
+        if isinstance(value, str) and value:
+            yield f"{dim}:{value}"
+
+
+async def _counters(engine: Engine, tallies: list[_Tally], now: int) -> list[int]:
+    """Each tally's period counter: what was spent, without the holds in flight."""
+    return [use.spent for use in await engine.budget_use([t.budget for t in tallies], now)]

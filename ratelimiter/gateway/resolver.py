@@ -1,0 +1,201 @@
+"""From a proxy request's credentials, model and end user to the scopes it belongs to.
+
+Authentication (expired, blocked, deleted keys), model access (names, access groups,
+wildcards, ``all-proxy-models``; the narrowest list wins) and the default end-user budget
+live here; which limits each scope sets is the policy's business.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hmac
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import EntityError
+from .config import Deployment, Settings
+from .policy import Resolved, Scope, inherit
+from .store import Store, hash_key
+
+__all__ = ["Caller", "authenticate", "check_model_access", "effective_fields", "resolve"]
+
+ALL_MODELS = "all-proxy-models"
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling: the master key (no per-key scopes) or a virtual key and its owners."""
+
+    master: bool
+    token: str | None = None
+    key: dict[str, Any] | None = None
+    user: dict[str, Any] | None = None
+    team: dict[str, Any] | None = None
+
+
+async def authenticate(store: Store, settings: Settings, presented: str | None) -> Caller:
+    if not presented:
+        raise EntityError(401, "missing API key: send 'Authorization: Bearer sk-...'")
+    if hmac.compare_digest(presented.encode(), settings.master_key.encode()):
+        return Caller(master=True)
+    token = hash_key(presented)
+    key = await store.get("key", token)
+    if key is None:
+        raise EntityError(401, "invalid API key: it does not exist or was deleted")
+    expires = key.get("expires_at")
+    if expires is not None and expires <= time.time() * 1000:
+        raise EntityError(401, "this API key has expired; ask for a new one")
+    if key.get("blocked"):
+        raise EntityError(403, "this API key is blocked; an admin can unblock it with /key/unblock")
+    user = await _owner(store, key, "user")
+    team = await _owner(store, key, "team")
+    if team is not None and team.get("blocked"):
+        raise EntityError(403, f"team {key['team_id']!r} is blocked")
+    return Caller(False, token, key, user, team)
+
+
+async def _owner(store: Store, key: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    """The user or team a key belongs to. Deleting one deletes its keys; a key that still
+    names a missing one (a race, or a key from an older version) is refused, because its
+    owner's limits are unknown and unknown must never mean unlimited."""
+    owner_id = key.get(f"{kind}_id")
+    if not owner_id:
+        return None
+    owner = await store.get(kind, owner_id)
+    if owner is None:
+        raise EntityError(
+            403,
+            f"this API key belongs to {kind} {owner_id!r}, which does not exist, so its "
+            f"limits are unknown and the key is refused: create the {kind} with /{kind}/new "
+            f"or move the key with /key/update",
+            f"{kind}_id",
+        )
+    return owner
+
+
+async def effective_fields(store: Store, owner: str, entity: dict[str, Any]) -> dict[str, Any]:
+    """An entity's own limits, with the gaps filled from the budget it names.
+
+    A named budget that does not exist (deleted by a race, or by an older version) is an
+    error, never "no limits": ``owner`` ("this API key", "user 'ana'"...) says whose it is."""
+    budget_id = entity.get("budget_id")
+    if not budget_id:
+        return entity
+    budget = await store.get("budget", budget_id)
+    if budget is None:
+        raise EntityError(
+            403,
+            f"{owner} names budget {budget_id!r}, which does not exist, so its limits are "
+            "unknown and requests are refused: create the budget again with /budget/new or "
+            "give it another budget_id",
+            "budget_id",
+        )
+    return inherit(entity, budget)
+
+
+def _matches(entry: str, deployment: Deployment, groups: dict[str, set[str]]) -> bool:
+    if entry == ALL_MODELS or entry == deployment.model_name:
+        return True
+    if deployment.model_name in groups.get(entry, ()):
+        return True
+    return any(
+        fnmatch.fnmatchcase(name, entry) for name in (deployment.model_name, deployment.model)
+    )
+
+
+def check_model_access(caller: Caller, deployment: Deployment, settings: Settings) -> None:
+    """Every non-empty ``models`` list on the key, its user and its team must allow the model."""
+    groups = settings.access_groups
+    for owner, entity in (("key", caller.key), ("user", caller.user), ("team", caller.team)):
+        allowed = (entity or {}).get("models") or []
+        if allowed and not any(_matches(entry, deployment, groups) for entry in allowed):
+            raise EntityError(
+                403,
+                f"this {owner} may not use model {deployment.model_name!r}; it may use: "
+                f"{', '.join(allowed)}",
+                "model",
+            )
+
+
+async def _customer(store: Store, settings: Settings, end_user: str) -> dict[str, Any]:
+    customer = await store.get("customer", end_user)
+    if customer is None:
+        # The first request naming an end user creates it, under the default budget if one
+        # exists: creating a budget called "default" limits every end user.
+        budget = await store.get("budget", settings.end_user_budget_id)
+        customer = {
+            "user_id": end_user,
+            "blocked": False,
+            "budget_id": settings.end_user_budget_id if budget else None,
+        }
+        try:
+            await store.create("customer", end_user, customer)
+        except EntityError as exc:
+            if exc.status != 409:
+                raise
+            customer = await store.get("customer", end_user) or customer
+    if customer.get("blocked"):
+        raise EntityError(403, f"end user {end_user!r} is blocked", "user")
+    return customer
+
+
+async def resolve(
+    store: Store,
+    settings: Settings,
+    caller: Caller,
+    deployment: Deployment,
+    end_user: str | None,
+    tokens: int,
+    cost: int,
+) -> Resolved:
+    check_model_access(caller, deployment, settings)
+    scopes = []
+    if settings.max_budget is not None:
+        proxy = {
+            "max_budget": settings.max_budget,
+            "budget_duration": str(settings.budget_duration) if settings.budget_duration else None,
+        }
+        scopes.append(Scope("proxy", "all", proxy))
+    if caller.key is not None and caller.token is not None:
+        key = await effective_fields(store, "this API key", caller.key)
+        scopes.append(Scope("key", caller.token, key))
+        if caller.user is not None:
+            user_id = caller.user["user_id"]
+            user = await effective_fields(store, f"user {user_id!r}", caller.user)
+            scopes.append(Scope("user", user_id, user))
+        if caller.team is not None:
+            team_id = caller.team["team_id"]
+            team = await effective_fields(store, f"team {team_id!r}", caller.team)
+            scopes.append(Scope("team", team_id, team))
+            member = next(
+                (
+                    m
+                    for m in caller.team.get("members") or []
+                    if m["user_id"] == caller.key.get("user_id")
+                ),
+                None,
+            )
+            if member and member.get("max_budget_in_team") is not None:
+                scopes.append(
+                    Scope(
+                        "member",
+                        f"{team_id}:{member['user_id']}",
+                        {
+                            "max_budget": member["max_budget_in_team"],
+                            "budget_duration": caller.team.get("budget_duration"),
+                        },
+                    )
+                )
+    if end_user:
+        customer = await _customer(store, settings, end_user)
+        fields = await effective_fields(store, f"end user {end_user!r}", customer)
+        scopes.append(Scope("end_user", end_user, fields))
+    scopes.append(
+        Scope(
+            "deployment",
+            deployment.deployment_id,
+            {"rpm_limit": deployment.rpm, "tpm_limit": deployment.tpm},
+        )
+    )
+    return Resolved(tuple(scopes), deployment.model_name, tokens, cost)

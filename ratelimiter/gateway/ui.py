@@ -1,0 +1,201 @@
+"""The admin web UI at ``/ui``: static files shipped in the package (no CDN, no build step),
+and the few read-only views the admin API lacks, all behind the master key. The browser keeps
+the master key in its session storage only and sends it as a bearer token."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ..engine.connections import translate_errors
+from ..engine.durations import parse_duration, period_bounds, time_zone
+from ..responses import json_response
+from .http import ENGINE, SETTINGS, STORE, require_master
+from .metrics import METRICS
+
+__all__ = ["add_ui_routes"]
+
+STATIC = Path(__file__).resolve().parent / "static"
+LIVE_EVERY_S = 1.0
+LIVE_STALE_S = 5.0
+FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+# Everything comes from the sidecar itself: a page that loads nothing else cannot leak the key.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(STATIC / "index.html", headers=SECURITY_HEADERS)
+
+
+async def static(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["name"]
+    if name not in FILES:
+        raise web.HTTPNotFound()
+    return web.FileResponse(
+        STATIC / name, headers={**SECURITY_HEADERS, "Content-Type": FILES[name]}
+    )
+
+
+async def redirect(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPFound("/ui/")
+
+
+async def budgets(request: web.Request) -> web.Response:
+    """Every budget with when its current period ends and what uses it."""
+    require_master(request)
+    store, settings = request.app[STORE], request.app[SETTINGS]
+    users: dict[str, dict[str, int]] = {}
+    for kind in ("key", "customer"):
+        for entity in await store.all(kind):
+            if entity.get("budget_id"):
+                counts = users.setdefault(entity["budget_id"], {"key": 0, "customer": 0})
+                counts[kind] += 1
+    now_ms = int(time.time() * 1000)
+    rows = []
+    for budget in await store.all("budget"):
+        budget_id = budget["budget_id"]
+        reset = None
+        if budget.get("budget_duration"):
+            duration = parse_duration(budget["budget_duration"])
+            reset = period_bounds(duration, now_ms, time_zone(settings.timezone))[1]
+        counts = users.get(budget_id, {"key": 0, "customer": 0})
+        rows.append(
+            {
+                **budget,
+                "budget_reset_at": reset,
+                "keys": counts["key"],
+                "customers": counts["customer"],
+            }
+        )
+    return json_response(rows)
+
+
+def entities(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """``/user/list``, ``/team/list``, ``/customer/list``: every entity of a kind."""
+
+    async def handler(request: web.Request) -> web.Response:
+        require_master(request)
+        return json_response(await request.app[STORE].all(kind))
+
+    return handler
+
+
+async def model_info(request: web.Request) -> web.Response:
+    """The configured deployments, as LiteLLM's ``/model/info`` shows them (no API keys)."""
+    require_master(request)
+    data = [
+        {
+            "model_name": d.model_name,
+            "litellm_params": {
+                "model": d.model,
+                "api_base": d.api_base,
+                "rpm": d.rpm,
+                "tpm": d.tpm,
+                "input_cost_per_token": d.input_cost_per_token,
+                "output_cost_per_token": d.output_cost_per_token,
+            },
+            "model_info": {"id": d.deployment_id, "access_groups": list(d.access_groups)},
+        }
+        for d in request.app[SETTINGS].models
+    ]
+    return json_response({"data": data})
+
+
+def _counter(metric: Any) -> dict[tuple[str, ...], float]:
+    totals: dict[tuple[str, ...], float] = {}
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                totals[tuple(sample.labels.values())] = sample.value
+    return totals
+
+
+def _own_counts(app: web.Application) -> dict[str, Any]:
+    metrics = app[METRICS]
+    proxied = sum(
+        v
+        for (route, _), v in _counter(metrics.requests).items()
+        if route.endswith(("completions", "embeddings"))
+    )
+    refused: dict[str, float] = {}
+    for (scope, reason), value in _counter(metrics.refusals).items():
+        label = f"{reason} ({scope})"
+        refused[label] = refused.get(label, 0) + value
+    return {"requests": proxied, "refused": refused}
+
+
+def _live_key(app: web.Application) -> str:
+    return f"{app[SETTINGS].key_prefix}{{live}}"
+
+
+async def _publish_counts(app: web.Application) -> AsyncIterator[None]:
+    """Behind a load balancer each poll of the page reaches any sidecar: every sidecar puts
+    its counters in one Redis hash each second, and the page reads their sum."""
+    me = uuid.uuid4().hex
+
+    async def publish() -> None:
+        redis = app[ENGINE].redis
+        while True:
+            with contextlib.suppress(Exception):  # the page shows stale figures, that is all
+                counts = {**_own_counts(app), "at": time.time()}
+                await redis.hset(_live_key(app), me, orjson.dumps(counts))
+            await asyncio.sleep(LIVE_EVERY_S)
+
+    task = asyncio.create_task(publish())
+    yield
+    task.cancel()
+    with contextlib.suppress(Exception):
+        await app[ENGINE].redis.hdel(_live_key(app), me)
+
+
+async def live(request: web.Request) -> web.Response:
+    """Every sidecar's counters, summed; the page turns two readings into rates."""
+    require_master(request)
+    app, now = request.app, time.time()
+    with translate_errors(app[ENGINE].address):
+        published = await app[ENGINE].redis.hgetall(_live_key(app))
+    total: dict[str, Any] = {"requests": 0.0, "refused": {}}
+    sidecars, stale = 0, []
+    for sidecar, raw in published.items():
+        counts = orjson.loads(raw)
+        if counts["at"] < now - LIVE_STALE_S:
+            stale.append(sidecar)  # stopped without saying so
+            continue
+        sidecars += 1
+        total["requests"] += counts["requests"]
+        for reason, value in counts["refused"].items():
+            total["refused"][reason] = total["refused"].get(reason, 0) + value
+    if stale:
+        with translate_errors(app[ENGINE].address):
+            await app[ENGINE].redis.hdel(_live_key(app), *stale)
+    return json_response({"at": now, "sidecars": sidecars, **total})
+
+
+def add_ui_routes(app: web.Application) -> None:
+    app.cleanup_ctx.append(_publish_counts)
+    r = app.router
+    r.add_get("/ui", redirect)
+    r.add_get("/ui/", index)
+    r.add_get("/ui/static/{name}", static)
+    r.add_get("/ui/api/budgets", budgets)
+    r.add_get("/ui/api/live", live)
+    r.add_get("/model/info", model_info)
+    for kind in ("user", "team", "customer"):
+        r.add_get(f"/{kind}/list", entities(kind))
+    r.add_get("/end_user/list", entities("customer"))

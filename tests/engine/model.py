@@ -1,0 +1,132 @@
+"""A plain-Python model of the limit kinds, written from their definitions, not from the Lua.
+
+Sliding window: a request admitted at time t lands in bucket t // g and counts while its
+bucket id >= (now - W) // g. Lease: a member with an expiry, purged by the next admission
+once expired. Budget: one counter per calendar period holding spend plus holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from zoneinfo import ZoneInfo
+
+from ratelimiter import Budget, Concurrency, SlidingWindow
+from ratelimiter.engine.durations import period_bounds
+
+NEVER = None
+
+
+@dataclass
+class Event:
+    rid: str
+    at: int
+    bucket: int
+    amount: int
+
+
+@dataclass
+class WindowModel:
+    limit: SlidingWindow
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def g(self) -> int:
+        return self.limit.bucket_ms
+
+    @property
+    def w(self) -> int:
+        return self.limit.window_ms
+
+    def counted(self, now: int) -> list[Event]:
+        lo = (now - self.w) // self.g
+        return [e for e in self.events if e.bucket >= lo]
+
+    def used(self, now: int) -> int:
+        return sum(e.amount for e in self.counted(now))
+
+    def exact_used(self, now: int) -> int:
+        """What a perfect sliding window would count: admissions in (now - W, now]."""
+        return sum(e.amount for e in self.events if now - self.w < e.at <= now)
+
+    def frees_at(self, bucket: int) -> int:
+        return (bucket + 1) * self.g + self.w
+
+    def reset(self, now: int) -> int:
+        buckets = {e.bucket for e in self.counted(now) if self._bucket_sum(e.bucket) > 0}
+        return max((self.frees_at(b) - now for b in buckets), default=0)
+
+    def _bucket_sum(self, bucket: int) -> int:
+        return sum(e.amount for e in self.events if e.bucket == bucket)
+
+    def check(self, now: int, amount: int) -> tuple[str | None, int | None]:
+        cap = self.limit.capacity
+        if amount > cap:
+            return "exceeds_capacity", NEVER
+        if self.used(now) + amount <= cap:
+            return None, None
+        for t in sorted({self.frees_at(e.bucket) for e in self.counted(now)}):
+            if self.used(t) + amount <= cap:
+                return "window_full", t - now
+        raise AssertionError("unreachable: everything frees eventually")
+
+    def take(self, rid: str, now: int, amount: int) -> None:
+        self.events.append(Event(rid, now, now // self.g, amount))
+
+    def set_amount(self, rid: str, amount: int) -> None:
+        for e in self.events:
+            if e.rid == rid:
+                e.amount = amount
+
+
+@dataclass
+class LeaseModel:
+    limit: Concurrency
+    leases: dict[str, int] = field(default_factory=dict)  # rid -> expiry
+
+    def purge(self, now: int) -> None:
+        self.leases = {rid: exp for rid, exp in self.leases.items() if exp > now}
+
+    def live(self, now: int) -> int:
+        return sum(1 for exp in self.leases.values() if exp > now)
+
+    def reset(self, now: int, used: int) -> int:
+        if used < self.limit.capacity or used == 0:
+            return 0
+        return max(min(self.leases.values()) - now, 0)
+
+    def check(self, now: int) -> tuple[str | None, int | None]:
+        if self.limit.capacity < 1:
+            return "exceeds_capacity", NEVER
+        if len(self.leases) + 1 <= self.limit.capacity:
+            return None, None
+        return "no_free_slot", max(min(self.leases.values()) - now, 0)
+
+    def renew(self, rid: str, now: int) -> bool:
+        if rid not in self.leases:
+            return False
+        self.leases[rid] = now + self.limit.ttl_ms
+        return True
+
+
+@dataclass
+class BudgetModel:
+    limit: Budget
+    tz: ZoneInfo
+    used: dict[int, int] = field(default_factory=dict)  # period start -> spent + held
+
+    def period(self, now: int) -> tuple[int, int]:
+        return period_bounds(self.limit.period, now, self.tz)  # type: ignore[arg-type]
+
+    def current(self, now: int) -> int:
+        return self.used.get(self.period(now)[0], 0)
+
+    def check(self, now: int, amount: int) -> tuple[str | None, int | None]:
+        cap, used = self.limit.capacity, self.current(now)
+        if amount > cap:
+            return "exceeds_capacity", NEVER
+        if used >= cap or used + amount > cap:
+            return "budget_exhausted", self.period(now)[1] - now
+        return None, None
+
+    def add(self, start: int, amount: int) -> None:
+        self.used[start] = self.used.get(start, 0) + amount

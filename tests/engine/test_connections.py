@@ -1,0 +1,106 @@
+"""Redis URLs, an unreachable server, scripts forgotten by a restart or a flush."""
+
+from __future__ import annotations
+
+import pytest
+
+from ratelimiter import (
+    Concurrency,
+    Engine,
+    RateLimiterError,
+    RedisServer,
+    RedisSettings,
+    RedisUnavailable,
+    SlidingWindow,
+    connect,
+)
+from ratelimiter.engine.embedded import free_port
+from ratelimiter.gateway.health import redis_health_warnings
+
+
+def test_urls() -> None:
+    plain = RedisSettings.from_url("redis://:s3cret@cache.internal:6380/2?timeout=0.5")
+    assert (plain.cluster, plain.command_timeout, plain.address) == (
+        None,
+        0.5,
+        "cache.internal:6380",
+    )
+    assert "timeout" not in plain.url
+
+    tls = RedisSettings.from_url("rediss+cluster://node-1:7000?connect_timeout=3")
+    assert (tls.cluster, tls.connect_timeout) == (True, 3.0)
+    assert tls.url.startswith("rediss://node-1:7000")
+
+    assert RedisSettings.from_url("redis://h?cluster=no").cluster is False
+    assert RedisSettings.from_url("unix:///run/redis.sock").address == "/run/redis.sock"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://localhost", "unsupported Redis URL scheme 'http'"),
+        ("redis://h?cluster=maybe", "cluster='maybe' .* must be true or false"),
+        ("redis://:pw@h?timeout=-1", "timeout='-1' in redis://:\\*\\*\\*@h.* positive number"),
+    ],
+)
+def test_bad_urls(url: str, message: str) -> None:
+    with pytest.raises(RateLimiterError, match=message):
+        RedisSettings.from_url(url)
+
+
+async def test_unreachable_redis_names_its_address() -> None:
+    port = free_port()
+    settings = RedisSettings.from_url(f"redis://127.0.0.1:{port}", connect_timeout=0.3, retries=0)
+    with pytest.raises(RedisUnavailable, match=f"Redis at 127.0.0.1:{port} is unreachable"):
+        await connect(settings)
+
+
+async def test_unix_socket(tmp_path: object) -> None:
+    with RedisServer(tmp_path, port=None, appendonly=False) as server:  # type: ignore[arg-type]
+        assert server.url.startswith("unix://")
+        async with await Engine.connect(server.url) as engine:
+            assert not engine.cluster
+            assert (await engine.acquire(None, [Concurrency("c", 1)])).allowed
+
+
+async def test_scripts_flushed_are_reloaded(engine: Engine, ns: str) -> None:
+    limit = SlidingWindow(f"{ns}:w", 3, "1m")
+    assert (await engine.acquire(None, [limit])).allowed
+    await engine.redis.script_flush()
+    assert (await engine.acquire(None, [limit])).allowed
+    assert (await engine.peek([limit]))[0].remaining == 1
+
+
+async def test_engine_carries_on_across_a_redis_restart(tmp_path: object, ns: str) -> None:
+    server = RedisServer(tmp_path, port=free_port(), appendonly=True).start()  # type: ignore[arg-type]
+    try:
+        async with await Engine.connect(server.url) as engine:
+            limit = SlidingWindow(f"{ns}:w", 5, "1h")
+            assert (await engine.acquire(None, [limit])).allowed
+            server.stop()
+            with pytest.raises(RedisUnavailable, match=f"127.0.0.1:{server.port}"):
+                await engine.acquire(None, [limit])
+            server.start()  # same port, same AOF: the count survives, the scripts do not
+            assert (await engine.acquire(None, [limit])).allowed
+            assert (await engine.peek([limit]))[0].remaining == 3
+    finally:
+        server.stop()
+
+
+async def test_health_warnings_for_risky_redis_settings(tmp_path: object) -> None:
+    risky = RedisServer(
+        tmp_path,
+        port=free_port(),
+        appendonly=False,  # type: ignore[arg-type]
+        extra_args=("--maxmemory-policy", "allkeys-lru"),
+    ).start()
+    try:
+        async with await Engine.connect(risky.url) as engine:
+            warnings = await redis_health_warnings(engine)
+            assert len(warnings) == 2
+            assert "persistence is off" in warnings[0] and "allkeys-lru" in warnings[1]
+            await engine.redis.config_set("appendonly", "yes")
+            await engine.redis.config_set("maxmemory-policy", "noeviction")
+            assert await redis_health_warnings(engine) == []
+    finally:
+        risky.stop()

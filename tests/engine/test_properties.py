@@ -1,0 +1,266 @@
+"""Random sequences of acquire, settle, release, renew, expiry and passing time, run against
+real Redis and against the plain-Python model in tests/model.py: every answer must agree."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ratelimiter import Budget, Concurrency, Engine, SlidingWindow
+from ratelimiter.engine.durations import time_zone
+
+from ..conftest import ManualClock
+from .model import BudgetModel, LeaseModel, WindowModel
+
+HOLD_TTL = 20_000
+# Long enough that Redis's own (real-time) key expiry never fires during an example.
+WINDOWS = [10_000, 30_000, 60_000]
+
+configs = st.fixed_dictionaries(
+    {
+        "rpm": st.integers(0, 6),
+        "rpm_window": st.sampled_from(WINDOWS),
+        "rpm_buckets": st.sampled_from([1, 3, 10, 60]),
+        "tpm": st.integers(0, 150),
+        "tpm_window": st.sampled_from(WINDOWS),
+        "tpm_buckets": st.sampled_from([1, 4, 60]),
+        "leases": st.integers(0, 3),
+        "lease_ttl": st.sampled_from([10_000, 25_000]),
+        "budget": st.sampled_from([0, 300, 500, 1_000, 1_337]),
+        "period": st.sampled_from(["10s", "1m", "daily"]),
+        "start": st.integers(0, 86_400_000),
+    }
+)
+amounts = st.one_of(st.sampled_from([0, 100, 250, 500]), st.integers(0, 600))
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("advance"), st.integers(0, 12_000)),
+        st.tuples(st.just("acquire"), st.integers(1, 15), st.integers(0, 80), amounts),
+        st.tuples(st.just("settle"), st.integers(0, 99), st.integers(0, 80), amounts),
+        st.tuples(st.just("release"), st.integers(0, 99)),
+        st.tuples(st.just("renew"), st.integers(0, 99)),
+        st.tuples(st.just("expire")),
+    ),
+    max_size=50,
+)
+
+
+@dataclass
+class Request:
+    rid: str
+    mask: int  # which of the four limits it met
+    tokens: int
+    spend: int
+    period_start: int
+    deadline: int
+    status: str = "held"
+    charged: dict[str, int] = field(default_factory=dict)
+
+
+class Scenario:
+    def __init__(self, engine: Engine, clock: ManualClock, config: dict[str, Any]) -> None:
+        ns = uuid.uuid4().hex
+        self.engine, self.clock = engine, clock
+        self.rpm = WindowModel(
+            SlidingWindow(
+                f"{ns}:rpm",
+                config["rpm"],
+                f"{config['rpm_window'] // 1000}s",
+                buckets=config["rpm_buckets"],
+            )
+        )
+        self.tpm = WindowModel(
+            SlidingWindow(
+                f"{ns}:tpm",
+                config["tpm"],
+                f"{config['tpm_window'] // 1000}s",
+                measure="tokens",
+                buckets=config["tpm_buckets"],
+            )
+        )
+        self.lease = LeaseModel(Concurrency(f"{ns}:par", config["leases"], config["lease_ttl"]))
+        self.budget = BudgetModel(
+            Budget(f"{{{ns}}}:b", config["budget"], config["period"], 0), time_zone("UTC")
+        )
+        self.requests: list[Request] = []
+
+    def limits(self, mask: int, tokens: int, spend: int) -> list[Any]:
+        chosen: list[Any] = []
+        if mask & 1:
+            chosen.append(self.rpm.limit)
+        if mask & 2:
+            w = self.tpm.limit
+            chosen.append(
+                SlidingWindow(
+                    w.key, w.capacity, w.window, tokens, measure="tokens", buckets=w.buckets
+                )
+            )
+        if mask & 4:
+            chosen.append(self.lease.limit)
+        if mask & 8:
+            b = self.budget.limit
+            chosen.append(Budget(b.key, b.capacity, b.period, spend))
+        return chosen
+
+    async def acquire(self, mask: int, tokens: int, spend: int) -> None:
+        now = self.clock.now
+        rid = f"r{len(self.requests)}"
+        decision = await self.engine.acquire(rid, self.limits(mask, tokens, spend))
+        if mask & 4:
+            self.lease.purge(now)
+        checks: list[tuple[str | None, int | None]] = []
+        if mask & 1:
+            checks.append(self.rpm.check(now, 1))
+        if mask & 2:
+            checks.append(self.tpm.check(now, tokens))
+        if mask & 4:
+            checks.append(self.lease.check(now))
+        if mask & 8:
+            checks.append(self.budget.check(now, spend))
+        refusals = [c for c in checks if c[0] is not None]
+        assert decision.allowed == (not refusals), (decision, checks)
+        if refusals:
+            never = [c for c in refusals if c[1] is None]
+            reason, retry = never[0] if never else max(refusals, key=lambda c: c[1] or 0)
+            assert (decision.reason, decision.retry_after_ms) == (reason, retry)
+            self.expect_states(decision, mask, now, taken=False)
+            return
+        if mask & 1:
+            assert self.rpm.exact_used(now) + 1 <= self.rpm.limit.capacity
+            self.rpm.take(rid, now, 1)
+        if mask & 2:
+            assert self.tpm.exact_used(now) + tokens <= self.tpm.limit.capacity
+            self.tpm.take(rid, now, tokens)
+        if mask & 4:
+            self.lease.leases[rid] = now + self.lease.limit.ttl_ms
+        start = self.budget.period(now)[0]
+        if mask & 8:
+            self.budget.add(start, spend)
+        self.requests.append(Request(rid, mask, tokens, spend, start, now + HOLD_TTL))
+        self.expect_states(decision, mask, now, taken=True)
+
+    def expect_states(self, decision: Any, mask: int, now: int, taken: bool) -> None:
+        expected: list[tuple[int, int]] = []
+        if mask & 1:
+            expected.append(
+                (max(self.rpm.limit.capacity - self.rpm.used(now), 0), self.rpm.reset(now))
+            )
+        if mask & 2:
+            expected.append(
+                (max(self.tpm.limit.capacity - self.tpm.used(now), 0), self.tpm.reset(now))
+            )
+        if mask & 4:
+            used = len(self.lease.leases)
+            expected.append((max(self.lease.limit.capacity - used, 0), self.lease.reset(now, used)))
+        if mask & 8:
+            expected.append(
+                (
+                    max(self.budget.limit.capacity - self.budget.current(now), 0),
+                    self.budget.period(now)[1] - now,
+                )
+            )
+        got = [(s.remaining, s.reset_ms) for s in decision.states]
+        assert got == expected, (taken, got, expected)
+
+    async def finish(self, index: int, mode: str, tokens: int = 0, spend: int = 0) -> None:
+        if not self.requests:
+            return
+        req = self.requests[index % len(self.requests)]
+        if mode == "release":
+            result = await self.engine.release(req.rid)
+        else:
+            result = await self.engine.settle(req.rid, {"tokens": tokens, "spend": spend})
+        if req.status != "held":
+            assert (result.status, result.first, result.charged) == (req.status, False, req.charged)
+            return
+        final_tokens, final_spend = (0, 0) if mode == "release" else (tokens, spend)
+        if req.mask & 1 and mode == "release":
+            self.rpm.set_amount(req.rid, 0)
+        if req.mask & 2:
+            self.tpm.set_amount(req.rid, final_tokens)
+            req.charged["tokens"] = final_tokens
+        if req.mask & 8:
+            self.budget.add(req.period_start, final_spend - req.spend)
+            req.charged["spend"] = final_spend
+        self.lease.leases.pop(req.rid, None)
+        if mode == "settle":  # every measure settled is recorded, limited or not
+            req.charged = {"tokens": final_tokens, "spend": final_spend}
+        req.status = "released" if mode == "release" else "settled"
+        assert (result.status, result.first, result.charged) == (req.status, True, req.charged)
+
+    async def renew(self, index: int) -> None:
+        if not self.requests:
+            return
+        req = self.requests[index % len(self.requests)]
+        renewal = await self.engine.renew(req.rid)
+        if req.status != "held":
+            assert renewal.status == req.status
+            return
+        lost = 0
+        if req.mask & 4 and not self.lease.renew(req.rid, self.clock.now):
+            lost = 1
+        req.deadline = self.clock.now + HOLD_TTL
+        assert (renewal.status, renewal.lost_leases) == ("held", lost)
+
+    async def expire(self) -> None:
+        now = self.clock.now
+        collected = await self.engine.collect_expired()
+        due = [r for r in self.requests if r.status == "held" and r.deadline <= now]
+        assert sorted(h.request_id for h in collected) == sorted(r.rid for r in due)
+        for req in due:
+            req.status = "expired"
+            req.charged = {}
+            if req.mask & 2:
+                req.charged["tokens"] = req.tokens
+            if req.mask & 8:
+                req.charged["spend"] = req.spend
+            self.lease.leases.pop(req.rid, None)
+        for hold in collected:
+            req = next(r for r in due if r.rid == hold.request_id)
+            assert hold.reserved == req.charged
+
+    async def check_peek(self) -> None:
+        now = self.clock.now
+        states = await self.engine.peek(self.limits(15, 0, 0))
+        assert [s.remaining for s in states] == [
+            max(self.rpm.limit.capacity - self.rpm.used(now), 0),
+            max(self.tpm.limit.capacity - self.tpm.used(now), 0),
+            max(self.lease.limit.capacity - self.lease.live(now), 0),
+            max(self.budget.limit.capacity - self.budget.current(now), 0),
+        ]
+
+
+async def run(redis_url: str, config: dict[str, Any], steps: list[tuple[Any, ...]]) -> None:
+    clock = ManualClock(1_800_000_000_000 + config["start"])
+    engine = await Engine.connect(
+        redis_url, clock=clock, hold_ttl_ms=HOLD_TTL, prefix=f"p:{uuid.uuid4().hex}:"
+    )
+    try:
+        scenario = Scenario(engine, clock, config)
+        for op, *args in steps:
+            if op == "advance":
+                clock.advance(args[0])
+            elif op == "acquire":
+                await scenario.acquire(*args)
+            elif op in ("settle", "release"):
+                await scenario.finish(args[0], op, *args[1:])
+            elif op == "renew":
+                await scenario.renew(args[0])
+            else:
+                await scenario.expire()
+            await scenario.check_peek()
+    finally:
+        await engine.close()
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=configs, steps=ops)
+def test_engine_agrees_with_the_model(
+    redis_url: str, config: dict[str, Any], steps: list[tuple[Any, ...]]
+) -> None:
+    asyncio.run(run(redis_url, config, steps))

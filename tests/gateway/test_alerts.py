@@ -1,0 +1,123 @@
+"""Budget alerts: one webhook event per crossing per period, retried, never on the request path."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+
+from ratelimiter.engine.embedded import free_port
+from ratelimiter.gateway.config import Deployment, Settings
+
+from ..conftest import MASTER_KEY, MESSAGES, Admin, running_sidecar, running_upstream
+
+
+@dataclass
+class Receiver:
+    url: str = ""
+    events: list[dict] = field(default_factory=list)
+    calls: int = 0
+    fail_first: int = 0
+    hang_s: float = 0.0
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    state = Receiver()
+
+    async def hook(request: web.Request) -> web.Response:
+        state.calls += 1
+        if state.hang_s:
+            await asyncio.sleep(state.hang_s)
+        if state.calls <= state.fail_first:
+            return web.Response(status=503)
+        state.events.append(await request.json())
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    state.url = f"http://127.0.0.1:{port}/hook"
+    yield state
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def sidecar(receiver: Receiver, ns: str, redis_url: str) -> AsyncIterator[tuple[str, Admin]]:
+    async with running_upstream() as upstream:
+        settings = Settings(
+            master_key=MASTER_KEY,
+            key_prefix=f"t:{ns}:",
+            alert_webhook_url=receiver.url,
+            models=(
+                Deployment(
+                    "m",
+                    "openai/m",
+                    api_base=upstream,
+                    input_cost_per_token=1e-6,
+                    output_cost_per_token=2e-6,
+                ),
+            ),
+        )
+        async with running_sidecar(settings, redis_url) as base, aiohttp.ClientSession() as session:
+            yield base, Admin(session, base)
+
+
+async def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def test_one_event_per_crossing_retried_until_delivered(
+    sidecar: tuple[str, Admin], receiver: Receiver
+) -> None:
+    base, admin = sidecar
+    receiver.fail_first = 2  # the first deliveries fail: back-off and retry
+    key = (
+        await admin.post(
+            "/key/generate", {"max_budget": 0.0001, "soft_budget": 0.00003, "key_alias": "alerted"}
+        )
+    )["key"]
+    client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+    refused = 0
+    for _ in range(12):  # each costs 18e-6: soft crossed at the 2nd, refused from the 6th on
+        try:
+            await client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=4)
+        except openai.RateLimitError:
+            refused += 1
+    await client.close()
+    assert refused >= 5
+    await wait_for(lambda: len(receiver.events) >= 2)
+    await asyncio.sleep(0.5)  # nothing more comes
+    kinds = sorted(e["event"] for e in receiver.events)
+    assert kinds == ["budget_exceeded", "soft_budget_crossed"]
+    soft = next(e for e in receiver.events if e["event"] == "soft_budget_crossed")
+    assert (soft["scope"], soft["threshold"], soft["max_budget"]) == ("key", 3e-05, 0.0001)
+    assert soft["spend"] >= 3e-05
+    assert receiver.calls == len(receiver.events) + 2
+
+
+async def test_a_hanging_receiver_does_not_slow_requests(
+    sidecar: tuple[str, Admin], receiver: Receiver
+) -> None:
+    base, admin = sidecar
+    receiver.hang_s = 30
+    key = (await admin.post("/key/generate", {"max_budget": 1, "soft_budget": 0.000001}))["key"]
+    client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+    started = time.monotonic()
+    for _ in range(5):
+        await client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=4)
+    await client.close()
+    await wait_for(lambda: receiver.calls >= 1)  # the alert is being delivered, slowly
+    assert time.monotonic() - started < 3  # while requests went at full speed

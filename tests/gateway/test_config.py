@@ -1,0 +1,174 @@
+"""The config file: LiteLLM's format, environment overrides, and errors a person can act on."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ratelimiter.gateway.config import ConfigError, load_config
+
+MASTER = "sk-9f2c1e7a4b6d8e0f1a3c"
+
+GOOD = f"""
+model_list:
+  - model_name: gpt-4o
+    litellm_params:
+      model: openai/gpt-4o
+      api_base: os.environ/UPSTREAM_BASE
+      api_key: os.environ/UPSTREAM_KEY
+      rpm: 100
+      tpm: 20000
+      input_cost_per_token: 0.0000025
+      output_cost_per_token: 0.00001
+    model_info:
+      access_groups: ["beta-models"]
+  - model_name: text-embedding-3-small
+    litellm_params:
+      model: openai/text-embedding-3-small
+general_settings:
+  master_key: {MASTER}
+litellm_settings:
+  max_budget: 100
+  budget_duration: 30d
+  max_end_user_budget_id: end-users
+ratelimiter_settings:
+  key_prefix: "prod:"
+  timezone: Europe/Berlin
+  on_redis_error: allow
+"""
+ENV = {"UPSTREAM_BASE": "http://upstream:8000/v1", "UPSTREAM_KEY": "sk-upstream"}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_litellm_format(tmp_path: Path) -> None:
+    settings = load_config(write(tmp_path, GOOD), env=ENV)
+    first = settings.models[0]
+    assert (first.model_name, first.model, first.api_base, first.api_key) == (
+        "gpt-4o",
+        "openai/gpt-4o",
+        "http://upstream:8000/v1",
+        "sk-upstream",
+    )
+    assert (first.rpm, first.tpm, first.input_cost_per_token) == (100, 20000, 0.0000025)
+    assert settings.access_groups == {"beta-models": {"gpt-4o"}}
+    assert (settings.max_budget, str(settings.budget_duration)) == (100, "30d")
+    assert settings.end_user_budget_id == "end-users"
+    assert (settings.key_prefix, settings.timezone, settings.on_redis_error) == (
+        "prod:",
+        "Europe/Berlin",
+        "allow",
+    )
+    assert settings.redis_url is None  # the embedded server then
+
+
+def test_environment_overrides(tmp_path: Path) -> None:
+    env = {
+        **ENV,
+        "REDIS_URL": "redis://cache:6379/1",
+        "RATELIMITER_MASTER_KEY": "sk-env-0f9e8d7c6b5a4321",
+        "RATELIMITER_END_USER_BUDGET_ID": "from-env",
+    }
+    settings = load_config(write(tmp_path, GOOD), env=env)
+    assert settings.redis_url == "redis://cache:6379/1"
+    assert settings.master_key == "sk-env-0f9e8d7c6b5a4321"
+    assert settings.end_user_budget_id == "from-env"
+
+
+def test_unknown_keys_warn_once_each(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    text = GOOD + "\nrouter_settings:\n  routing_strategy: simple\nlitellm_settings_typo: 1\n"
+    text = text.replace("  max_budget: 100", "  max_budget: 100\n  success_callback: [langfuse]")
+    with caplog.at_level(logging.WARNING, logger="ratelimiter.config"):
+        load_config(write(tmp_path, text), env=ENV)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("(top level).litellm_settings_typo: unknown setting, ignored" in m for m in messages)
+    assert any("litellm_settings.success_callback: unknown setting" in m for m in messages)
+    assert len(messages) == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            ("rpm: 100", "rpm: lots"),
+            "model_list[0].litellm_params.rpm: must be a non-negative whole number, got 'lots'",
+        ),
+        (
+            ("budget_duration: 30d", "budget_duration: fortnight"),
+            "litellm_settings.budget_duration: invalid duration 'fortnight'",
+        ),
+        (
+            ("max_budget: 100", "max_budget: -5"),
+            "litellm_settings.max_budget: must be a non-negative number, got -5",
+        ),
+        (
+            ("on_redis_error: allow", "on_redis_error: maybe"),
+            "ratelimiter_settings.on_redis_error: must be deny or allow",
+        ),
+        (
+            ("timezone: Europe/Berlin", "timezone: Mars/Base"),
+            "ratelimiter_settings.timezone: unknown time zone",
+        ),
+        (
+            ("- model_name: gpt-4o\n", "- model_nam: gpt-4o\n"),
+            "model_list[0].model_name: is required",
+        ),
+        (
+            (f"master_key: {MASTER}", "master_key: sk-1234"),
+            "general_settings.master_key: refused as weak: 'sk-1234' is a published example key",
+        ),
+        ((f"master_key: {MASTER}", "master_key: sk-short"), "shorter than 16 characters"),
+        (
+            (f"master_key: {MASTER}", "master_key: os.environ/NOPE"),
+            "general_settings.master_key: environment variable NOPE is not set",
+        ),
+        (("model_list:", "model_list: 5\nx:"), "model_list: must be a list of models"),
+    ],
+)
+def test_errors_name_file_path_and_problem(
+    tmp_path: Path, change: tuple[str, str], message: str
+) -> None:
+    path = write(tmp_path, GOOD.replace(*change))
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, env=ENV)
+    assert str(raised.value).startswith(f"{path}: ")
+    assert message in str(raised.value)
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config.yaml: line 3, column \d+: not valid YAML"):
+        load_config(write(tmp_path, "a: 1\nb: [1, 2\nc: 3\n"), env=ENV)
+
+
+def test_missing_file_and_missing_master_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read it"):
+        load_config(tmp_path / "nope.yaml", env=ENV)
+    with pytest.raises(ConfigError, match="master_key: is required"):
+        load_config(None, env={})
+
+
+def test_weak_key_accepted_only_when_asked(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace(MASTER, "sk-1234"))
+    assert load_config(path, env=ENV, allow_weak_master_key=True).master_key == "sk-1234"
+
+
+def test_cli_exits_non_zero_with_the_message(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace("rpm: 100", "rpm: -1"))
+    result = subprocess.run(
+        [sys.executable, "-m", "ratelimiter.cli", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        env={**ENV, "PATH": ""},
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert f"configuration error: {path}: model_list[0].litellm_params.rpm" in result.stderr
+    assert "Traceback" not in result.stderr

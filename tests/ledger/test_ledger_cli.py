@@ -1,0 +1,104 @@
+"""`ratelimiter ledger export` and `ledger check`, run as users run them."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import openai
+import pytest
+
+from ratelimiter.engine.durations import parse_duration, period_bounds
+from ratelimiter.ledger import Ledger
+from ratelimiter.ledger.export import read_export
+
+from ..conftest import MESSAGES, Stack
+
+
+def ledger_cli(
+    tmp_path: Path, redis_url: str, prefix: str, *args: str
+) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "config.yaml"
+    config.write_text(f"ratelimiter_settings:\n  key_prefix: '{prefix}'\n")
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ratelimiter.cli",
+            "--log-format",
+            "text",
+            "ledger",
+            *args,
+            "--config",
+            str(config),
+        ],
+        env={**os.environ, "REDIS_URL": redis_url, "RATELIMITER_MASTER_KEY": "sk-ledger-cli-4f1a9"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def traffic(stack: Stack, key: str) -> None:
+    client = stack.client(key)
+    for i in range(5):
+        await client.chat.completions.create(
+            model="gpt-4o", messages=MESSAGES, max_tokens=i + 1, user=f"u{i % 2}"
+        )
+    stack.fake.error_rate = 1.0
+    with pytest.raises(openai.InternalServerError):
+        await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    stack.fake.error_rate = 0.0
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+async def test_export_round_trips_every_field_and_trims_only_when_acknowledged(
+    stack: Stack,
+    tmp_path: Path,
+    redis_url: str,
+    fmt: str,
+) -> None:
+    await traffic(stack, await stack.key(max_budget=1))
+    today = datetime.now(UTC).date().isoformat()
+    now = int(datetime.now(UTC).timestamp() * 1000)
+    stored = [e async for e in Ledger(stack.engine).entries(now - 3_600_000, now + 60_000)]
+    assert len(stored) == 6
+    out = tmp_path / f"export.{fmt}"
+    args = ("export", "--since", today, "--format", fmt, "--out", str(out))
+    result = await asyncio.to_thread(
+        ledger_cli, tmp_path, redis_url, stack.settings.key_prefix, *args
+    )
+    assert result.returncode == 0, result.stderr
+    assert "exported 6 entries" in result.stderr
+    assert read_export(out.read_text(), fmt) == stored  # every field, exactly
+    again = [e async for e in Ledger(stack.engine).entries(now - 3_600_000, now + 60_000)]
+    assert again == stored  # not acknowledged: nothing trimmed
+    result = await asyncio.to_thread(
+        ledger_cli, tmp_path, redis_url, stack.settings.key_prefix, *args, "--ack"
+    )
+    assert result.returncode == 0, result.stderr
+    assert [e async for e in Ledger(stack.engine).entries(now - 3_600_000, now + 60_000)] == []
+    assert len(read_export(out.read_text(), fmt)) == 6
+
+
+async def test_check_finds_no_difference_then_the_one_planted(
+    stack: Stack,
+    tmp_path: Path,
+    redis_url: str,
+) -> None:
+    key = await stack.key(max_budget=1, budget_duration="monthly")
+    await traffic(stack, key)
+    prefix = stack.settings.key_prefix
+    result = await asyncio.to_thread(ledger_cli, tmp_path, redis_url, prefix, "check")
+    assert (result.returncode, result.stdout.strip()) == (0, "ledger and counters agree")
+    token = hashlib.sha256(key.encode()).hexdigest()
+    start, _ = period_bounds(parse_duration("1mo"), await stack.engine.now_ms(), stack.engine.tz)
+    await stack.engine.redis.hincrby(f"{prefix}{{key:{token}}}:spend:1mo:{start}", "u", 5)
+    result = await asyncio.to_thread(ledger_cli, tmp_path, redis_url, prefix, "check")
+    assert result.returncode == 1
+    assert f"key:budget key:{token}" in result.stdout and "1 difference(s)" in result.stdout
