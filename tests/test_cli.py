@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -292,6 +293,35 @@ def test_an_orphaned_embedded_redis_is_stopped_before_a_new_one_starts(tmp_path:
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=20)
     assert f"stopping the embedded Redis (pid {orphan_pid}) left running" in output
+
+
+def test_a_redis_url_that_is_not_redis_is_one_line(tmp_path: Path) -> None:
+    example_config(tmp_path)
+    with socket.socket() as http_like:  # answers like an HTTP server, whatever it is sent
+        http_like.bind(("127.0.0.1", 0))
+        http_like.listen()
+        answer = threading.Thread(
+            target=lambda: http_like.accept()[0].sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n"),
+            daemon=True,
+        )
+        answer.start()
+        run = subprocess.run(
+            [
+                *(sys.executable, "-m", "ratelimiter.cli", "serve", "--config", "config.yaml"),
+                *("--port", str(free_port())),
+            ],
+            cwd=tmp_path,
+            env={
+                **os.environ,
+                "RATELIMITER_MASTER_KEY": KEY,
+                "REDIS_URL": f"redis://127.0.0.1:{http_like.getsockname()[1]}/0?cluster=false",
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert "does not answer as Redis does" in run.stderr
 
 
 def test_version_and_log_format_after_the_subcommand(tmp_path: Path) -> None:

@@ -189,7 +189,28 @@ async def connect(settings: RedisSettings | str) -> RedisClient:
     """
     if isinstance(settings, str):
         settings = RedisSettings.from_url(settings)
-    options = _client_options(settings)
+    try:
+        return await _connect(settings, _client_options(settings))
+    except redis_errors.RedisError as exc:  # something answered, but not a usable Redis
+        raise RateLimiterError(_unusable(settings, exc)) from None
+
+
+def _unusable(settings: RedisSettings, exc: redis_errors.RedisError) -> str:
+    where = f"{_redact(settings.url)} ({settings.address})"
+    if isinstance(exc, redis_errors.InvalidResponse):
+        return (
+            f"{where} does not answer as Redis does ({exc}): point REDIS_URL or "
+            "ratelimiter_settings.redis_url at a Redis server"
+        )
+    if "DB index is out of range" in str(exc):
+        return (
+            f"{where}: the server has no database {urlsplit(settings.url).path.strip('/')}; "
+            "use a number below its 'databases' setting (16 by default), e.g. /0"
+        )
+    return f"{where} refused the connection check: {exc}"
+
+
+async def _connect(settings: RedisSettings, options: dict[str, Any]) -> RedisClient:
     with translate_errors(settings.address):
         if settings.sentinel:
             return await _via_sentinel(settings, options)

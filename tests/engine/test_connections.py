@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from aiohttp import web
 
 from ratelimiter import (
     Concurrency,
@@ -16,6 +17,8 @@ from ratelimiter import (
 )
 from ratelimiter.engine.embedded import free_port
 from ratelimiter.gateway.health import redis_health_warnings
+
+from ..conftest import serving
 
 
 def test_urls() -> None:
@@ -53,6 +56,18 @@ async def test_unreachable_redis_names_its_address() -> None:
     settings = RedisSettings.from_url(f"redis://127.0.0.1:{port}", connect_timeout=0.3, retries=0)
     with pytest.raises(RedisUnavailable, match=f"Redis at 127.0.0.1:{port} is unreachable"):
         await connect(settings)
+
+
+async def test_a_url_that_is_not_redis_is_one_clear_error() -> None:
+    async with serving(web.Application()) as http:  # an HTTP server, not Redis
+        url = http.replace("http://", "redis://")
+        with pytest.raises(RateLimiterError, match="does not answer as Redis does"):
+            await connect(RedisSettings.from_url(url, retries=0))
+
+
+async def test_a_database_the_server_lacks_is_one_clear_error(redis_url: str) -> None:
+    with pytest.raises(RateLimiterError, match="the server has no database 99; use a number"):
+        await connect(redis_url.rsplit("/", 1)[0] + "/99")
 
 
 async def test_unix_socket(tmp_path: object) -> None:
