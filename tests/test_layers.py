@@ -15,7 +15,7 @@ ALLOWED = {
     "errors": set(),
     "engine": {"errors"},
     "pricing": {"errors", "engine"},
-    "ledger": {"errors", "engine"},
+    "ledger": {"errors", "engine", "pricing"},
     "responses": {"errors", "engine", "pricing"},
     "library": {"errors", "engine", "pricing", "ledger", "responses"},
     "gateway": {"errors", "engine", "pricing", "ledger", "responses"},

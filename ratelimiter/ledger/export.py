@@ -7,57 +7,155 @@ import csv
 import io
 import sys
 from dataclasses import asdict
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from typing import Any, TextIO
 
 import orjson
 
 from ..engine import Engine
+from ..pricing import NANO
 from .entries import Entry, Ledger, utc_ms
 
 __all__ = ["CSV_FIELDS", "export", "read_export"]
 
-CSV_FIELDS = (
-    "stream_id",
-    "request_id",
-    "started_ms",
-    "finished_ms",
-    "status",
-    "reserved",
-    "charged",
-    "meta",
-    "info",
+# CSV is for spreadsheets: one column per field, times in ISO 8601, money in dollars. JSON
+# lines keep every entry exactly as stored; CSV too, with what has no column of its own (rare:
+# measures or metadata other than the sidecar's) in a last JSON column, "extra".
+_META = (
+    "key_hash",
+    "key_alias",
+    "user_id",
+    "team_id",
+    "end_user",
+    "model",
+    "deployment",
+    "route",
+    "client_request_id",
 )
-
-_JSON_COLUMNS = ("reserved", "charged", "meta", "info")
+_COUNTS = ("prompt_tokens", "completion_tokens")
+CSV_FIELDS = (
+    "request_id",
+    "status",
+    "started",
+    "finished",
+    *_META,
+    *_COUNTS,
+    "usage_reported",
+    "estimated_tokens",
+    "tokens",
+    "estimated_spend",
+    "spend",
+    "stream_id",
+    "extra",
+)
+# (column, the entry's map, key, kind): amounts are whole numbers; "spend" is nano-dollars.
+_AMOUNTS = (
+    ("estimated_tokens", "reserved", "tokens", int),
+    ("tokens", "charged", "tokens", int),
+    ("estimated_spend", "reserved", "spend", "dollars"),
+    ("spend", "charged", "spend", "dollars"),
+)
 
 
 def _row(entry: Entry) -> dict[str, Any]:
     return asdict(entry)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
+def _iso(ms: int) -> str:
+    # integer arithmetic: a float of seconds could round 123 ms down to 122
+    return (_EPOCH + ms * _MS).isoformat(timespec="milliseconds")
+
+
+def _ms(text: str) -> int:
+    return (datetime.fromisoformat(text) - _EPOCH) // _MS
+
+
+def _dollars(nano: int) -> str:
+    """Exact: nano-dollars as a decimal string, never through a float."""
+    sign, nano = ("-", -nano) if nano < 0 else ("", nano)
+    return f"{sign}{nano // NANO}.{nano % NANO:09d}"
+
+
+def _nano(text: str) -> int:
+    return int(Decimal(text) * NANO)
+
+
 def _csv_row(entry: Entry) -> dict[str, Any]:
-    row = _row(entry)
-    for name in _JSON_COLUMNS:
-        row[name] = orjson.dumps(row[name]).decode()
+    rest = {"meta": dict(entry.meta), "info": dict(entry.info)}
+    rest |= {"reserved": dict(entry.reserved), "charged": dict(entry.charged)}
+    row: dict[str, Any] = {
+        "request_id": entry.request_id,
+        "status": entry.status,
+        "started": _iso(entry.started_ms),
+        "finished": _iso(entry.finished_ms),
+        "stream_id": entry.stream_id,
+    }
+
+    def take(column: str, part: str, key: str, fits: bool, shown: Any) -> None:
+        if key in rest[part] and fits:
+            row[column] = shown
+            del rest[part][key]
+
+    for name in _META:
+        value = entry.meta.get(name)
+        take(name, "meta", name, isinstance(value, str) and value != "", value)
+    for name in _COUNTS:
+        value = entry.info.get(name)
+        take(name, "info", name, _whole(value), value)
+    reported = entry.info.get("usage_reported")
+    take("usage_reported", "info", "usage_reported", isinstance(reported, bool), str(reported))
+    for column, part, key, kind in _AMOUNTS:
+        value = getattr(entry, part).get(key)
+        shown = _dollars(value) if kind == "dollars" and _whole(value) else value
+        take(column, part, key, _whole(value), shown)
+    extra = {part: values for part, values in rest.items() if values}
+    row["extra"] = orjson.dumps(extra).decode() if extra else ""
     return row
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _from_csv(row: dict[str, str]) -> Entry:
+    extra = orjson.loads(row["extra"]) if row.get("extra") else {}
+    parts: dict[str, dict[str, Any]] = {
+        part: dict(extra.get(part) or {}) for part in ("meta", "info", "reserved", "charged")
+    }
+    for name in _META:
+        if row[name]:
+            parts["meta"][name] = row[name]
+    for name in _COUNTS:
+        if row[name]:
+            parts["info"][name] = int(row[name])
+    if row["usage_reported"]:
+        parts["info"]["usage_reported"] = row["usage_reported"] == "True"
+    for column, part, key, kind in _AMOUNTS:
+        if row[column]:
+            parts[part][key] = _nano(row[column]) if kind == "dollars" else int(row[column])
+    return Entry(
+        row["stream_id"],
+        row["request_id"],
+        _ms(row["started"]),
+        _ms(row["finished"]),
+        row["status"],
+        parts["reserved"],
+        parts["charged"],
+        parts["meta"],
+        parts["info"],
+    )
 
 
 def read_export(text: str, fmt: str) -> list[Entry]:
     """Entries back from an export file (the round trip the tests check)."""
     if fmt == "jsonl":
         return [Entry(**orjson.loads(line)) for line in text.splitlines() if line]
-    rows = []
-    for row in csv.DictReader(io.StringIO(text)):
-        values: dict[str, Any] = dict(row)
-        for name in _JSON_COLUMNS:
-            values[name] = orjson.loads(values[name])
-        values["started_ms"], values["finished_ms"] = (
-            int(values["started_ms"]),
-            int(values["finished_ms"]),
-        )
-        rows.append(Entry(**values))
-    return rows
+    return [_from_csv(row) for row in csv.DictReader(io.StringIO(text))]
 
 
 async def export(

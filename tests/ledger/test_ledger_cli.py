@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import csv
 import hashlib
+import io
 import os
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import pytest
 
 from ratelimiter.engine.durations import parse_duration, period_bounds
 from ratelimiter.ledger import Ledger
-from ratelimiter.ledger.export import read_export
+from ratelimiter.ledger.export import CSV_FIELDS, read_export
 
 from ..conftest import MESSAGES, Stack
 
@@ -84,6 +86,29 @@ async def test_export_round_trips_every_field_and_trims_only_when_acknowledged(
     assert result.returncode == 0, result.stderr
     assert [e async for e in Ledger(stack.engine).entries(now - 3_600_000, now + 60_000)] == []
     assert len(read_export(out.read_text(), fmt)) == 6
+
+
+async def test_csv_has_a_column_per_field_and_money_in_dollars(
+    stack: Stack, tmp_path: Path, redis_url: str
+) -> None:
+    key = await stack.key(max_budget=1, key_alias="finance")
+    await stack.client(key).chat.completions.create(
+        model="gpt-4o", messages=MESSAGES, max_tokens=4, user="cust-9"
+    )
+    out = tmp_path / "export.csv"
+    today = datetime.now(UTC).date().isoformat()
+    args = ("export", "--since", today, "--format", "csv", "--out", str(out))
+    result = await asyncio.to_thread(
+        ledger_cli, tmp_path, redis_url, stack.settings.key_prefix, *args
+    )
+    assert result.returncode == 0, result.stderr
+    (row,) = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert list(row) == list(CSV_FIELDS)
+    assert (row["key_alias"], row["end_user"], row["model"]) == ("finance", "cust-9", "gpt-4o")
+    assert (row["prompt_tokens"], row["completion_tokens"], row["tokens"]) == ("10", "4", "14")
+    assert row["spend"] == "0.000018000"  # 10 x $1e-6 + 4 x $2e-6, exactly
+    assert row["status"] == "settled" and row["started"].endswith("+00:00")
+    assert row["extra"] == ""  # nothing left over: no JSON in a spreadsheet
 
 
 async def test_check_finds_no_difference_then_the_one_planted(
