@@ -17,9 +17,10 @@ from ..ledger import Entry, Ledger, utc_ms
 from ..pricing import dollars
 from ..responses import json_response
 from .http import ENGINE, SETTINGS, STORE, read_json, require_master
+from .models import validate
 from .policy import Scope, scope_budgets
 from .resolver import effective_fields
-from .store import MAX_LIST, MAX_TEXT, REFERENCES, Store, hash_key, new_key, validate
+from .store import MAX_LIST, MAX_TEXT, REFERENCES, Store, hash_key, members, new_key
 
 __all__ = ["add_admin_routes"]
 
@@ -186,7 +187,7 @@ async def key_update(request: web.Request) -> web.Response:
     require_master(request)
     body = await read_object(request)
     token = _key_id(_required(body, "key"))
-    changes = validate("key", {k: v for k, v in body.items() if k != "key"}, partial=True)
+    changes = validate("key", body, partial=True)
     if changes.get("duration"):
         changes["expires_at"] = expiry_ms(parse_duration(changes["duration"]), _now_ms())
     entity = await _update(request, "key", token, changes)
@@ -321,7 +322,7 @@ def _update_route(kind: str, id_field: str) -> Callable[[web.Request], Awaitable
         require_master(request)
         body = await read_object(request)
         entity_id = _required(body, id_field)
-        changes = validate(kind, {k: v for k, v in body.items() if k != id_field}, partial=True)
+        changes = validate(kind, body, partial=True)
         return json_response(await _update(request, kind, entity_id, changes))
 
     return handler
@@ -386,7 +387,7 @@ async def team_member_add(request: web.Request) -> web.Response:
     )
     # Anything but an object goes to validation as it is, to be refused there by name.
     merged = [{**m, **extra} if isinstance(m, dict) else m for m in raw]
-    added = validate("team", {"members": merged}, partial=True)["members"]
+    added = members("member", merged)
     team = await _load(request.app[STORE], "team", team_id)
     current = {m["user_id"]: m for m in team.get("members") or []}
     for member in added:

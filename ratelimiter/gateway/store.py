@@ -32,7 +32,6 @@ __all__ = [
     "Store",
     "hash_key",
     "new_key",
-    "validate",
 ]
 
 log = logging.getLogger("ratelimiter.store")
@@ -140,6 +139,8 @@ def text(field: str, value: Any) -> str | None:
 
 
 def flag(field: str, value: Any) -> bool:
+    if value is None:  # LiteLLM's clients send every optional field, often as null
+        return False
     if not isinstance(value, bool):
         raise _fail(field, f"must be true or false, got {shown(value)}")
     return value
@@ -258,6 +259,8 @@ LIMITS: dict[str, Callable[[str, Any], Any]] = {
     "model_max_budget": model_budgets,
 }
 
+# The fields the limiter acts on, per kind, each with its checker; models.py builds the
+# request models around them (with LiteLLM's other fields, accepted but not enforced).
 SCHEMAS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     "budget": {"budget_id": text, **LIMITS},
     "key": {
@@ -281,6 +284,8 @@ SCHEMAS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "models": names,
         "budget_id": text,
         "metadata": mapping,
+        "model_rpm_limit": model_counts,
+        "model_tpm_limit": model_counts,
     },
     "team": {
         **LIMITS,
@@ -291,39 +296,18 @@ SCHEMAS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "budget_id": text,
         "metadata": mapping,
         "blocked": flag,
+        "model_rpm_limit": model_counts,
+        "model_tpm_limit": model_counts,
     },
     "customer": {
+        **LIMITS,
         "user_id": text,
         "alias": text,
         "blocked": flag,
         "budget_id": text,
-        "max_budget": money,
-        "budget_duration": duration,
-        "tpm_limit": count,
-        "rpm_limit": count,
         "metadata": mapping,
     },
 }
-
-
-def validate(kind: str, body: Any, *, partial: bool = False) -> dict[str, Any]:
-    """Check an admin request body against the entity's fields; unknown fields are refused."""
-    if not isinstance(body, dict):
-        raise EntityError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-    schema = SCHEMAS[kind]
-    for name in body:
-        if name not in schema:
-            label = name if len(name) <= MAX_TEXT else shown(name)
-            raise _fail(label, f"unknown field for a {kind}; accepted: {', '.join(sorted(schema))}")
-    out = {name: schema[name](name, value) for name, value in body.items()}
-    if kind == "customer" and out.get("budget_id") and out.get("max_budget") is not None:
-        raise EntityError(
-            400, "give a customer either budget_id or max_budget, not both", "budget_id"
-        )
-    if not partial:
-        for name, checker in schema.items():
-            out.setdefault(name, checker(name, None) if checker not in (flag,) else False)
-    return out
 
 
 def new_key() -> str:

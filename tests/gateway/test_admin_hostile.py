@@ -19,8 +19,9 @@ from ratelimiter import Duration, InvalidDuration, parse_duration
 from ratelimiter.engine.durations import period_bounds, time_zone
 from ratelimiter.engine.limits import MAX_AMOUNT
 from ratelimiter.gateway.admin import add_admin_routes
+from ratelimiter.gateway.models import validate
 from ratelimiter.gateway.policy import Scope, scope_budgets
-from ratelimiter.gateway.store import EntityError, Store, hash_key, validate
+from ratelimiter.gateway.store import EntityError, Store, hash_key
 from ratelimiter.testing.fake_upstream import FakeUpstream
 
 from ..conftest import MESSAGES, Admin, Cluster, Stack, _stack, running_upstream

@@ -1,0 +1,572 @@
+"""Pydantic models of the admin API's request bodies: every field of LiteLLM's request models
+(litellm/proxy/_types.py), plus our own (``budget_limits``, a key's ``budget_id``...).
+
+Two sorts of fields. Those the limiter enforces run the store's checkers (store.SCHEMAS), so
+their bounds and messages are the engine's. The rest are "accepted, not enforced": typed as
+LiteLLM types them, bounded so that a hostile value cannot grow a record, then stored and
+shown on info as sent. A field that neither we nor LiteLLM know is refused by name.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+)
+
+from ..engine.durations import shown
+from ..errors import EntityError
+from .store import (
+    MAX_DOLLARS,
+    MAX_LIST,
+    MAX_TEXT,
+    MAX_WINDOWS,
+    SCHEMAS,
+    budget_windows,
+    count,
+    duration,
+    flag,
+    mapping,
+    members,
+    model_budgets,
+    model_counts,
+    money,
+    names,
+    text,
+)
+
+__all__ = [
+    "ACCEPTED_ONLY",
+    "CREATE",
+    "REQUESTS",
+    "UPDATE",
+    "validate",
+]
+
+MAX_COUNT = 2**53 - 1  # engine.limits.MAX_AMOUNT, spelled for the schema
+
+
+def _enforced(check: Callable[[str, Any], Any], schema: dict[str, Any]) -> Any:
+    """A field the limiter enforces: the store's checker decides (its EntityError names the
+    field and the range), the schema documents the same bounds."""
+
+    def run(value: Any, info: ValidationInfo) -> Any:
+        return check(info.field_name or "?", value)
+
+    return Annotated[Any, BeforeValidator(run), WithJsonSchema(schema)]
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+_DURATION = {
+    "type": "string",
+    "description": "a number and a unit (s, m, h, d, w, mo, y), at most 100 years: 30d",
+}
+Money = _enforced(money, _nullable({"type": "number", "minimum": 0, "maximum": MAX_DOLLARS}))
+Count = _enforced(count, _nullable({"type": "integer", "minimum": 0, "maximum": MAX_COUNT}))
+Duration = _enforced(duration, _nullable(_DURATION))
+Text = _enforced(text, _nullable({"type": "string", "minLength": 1, "maxLength": MAX_TEXT}))
+Flag = _enforced(flag, {"type": "boolean"})
+_NAME = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT}
+Names = _enforced(names, _nullable({"type": "array", "items": _NAME, "maxItems": MAX_LIST}))
+Object = _enforced(mapping, _nullable({"type": "object"}))
+_PER_MODEL = {"type": "object", "maxProperties": MAX_LIST}
+ModelCounts = _enforced(
+    model_counts,
+    _nullable(
+        {**_PER_MODEL, "additionalProperties": {"type": "integer", "minimum": 0}},
+    ),
+)
+_MODEL_BUDGET = {
+    "type": "object",
+    "properties": {
+        "max_budget": {"type": "number", "minimum": 0, "maximum": MAX_DOLLARS},
+        "budget_limit": {"type": "number", "minimum": 0, "maximum": MAX_DOLLARS},
+        "budget_duration": _DURATION,
+        "time_period": _DURATION,
+        "tpm_limit": {"type": "integer", "minimum": 0, "maximum": MAX_COUNT},
+        "rpm_limit": {"type": "integer", "minimum": 0, "maximum": MAX_COUNT},
+    },
+    "additionalProperties": False,
+}
+ModelBudgets = _enforced(
+    model_budgets, _nullable({**_PER_MODEL, "additionalProperties": _MODEL_BUDGET})
+)
+_WINDOW = {
+    "type": "object",
+    "properties": {
+        "max_budget": {"type": "number", "minimum": 0, "maximum": MAX_DOLLARS},
+        "budget_duration": _DURATION,
+    },
+    "required": ["max_budget", "budget_duration"],
+    "additionalProperties": False,
+}
+Windows = _enforced(
+    budget_windows, _nullable({"type": "array", "items": _WINDOW, "maxItems": MAX_WINDOWS})
+)
+_MEMBER = {
+    "type": "object",
+    "properties": {
+        "user_id": _NAME,
+        "user_email": _NAME,
+        "role": {"enum": ["admin", "user"]},
+        "max_budget_in_team": {"type": "number", "minimum": 0, "maximum": MAX_DOLLARS},
+    },
+    "required": ["user_id"],
+    "additionalProperties": False,
+}
+Members = _enforced(members, _nullable({"type": "array", "items": _MEMBER, "maxItems": MAX_LIST}))
+
+# -- accepted, not enforced: LiteLLM's types, bounded ----------------------------------
+
+Str = Annotated[str, StringConstraints(max_length=MAX_TEXT)] | None
+StrList = (
+    Annotated[
+        list[Annotated[str, StringConstraints(max_length=MAX_TEXT)]], Field(max_length=MAX_LIST)
+    ]
+    | None
+)
+AnyList = Annotated[list[Any], Field(max_length=MAX_LIST)] | None
+Obj = dict[str, Any] | None
+Bool = bool | None
+Int = Annotated[int, Field(ge=0, le=MAX_COUNT)] | None
+Dollars = Annotated[float, Field(ge=0, le=MAX_DOLLARS, allow_inf_nan=False)] | None
+LimitType = Literal["guaranteed_throughput", "best_effort_throughput", "dynamic"] | None
+UserRole = Literal["proxy_admin", "proxy_admin_viewer", "internal_user", "internal_user_viewer"]
+# A secret LiteLLM would keep (a user's password): accepted, never stored in the clear.
+Secret = Annotated[str, StringConstraints(max_length=MAX_TEXT)] | None
+
+
+class ObjectPermission(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mcp_servers: StrList = None
+    mcp_access_groups: StrList = None
+    mcp_tool_permissions: dict[str, list[str]] | None = None
+    mcp_toolsets: StrList = None
+    blocked_tools: StrList = None
+    vector_stores: StrList = None
+    agents: StrList = None
+    agent_access_groups: StrList = None
+    models: StrList = None
+
+
+class VectorStoreIndex(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    index_name: Annotated[str, StringConstraints(max_length=MAX_TEXT)]
+    index_permissions: list[Literal["read", "write"]]
+
+
+VectorIndexes = Annotated[list[VectorStoreIndex], Field(max_length=MAX_LIST)] | None
+
+
+class Request(BaseModel):
+    """Unknown fields are refused: a typo must not pass silently."""
+
+    # validate_default: an enforced field left out gets its checker's value for "none"
+    # (an empty list, false), as stored before these models existed.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_default=True)
+
+
+class _Limits(Request):
+    max_budget: Money = None
+    soft_budget: Money = None
+    budget_duration: Duration = None
+    tpm_limit: Count = None
+    rpm_limit: Count = None
+    max_parallel_requests: Count = None
+    model_max_budget: ModelBudgets = None
+
+
+class _KeyBase(_Limits):
+    """LiteLLM's GenerateRequestBase and KeyRequestBase, plus our budget_limits."""
+
+    key_alias: Text = None
+    duration: Duration = None
+    models: Names = None
+    user_id: Text = None
+    team_id: Text = None
+    budget_id: Text = None
+    metadata: Object = None
+    blocked: Flag = False
+    model_rpm_limit: ModelCounts = None
+    model_tpm_limit: ModelCounts = None
+    budget_limits: Windows = None
+    # accepted, not enforced
+    spend: Dollars = None
+    agent_id: Str = None
+    allowed_cache_controls: AnyList = None
+    config: Obj = None
+    permissions: Obj = None
+    guardrails: StrList = None
+    policies: StrList = None
+    prompts: StrList = None
+    aliases: Obj = None
+    object_permission: ObjectPermission | None = None
+    tags: StrList = None
+    enforced_params: StrList = None
+    allowed_routes: AnyList = None
+    allowed_passthrough_routes: AnyList = None
+    allowed_vector_store_indexes: VectorIndexes = None
+    rpm_limit_type: LimitType = None
+    tpm_limit_type: LimitType = None
+    router_settings: Obj = None
+    access_group_ids: StrList = None
+    auto_rotate: Bool = None
+    rotation_interval: Str = None
+    organization_id: Str = None
+
+
+class GenerateKeyRequest(_KeyBase):
+    """POST /key/generate"""
+
+    key: None = Field(
+        None, description="not served: the limiter always generates the key (sent as null only)"
+    )
+    send_invite_email: Bool = None
+    key_type: Literal["llm_api", "management", "read_only", "default"] | None = None
+    project_id: Str = None
+
+
+class UpdateKeyRequest(_KeyBase):
+    """POST /key/update"""
+
+    key: Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT)]
+    temp_budget_increase: Dollars = None
+    temp_budget_expiry: datetime | None = None
+
+
+class NewUserRequest(_Limits):
+    """POST /user/new"""
+
+    user_id: Text = None
+    user_email: Text = None
+    models: Names = None
+    budget_id: Text = None
+    metadata: Object = None
+    model_rpm_limit: ModelCounts = None
+    model_tpm_limit: ModelCounts = None
+    # accepted, not enforced
+    user_alias: Str = None
+    user_role: UserRole | None = None
+    teams: Annotated[list[str | dict[str, Any]], Field(max_length=MAX_LIST)] | None = None
+    auto_create_key: Bool = None
+    send_invite_email: Bool = None
+    sso_user_id: Str = None
+    organizations: StrList = None
+    password: Secret = None
+    key_alias: Str = None
+    duration: Str = None
+    spend: Dollars = None
+    team_id: Str = None
+    agent_id: Str = None
+    allowed_cache_controls: AnyList = None
+    config: Obj = None
+    permissions: Obj = None
+    guardrails: StrList = None
+    policies: StrList = None
+    prompts: StrList = None
+    blocked: Bool = None
+    aliases: Obj = None
+    object_permission: ObjectPermission | None = None
+
+
+class UpdateUserRequest(NewUserRequest):
+    """POST /user/update"""
+
+    user_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT)]
+
+
+class NewTeamRequest(_Limits):
+    """POST /team/new"""
+
+    team_id: Text = None
+    team_alias: Text = None
+    models: Names = None
+    members: Members = None
+    budget_id: Text = None
+    metadata: Object = None
+    blocked: Flag = False
+    model_rpm_limit: ModelCounts = None
+    model_tpm_limit: ModelCounts = None
+    # accepted, not enforced
+    organization_id: Str = None
+    admins: AnyList = None
+    members_with_roles: AnyList = None
+    team_member_permissions: StrList = None
+    router_settings: Obj = None
+    access_group_ids: StrList = None
+    model_aliases: Obj = None
+    tags: StrList = None
+    guardrails: StrList = None
+    policies: StrList = None
+    prompts: StrList = None
+    object_permission: ObjectPermission | None = None
+    allowed_passthrough_routes: AnyList = None
+    secret_manager_settings: Obj = None
+    rpm_limit_type: LimitType = None
+    tpm_limit_type: LimitType = None
+    team_member_budget: Dollars = None
+    team_member_rpm_limit: Int = None
+    team_member_tpm_limit: Int = None
+    team_member_key_duration: Str = None
+    team_member_budget_duration: Str = None
+    allowed_vector_store_indexes: VectorIndexes = None
+    enforced_batch_output_expires_after: Obj = None
+    enforced_file_expires_after: Obj = None
+
+
+class UpdateTeamRequest(NewTeamRequest):
+    """POST /team/update"""
+
+    team_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT)]
+
+
+class BudgetNewRequest(_Limits):
+    """POST /budget/new"""
+
+    budget_id: Text = None
+    budget_reset_at: datetime | None = None  # accepted, not enforced: resets follow the window
+
+
+class BudgetUpdateRequest(BudgetNewRequest):
+    """POST /budget/update"""
+
+    budget_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT)]
+
+
+class NewCustomerRequest(_Limits):
+    """POST /customer/new and /end_user/new"""
+
+    user_id: Text = None
+    alias: Text = None
+    blocked: Flag = False
+    budget_id: Text = None
+    metadata: Object = None
+    # accepted, not enforced
+    budget_reset_at: datetime | None = None
+    spend: Dollars = None
+    allowed_model_region: Literal["eu", "us"] | None = None
+    default_model: Str = None
+    object_permission: ObjectPermission | None = None
+
+
+class UpdateCustomerRequest(NewCustomerRequest):
+    """POST /customer/update and /end_user/update"""
+
+    user_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT)]
+
+
+# The field of an update body that names the entity to update.
+UPDATED_BY = {
+    "key": "key",
+    "user": "user_id",
+    "team": "team_id",
+    "customer": "user_id",
+    "budget": "budget_id",
+}
+CREATE: dict[str, type[Request]] = {
+    "key": GenerateKeyRequest,
+    "user": NewUserRequest,
+    "team": NewTeamRequest,
+    "customer": NewCustomerRequest,
+    "budget": BudgetNewRequest,
+}
+UPDATE: dict[str, type[Request]] = {
+    "key": UpdateKeyRequest,
+    "user": UpdateUserRequest,
+    "team": UpdateTeamRequest,
+    "customer": UpdateCustomerRequest,
+    "budget": BudgetUpdateRequest,
+}
+# Fields stored and shown but not acted on (a secret is not even stored), per kind; the
+# README's compatibility table is checked against this.
+SECRETS = frozenset({"password"})
+ACCEPTED_ONLY: dict[str, list[str]] = {
+    kind: sorted(
+        {n for m in (CREATE[kind], UPDATE[kind]) for n in m.model_fields}
+        - set(SCHEMAS[kind])
+        - {UPDATED_BY[kind]}
+    )
+    for kind in CREATE
+}
+
+
+# -- the routes whose bodies are ids (their handlers check them; documented here) -------
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT)]
+Ids = Annotated[list[Id], Field(min_length=1, max_length=1_000)]
+
+
+class KeyRef(Request):
+    """POST /key/block and /key/unblock"""
+
+    key: Id
+
+
+class DeleteKeys(Request):
+    """POST /key/delete"""
+
+    keys: Ids
+    key_aliases: list[Id] | None = Field(None, description="not served")
+
+
+class UserIds(Request):
+    """POST /user/delete, /customer/delete|block|unblock (also under /end_user)"""
+
+    user_ids: Ids
+
+
+class TeamIds(Request):
+    """POST /team/delete"""
+
+    team_ids: Ids
+
+
+class BudgetRef(Request):
+    """POST /budget/delete"""
+
+    id: Id
+
+
+class BudgetIds(Request):
+    """POST /budget/info"""
+
+    budgets: Ids
+
+
+class MemberRequest(Request):
+    user_id: Id
+    user_email: Str = None
+    role: Literal["admin", "user"] = "user"
+    max_budget_in_team: Dollars = None
+
+
+class TeamMemberAddRequest(Request):
+    """POST /team/member_add"""
+
+    team_id: Id
+    member: MemberRequest | Annotated[list[MemberRequest], Field(max_length=MAX_LIST)]
+    max_budget_in_team: Dollars = None
+
+
+class TeamMemberDeleteRequest(Request):
+    """POST /team/member_delete"""
+
+    team_id: Id
+    user_id: Id
+    user_email: Str = Field(None, description="accepted; the member is found by user_id")
+
+
+# Every POST route's body model, for the OpenAPI document.
+REQUESTS: dict[str, type[Request]] = {
+    "/key/generate": GenerateKeyRequest,
+    "/key/update": UpdateKeyRequest,
+    "/key/delete": DeleteKeys,
+    "/key/block": KeyRef,
+    "/key/unblock": KeyRef,
+    "/user/new": NewUserRequest,
+    "/user/update": UpdateUserRequest,
+    "/user/delete": UserIds,
+    "/team/new": NewTeamRequest,
+    "/team/update": UpdateTeamRequest,
+    "/team/delete": TeamIds,
+    "/team/member_add": TeamMemberAddRequest,
+    "/team/member_delete": TeamMemberDeleteRequest,
+    **{
+        f"{base}/{action}": model
+        for base in ("/customer", "/end_user")
+        for action, model in (
+            ("new", NewCustomerRequest),
+            ("update", UpdateCustomerRequest),
+            ("delete", UserIds),
+            ("block", UserIds),
+            ("unblock", UserIds),
+        )
+    },
+    "/budget/new": BudgetNewRequest,
+    "/budget/update": BudgetUpdateRequest,
+    "/budget/delete": BudgetRef,
+    "/budget/info": BudgetIds,
+}
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    """("members", 0, "role") -> members[0].role, as the store's checkers name fields."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out or "body"
+
+
+def _unknown(model: type[BaseModel], loc: tuple[int | str, ...], entity: str) -> str:
+    """A typo is named, with the field it was probably meant to be."""
+    for part in loc[:-1]:  # down to the nested model the field was sent in, if any
+        annotation = model.model_fields[part].annotation if isinstance(part, str) else None
+        nested = [a for a in getattr(annotation, "__args__", ()) if isinstance(a, type)]
+        model = next((a for a in nested if issubclass(a, BaseModel)), model)
+    close = difflib.get_close_matches(str(loc[-1]), model.model_fields, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"unknown field for a {entity} (neither the limiter nor LiteLLM has it){hint}"
+
+
+def _problem(model: type[BaseModel], entity: str, error: Mapping[str, Any]) -> tuple[str, str]:
+    """(field path, what is wrong) of one pydantic error, in words rather than its dump."""
+    kind, ctx, got = error["type"], error.get("ctx") or {}, shown(error.get("input"))
+    if kind == "extra_forbidden":
+        problem = _unknown(model, tuple(error["loc"]), entity)
+    elif kind == "missing":
+        problem = "is required"
+    elif kind in ("too_long", "string_too_long"):
+        problem = f"at most {ctx.get('max_length')} entries or characters, got more"
+    elif kind in ("too_short", "string_too_short"):
+        problem = f"at least {ctx.get('min_length')} entries or characters, got {got}"
+    elif kind == "less_than_equal":
+        problem = f"must be at most {ctx.get('le')}, got {got}"
+    elif kind == "greater_than_equal":
+        problem = f"must be at least {ctx.get('ge')}, got {got}"
+    elif kind == "literal_error":
+        problem = f"must be one of {ctx.get('expected')}, got {got}"
+    elif kind == "none_required":
+        problem = "is not served (the limiter generates every key); send null or leave it out"
+    else:
+        problem = f"{error['msg'][0].lower()}{error['msg'][1:]}, got {got}"
+    return _path(tuple(error["loc"])), problem
+
+
+def validate(kind: str, body: Any, *, partial: bool = False) -> dict[str, Any]:
+    """A create (or, ``partial``, an update) body of an entity, checked: the fields sent, plus
+    on create every enforced field at its default. The update's id field is not returned."""
+    if not isinstance(body, dict):
+        raise EntityError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    model = (UPDATE if partial else CREATE)[kind]
+    try:
+        checked = model.model_validate(body)
+    except ValidationError as exc:
+        path, problem = _problem(model, kind, exc.errors(include_url=False)[0])
+        label = path if len(path) <= MAX_TEXT else shown(path)
+        raise EntityError(400, f"{label}: {problem}", label) from None
+    sent = checked.model_dump(mode="json", exclude_unset=True, exclude=set(SECRETS))
+    if partial:
+        sent.pop(UPDATED_BY[kind])
+        if body.get("blocked", False) is None:  # null is no change: only /block unblocks
+            sent.pop("blocked")
+    else:
+        sent = {**checked.model_dump(mode="json", include=set(SCHEMAS[kind])), **sent}
+    if kind == "customer" and sent.get("budget_id") and sent.get("max_budget") is not None:
+        raise EntityError(
+            400, "give a customer either budget_id or max_budget, not both", "budget_id"
+        )
+    return sent
