@@ -19,6 +19,7 @@
 --
 -- Returns a msgpack map:
 --   ok   1 admitted, 0 refused
+--   took (admitted, when a capped limit took less than asked) per limit, the amount taken
 --   st   {remaining_1, reset_ms_1, remaining_2, reset_ms_2, ...}, one pair per limit
 --   i    (refused) 1-based index of the limit that frees last; why = its reason;
 --        ra = retry-after ms until every refusing limit has room, -1 if it never will
@@ -53,10 +54,19 @@ for i, spec in ipairs(specs) do
   local key, kind, amount, cap = KEYS[i + 2], spec[1], spec[2], spec[3]
   local view = {used = 0}
   local why, wait
+  -- a capped limit asking for nothing, or one being forced, is decided as any other
+  local upto = amount > 0 and ARGV[7] ~= '1' and is_capped(spec)
   if kind == 'w' then
     view = window_view(key, now, spec[5], spec[6])
     view.used = view.sum
-    if amount > cap then
+    if upto then
+      view.take = math.min(amount, math.max(cap - view.used, 0))
+      if cap < 1 then
+        why = 'exceeds_capacity'
+      elseif view.take < 1 then
+        why, wait = 'window_full', window_retry(view, now, 1, cap)
+      end
+    elseif amount > cap then
       why = 'exceeds_capacity'
     elseif view.used + amount > cap then
       why, wait = 'window_full', window_retry(view, now, amount, cap)
@@ -79,7 +89,14 @@ for i, spec in ipairs(specs) do
     view.used, view.held = budget_read(view.pkey)
     view.fresh = view.used == nil
     view.used = view.used or 0
-    if amount > cap then
+    if upto then
+      view.take = math.min(amount, math.max(cap - view.used, 0))
+      if cap < 1 then
+        why = 'exceeds_capacity'
+      elseif view.take < 1 then
+        why, wait = 'budget_exhausted', view.stop - now
+      end
+    elseif amount > cap then
       why = 'exceeds_capacity'
     elseif view.used >= cap or view.used + amount > cap then
       why, wait = 'budget_exhausted', view.stop - now
@@ -119,10 +136,15 @@ if refused > 0 and ARGV[7] ~= '1' then
 end
 
 -- Pass 2: every limit has room; take it and remember where, for settle and release.
-local at = {}
+local at, took, short = {}, {}, false
 for i, spec in ipairs(specs) do
   local key, kind, amount = KEYS[i + 2], spec[1], spec[2]
   local view, reset = views[i], 0
+  if view.take then
+    short = short or view.take < amount
+    amount = view.take
+  end
+  took[i] = amount
   if kind == 'w' then
     window_add(view, now, amount)
     reset = amount > 0 and window_frees_at(view, view.cur) - now or window_reset(view, now)
@@ -155,11 +177,14 @@ end
 
 local hold_ttl, record_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local deadline = now + hold_ttl
-local reply = mp_pack({ok = 1, st = states})
+local reply = mp_pack({ok = 1, st = states, took = short and took or nil})
 redis.call('HSET', KEYS[1], 's', 'held', 't0', int(now), 'dl', int(deadline), 'spec', ARGV[3],
   'keys', table.concat(KEYS, '\0', 3), 'at', mp_pack(at), 'meta', ARGV[6], 'reply', reply, 'grp', ARGV[10])
 if ARGV[8] ~= '' then
   redis.call('HSET', KEYS[1], 'lg', ARGV[8], 'dims', ARGV[9])
+end
+if short then
+  redis.call('HSET', KEYS[1], 'took', mp_pack(took))
 end
 redis.call('PEXPIRE', KEYS[1], int(hold_ttl + record_ttl))
 redis.call('ZADD', KEYS[2], int(deadline), rid)

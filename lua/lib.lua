@@ -7,6 +7,10 @@
 --   kind 'l' lease semaphore: p1 = lease ttl ms
 --   kind 'b' spend budget:    p1, p2, p3 = period boundaries b0 < b1 < b2 (ms), p4 = retention ms
 --   kind 'g' gate:            refuses while its key exists (a block); capacity 1, amount 0
+-- A window or budget may be capped: its spec then ends with a 1 after its parameters
+-- (spec[7] for a window, spec[9] for a budget). A capped limit takes "up to amount": it
+-- admits while at least one unit is left and takes min(amount, what is left), so a request
+-- that does not bound itself can pass it only alone, by its own excess.
 -- All amounts are integers (requests, tokens, nano-dollars); all times are milliseconds
 -- on Redis's clock unless the caller passes an explicit "now" (tests, simulations).
 
@@ -25,6 +29,10 @@ local function clock(override)
   end
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
+end
+
+local function is_capped(spec)
+  return spec[spec[1] == 'w' and 7 or 9] == 1
 end
 
 -- Sliding window -------------------------------------------------------------------
@@ -218,6 +226,8 @@ end
 --   spec = the msgpack specs    keys = the limit keys joined by NUL
 --   at = msgpack array, per limit: the bucket id (window), period start (budget), 0 (lease)
 --   meta = caller metadata      reply = acquire's packed answer, for a repeated acquire
+--   took = msgpack array, per limit, of the amount taken, present only when a capped limit
+--          took less than its spec's amount (records without it took their specs' amounts)
 -- Once finished, spec/keys/at give way to t1, est and out (msgpack maps measure -> amount)
 -- and the hash lives for the result ttl so repeated calls get the first outcome.
 
@@ -238,12 +248,13 @@ end
 -- end and retention (the key itself is the period's).
 local function record_limits(rec)
   local specs, at, keys = mp_unpack(rec.spec), mp_unpack(rec.at), {}
+  local took = rec.took and mp_unpack(rec.took)
   for key in string.gmatch(rec.keys, '([^%z]+)') do
     keys[#keys + 1] = key
   end
   local out = {}
   for i, spec in ipairs(specs) do
-    local kind, amount, measure = spec[1], spec[2], spec[4]
+    local kind, amount, measure = spec[1], took and took[i] or spec[2], spec[4]
     if kind == 'w' then
       out[i] = {kind, keys[i], amount, measure, spec[5], spec[6], at[i]}
     elseif kind == 'l' or kind == 'g' then
@@ -330,7 +341,7 @@ local function record_finish(rec, key, rid, now, mode, actuals, ttl, info)
   if rec.lg then
     ledger_write(rec, rid, now, status, rec.est, rec.out, charged, info)
   end
-  redis.call('HDEL', key, 'spec', 'keys', 'at', 'reply', 'dims')
+  redis.call('HDEL', key, 'spec', 'keys', 'at', 'reply', 'dims', 'took')
   redis.call('HSET', key, 's', status, 't1', int(now), 'est', rec.est, 'out', rec.out)
   redis.call('PEXPIRE', key, int(ttl))
   return reserved, charged

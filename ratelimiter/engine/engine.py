@@ -76,9 +76,13 @@ class Reservation:
 
 @dataclass(frozen=True, slots=True)
 class LimitState:
+    """A limit after the call: what is left of it and when it resets. ``taken`` (admissions
+    only) is what the request took of it: its amount, or less for a capped limit."""
+
     limit: Limit
     remaining: int
     reset_ms: int
+    taken: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,9 +308,12 @@ class Engine:
         states: list[LimitState | None] = [None] * len(limits)
         refusal: tuple[int, str, int] | None = None
         for (_, indices), reply in zip(groups, replies, strict=True):
-            flat = reply["st"]
+            flat, took = reply["st"], reply.get("took")
             for n, i in enumerate(indices):
-                states[i] = LimitState(limits[i], flat[2 * n], flat[2 * n + 1])
+                taken = None
+                if reply["ok"]:
+                    taken = took[n] if took else limits[i].amount
+                states[i] = LimitState(limits[i], flat[2 * n], flat[2 * n + 1], taken)
             if not reply["ok"]:
                 candidate = (indices[reply["i"] - 1], reply["why"], reply["ra"])
                 if refusal is None or _later(candidate[2], refusal[2]):
@@ -618,6 +625,7 @@ class Engine:
                         limit.measure or "",
                         limit.window_ms,
                         limit.bucket_ms,
+                        *_CAPPED[limit.capped],
                     ]
                 )
             elif isinstance(limit, Concurrency):
@@ -636,6 +644,7 @@ class Engine:
                         b1,
                         b2,
                         limit.retention_ms,
+                        *_CAPPED[limit.capped],
                     ]
                 )
         return msgpack.packb(specs)
@@ -666,6 +675,11 @@ class Engine:
             self._offset_ms = seconds * 1000 + micros / 1000 - (before + after) * 500
             self._offset_at = local = after
         return int(local * 1000 + self._offset_ms)
+
+
+# A capped limit's spec ends with a 1 (lib.lua); others are sent as before, so records held
+# by older scripts and repeated acquires compare equal.
+_CAPPED: dict[bool, tuple[int, ...]] = {False: (), True: (1,)}
 
 
 def _later(retry: int, other: int) -> bool:

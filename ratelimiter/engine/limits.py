@@ -32,6 +32,11 @@ def _check_int(owner: str, name: str, value: Any, *, minimum: int = 0) -> None:
         raise InvalidLimit(f"{owner}: {name} must be between {minimum} and 2**53-1, got {value}")
 
 
+def _check_bool(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise InvalidLimit(f"{owner}: {name} must be true or false, got {value!r}")
+
+
 def _check_key(owner: str, key: Any) -> None:
     if not isinstance(key, str) or not key or "\0" in key:
         raise InvalidLimit(f"{owner}: key must be a non-empty string without NUL, got {key!r}")
@@ -43,6 +48,10 @@ class SlidingWindow:
 
     The window is kept in ``buckets`` buckets. It never over-admits; it may under-admit by
     at most what the oldest bucket holds (1/``buckets`` of the window's traffic).
+
+    ``capped``: the request takes up to ``amount`` (an estimate it may not reach): it is
+    admitted while at least one unit is left and takes ``min(amount, what is left)``, so the
+    window is passed only by the excess of one such request's actual use at a time.
     """
 
     key: str
@@ -52,6 +61,7 @@ class SlidingWindow:
     measure: str | None = None
     name: str = ""
     buckets: int = DEFAULT_BUCKETS
+    capped: bool = False
     window_ms: int = field(init=False, repr=False, compare=False)
     bucket_ms: int = field(init=False, repr=False, compare=False)
 
@@ -61,6 +71,7 @@ class SlidingWindow:
         _check_int(owner, "capacity", self.capacity)
         _check_int(owner, "amount", self.amount)
         _check_int(owner, "buckets", self.buckets, minimum=1)
+        _check_bool(owner, "capped", self.capped)
         window = parse_duration(self.window)
         if window.is_calendar:
             raise InvalidLimit(f"{owner}: '{window}' has no fixed length; use s, m, h, d or w")
@@ -68,9 +79,10 @@ class SlidingWindow:
         object.__setattr__(self, "window_ms", window.milliseconds)
         object.__setattr__(self, "bucket_ms", max(1, -(-window.milliseconds // self.buckets)))
 
-    def with_amount(self, amount: int) -> SlidingWindow:
-        """The same limit for a request of another size (checks only the new amount)."""
-        return _with_amount(self, amount)
+    def with_amount(self, amount: int, capped: bool | None = None) -> SlidingWindow:
+        """The same limit for a request of another size (checks only the new amount), capped
+        or not when ``capped`` is given."""
+        return _with_amount(self, amount, capped)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +117,9 @@ class Budget:
     Admission needs spent + held + amount <= capacity, so a budget is only ever passed by
     what actual costs exceed their estimates. Each period has its own counter, kept for
     ``retention_ms`` after the period ends.
+
+    ``capped``: the request holds up to ``amount``, as a capped ``SlidingWindow`` takes: it is
+    admitted while anything is left and holds at most what is left.
     """
 
     key: str
@@ -114,6 +129,7 @@ class Budget:
     measure: str | None = "spend"
     name: str = ""
     retention_ms: int = DEFAULT_BUDGET_RETENTION_MS
+    capped: bool = False
 
     def __post_init__(self) -> None:
         owner = f"budget {self.name or self.key!r}"
@@ -121,20 +137,24 @@ class Budget:
         _check_int(owner, "capacity", self.capacity)
         _check_int(owner, "amount", self.amount)
         _check_int(owner, "retention_ms", self.retention_ms)
+        _check_bool(owner, "capped", self.capped)
         object.__setattr__(self, "period", parse_duration(self.period))
 
-    def with_amount(self, amount: int) -> Budget:
-        """The same budget for a request of another cost (checks only the new amount)."""
-        return _with_amount(self, amount)
+    def with_amount(self, amount: int, capped: bool | None = None) -> Budget:
+        """The same budget for a request of another cost (checks only the new amount), capped
+        or not when ``capped`` is given."""
+        return _with_amount(self, amount, capped)
 
 
-def _with_amount(limit: Any, amount: int) -> Any:
+def _with_amount(limit: Any, amount: int, capped: bool | None) -> Any:
     # The policy layer builds limits on every request; copying skips re-validating the rest.
     _check_int(f"limit {limit.name or limit.key!r}", "amount", amount)
     clone = object.__new__(type(limit))
     for name in type(limit).__slots__:
         object.__setattr__(clone, name, getattr(limit, name))
     object.__setattr__(clone, "amount", amount)
+    if capped is not None:
+        object.__setattr__(clone, "capped", capped)
     return clone
 
 

@@ -69,6 +69,18 @@ class WindowModel:
                 return "window_full", t - now
         raise AssertionError("unreachable: everything frees eventually")
 
+    def check_capped(self, now: int, amount: int) -> tuple[str | None, int | None, int]:
+        """A capped request: (reason, retry, what it takes), taking up to ``amount`` while at
+        least one unit is left; one asking for nothing is decided as any other."""
+        if amount == 0:
+            return (*self.check(now, 0), 0)
+        if self.limit.capacity < 1:
+            return "exceeds_capacity", NEVER, 0
+        take = min(amount, max(self.limit.capacity - self.used(now), 0))
+        if take >= 1:
+            return None, None, take
+        return (*self.check(now, 1), 0)
+
     def take(self, rid: str, now: int, amount: int) -> None:
         self.events.append(Event(rid, now, now // self.g, amount))
 
@@ -127,6 +139,17 @@ class BudgetModel:
         if used >= cap or used + amount > cap:
             return "budget_exhausted", self.period(now)[1] - now
         return None, None
+
+    def check_capped(self, now: int, amount: int) -> tuple[str | None, int | None, int]:
+        """A capped request: (reason, retry, what it holds), as for a window."""
+        if amount == 0:
+            return (*self.check(now, 0), 0)
+        if self.limit.capacity < 1:
+            return "exceeds_capacity", NEVER, 0
+        take = min(amount, max(self.limit.capacity - self.current(now), 0))
+        if take >= 1:
+            return None, None, take
+        return "budget_exhausted", self.period(now)[1] - now, 0
 
     def add(self, start: int, amount: int) -> None:
         self.used[start] = self.used.get(start, 0) + amount

@@ -1,5 +1,10 @@
 """Random sequences of acquire, settle, release, renew, expiry and passing time, run against
-real Redis and against the plain-Python model in tests/model.py: every answer must agree."""
+real Redis and against the plain-Python model in tests/model.py: every answer must agree.
+
+The token window and the budget are capped in some examples: a request then takes up to its
+amount while anything is left. Either way a limit is passed only by settlements above what a
+request took, each by its own excess (``check_overshoot``), and a capped request is admitted
+only while at least one unit is left."""
 
 from __future__ import annotations
 
@@ -32,6 +37,8 @@ configs = st.fixed_dictionaries(
         "leases": st.integers(0, 3),
         "lease_ttl": st.sampled_from([10_000, 25_000]),
         "budget": st.sampled_from([0, 300, 500, 1_000, 1_337]),
+        "tpm_capped": st.booleans(),
+        "budget_capped": st.booleans(),
         "period": st.sampled_from(["10s", "1m", "daily"]),
         "start": st.integers(0, 86_400_000),
     }
@@ -60,6 +67,12 @@ class Request:
     deadline: int
     status: str = "held"
     charged: dict[str, int] = field(default_factory=dict)
+    took: dict[str, int] = field(default_factory=dict)  # what the limits took, by measure
+    final: dict[str, int] = field(default_factory=dict)  # what they hold now, by measure
+
+    def excess(self, measure: str) -> int:
+        """How far its settlement passed what it took: the most it can push a limit over."""
+        return max(self.final.get(measure, 0) - self.took.get(measure, 0), 0)
 
 
 class Scenario:
@@ -81,11 +94,19 @@ class Scenario:
                 f"{config['tpm_window'] // 1000}s",
                 measure="tokens",
                 buckets=config["tpm_buckets"],
+                capped=config["tpm_capped"],
             )
         )
         self.lease = LeaseModel(Concurrency(f"{ns}:par", config["leases"], config["lease_ttl"]))
         self.budget = BudgetModel(
-            Budget(f"{{{ns}}}:b", config["budget"], config["period"], 0), time_zone("UTC")
+            Budget(
+                f"{{{ns}}}:b",
+                config["budget"],
+                config["period"],
+                0,
+                capped=config["budget_capped"],
+            ),
+            time_zone("UTC"),
         )
         self.requests: list[Request] = []
 
@@ -95,16 +116,12 @@ class Scenario:
             chosen.append(self.rpm.limit)
         if mask & 2:
             w = self.tpm.limit
-            chosen.append(
-                SlidingWindow(
-                    w.key, w.capacity, w.window, tokens, measure="tokens", buckets=w.buckets
-                )
-            )
+            chosen.append(w.with_amount(tokens))
         if mask & 4:
             chosen.append(self.lease.limit)
         if mask & 8:
             b = self.budget.limit
-            chosen.append(Budget(b.key, b.capacity, b.period, spend))
+            chosen.append(b.with_amount(spend))
         return chosen
 
     async def acquire(self, mask: int, tokens: int, spend: int) -> None:
@@ -114,14 +131,15 @@ class Scenario:
         if mask & 4:
             self.lease.purge(now)
         checks: list[tuple[str | None, int | None]] = []
+        took: dict[str, int] = {}
         if mask & 1:
             checks.append(self.rpm.check(now, 1))
         if mask & 2:
-            checks.append(self.tpm.check(now, tokens))
+            checks.append(self.window_check(now, tokens, took))
         if mask & 4:
             checks.append(self.lease.check(now))
         if mask & 8:
-            checks.append(self.budget.check(now, spend))
+            checks.append(self.budget_check(now, spend, took))
         refusals = [c for c in checks if c[0] is not None]
         assert decision.allowed == (not refusals), (decision, checks)
         if refusals:
@@ -129,20 +147,55 @@ class Scenario:
             reason, retry = never[0] if never else max(refusals, key=lambda c: c[1] or 0)
             assert (decision.reason, decision.retry_after_ms) == (reason, retry)
             self.expect_states(decision, mask, now, taken=False)
+            assert all(s.taken is None for s in decision.states)  # refused takes nothing
             return
         if mask & 1:
             assert self.rpm.exact_used(now) + 1 <= self.rpm.limit.capacity
             self.rpm.take(rid, now, 1)
         if mask & 2:
-            assert self.tpm.exact_used(now) + tokens <= self.tpm.limit.capacity
-            self.tpm.take(rid, now, tokens)
+            assert self.tpm.exact_used(now) + took["tokens"] <= self.tpm.limit.capacity
+            self.tpm.take(rid, now, took["tokens"])
         if mask & 4:
             self.lease.leases[rid] = now + self.lease.limit.ttl_ms
         start = self.budget.period(now)[0]
         if mask & 8:
-            self.budget.add(start, spend)
-        self.requests.append(Request(rid, mask, tokens, spend, start, now + HOLD_TTL))
+            assert self.budget.current(now) + took["spend"] <= self.budget.limit.capacity
+            self.budget.add(start, took["spend"])
+        request = Request(rid, mask, tokens, spend, start, now + HOLD_TTL)
+        request.took, request.final = took, dict(took)
+        self.requests.append(request)
         self.expect_states(decision, mask, now, taken=True)
+        taken = {1: 1, 2: took.get("tokens"), 4: 1, 8: took.get("spend")}
+        expected = [taken[bit] for bit in (1, 2, 4, 8) if mask & bit]
+        assert [s.taken for s in decision.states] == expected
+
+    def window_check(self, now: int, tokens: int, took: dict[str, int]) -> tuple[Any, Any]:
+        if not self.tpm.limit.capped:
+            took["tokens"] = tokens
+            return self.tpm.check(now, tokens)
+        reason, retry, took["tokens"] = self.tpm.check_capped(now, tokens)
+        assert reason is not None or tokens == 0 or self.tpm.used(now) < self.tpm.limit.capacity
+        return reason, retry
+
+    def budget_check(self, now: int, spend: int, took: dict[str, int]) -> tuple[Any, Any]:
+        if not self.budget.limit.capped:
+            took["spend"] = spend
+            return self.budget.check(now, spend)
+        reason, retry, took["spend"] = self.budget.check_capped(now, spend)
+        return reason, retry
+
+    def check_overshoot(self) -> None:
+        """A limit is over its capacity by at most the excess of the requests it counts."""
+        now = self.clock.now
+        by_rid = {r.rid: r for r in self.requests}
+        counted = {e.rid for e in self.tpm.counted(now)}
+        excess = sum(by_rid[rid].excess("tokens") for rid in counted)
+        assert self.tpm.used(now) <= self.tpm.limit.capacity + excess
+        start = self.budget.period(now)[0]
+        excess = sum(
+            r.excess("spend") for r in self.requests if r.mask & 8 and r.period_start == start
+        )
+        assert self.budget.current(now) <= self.budget.limit.capacity + excess
 
     def expect_states(self, decision: Any, mask: int, now: int, taken: bool) -> None:
         expected: list[tuple[int, int]] = []
@@ -183,15 +236,16 @@ class Scenario:
             self.rpm.set_amount(req.rid, 0)
         if req.mask & 2:
             self.tpm.set_amount(req.rid, final_tokens)
-            req.charged["tokens"] = final_tokens
+            req.charged["tokens"] = req.final["tokens"] = final_tokens
         if req.mask & 8:
-            self.budget.add(req.period_start, final_spend - req.spend)
-            req.charged["spend"] = final_spend
+            self.budget.add(req.period_start, final_spend - req.took["spend"])
+            req.charged["spend"] = req.final["spend"] = final_spend
         self.lease.leases.pop(req.rid, None)
         if mode == "settle":  # every measure settled is recorded, limited or not
             req.charged = {"tokens": final_tokens, "spend": final_spend}
         req.status = "released" if mode == "release" else "settled"
         assert (result.status, result.first, result.charged) == (req.status, True, req.charged)
+        assert result.reserved == req.took
 
     async def renew(self, index: int) -> None:
         if not self.requests:
@@ -214,11 +268,7 @@ class Scenario:
         assert sorted(h.request_id for h in collected) == sorted(r.rid for r in due)
         for req in due:
             req.status = "expired"
-            req.charged = {}
-            if req.mask & 2:
-                req.charged["tokens"] = req.tokens
-            if req.mask & 8:
-                req.charged["spend"] = req.spend
+            req.charged = dict(req.took)
             self.lease.leases.pop(req.rid, None)
         for hold in collected:
             req = next(r for r in due if r.rid == hold.request_id)
@@ -254,6 +304,7 @@ async def run(redis_url: str, config: dict[str, Any], steps: list[tuple[Any, ...
             else:
                 await scenario.expire()
             await scenario.check_peek()
+            scenario.check_overshoot()
     finally:
         await engine.close()
 
