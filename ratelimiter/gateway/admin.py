@@ -18,6 +18,7 @@ from ..pricing import dollars
 from ..responses import json_response
 from .http import ENGINE, SETTINGS, STORE, read_json, require_master
 from .models import validate
+from .openapi import add_docs_routes
 from .policy import Scope, scope_budgets
 from .resolver import effective_fields
 from .store import MAX_LIST, MAX_TEXT, REFERENCES, Store, hash_key, members, new_key
@@ -614,3 +615,4 @@ def add_admin_routes(app: web.Application) -> None:
     r.add_get("/spend/logs", spend_logs)
     r.add_get("/global/spend", global_spend)
     r.add_get("/global/spend/report", global_spend_report)
+    add_docs_routes(app)  # the document describes the routes above

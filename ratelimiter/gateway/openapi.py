@@ -1,0 +1,206 @@
+"""The admin API's OpenAPI 3.1 document at ``/openapi.json``, built from the request models
+(models.py), and interactive docs at ``/docs``: Swagger UI from the swagger-ui-bundle-v2
+package (Apache-2.0), served by the sidecar itself, so the page works with no internet.
+
+Neither needs the master key, as in LiteLLM: they describe the API's shape, never its data,
+and every route they describe still needs the key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import swagger_ui_bundle
+from aiohttp import web
+from pydantic.json_schema import models_json_schema
+
+from ..responses import json_response
+from .models import REQUESTS
+
+__all__ = ["QUERIES", "add_docs_routes", "document"]
+
+_DOCUMENT = web.AppKey("openapi_document", dict)
+
+_ID = {"type": "string", "minLength": 1, "maxLength": 256}
+_DATE = {"type": "string", "format": "date", "description": "2026-11-24; 1970-01-01 to 9999-12-30"}
+_DATES = {"start_date": _DATE, "end_date": _DATE}
+# The query parameters of each GET route (the POST routes' bodies are in REQUESTS).
+QUERIES: dict[str, dict[str, dict[str, Any]]] = {
+    "/key/info": {"key": _ID},
+    "/key/list": {},
+    "/user/info": {"user_id": _ID},
+    "/team/info": {"team_id": _ID},
+    "/customer/info": {"end_user_id": _ID},
+    "/end_user/info": {"end_user_id": _ID},
+    "/budget/info": {"budget_id": _ID},
+    "/budget/list": {},
+    "/spend/logs": {
+        **_DATES,
+        "api_key": _ID,
+        "user_id": _ID,
+        "team_id": _ID,
+        "end_user": _ID,
+        "model": _ID,
+        "request_id": _ID,
+        "page": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+        "page_size": {"type": "integer", "minimum": 1, "maximum": 1_000},
+    },
+    "/global/spend": _DATES,
+    "/global/spend/report": {
+        **_DATES,
+        "group_by": {"enum": ["key", "api_key", "user", "team", "customer", "end_user", "model"]},
+    },
+}
+# The one query parameter each info route cannot do without.
+_REQUIRED = {"key", "user_id", "team_id", "end_user_id", "budget_id"}
+
+_ENVELOPE = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
+def _answers() -> dict[str, Any]:
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    return {
+        "200": {"description": "done", "content": {"application/json": {"schema": {}}}},
+        "4XX": {"description": "refused, in OpenAI's error envelope", **error},
+        "503": {"description": "Redis is unreachable", **error},
+    }
+
+
+def _operation(method: str, path: str, schemas: dict[str, Any]) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "operationId": f"{method}{path.replace('/', '_')}",
+        "tags": [path.strip("/").split("/")[0]],
+        "responses": _answers(),
+    }
+    if method == "post":
+        model = REQUESTS[path]
+        operation["summary"] = (model.__doc__ or path).strip().splitlines()[0]
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": schemas[model.__name__]}},
+        }
+    else:
+        operation["parameters"] = [
+            {"name": name, "in": "query", "required": name in _REQUIRED, "schema": schema}
+            for name, schema in QUERIES[path].items()
+        ]
+    return operation
+
+
+def document(routes: list[tuple[str, str]]) -> dict[str, Any]:
+    """The OpenAPI document of ``routes`` ((method, path) pairs, each in REQUESTS or QUERIES)."""
+    models = sorted(set(REQUESTS.values()), key=lambda m: m.__name__)
+    refs, defs = models_json_schema(
+        [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
+    )
+    schemas = {m.__name__: refs[(m, "validation")] for m in models}
+    paths: dict[str, dict[str, Any]] = {}
+    for method, path in sorted(routes):
+        paths.setdefault(path, {})[method.lower()] = _operation(method.lower(), path, schemas)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "ratelimiter admin API",
+            "version": "1",
+            "description": "LiteLLM's admin routes and fields; every route needs the master key "
+            "as a bearer token. Fields the limiter does not act on are stored and shown.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": {**defs.get("$defs", {}), "Error": _ENVELOPE},
+            "securitySchemes": {"master_key": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"master_key": []}],
+    }
+
+
+def _documented(app: web.Application) -> list[tuple[str, str]]:
+    routes = []
+    for route in app.router.routes():
+        path = route.resource.canonical if route.resource else ""
+        if (route.method == "POST" and path in REQUESTS) or (
+            route.method == "GET" and path in QUERIES
+        ):
+            routes.append((route.method, path))
+    return routes
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return json_response(request.app[_DOCUMENT])
+
+
+SWAGGER = swagger_ui_bundle.swagger_ui_path
+# The only files of the bundle served, with their types.
+FILES = {
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui.css": "text/css",
+    "favicon-32x32.png": "image/png",
+}
+INDEX = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>ratelimiter admin API</title>
+<link rel="stylesheet" href="/docs/swagger-ui.css">
+<link rel="icon" type="image/png" href="/docs/favicon-32x32.png">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="/docs/swagger-ui-bundle.js"></script>
+<script src="/docs/start.js"></script>
+</body>
+</html>
+"""
+# A file, not an inline script: the page's policy runs scripts from the sidecar only. No
+# validator: Swagger UI would send the document to an outside one.
+START = """window.onload = function () {
+  window.ui = SwaggerUIBundle({
+    url: "/openapi.json", dom_id: "#swagger-ui", deepLinking: true, validatorUrl: null
+  });
+};
+"""
+# Swagger UI draws its icons from data: URLs; nothing is loaded from anywhere else.
+HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+async def docs(request: web.Request) -> web.Response:
+    return web.Response(text=INDEX, content_type="text/html", headers=HEADERS)
+
+
+async def start_js(request: web.Request) -> web.Response:
+    return web.Response(text=START, content_type="text/javascript", headers=HEADERS)
+
+
+async def docs_file(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["name"]
+    if name not in FILES:
+        raise web.HTTPNotFound()
+    return web.FileResponse(SWAGGER / name, headers={**HEADERS, "Content-Type": FILES[name]})
+
+
+def add_docs_routes(app: web.Application) -> None:
+    """After the admin routes: the document describes the routes registered so far."""
+    app[_DOCUMENT] = document(_documented(app))
+    app.router.add_get("/openapi.json", openapi_json)
+    app.router.add_get("/docs", docs)
+    app.router.add_get("/docs/start.js", start_js)
+    app.router.add_get("/docs/{name}", docs_file)
