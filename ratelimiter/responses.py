@@ -1,18 +1,25 @@
 """What the engine's answers look like over HTTP, for the sidecar and for the aiohttp
 middleware: OpenAI's error envelope, its rate-limit headers, and 429s whose type, message and
-retry-after say which limit refused and when to come back."""
+retry-after say which limit refused and when to come back.
+
+Refusals begin with LiteLLM's own wording ("Budget has been exceeded! Key=... Current cost: X,
+Max budget: Y", "Rate limit exceeded for api_key: ... Limit type: tokens. Current limit: N,
+Remaining: R. Limit resets at: ...") because clients of LiteLLM match it with regular
+expressions; our detail (scope, window, what the request could cost, when it resets) follows."""
 
 from __future__ import annotations
 
 import functools
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from .engine import Decision, LimitState
-from .engine.limits import Budget, Concurrency, Gate, SlidingWindow
-from .pricing import dollars
+from .engine.durations import MAX_COUNTS, Duration
+from .engine.limits import Budget, Concurrency, Gate, Limit, SlidingWindow
+from .pricing import NANO, dollars
 
 __all__ = ["error_response", "json_response", "rate_headers", "refusal"]
 
@@ -41,6 +48,12 @@ def error_response(
 
 
 _PER = {"1s": "second", "1m": "minute", "1h": "hour", "1d": "day"}
+THROTTLING = "throttling_error"  # LiteLLM's error type for its own rate limits
+# LiteLLM's names for our scopes: "Rate limit exceeded for <descriptor>: <id>" ...
+_DESCRIPTORS = {"key": "api_key", "member": "team_member"}
+# ... and "Budget has been exceeded! <Label>=<id>"
+_LABELS = {"key": "Key", "user": "User", "team": "Team", "end_user": "End User"}
+_WORDS = {"end_user": "end user", "member": "team member"}
 
 
 def _duration(ms: int) -> str:
@@ -84,44 +97,155 @@ def rate_headers(decision: Decision, request_id: str) -> dict[str, str]:
 
 
 def refusal(decision: Decision, request_id: str) -> web.Response:
+    """A refused decision as LiteLLM answers it: 429 ``budget_exceeded`` or
+    ``throttling_error`` (403 for a block), with retry-after unless it would never pass."""
     limit, retry = decision.refused, decision.retry_after_ms
     headers = rate_headers(decision, request_id)
-    label = limit.name if limit is not None and limit.name else "a limit"
+    if limit is None:
+        raise ValueError(f"refusal() of an admitted decision ({decision.request_id})")
     if isinstance(limit, Gate):
+        label = limit.name or "a limit"
         return error_response(
             403, f"{label.split(':')[0]} is blocked", "permission_denied", headers=headers
         )
-    if retry is not None:
+    state = next((s for s in decision.states if s.limit.key == limit.key), None)
+    never = isinstance(limit, Budget) and _never_resets(limit.period)
+    if retry is not None and not never:
         headers["retry-after"] = str(-(-retry // 1000))
         headers["retry-after-ms"] = str(retry)
-    when = f" Retry in {retry / 1000:.1f}s." if retry is not None else " It cannot succeed."
     if isinstance(limit, Budget):
+        # The OpenAI SDK retries every 429 unless told not to; a spent budget will not come back.
         headers["x-should-retry"] = "false"
+        message = _budget_message(limit, state, retry, never)
         return error_response(
-            429,
-            f"Budget exceeded for {label}: {dollars(limit.capacity):g} dollars per "
-            f"{limit.period}.{when}",
-            "budget_exceeded",
-            code="budget_exceeded",
-            headers=headers,
+            429, message, "budget_exceeded", code="budget_exceeded", headers=headers
         )
-    if isinstance(limit, Concurrency):
-        kind, what = "max_parallel_requests", f"{limit.capacity} requests in parallel"
-    elif isinstance(limit, SlidingWindow) and limit.measure == "tokens":
-        kind, what = "tokens", f"{limit.capacity} tokens per {_per(limit.window)}"
-    elif isinstance(limit, SlidingWindow):
-        kind, what = "requests", f"{limit.capacity} requests per {_per(limit.window)}"
-    else:
-        kind, what = "requests", "requests"
     if retry is None:
         headers["x-should-retry"] = "false"
+    kind = _rate_kind(limit)
+    headers["rate_limit_type"] = kind  # LiteLLM's header naming the kind of limit
     return error_response(
         429,
-        f"Rate limit reached for {label}: {what}.{when}",
-        kind,
+        _rate_message(limit, kind, state, retry),
+        THROTTLING,
         code="rate_limit_exceeded",
         headers=headers,
     )
+
+
+def _scope(limit: Limit) -> tuple[str, str]:
+    """The kind and id of the scope a limit belongs to. Names are ``<kind>:<what>`` and the
+    id sits in the key's hash tag ``{<kind>:<id>}`` (the sidecar's policy); without such a
+    tag the name's second half is taken as the id (``key:k1``)."""
+    kind, _, rest = limit.name.partition(":")
+    start = limit.key.find("{")
+    end = limit.key.find("}", start + 1)
+    tag = limit.key[start + 1 : end] if 0 <= start < end else ""
+    if kind and tag.startswith(kind + ":"):
+        return kind, tag[len(kind) + 1 :]
+    return kind or "limit", rest or limit.name or "unnamed"
+
+
+def _model(limit: Limit) -> str | None:
+    """The model of a per-model limit: the sidecar's keys go on ``:model:<model>`` or
+    ``:model_rate:<model>`` after the hash tag, budgets then ``:<period>``."""
+    tail = limit.key[limit.key.find("}") + 1 :]
+    for marker in (":model_rate:", ":model:"):
+        if marker in tail:
+            model = tail.split(marker, 1)[1]
+            return model.rpartition(":")[0] if isinstance(limit, Budget) else model
+    return None
+
+
+def _never_resets(period: Duration) -> bool:
+    # The longest duration (100 years) is how a budget without budget_duration is kept.
+    return period.count >= MAX_COUNTS[period.unit]
+
+
+def _money(nano: int) -> str:
+    """Dollars as LiteLLM prints them (100.0, 0.00003): digits and one point, never 3e-05,
+    which the regular expressions clients use would not read."""
+    whole, fraction = divmod(max(nano, 0), NANO)
+    text = f"{whole}.{fraction:09d}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
+def _at(ms: int) -> str:
+    moment = datetime.now(UTC) + timedelta(milliseconds=max(ms, 0))
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _budget_message(limit: Budget, state: LimitState | None, retry: int | None, never: bool) -> str:
+    kind, ident = _scope(limit)
+    # capacity - remaining is what the period holds (spent and in flight); the engine clamps
+    # remaining at 0, so past the budget this is a lower bound.
+    current = limit.capacity - state.remaining if state is not None else limit.capacity
+    model = _model(limit)
+    what = f"the {_WORDS.get(kind, kind)} budget of ${_money(limit.capacity)}"
+    what += "" if never else f" per {limit.period}"
+    what += f" for model {model}" if model else ""
+    cost = f"this request could cost up to ${_money(limit.amount)}"
+    if retry is None:
+        detail = f"{what}; {cost}, more than the whole budget, so it cannot succeed"
+    elif never:
+        detail = f"{what} never resets; {cost}"
+    else:
+        reset = state.reset_ms if state is not None else retry
+        detail = f"{what} resets at {_at(reset)}, in {_duration(reset)}; {cost}"
+    return (
+        f"Budget has been exceeded! {_owner(kind, ident)}Current cost: {_money(current)}, "
+        f"Max budget: {_money(limit.capacity)} ({detail})"
+    )
+
+
+def _owner(kind: str, ident: str) -> str:
+    """Who LiteLLM names before "Current cost"; the proxy-wide budget names no one."""
+    if kind == "proxy":
+        return ""
+    if kind == "member":
+        team, _, user = ident.partition(":")
+        return f"User={user} in Team={team} "
+    return f"{_LABELS.get(kind, kind.replace('_', ' ').title())}={ident} "
+
+
+def _rate_kind(limit: SlidingWindow | Concurrency) -> str:
+    if isinstance(limit, Concurrency):
+        return "max_parallel_requests"
+    return "tokens" if limit.measure == "tokens" else "requests"
+
+
+def _rate_message(
+    limit: SlidingWindow | Concurrency, kind: str, state: LimitState | None, retry: int | None
+) -> str:
+    scope, ident = _scope(limit)
+    descriptor = _DESCRIPTORS.get(scope, scope)
+    model = _model(limit)
+    if model is not None:
+        descriptor, ident = f"model_per_{scope}", f"{ident}:{model}"
+    remaining = max(state.remaining, 0) if state is not None else 0
+    reset = retry if retry is not None else (state.reset_ms if state is not None else 0)
+    if isinstance(limit, Concurrency):
+        allows = f"{_count(limit.capacity, 'request')} in parallel"
+    else:
+        unit = "token" if kind == "tokens" else "request"
+        allows = f"{_count(limit.capacity, unit)} per {_per(limit.window)}"
+    detail = f"The {_WORDS.get(scope, scope)} allows {allows}"
+    detail += f" of model {model}" if model else ""
+    if retry is not None:
+        detail += f"; retry in {retry / 1000:.1f}s."
+    elif kind == "tokens":
+        detail += f"; this request needs {limit.amount} tokens, so it cannot succeed."
+    else:
+        detail += "; this request can never fit, so it cannot succeed."
+    return (
+        f"Rate limit exceeded for {descriptor}: {ident}. Limit type: {kind}. "
+        f"Current limit: {limit.capacity}, Remaining: {remaining}. "
+        f"Limit resets at: {_at(reset)}. {detail}"
+    )
+
+
+def _count(n: int, unit: str) -> str:
+    return f"{n} {unit}" if n == 1 else f"{n} {unit}s"
 
 
 def _per(window: object) -> str:

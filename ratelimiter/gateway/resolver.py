@@ -110,10 +110,13 @@ def check_model_access(caller: Caller, deployment: Deployment, settings: Setting
     for owner, entity in (("key", caller.key), ("user", caller.user), ("team", caller.team)):
         allowed = (entity or {}).get("models") or []
         if allowed and not any(_matches(entry, deployment, groups) for entry in allowed):
+            # LiteLLM's wording and status (403 in its current code, 401 before), which
+            # clients match; the list is shown as LiteLLM shows it, a Python list.
             raise EntityError(
                 403,
-                f"this {owner} may not use model {deployment.model_name!r}; it may use: "
-                f"{', '.join(allowed)}",
+                f"{owner} not allowed to access model. This {owner} can only access "
+                f"models={list(allowed)!r}. Tried to access {deployment.model_name} "
+                f"(an admin can allow it with /{owner}/update)",
                 "model",
             )
 

@@ -93,7 +93,7 @@ async def test_model_access(
     if allowed:
         await resolve(store, settings, caller, model, None, 1, 1)
     else:
-        with pytest.raises(EntityError, match="may not use model") as raised:
+        with pytest.raises(EntityError, match="not allowed to access model") as raised:
             await resolve(store, settings, caller, model, None, 1, 1)
         assert raised.value.status == 403
 
