@@ -27,6 +27,8 @@ import random
 import re
 import sys
 import time
+import urllib.error
+import urllib.request
 from array import array
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -43,9 +45,13 @@ except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
     uvloop = None
 
 PROGRESS_EVERY_S = 1.0
-# done, answered 2xx, refused 429, errors: one row per client process, written only by it.
-COUNTERS = 4
+# warm-up requests, then measured ones: done, answered 2xx, refused 429, errors. One row per
+# client process, written only by it; the measured four are exactly what the report counts.
+COUNTERS = 5
+MODELS_TIMEOUT_S = 10.0
 REFUSAL_LABEL = re.compile(r" for (\S+?): ")
+BUDGET_LABEL = re.compile(r"exceeded! ([\w ]+?)=")
+LIMIT_TYPE = re.compile(r"Limit type: (\w+)")
 
 
 @dataclass(frozen=True)
@@ -98,13 +104,19 @@ class Samples:
 
 
 def refusal_reason(payload: bytes) -> str:
-    """``requests (key:rpm)``-style: the error type and the limit the sidecar named."""
+    """The kind of limit and the scope a 429 names: ``requests (api_key)`` from LiteLLM's
+    wording ("Rate limit exceeded for api_key: … Limit type: requests"), ``budget_exceeded
+    (Key)`` from "Budget has been exceeded! Key=…", else the error type and the label after
+    "for"."""
     try:
         error = orjson.loads(payload)["error"]
-        label = REFUSAL_LABEL.search(error.get("message") or "")
-        return f"{error.get('type')} ({label.group(1)})" if label else str(error.get("type"))
+        message = error.get("message") or ""
     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
         return "unparsed 429"
+    label = REFUSAL_LABEL.search(message) or BUDGET_LABEL.search(message)
+    kind = LIMIT_TYPE.search(message)
+    what = kind.group(1) if kind else str(error.get("type"))
+    return f"{what} ({label.group(1)})" if label else what
 
 
 class Client:
@@ -160,23 +172,24 @@ class Client:
     def record(self, due: float, status: int, reason: str, first: float) -> None:
         end = time.perf_counter()
         row = self.counters
-        row[0] += 1
         self.samples.sent += 1
         if due < self.measure_from:
+            row[0] += 1
             return
+        row[1] += 1
         s = self.samples
         s.started.append(due - self.measure_from)
         s.latency.append(end - due)
         s.ok.append(status == 200)
         if status == 200:
-            row[1] += 1
+            row[2] += 1
             if first == first:
                 s.ttfb.append(first - due)
         elif status == 429:
-            row[2] += 1
+            row[3] += 1
             s.refused[reason] += 1
         else:
-            row[3] += 1
+            row[4] += 1
             s.errors[reason or "HTTP error"] += 1
 
     async def closed_loop(self, until: float) -> None:
@@ -265,12 +278,16 @@ def summarise(samples: Samples, plan: Plan, processes: int) -> dict[str, Any]:
     }
 
 
-def _progress(counters: Sequence[Any], elapsed: float, total: float) -> str:
-    done, ok, refused, errors = (sum(row[i] for row in counters) for i in range(COUNTERS))
-    rate = done / elapsed if elapsed else 0.0
+def _progress(counters: Sequence[Any], elapsed: float, plan: Plan) -> str:
+    """Counts the measured requests only, as the report does, so its last line and the report
+    agree; until the warm-up ends it says how many warm-up requests went out."""
+    warmup, done, ok, refused, errors = (sum(row[i] for row in counters) for i in range(COUNTERS))
+    clock = f"[{elapsed:5.1f}s/{plan.warmup_s + plan.duration_s:.0f}s]"
+    if not done:
+        return f"{clock} warming up: {warmup:,} requests (not counted)"
+    rate = done / max(elapsed - plan.warmup_s, 1e-3)
     return (
-        f"[{elapsed:5.1f}s/{total:.0f}s] {done:,} requests  {rate:,.0f}/s  "
-        f"ok {ok:,}  429 {refused:,}  errors {errors:,}"
+        f"{clock} {done:,} requests  {rate:,.0f}/s  ok {ok:,}  429 {refused:,}  errors {errors:,}"
     )
 
 
@@ -294,7 +311,6 @@ def run(plan: Plan, processes: int = 1, progress: bool = True) -> tuple[dict[str
         child = ctx.Process(target=_child, args=(child_plan, counters[i], results), daemon=True)
         child.start()
         children.append(child)
-    total = plan.warmup_s + plan.duration_s
     start, last = time.monotonic(), 0.0
     merged, received = Samples(), 0
     tty = sys.stderr.isatty()
@@ -305,15 +321,63 @@ def run(plan: Plan, processes: int = 1, progress: bool = True) -> tuple[dict[str
         elapsed = time.monotonic() - start
         if progress and elapsed - last >= (PROGRESS_EVERY_S if tty else 5.0):
             last = elapsed
-            line = _progress(counters, elapsed, total)
+            line = _progress(counters, elapsed, plan)
             print(f"\r{line}" if tty else line, end="" if tty else "\n", file=sys.stderr)
         if received < processes and not any(c.is_alive() for c in children) and results.empty():
             raise RuntimeError("a load-generating process died; see its output above")
     for child in children:
         child.join()
-    if progress and tty:
-        print(file=sys.stderr)
+    if progress:  # the final counts, the same as the report's
+        line = _progress(counters, time.monotonic() - start, plan)
+        print(f"\r{line}" if tty else line, file=sys.stderr)
     return summarise(merged, plan, processes), merged
+
+
+def _preview(key: str) -> str:
+    return f"{key[:3]}...{key[-4:]}" if len(key) > 10 else "the key"
+
+
+def served_models(url: str, key: str) -> list[str] | None:
+    """The model names ``GET {url}/models`` lists for ``key``; None when the target has no such
+    route (a plain upstream may not), in which case there is nothing to check."""
+    request = urllib.request.Request(
+        url.rstrip("/") + "/models", headers={"Authorization": f"Bearer {key}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=MODELS_TIMEOUT_S) as response:
+            payload = response.read()
+    except urllib.error.HTTPError as exc:
+        if exc.code in (404, 405):
+            return None
+        detail = exc.read().decode(errors="replace")[:300]
+        raise SystemExit(
+            f"{url}/models answered HTTP {exc.code} for {_preview(key)}: {detail}"
+        ) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SystemExit(f"cannot reach {url}: {reason}") from None
+    try:
+        return [str(model["id"]) for model in orjson.loads(payload)["data"]]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def check_models(url: str, keys: Sequence[str], models: Sequence[str]) -> None:
+    """Stops before the run when the target does not serve a model of the mix to a key: a run
+    of 404s measures nothing, and the report alone would not say why."""
+    for key in dict.fromkeys(keys):
+        served = served_models(url, key)
+        if served is None:
+            print(f"{url}/models is not there: the models were not checked", file=sys.stderr)
+            return
+        missing = [model for model in models if model not in served]
+        if missing:
+            offer = ", ".join(served) if served else "none"
+            hint = f"; pass --models {' '.join(served)}" if served else ""
+            raise SystemExit(
+                f"{url} does not serve {', '.join(map(repr, missing))} to {_preview(key)}. "
+                f"The models it serves to this key: {offer}{hint}"
+            )
 
 
 def format_report(report: dict[str, Any], title: str = "") -> str:
@@ -322,6 +386,7 @@ def format_report(report: dict[str, Any], title: str = "") -> str:
         title or report["url"],
         f"  {report['requests']:,} requests in {report['duration_s']}s: "
         f"{report['rps']:,} req/s ({report['answered_rps']:,} answered/s)",
+        f"  ok {report['answered']:,}  429 {report['refused']:,}  errors {report['errors']:,}",
         "  latency ms   " + "  ".join(f"{k} {v}" for k, v in lat.items()),
     ]
     if ttfb:
@@ -335,8 +400,7 @@ def format_report(report: dict[str, Any], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def plot(samples: Samples, directory: Path, title: str) -> list[Path]:
-    """Latency over time (per-second p50/p99 and every request) and its histogram, as PNGs."""
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -344,7 +408,28 @@ def plot(samples: Samples, directory: Path, title: str) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("--plot needs matplotlib: pip install -e '.[bench]'") from None
-    directory.mkdir(parents=True, exist_ok=True)
+    return plt
+
+
+def _plain_number(value: float, _position: float) -> str:
+    return f"{value:,.0f}" if value >= 1 else f"{value:g}"
+
+
+def _plain_axis(axis: Any, *, log: bool) -> None:
+    """Plain millisecond figures on the ticks (20, 50, 100, not matplotlib's 2x10^1 or an
+    offset): a reader compares them with the report's numbers."""
+    from matplotlib import ticker
+
+    if log:
+        axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_minor_formatter(ticker.NullFormatter())
+    axis.set_major_formatter(ticker.FuncFormatter(_plain_number))
+
+
+def latency_figures(samples: Samples, title: str) -> dict[str, Any]:
+    """Latency over time (every answered request, and p50/p99 per second) and its histogram,
+    as matplotlib figures by file name."""
+    plt = _pyplot()
     answered = [
         (t, lat * 1000)
         for t, lat, ok in zip(samples.started, samples.latency, samples.ok, strict=True)
@@ -354,8 +439,18 @@ def plot(samples: Samples, directory: Path, title: str) -> list[Path]:
     for t, lat in answered:
         per_second.setdefault(int(t), []).append(lat)
     seconds = sorted(per_second)
-    fig, ax = plt.subplots(figsize=(9, 4))
-    ax.scatter([t for t, _ in answered], [lat for _, lat in answered], s=1, alpha=0.15)
+    over_time, ax = plt.subplots(figsize=(9, 4))
+    # Big and opaque enough to see where a few thousand requests fall, light enough to show
+    # where they pile up.
+    ax.scatter(
+        [t for t, _ in answered],
+        [lat for _, lat in answered],
+        s=6,
+        alpha=0.35,
+        linewidths=0,
+        label="a request",
+        rasterized=True,
+    )
     for q, style in ((50, "-"), (99, "--")):
         ax.plot(
             [s + 0.5 for s in seconds],
@@ -366,17 +461,27 @@ def plot(samples: Samples, directory: Path, title: str) -> list[Path]:
         )
     ax.set(xlabel="seconds", ylabel="latency (ms)", title=f"{title}: latency over time")
     ax.set_yscale("log")
+    _plain_axis(ax.yaxis, log=True)
+    ax.grid(True, which="major", alpha=0.3)
     ax.legend()
-    over_time = directory / "latency-over-time.png"
-    fig.savefig(over_time, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(9, 4))
+    histogram, ax = plt.subplots(figsize=(9, 4))
     ax.hist([lat for _, lat in answered], bins=100)
     ax.set(xlabel="latency (ms)", ylabel="requests", title=f"{title}: latency histogram")
-    histogram = directory / "latency-histogram.png"
-    fig.savefig(histogram, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return [over_time, histogram]
+    _plain_axis(ax.xaxis, log=False)
+    _plain_axis(ax.yaxis, log=False)
+    return {"latency-over-time.png": over_time, "latency-histogram.png": histogram}
+
+
+def plot(samples: Samples, directory: Path, title: str) -> list[Path]:
+    """The figures of :func:`latency_figures`, as PNGs in ``directory``."""
+    plt = _pyplot()
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, figure in latency_figures(samples, title).items():
+        figure.savefig(directory / name, dpi=110, bbox_inches="tight")
+        plt.close(figure)
+        paths.append(directory / name)
+    return paths
 
 
 @contextlib.contextmanager
@@ -438,6 +543,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             url, keys = args.url, args.key
         else:
             url, keys = stack.enter_context(own_sidecar(args))
+        check_models(url, keys, args.models)
         mix = Mix(
             keys=tuple(keys),
             models=tuple(args.models),

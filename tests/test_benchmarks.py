@@ -4,15 +4,21 @@ measured by the benchmarks, never by tests."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 import redis
 
 from benchmarks import accuracy, load, scaling, services
+from ratelimiter.testing.fake_upstream import FakeUpstream
+
+from .conftest import MASTER_KEY, one_model, running_sidecar, running_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,6 +53,100 @@ def test_load_tool_drives_its_own_stack_and_reports_and_plots(tmp_path: Path) ->
     assert "latency ms" in done.stdout
 
 
+async def run_load_tool(*args: str) -> tuple[int, str, str]:
+    """The load tool as a user runs it, while this test's event loop serves the sidecar."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.load", *args,
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 120)
+    return process.returncode, out.decode(), err.decode()
+
+
+async def new_key(base: str, **fields: object) -> str:
+    headers = {"Authorization": f"Bearer {MASTER_KEY}"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(base + "/key/generate", json=fields, headers=headers) as response,
+    ):
+        assert response.status == 200, await response.text()
+        return (await response.json())["key"]
+
+
+async def test_load_tool_stops_when_the_target_does_not_serve_its_model(
+    ns: str, redis_url: str
+) -> None:
+    """The README's ``--url … --key …`` line against a sidecar that serves ``m`` only: one
+    clear line naming what it serves, instead of a run of 404s."""
+    fake = FakeUpstream()
+    async with (
+        running_upstream(fake) as upstream,
+        running_sidecar(one_model(ns, upstream), redis_url) as base,
+    ):
+        key = await new_key(base)
+        code, out, err = await run_load_tool(
+            "--url", base + "/v1", "--key", key, "--duration", "1", "--warmup", "0"
+        )  # fmt: skip
+        assert code != 0 and "latency ms" not in out
+        assert "'bench-model'" in err and "serves to this key: m" in err, err
+        assert "--models m" in err and "Traceback" not in err
+        assert fake.requests == 0
+        code, out, err = await run_load_tool(
+            "--url", base + "/v1", "--key", key, "--models", "m",
+            "--duration", "0.5", "--warmup", "0", "--quiet",
+        )  # fmt: skip
+        assert code == 0, err
+    assert fake.requests > 0
+
+
+async def test_load_tool_progress_line_ends_on_the_reports_counts(
+    ns: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Warm-up requests are not in the report, so not in the progress line either; its last
+    line is printed when the run ends and says what the report says."""
+    report_path = tmp_path / "report.json"
+    async with (
+        running_upstream() as upstream,
+        running_sidecar(one_model(ns, upstream), redis_url) as base,
+    ):
+        key = await new_key(base, rpm_limit=30)
+        code, _, err = await run_load_tool(
+            "--url", base + "/v1", "--key", key, "--models", "m", "--concurrency", "4",
+            "--warmup", "0.5", "--duration", "1.5", "--json", str(report_path),
+        )  # fmt: skip
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    lines = re.findall(r"(\S+) requests .*ok (\S+)  429 (\S+)  errors (\S+)", err)
+    assert lines, err
+    last = [int(n.replace(",", "")) for n in lines[-1]]
+    assert last == [report[k] for k in ("requests", "answered", "refused", "errors")], err
+    assert report["refused"] > 0 and report["sent_with_warmup"] > report["requests"]
+
+
+def test_plots_show_every_request_and_plain_millisecond_ticks() -> None:
+    matplotlib = pytest.importorskip("matplotlib")
+    samples = load.Samples()
+    for i in range(2000):
+        samples.started.append(i / 400)
+        samples.latency.append(0.004 + (i % 97) / 1000)  # 4 to 100 ms
+        samples.ok.append(True)
+    figures = load.latency_figures(samples, "t")
+    try:
+        over_time = figures["latency-over-time.png"].axes[0]
+        (dots,) = over_time.collections
+        assert dots.get_sizes()[0] >= 4 and dots.get_alpha() >= 0.3  # visible, not a haze
+        for figure in figures.values():
+            figure.canvas.draw()
+            for axis in figure.axes:
+                labels = [t.get_text() for t in axis.get_xticklabels() + axis.get_yticklabels()]
+                plain = [t for t in labels if re.fullmatch("[-\u2212]?[0-9.,]+", t)]
+                assert labels and plain == [t for t in labels if t], labels
+        assert {"5", "10", "20", "50", "100"} <= {t.get_text() for t in over_time.get_yticklabels()}
+    finally:
+        for figure in figures.values():
+            matplotlib.pyplot.close(figure)
+
+
 def test_load_tool_counts_refusals_by_reason(tmp_path: Path) -> None:
     with (
         services.workdir() as root,
@@ -62,7 +162,12 @@ def test_load_tool_counts_refusals_by_reason(tmp_path: Path) -> None:
         )
         report, _ = load.run(plan, processes=2, progress=False)
     assert report["answered"] == 5
-    assert report["refused_by_reason"] == {"requests (key:requests)": report["requests"] - 5}
+    ((reason, refused),) = report["refused_by_reason"].items()
+    assert refused == report["requests"] - 5
+    assert reason in (
+        "requests (key:requests)",
+        "requests (api_key)",
+    )  # the old and LiteLLM's words
     assert report["concurrency"] == 32 and report["processes"] == 2
 
 
