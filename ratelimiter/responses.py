@@ -48,7 +48,6 @@ def error_response(
 
 
 _PER = {"1s": "second", "1m": "minute", "1h": "hour", "1d": "day"}
-THROTTLING = "throttling_error"  # LiteLLM's error type for its own rate limits
 # LiteLLM's names for our scopes: "Rate limit exceeded for <descriptor>: <id>" ...
 _DESCRIPTORS = {"key": "api_key", "member": "team_member"}
 # ... and "Budget has been exceeded! <Label>=<id>"
@@ -97,8 +96,9 @@ def rate_headers(decision: Decision, request_id: str) -> dict[str, str]:
 
 
 def refusal(decision: Decision, request_id: str) -> web.Response:
-    """A refused decision as LiteLLM answers it: 429 ``budget_exceeded`` or
-    ``throttling_error`` (403 for a block), with retry-after unless it would never pass."""
+    """A refused decision in LiteLLM's words: 429 ``budget_exceeded``, or 429 typed by the
+    kind of limit (``requests``, ``tokens``, ``max_parallel_requests``), 403 for a block;
+    with retry-after unless it would never pass."""
     limit, retry = decision.refused, decision.retry_after_ms
     headers = rate_headers(decision, request_id)
     if limit is None:
@@ -127,7 +127,7 @@ def refusal(decision: Decision, request_id: str) -> web.Response:
     return error_response(
         429,
         _rate_message(limit, kind, state, retry),
-        THROTTLING,
+        kind,
         code="rate_limit_exceeded",
         headers=headers,
     )

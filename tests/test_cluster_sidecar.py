@@ -58,7 +58,7 @@ async def test_proxy_admin_and_ledger_on_a_cluster(cluster_stack: Stack) -> None
     statuses = await asyncio.gather(*(chat(stack, key, user="c1") for _ in range(10)))
     assert sorted(s for s, _ in statuses) == [200] * 6 + [429] * 4  # exact across slots
     refused = next(body for status, body in statuses if status == 429)
-    assert refused["error"]["type"] == "throttling_error"
+    assert refused["error"]["type"] == "requests"
     assert "Limit type: requests." in refused["error"]["message"]
 
     logs = await admin.get("/spend/logs", api_key=key)

@@ -62,7 +62,7 @@ async def test_rpm_refusal_with_exact_retry_after(stack: Stack) -> None:
         await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     response = raised.value.response
     error = response.json()["error"]
-    assert (error["type"], error["code"]) == ("throttling_error", "rate_limit_exceeded")
+    assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
     assert "Rate limit exceeded for api_key: " in error["message"]
     assert "Limit type: requests. Current limit: 2, Remaining: 0." in error["message"]
     retry_ms = int(response.headers["retry-after-ms"])

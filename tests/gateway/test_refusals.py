@@ -116,7 +116,7 @@ async def test_rate_limits_read_as_litellms(stack: Stack) -> None:
     body = error.response.json()["error"]
     assert (error.status_code, body["type"], body["code"]) == (
         429,
-        "throttling_error",
+        "requests",
         "rate_limit_exceeded",
     )
     match = RATE_SENTENCE.match(body["message"])

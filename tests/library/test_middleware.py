@@ -56,7 +56,7 @@ async def test_requests_past_the_limit_get_the_sidecars_429(redis_url: str, ns: 
         async with session.get(f"{base}/hello") as r:
             body = await r.json()
             assert r.status == 429
-            assert body["error"]["type"] == "throttling_error"
+            assert body["error"]["type"] == "requests"
             assert body["error"]["message"].startswith(
                 "Rate limit exceeded for api_key: k1. Limit type: requests. "
                 "Current limit: 3, Remaining: 0. Limit resets at: "
