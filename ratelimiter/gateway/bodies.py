@@ -60,7 +60,10 @@ def _is_whole(value: Any) -> bool:
 # -- check factories and checks of single values -----------------------------------------
 
 
-def _string(limit: int, what: str, *, empty: bool = False) -> Check:
+def _string(limit: int, what: str, *, empty: bool = False, name: bool = False) -> Check:
+    """``name``: the value names something we store and key Redis on (a model, an end
+    user), so control characters are refused too."""
+
     def check(value: Any, param: str) -> None:
         if not isinstance(value, str) or not (value or empty):
             raise _bad(param, f"a {'' if empty else 'non-empty '}string ({what})", value)
@@ -69,6 +72,10 @@ def _string(limit: int, what: str, *, empty: bool = False) -> Check:
                 400,
                 f"{param} must be at most {limit} characters ({what}), got {len(value)}",
                 param,
+            )
+        if name and not value.isprintable():
+            raise EntityError(
+                400, f"{param} must be printable characters ({what}), got {_shown(value)}", param
             )
 
     return check
@@ -176,9 +183,11 @@ def _stream_options(value: Any, param: str) -> None:
 # -- the table: which fields each kind of request reads, and which it requires ------------
 
 COMMON: dict[str, Check] = {
-    "model": _string(MAX_MODEL_CHARS, "the name of a model: see GET /v1/models"),
+    "model": _string(MAX_MODEL_CHARS, "the name of a model: see GET /v1/models", name=True),
     # an empty user names no end user, as the proxy reads it
-    "user": _string(MAX_END_USER_CHARS, "an end-user id such as an email or a UUID", empty=True),
+    "user": _string(
+        MAX_END_USER_CHARS, "an end-user id such as an email or a UUID", empty=True, name=True
+    ),
     "stream": _boolean,
     "stream_options": _stream_options,
 }

@@ -96,6 +96,9 @@ HOSTILE: list[tuple[str, Any, str | None]] = [
     ("chat", {**CHAT, "user": 5}, "user"),
     ("chat", {**CHAT, "user": "u" * 1_000_000}, "user"),
     ("chat", {**CHAT, "user": "u" * 257}, "user"),
+    # a NUL in an id we key Redis on was a 500 once the customer had been stored
+    ("chat", {**CHAT, "user": "a\x00b"}, "user"),
+    ("chat", {**CHAT, "model": "m\x00"}, "model"),
     ("completion", MODEL, "prompt"),
     ("completion", {**MODEL, "prompt": 5}, "prompt"),
     ("completion", {**MODEL, "prompt": {"text": "x"}}, "prompt"),
