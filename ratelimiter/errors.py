@@ -76,9 +76,13 @@ class UnknownModel(RateLimiterError, ValueError):
 
 class EntityError(RateLimiterError):
     """A request (to the proxy or the admin API) that cannot be carried out as sent;
-    ``status`` is the HTTP status to answer, ``param`` the field at fault."""
+    ``status`` is the HTTP status to answer, ``param`` the field at fault, ``kind`` the
+    error's type when it is more precise than the status's."""
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, param: str | None = None, kind: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.param = param
+        self.kind = kind

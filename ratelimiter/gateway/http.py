@@ -98,7 +98,7 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
 def _error_answer(request: web.Request, exc: Exception) -> web.Response:
     if isinstance(exc, EntityError):
         return error_response(
-            exc.status, str(exc), _ERROR_TYPES.get(exc.status, "error"), exc.param
+            exc.status, str(exc), exc.kind or _ERROR_TYPES.get(exc.status, "error"), exc.param
         )
     if isinstance(exc, RedisUnavailable):
         return redis_unavailable(request, exc)

@@ -118,6 +118,7 @@ def check_model_access(caller: Caller, deployment: Deployment, settings: Setting
                 f"models={list(allowed)!r}. Tried to access {deployment.model_name} "
                 f"(an admin can allow it with /{owner}/update)",
                 "model",
+                kind=f"{owner}_model_access_denied",  # LiteLLM's type
             )
 
 

@@ -175,6 +175,7 @@ async def test_model_access_denial_is_litellms_403(stack: Stack) -> None:
     assert match is not None, error["message"]
     assert match.groups() == ("key", "'embed', 'openai/*-mini'", "gpt-4o")
     assert (error["param"], raised.value.status_code) == ("model", 403)
+    assert error["type"] == "key_model_access_denied"
     team = (await stack.admin.post("/team/new", {"models": ["embed"]}))["team_id"]
     with pytest.raises(
         openai.PermissionDeniedError, match=r"403 - team not allowed to access model\. This team"
