@@ -8,13 +8,16 @@ chart's templates use exists. nginx, when installed, runs for real in front of r
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ import yaml
 
 from ratelimiter.cli import _parser
 from ratelimiter.engine.embedded import free_port
-from ratelimiter.gateway.config import load_config
+from ratelimiter.gateway.config import Settings, load_config
 from ratelimiter.testing.fake_upstream import FakeUpstream
 
 from .conftest import MASTER_KEY, running_sidecar, running_upstream
@@ -138,42 +141,253 @@ def test_chart_templates_use_only_values_that_exist() -> None:
     assert chart["apiVersion"] == "v2" and chart["name"] == "ratelimiter"
 
 
-def _render(text: str, values: dict[str, Any]) -> str:
-    """Enough of Helm for the container's args: ``{{ .Values.x }}`` with its value."""
-    return re.sub(
-        r"\{\{\s*\.Values\.([A-Za-z0-9_.]+)\s*\}\}",
-        lambda m: str(_lookup(values, m.group(1))),
-        text,
+# -- the chart, rendered by Helm's own engine --------------------------------------------
+
+RELEASE = "rl"
+FULLNAME = f"{RELEASE}-ratelimiter"
+# The least an install needs (docs/deployment.md): Redis and a master key.
+REQUIRED = {"secret": {"redisUrl": "redis://redis-master:6379/0", "masterKey": STRONG_KEY}}
+API_VERSIONS = {
+    "ConfigMap": "v1",
+    "Secret": "v1",
+    "Service": "v1",
+    "Deployment": "apps/v1",
+    "HorizontalPodAutoscaler": "autoscaling/v2",
+}
+
+
+def render_chart(values: dict[str, Any] | None = None) -> dict[str, str]:
+    """``helm template``: the chart's templates rendered with Helm's engine (Go templates and
+    Sprig), its values.yaml merged under ``values``; template path -> text."""
+    helm = pytest.importorskip(
+        "helm_python.chart", reason="Helm's engine comes with helm-python-sdk (the test extra)"
     )
+    return helm.Chart.load(str(CHART)).render(
+        values, name=RELEASE, namespace="default", is_install=True
+    )
+
+
+def manifests(rendered: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The rendered objects by kind (the chart makes at most one of each)."""
+    objects: dict[str, dict[str, Any]] = {}
+    for path, text in rendered.items():
+        if not path.endswith(".yaml"):
+            continue
+        for document in yaml.safe_load_all(text):
+            if document:
+                assert document["kind"] not in objects, f"two {document['kind']}s"
+                objects[document["kind"]] = document
+    return objects
+
+
+def _secret_value(
+    ref: dict[str, Any], objects: dict[str, dict[str, Any]], outside: dict[str, dict[str, str]]
+) -> str:
+    """What a secretKeyRef gives the pod: a Secret the chart makes, or one the docs tell the
+    user to make (``outside``); any other reference leaves the pod unable to start."""
+    made = objects.get("Secret")
+    if made and made["metadata"]["name"] == ref["name"]:
+        data = made["stringData"]
+    else:
+        assert ref["name"] in outside, f"the pod reads Secret {ref['name']}, which nobody makes"
+        data = outside[ref["name"]]
+    assert ref["key"] in data, f"Secret {ref['name']} has no key {ref['key']}"
+    return data[ref["key"]]
+
+
+def check_objects(
+    objects: dict[str, dict[str, Any]], outside: dict[str, dict[str, str]] | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Checks the objects' structure and that every reference between them resolves; returns
+    the sidecar container and the environment it would start with."""
+    outside = outside or {}
+    for kind, obj in objects.items():
+        assert obj["apiVersion"] == API_VERSIONS[kind], kind
+        assert obj["metadata"]["name"] == FULLNAME, kind
+        assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE, kind
+    deployment = objects["Deployment"]
+    pod = deployment["spec"]["template"]
+    pod_labels = pod["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    service = objects["Service"]["spec"]
+    assert service["selector"].items() <= pod_labels.items()
+    (container,) = pod["spec"]["containers"]
+    port_names = {port["name"] for port in container["ports"]}
+    assert {port["targetPort"] for port in service["ports"]} <= port_names
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["port"] in port_names
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    for mount in container["volumeMounts"]:
+        assert (
+            volumes[mount["name"]]["configMap"]["name"] == objects["ConfigMap"]["metadata"]["name"]
+        )
+    if "HorizontalPodAutoscaler" in objects:
+        target = objects["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
+        assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+        assert "replicas" not in deployment["spec"]  # the HPA owns the count
+    names = [entry["name"] for entry in container["env"]]
+    assert len(names) == len(set(names)), f"a variable is set twice: {names}"
+    env = {}
+    for entry in container["env"]:
+        if "value" in entry:
+            env[entry["name"]] = str(entry["value"])
+        else:
+            env[entry["name"]] = _secret_value(entry["valueFrom"]["secretKeyRef"], objects, outside)
+    assert set(env) >= {"REDIS_URL", "RATELIMITER_MASTER_KEY"}
+    return container, env
+
+
+def load_pod_config(
+    objects: dict[str, dict[str, Any]], container: dict[str, Any], env: dict[str, str], tmp: Path
+) -> Settings:
+    """The config the pod mounts, loaded as the pod's ``ratelimiter serve`` loads it."""
+    args = parse_cli([str(a) for a in container["args"]])
+    (mount,) = container["volumeMounts"]
+    config_path = Path(args.config)
+    assert config_path.parent == Path(mount["mountPath"])
+    path = tmp / config_path.name
+    path.write_text(objects["ConfigMap"]["data"][config_path.name])
+    return load_config(path, env=env)
+
+
+def test_chart_names_what_an_install_must_set() -> None:
+    helm = pytest.importorskip("helm_python.errors", reason="helm-python-sdk is not installed")
+    with pytest.raises(helm.HelmRenderError, match=r"secret\.redisUrl is required"):
+        render_chart()
+
+
+def test_chart_passes_helm_lint() -> None:
+    helm = pytest.importorskip("helm_python.chart", reason="helm-python-sdk is not installed")
+    report = helm.lint(str(CHART), REQUIRED, strict=True)
+    assert report["errors"] == [], report
+    assert [m for m in report["messages"] if m["severity"] >= 2] == [], report
+
+
+def test_chart_defaults_render_pods_that_start(tmp_path: Path) -> None:
+    """Only Redis and the master key given (no provider key): every object is well formed,
+    every reference resolves, and the mounted config loads with the pod's environment."""
+    objects = manifests(render_chart(REQUIRED))
+    assert set(objects) == {"ConfigMap", "Secret", "Service", "Deployment"}
+    container, env = check_objects(objects)
+    settings = load_pod_config(objects, container, env, tmp_path)
+    assert settings.redis_url == REQUIRED["secret"]["redisUrl"]
+    assert settings.master_key == STRONG_KEY
+    assert [m.model_name for m in settings.models] == ["gpt-4o-mini"]
+    assert objects["Deployment"]["spec"]["replicas"] == _values()["replicaCount"]
+
+
+def documented_secrets() -> dict[str, dict[str, str]]:
+    """The Secrets docs/deployment.md tells the user to create, with their keys."""
+    docs = (ROOT / "docs" / "deployment.md").read_text().replace("\\\n", " ")
+    found = {}
+    for name, literals in re.findall(
+        r"kubectl create secret generic (\S+)((?:\s+--from-literal=\S+)+)", docs
+    ):
+        keys = re.findall(r"--from-literal=([\w-]+)=", literals)
+        found[name] = {key: f"sk-{key.lower()}-from-the-secret-0123456789" for key in keys}
+    return found
+
+
+def test_chart_takes_provider_keys_from_the_documented_secret(tmp_path: Path) -> None:
+    """The install docs/deployment.md gives: its Secrets, existingSecret, providerSecret."""
+    outside = documented_secrets()
+    assert len(outside) == 2, outside
+    (secret,) = [name for name, keys in outside.items() if "master-key" in keys]
+    (providers,) = [name for name in outside if name != secret]
+    outside[secret]["redis-url"] = "redis://redis-master:6379/0"
+    outside[secret]["master-key"] = STRONG_KEY
+    docs = (ROOT / "docs" / "deployment.md").read_text()
+    for setting in (f"existingSecret={secret}", f"providerSecret={providers}"):
+        assert setting in docs, setting
+    values = {
+        "existingSecret": secret,
+        "providerSecret": providers,
+        "autoscaling": {"enabled": True},
+    }
+    objects = manifests(render_chart(values))
+    assert "Secret" not in objects and "HorizontalPodAutoscaler" in objects
+    container, env = check_objects(objects, outside)
+    settings = load_pod_config(objects, container, env, tmp_path)
+    (model,) = settings.models
+    assert model.api_key == outside[providers]["OPENAI_API_KEY"]
+    # A variable given in extraEnv comes from there, not a second time from providerSecret.
+    extra = {"name": "OPENAI_API_KEY", "valueFrom": {"secretKeyRef": {"name": "o", "key": "k"}}}
+    objects = manifests(render_chart({**values, "extraEnv": [extra]}))
+    container, env = check_objects(objects, {**outside, "o": {"k": "sk-from-extra-env"}})
+    (model,) = load_pod_config(objects, container, env, tmp_path).models
+    assert model.api_key == "sk-from-extra-env"
 
 
 def test_chart_runs_the_cli_with_probes_and_secret_env() -> None:
-    deployment = (CHART / "templates" / "deployment.yaml").read_text()
+    deployment = manifests(render_chart(REQUIRED))["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    parsed = parse_cli([str(a) for a in container["args"]])
     values = _values()
-    block = re.search(r"args:\n((?:\s+- .+\n)+)", deployment).group(1)
-    args = [yaml.safe_load(line.strip()[2:]) for line in _render(block, values).splitlines()]
-    parsed = parse_cli([str(a) for a in args])
     assert (parsed.command, parsed.host) == ("serve", "0.0.0.0")
     assert parsed.port == values["service"]["port"] == SIDECAR_PORT
-    env_names = set(re.findall(r"- name: ([A-Z_]+)\n\s+valueFrom:\n\s+secretKeyRef", deployment))
-    assert env_names == {"REDIS_URL", "RATELIMITER_MASTER_KEY"}
-    probes = dict(
-        re.findall(r"(livenessProbe|readinessProbe):\n\s+httpGet: \{path: (\S+),", deployment)
-    )
+    assert container["ports"][0]["containerPort"] == SIDECAR_PORT
+    assert parsed.shutdown_timeout + 5 == pod["terminationGracePeriodSeconds"]
+    from_secret = {e["name"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert from_secret == {"REDIS_URL", "RATELIMITER_MASTER_KEY"}
+    probes = {
+        name: container[name]["httpGet"]["path"] for name in ("livenessProbe", "readinessProbe")
+    }
     assert probes == {"livenessProbe": "/health/liveliness", "readinessProbe": "/health/readiness"}
-    secret = (CHART / "templates" / "secret.yaml").read_text()
-    assert "redis-url:" in secret and "master-key:" in secret
-    assert values["podSecurityContext"]["runAsUser"] == int(
+    assert pod["securityContext"]["runAsUser"] == int(
         re.search(r"--uid (\d+)", dockerfile()).group(1)
     )
 
 
-def test_chart_config_loads(tmp_path: Path) -> None:
-    """The config the chart's ConfigMap mounts loads, the provider key coming from extraEnv."""
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(_values()["config"]))
-    env = {"RATELIMITER_MASTER_KEY": STRONG_KEY, "OPENAI_API_KEY": "sk-provider"}
-    assert [m.model_name for m in load_config(config, env=env).models] == ["gpt-4o-mini"]
+def notes_commands(notes: str) -> list[str]:
+    """The curl lines of the chart's NOTES, continuation lines joined."""
+    joined = notes.replace("\\\n", " ")
+    return [line.strip() for line in joined.splitlines() if line.strip().startswith("curl ")]
+
+
+async def run_curl(command: str, env: dict[str, str]) -> tuple[int, str]:
+    """One NOTES line through a real shell and curl; the HTTP status and the body."""
+    process = await asyncio.create_subprocess_exec(
+        "bash", "-c", command + " -sS -w '\\n%{http_code}'",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()
+    body, _, status = out.decode().rpartition("\n")
+    return int(status), body
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+async def test_chart_notes_commands_work_on_a_sidecar_with_the_charts_config(
+    ns: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Each curl line the chart prints after an install, run as printed against a sidecar
+    loaded from the chart's own config (its model pointed at the fake upstream)."""
+    rendered = render_chart(REQUIRED)
+    objects = manifests(rendered)
+    container, env = check_objects(objects)
+    settings = load_pod_config(objects, container, env, tmp_path)
+    notes = rendered["ratelimiter/templates/NOTES.txt"]
+    secret = objects["Secret"]
+    assert f"get secret {secret['metadata']['name']} " in notes
+    assert "{.data.master-key}" in notes and "master-key" in secret["stringData"]
+    commands = notes_commands(notes)
+    assert len(commands) == 3, notes
+    fake = FakeUpstream(seed=5)
+    async with running_upstream(fake) as upstream:
+        models = tuple(replace(m, api_base=upstream) for m in settings.models)
+        settings = replace(settings, models=models, key_prefix=f"t:{ns}:")
+        async with running_sidecar(settings, redis_url) as base:
+            shell = {"PATH": os.environ["PATH"], "MASTER_KEY": env["RATELIMITER_MASTER_KEY"]}
+            answers = []
+            for command in commands:
+                command = command.replace(f"http://127.0.0.1:{SIDECAR_PORT}", base)
+                status, body = await run_curl(command, shell)
+                assert status == 200, (command, body)
+                answers.append(json.loads(body))
+                shell["KEY"] = answers[-1].get("key", shell.get("KEY", ""))
+    assert answers[2]["choices"][0]["message"]["content"]
+    assert fake.requests == 1
 
 
 async def test_probe_paths_answer_on_a_real_sidecar(settings, redis_url: str) -> None:
@@ -242,8 +456,6 @@ async def test_nginx_config_balances_real_sidecars_and_streams(
 ) -> None:
     fake = FakeUpstream(seed=3)
     async with running_upstream(fake) as upstream:
-        from dataclasses import replace
-
         from ratelimiter.gateway.config import Deployment
 
         model = Deployment(

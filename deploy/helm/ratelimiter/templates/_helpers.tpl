@@ -16,3 +16,23 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "ratelimiter.secretName" -}}
 {{- default (include "ratelimiter.fullname" .) .Values.existingSecret -}}
 {{- end -}}
+
+{{/*
+The variables the config names as os.environ/NAME and nothing else sets (REDIS_URL, the master
+key and extraEnv are set already), sorted and joined by commas: the pods take them from
+providerSecret, so the config never names a variable the pod lacks.
+*/}}
+{{- define "ratelimiter.providerEnv" -}}
+{{- $set := list "REDIS_URL" "RATELIMITER_MASTER_KEY" -}}
+{{- range .Values.extraEnv -}}
+{{- $set = append $set .name -}}
+{{- end -}}
+{{- $names := list -}}
+{{- range regexFindAll "os\\.environ/[A-Za-z_][A-Za-z0-9_]*" (toYaml .Values.config) -1 -}}
+{{- $name := trimPrefix "os.environ/" . -}}
+{{- if not (has $name $set) -}}
+{{- $names = append $names $name -}}
+{{- end -}}
+{{- end -}}
+{{- $names | uniq | sortAlpha | join "," -}}
+{{- end -}}
