@@ -278,17 +278,17 @@ def summarise(samples: Samples, plan: Plan, processes: int) -> dict[str, Any]:
     }
 
 
-def _progress(counters: Sequence[Any], elapsed: float, plan: Plan) -> str:
+def _progress(counters: Sequence[Any], elapsed: float, plan: Plan, final: bool = False) -> str:
     """Counts the measured requests only, as the report does, so its last line and the report
     agree; until the warm-up ends it says how many warm-up requests went out."""
     warmup, done, ok, refused, errors = (sum(row[i] for row in counters) for i in range(COUNTERS))
     clock = f"[{elapsed:5.1f}s/{plan.warmup_s + plan.duration_s:.0f}s]"
-    if not done:
+    if not done and not final:
         return f"{clock} warming up: {warmup:,} requests (not counted)"
-    rate = done / max(elapsed - plan.warmup_s, 1e-3)
-    return (
-        f"{clock} {done:,} requests  {rate:,.0f}/s  ok {ok:,}  429 {refused:,}  errors {errors:,}"
-    )
+    # A rough rate while running (this clock includes starting the processes); the report
+    # gives the measured one.
+    rate = "done" if final else f"{done / max(elapsed - plan.warmup_s, 1e-3):,.0f}/s"
+    return f"{clock} {done:,} requests  {rate}  ok {ok:,}  429 {refused:,}  errors {errors:,}"
 
 
 def run(plan: Plan, processes: int = 1, progress: bool = True) -> tuple[dict[str, Any], Samples]:
@@ -328,7 +328,7 @@ def run(plan: Plan, processes: int = 1, progress: bool = True) -> tuple[dict[str
     for child in children:
         child.join()
     if progress:  # the final counts, the same as the report's
-        line = _progress(counters, time.monotonic() - start, plan)
+        line = _progress(counters, time.monotonic() - start, plan, final=True)
         print(f"\r{line}" if tty else line, file=sys.stderr)
     return summarise(merged, plan, processes), merged
 
