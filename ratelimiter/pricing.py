@@ -33,6 +33,7 @@ __all__ = [
     "PRICES",
     "PROMPT_ESTIMATES",
     "Price",
+    "choice_chars",
     "dollars",
     "estimate_tokens",
     "estimated_cost",
@@ -300,9 +301,34 @@ def response_cost(completion: Any) -> tuple[str, float]:
         usage = usage.model_dump() if hasattr(usage, "model_dump") else vars(usage)
     prompt, completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
     if completion_tokens is None:
-        text = "".join(
-            str(((choice.get("message") or {}).get("content")) or "")
-            for choice in data.get("choices") or ()
-        )
-        completion_tokens = text_tokens(text)
+        choices = data.get("choices")
+        chars = sum(choice_chars(c) for c in choices) if isinstance(choices, list) else 0
+        completion_tokens = -(-chars // 4)
     return model, (prompt or 0) * price[0] + completion_tokens * price[1]
+
+
+def choice_chars(choice: Any) -> int:
+    """Characters a provider generated in one choice of an answer or of a streamed chunk:
+    completion text, message or delta content and refusal, tool-call and function-call
+    arguments; whatever the shape (an upstream's answer is not trusted)."""
+    if not isinstance(choice, dict):
+        return 0
+    total = _chars(choice.get("text"))
+    for part in (choice.get("message"), choice.get("delta")):
+        if not isinstance(part, dict):
+            continue
+        total += _chars(part.get("content")) + _chars(part.get("refusal"))
+        calls = part.get("tool_calls")
+        functions = (
+            [c.get("function") for c in calls if isinstance(c, dict)]
+            if isinstance(calls, list)
+            else []
+        )
+        for function in [*functions, part.get("function_call")]:
+            if isinstance(function, dict):
+                total += _chars(function.get("name")) + _chars(function.get("arguments"))
+    return total
+
+
+def _chars(value: Any) -> int:
+    return len(value) if isinstance(value, str) else 0

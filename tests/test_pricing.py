@@ -191,3 +191,14 @@ def test_prompt_estimate_setting(tmp_path: Path) -> None:
 def test_numbers_the_estimate_cannot_use_are_refused(tmp_path: Path, settings: str) -> None:
     with pytest.raises(ConfigError):
         load(tmp_path, settings)
+
+
+def test_generated_characters_of_every_kind_of_choice() -> None:
+    from ratelimiter.pricing import choice_chars
+
+    call = {"function": {"name": "f", "arguments": '{"a": 1}'}}
+    assert choice_chars({"text": "abcd"}) == 4  # a completion
+    assert choice_chars({"message": {"content": "ab", "tool_calls": [call, "junk"]}}) == 11
+    assert choice_chars({"delta": {"function_call": {"arguments": "xyz"}}}) == 3
+    assert choice_chars({"delta": {"refusal": "no"}}) == 2
+    assert choice_chars(5) == choice_chars({"message": 5}) == 0
