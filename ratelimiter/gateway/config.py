@@ -85,6 +85,10 @@ class Settings:
     # "bytes" (one token per UTF-8 byte: an upper bound, every BPE token being at least a byte)
     prompt_estimate: str = "chars"
     unpriced_models: str = "free"
+    # requests without max_tokens: "capped" holds their estimate capped at what their limits
+    # have left (one such request at a time may pass a limit, by its own excess); "strict"
+    # sends them with max_tokens set to what their limits afford, so none is ever passed
+    budget_enforcement: str = "capped"
     upstream_timeout_s: float = 600.0
     # the most a request waits for Redis before it is admitted or refused (all calls together)
     redis_timeout_s: float = 2.0
@@ -195,6 +199,7 @@ _OURS = {
     "default_max_tokens",
     "prompt_estimate",
     "unpriced_models",
+    "budget_enforcement",
     "upstream_timeout",
     "redis_timeout",
     "lease_ttl",
@@ -298,6 +303,16 @@ def load_config(
         raise reader.fail(
             "ratelimiter_settings.unpriced_models", f"must be free or refuse, got {unpriced!r}"
         )
+    enforcement = reader.string(
+        "ratelimiter_settings.budget_enforcement", ours.get("budget_enforcement")
+    )
+    if enforcement not in (None, "capped", "strict"):
+        raise reader.fail(
+            "ratelimiter_settings.budget_enforcement",
+            "must be capped (a request without max_tokens holds what its limits have left, the "
+            "default) or strict (it is sent with max_tokens set to what they afford), got "
+            f"{enforcement!r}",
+        )
     prompt_estimate = reader.string(
         "ratelimiter_settings.prompt_estimate", ours.get("prompt_estimate")
     )
@@ -363,6 +378,7 @@ def load_config(
         default_max_tokens=default_max_tokens or 4096,
         prompt_estimate=prompt_estimate or "chars",
         unpriced_models=unpriced or "free",
+        budget_enforcement=enforcement or "capped",
         upstream_timeout_s=float(upstream_timeout or 600.0),
         redis_timeout_s=float(redis_timeout or 2.0),
         lease_ttl_s=float(lease_ttl or 60.0),

@@ -6,20 +6,35 @@ minute, its parallel-request lease, each of its budget windows, model-specific b
 model rpm/tpm. A new scope is a change here and nowhere else.
 
 Every scope's keys share one hash tag (``rl:{key:3f9a…}:rpm``), so a scope is one Cluster slot.
+
+How a request's estimate is held (DESIGN.md, "Budgets and estimates"): a request that bounds
+itself (``max_tokens``) holds its estimate in full in every token window and budget; one that
+does not holds it capped at what is left (``capped=True``), or, under ``budget_enforcement:
+strict``, is bounded by the proxy to what ``completion_room`` says its limits afford.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from ..engine import LimitState
 from ..engine.limits import Budget, Concurrency, Gate, Limit, SlidingWindow
-from ..pricing import nano
+from ..pricing import NANO, Price, estimated_cost, nano
 
-__all__ = ["LIMIT_FIELDS", "Resolved", "Scope", "inherit", "limits_for", "scope_budgets"]
+__all__ = [
+    "LIMIT_FIELDS",
+    "STRICT_MIN_TOKENS",
+    "Resolved",
+    "Scope",
+    "completion_room",
+    "inherit",
+    "limits_for",
+    "scope_budgets",
+]
 
 # Distinct (scopes, model) combinations whose limits stay built; past it the cache starts over.
 PLANS = 16_384
@@ -28,6 +43,9 @@ NEVER_RESETS = "100y"  # a budget without a duration: one period from 1970 to 20
 # Scopes an admin can block: their gate is checked inside the atomic admission, so a block
 # holds from the moment the admin call returns, whatever any sidecar's cache says.
 GATED = ("key", "user", "team", "end_user")
+# Under budget_enforcement: strict, a request whose limits afford fewer completion tokens than
+# this is refused rather than sent with a reply too short to be of use.
+STRICT_MIN_TOKENS = 16
 
 
 # The limits an entity takes from the budget it names when it does not set them itself.
@@ -117,15 +135,52 @@ def _rates(
         yield tokens, "tokens"
 
 
-def limits_for(request: Resolved, prefix: str, lease_ttl_ms: int = LEASE_TTL_MS) -> list[Limit]:
-    """Every limit ``request`` meets, with its estimated tokens and cost as the amounts."""
+def limits_for(
+    request: Resolved, prefix: str, lease_ttl_ms: int = LEASE_TTL_MS, *, capped: bool = False
+) -> list[Limit]:
+    """Every limit ``request`` meets, with its estimated tokens and cost as the amounts;
+    ``capped`` (a request that does not bound itself) makes its token windows and budgets
+    take up to those amounts, as much as is left."""
     limits: list[Limit] = []
     for scope in request.scopes:
         for limit, measure in _scope_plan(scope, request.model, prefix, lease_ttl_ms):
             if measure is not None:
-                limit = limit.with_amount(request.tokens if measure == "tokens" else request.cost)
+                amount = request.tokens if measure == "tokens" else request.cost
+                limit = limit.with_amount(amount, capped)
             limits.append(limit)
     return limits
+
+
+def completion_room(
+    states: Iterable[LimitState], prompt: int, price: Price | None, choices: int
+) -> int | None:
+    """The most completion tokens per choice that fit what is left of every token window and
+    budget in ``states`` along with a prompt of ``prompt`` tokens (0 when not even the prompt
+    fits); None when none of them limits the completion."""
+    room: int | None = None
+    for state in states:
+        limit = state.limit
+        if isinstance(limit, SlidingWindow) and limit.measure == "tokens":
+            fits = (state.remaining - prompt) // choices
+        elif isinstance(limit, Budget):
+            fits = _affordable(state.remaining, prompt, price, choices)
+        else:
+            continue
+        if fits is not None:
+            room = max(fits, 0) if room is None else min(room, max(fits, 0))
+    return room
+
+
+def _affordable(left: int, prompt: int, price: Price | None, choices: int) -> int | None:
+    """Completion tokens per choice that ``left`` nano-dollars pay for after the prompt."""
+    prompt_cost = estimated_cost(price, prompt, 0)
+    if price is None or price[1] <= 0:
+        return None if prompt_cost <= left else 0
+    fits = int((left - prompt_cost) // (price[1] * NANO * choices))
+    # estimated_cost rounds the sum, not each part: step down until it agrees
+    while fits > 0 and estimated_cost(price, prompt, fits * choices) > left:
+        fits -= 1
+    return fits
 
 
 _plans: dict[tuple[Any, ...], list[tuple[Limit, str | None]]] = {}

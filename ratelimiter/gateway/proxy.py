@@ -5,6 +5,10 @@ atomic acquire for all its limits, forwarded to a deployment of its model (the n
 tried when a deployment's own rpm/tpm is full), and settled with the usage the upstream
 reports. Streams pass through unbuffered; usage is taken from the final chunk, which is asked
 for and, if the client did not ask, removed before it reaches the client.
+
+A request that sets ``max_tokens`` holds its whole estimate; one that does not holds it capped
+at what its limits have left, or under ``budget_enforcement: strict`` is sent with
+``max_tokens`` set to what they afford (see policy.py).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -26,14 +31,14 @@ from ..engine import Decision, Reservation
 from ..engine.limits import MAX_AMOUNT, Budget, Limit
 from ..errors import EntityError, RedisUnavailable
 from ..ledger import ledger_dims
-from ..pricing import cost_nano, dollars, estimate_tokens, estimated_cost
+from ..pricing import Price, cost_nano, dollars, estimate_tokens, estimated_cost
 from ..responses import error_response, json_response, rate_headers, refusal
 from .alerts import ALERTS
 from .bodies import check_body
 from .config import Deployment, Settings
 from .http import CLIENT_REQUEST_ID, ENGINE, MAX_BODY_BYTES, REQUEST_ID, SETTINGS, STORE, bearer
 from .metrics import METRICS, timer
-from .policy import Scope, limits_for
+from .policy import STRICT_MIN_TOKENS, Resolved, Scope, completion_room, limits_for
 from .resolver import Caller, authenticate, check_model_access, resolve
 
 __all__ = ["HTTP", "add_proxy_routes"]
@@ -81,6 +86,10 @@ class Call:
             embedding=kind == "embedding",
             mode=self.settings.prompt_estimate,
         )
+        self.bounded = kind == "embedding" or _bounds_itself(body)
+        self.strict = not self.bounded and self.settings.budget_enforcement == "strict"
+        self.choices = _choices(body)
+        self.max_tokens: int | None = None  # what strict enforcement sends upstream
 
     @contextlib.asynccontextmanager
     async def admission_deadline(self) -> AsyncIterator[None]:
@@ -119,15 +128,15 @@ class Call:
                     estimated_cost(price, self.prompt, self.most),
                 )
             self.scopes = resolved.scopes
-            limits = limits_for(
-                resolved, self.settings.key_prefix, round(self.settings.lease_ttl_s * 1000)
-            )
+            limits = self._limits(resolved, capped=not self.bounded and not self.strict)
             metrics = self.app[METRICS]
             self.describe(caller, deployment)
             self.limits = limits
             try:
                 with timer(metrics.redis_seconds):
                     async with self.admission_deadline():
+                        if self.strict:
+                            limits = self.limits = await self._bound(resolved, price, limits)
                         decision = await self.engine.acquire(
                             self.request_id, limits, meta=self.meta, ledger=self.dims
                         )
@@ -157,6 +166,38 @@ class Call:
                 break
         assert last is not None
         return refusal(last, self.request_id)
+
+    def _limits(self, resolved: Resolved, capped: bool = False) -> list[Limit]:
+        ttl_ms = round(self.settings.lease_ttl_s * 1000)
+        return limits_for(resolved, self.settings.key_prefix, ttl_ms, capped=capped)
+
+    async def _bound(
+        self, resolved: Resolved, price: Price | None, limits: list[Limit]
+    ) -> list[Limit]:
+        """budget_enforcement: strict. The request's limits with the completion bounded to what
+        they afford now (at most default_max_tokens), held in full. Between this peek and the
+        acquire others may take the room: the acquire then refuses, it never over-admits."""
+        measured = [limit for limit in limits if limit.measure is not None]
+        room = None
+        if measured:
+            states = await self.engine.peek(measured)
+            room = completion_room(states, self.prompt, price, self.choices)
+        default = self.settings.default_max_tokens
+        # Below the minimum the request is held at the minimum, which the engine refuses
+        # with the refusing limit's retry-after unless room came free meanwhile.
+        tokens = default if room is None else max(min(default, room), self._minimum)
+        self.max_tokens = tokens
+        most = tokens * self.choices
+        bounded = replace(
+            resolved,
+            tokens=self.prompt + most,
+            cost=estimated_cost(price, self.prompt, most),
+        )
+        return self._limits(bounded)
+
+    @property
+    def _minimum(self) -> int:
+        return min(STRICT_MIN_TOKENS, self.settings.default_max_tokens)
 
     def _refuse_unchecked(
         self, exc: RedisUnavailable, limits: Sequence[Limit]
@@ -289,6 +330,10 @@ class Call:
 
     def upstream_body(self, deployment: Deployment) -> dict[str, Any]:
         body = {**self.body, "model": deployment.model.split("/", 1)[-1]}
+        if self.max_tokens is not None:
+            # max_tokens, not max_completion_tokens: every OpenAI-compatible server honours
+            # it, where one that does not know max_completion_tokens would ignore the bound
+            body["max_tokens"] = self.max_tokens
         if body.get("stream"):
             options = body.get("stream_options")
             body["stream_options"] = {
@@ -405,6 +450,20 @@ async def _run_deferred(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     if deferred.pending:
         log.error("%d deferred Redis updates were never made (Redis stayed down)", deferred.pending)
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _bounds_itself(body: dict[str, Any]) -> bool:
+    """Whether the request caps its own completion, as the estimate reads it (pricing)."""
+    return _positive(body.get("max_tokens")) or _positive(body.get("max_completion_tokens"))
+
+
+def _choices(body: dict[str, Any]) -> int:
+    """Completions generated and billed: n, or best_of when larger (as the estimate counts)."""
+    return max((body[f] for f in ("n", "best_of") if _positive(body.get(f))), default=1)
 
 
 def _end_user(body: dict[str, Any]) -> str | None:
