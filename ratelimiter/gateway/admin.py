@@ -17,7 +17,7 @@ from ..ledger import Entry, Ledger, utc_ms
 from ..pricing import dollars
 from ..responses import json_response
 from .http import ENGINE, SETTINGS, STORE, read_json, require_master
-from .models import validate
+from .models import refuse_unknown, validate
 from .openapi import add_docs_routes
 from .policy import Scope, scope_budgets
 from .resolver import effective_fields
@@ -103,10 +103,12 @@ async def _info(
 
 
 async def read_object(request: web.Request) -> dict[str, Any]:
-    """The JSON body, which every admin POST route takes as an object."""
+    """The JSON body, which every admin POST route takes as an object of known fields."""
     body = await read_json(request)
     if not isinstance(body, dict):
         raise EntityError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    resource = request.match_info.route.resource
+    refuse_unknown(resource.canonical if resource else request.path, body)
     return body
 
 
@@ -452,7 +454,7 @@ LOG_FILTERS = {
 
 def _date(request: web.Request, name: str, default: date) -> date:
     raw = request.query.get(name)
-    if not raw:
+    if raw is None:
         return default
     try:
         day = date.fromisoformat(raw)

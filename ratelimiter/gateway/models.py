@@ -19,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     StringConstraints,
     ValidationError,
     ValidationInfo,
@@ -51,6 +52,7 @@ __all__ = [
     "CREATE",
     "REQUESTS",
     "UPDATE",
+    "refuse_unknown",
     "validate",
 ]
 
@@ -79,7 +81,7 @@ Money = _enforced(money, _nullable({"type": "number", "minimum": 0, "maximum": M
 Count = _enforced(count, _nullable({"type": "integer", "minimum": 0, "maximum": MAX_COUNT}))
 Duration = _enforced(duration, _nullable(_DURATION))
 Text = _enforced(text, _nullable({"type": "string", "minLength": 1, "maxLength": MAX_TEXT}))
-Flag = _enforced(flag, {"type": "boolean"})
+Flag = _enforced(flag, {"type": ["boolean", "null"]})
 _NAME = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT}
 Names = _enforced(names, _nullable({"type": "array", "items": _NAME, "maxItems": MAX_LIST}))
 Object = _enforced(mapping, _nullable({"type": "object"}))
@@ -87,23 +89,33 @@ _PER_MODEL = {"type": "object", "maxProperties": MAX_LIST}
 ModelCounts = _enforced(
     model_counts,
     _nullable(
-        {**_PER_MODEL, "additionalProperties": {"type": "integer", "minimum": 0}},
+        # null is taken as 0, as before these models
+        {
+            **_PER_MODEL,
+            "additionalProperties": {
+                "type": ["integer", "null"],
+                "minimum": 0,
+                "maximum": MAX_COUNT,
+            },
+        },
     ),
 )
+_MONEY = {"type": "number", "minimum": 0, "maximum": MAX_DOLLARS}
+_COUNT = {"type": "integer", "minimum": 0, "maximum": MAX_COUNT}
 _MODEL_BUDGET = {
     "type": "object",
     "properties": {
-        "max_budget": {"type": "number", "minimum": 0, "maximum": MAX_DOLLARS},
-        "budget_limit": {"type": "number", "minimum": 0, "maximum": MAX_DOLLARS},
-        "budget_duration": _DURATION,
-        "time_period": _DURATION,
-        "tpm_limit": {"type": "integer", "minimum": 0, "maximum": MAX_COUNT},
-        "rpm_limit": {"type": "integer", "minimum": 0, "maximum": MAX_COUNT},
+        "max_budget": _nullable(_MONEY),
+        "budget_limit": _nullable(_MONEY),
+        "budget_duration": _nullable(_DURATION),
+        "time_period": _nullable(_DURATION),
+        "tpm_limit": _nullable(_COUNT),
+        "rpm_limit": _nullable(_COUNT),
     },
     "additionalProperties": False,
 }
 ModelBudgets = _enforced(
-    model_budgets, _nullable({**_PER_MODEL, "additionalProperties": _MODEL_BUDGET})
+    model_budgets, _nullable({**_PER_MODEL, "additionalProperties": _nullable(_MODEL_BUDGET)})
 )
 _WINDOW = {
     "type": "object",
@@ -121,9 +133,9 @@ _MEMBER = {
     "type": "object",
     "properties": {
         "user_id": _NAME,
-        "user_email": _NAME,
+        "user_email": _nullable(_NAME),
         "role": {"enum": ["admin", "user"]},
-        "max_budget_in_team": {"type": "number", "minimum": 0, "maximum": MAX_DOLLARS},
+        "max_budget_in_team": _nullable(_MONEY),
     },
     "required": ["user_id"],
     "additionalProperties": False,
@@ -144,6 +156,15 @@ Obj = dict[str, Any] | None
 Bool = bool | None
 Int = Annotated[int, Field(ge=0, le=MAX_COUNT)] | None
 Dollars = Annotated[float, Field(ge=0, le=MAX_DOLLARS, allow_inf_nan=False)] | None
+
+
+def _iso_text(value: Any) -> Any:
+    if not isinstance(value, str):  # a bare number would be read as seconds since 1970
+        raise ValueError("must be a date and time as text, like 2030-01-01T00:00:00Z")
+    return value
+
+
+Timestamp = Annotated[datetime, Strict(False), BeforeValidator(_iso_text)] | None
 LimitType = Literal["guaranteed_throughput", "best_effort_throughput", "dynamic"] | None
 UserRole = Literal["proxy_admin", "proxy_admin_viewer", "internal_user", "internal_user_viewer"]
 # A secret LiteLLM would keep (a user's password): accepted, never stored in the clear.
@@ -177,7 +198,11 @@ class Request(BaseModel):
 
     # validate_default: an enforced field left out gets its checker's value for "none"
     # (an empty list, false), as stored before these models existed.
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_default=True)
+    # strict: no quiet coercion (0 is not false, "5" is not 5); timestamps still parse from
+    # text, the only way JSON carries them.
+    model_config = ConfigDict(
+        extra="forbid", protected_namespaces=(), validate_default=True, strict=True
+    )
 
 
 class _Limits(Request):
@@ -245,7 +270,7 @@ class UpdateKeyRequest(_KeyBase):
 
     key: Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT)]
     temp_budget_increase: Dollars = None
-    temp_budget_expiry: datetime | None = None
+    temp_budget_expiry: Timestamp = None
 
 
 class NewUserRequest(_Limits):
@@ -338,7 +363,7 @@ class BudgetNewRequest(_Limits):
     """POST /budget/new"""
 
     budget_id: Text = None
-    budget_reset_at: datetime | None = None  # accepted, not enforced: resets follow the window
+    budget_reset_at: Timestamp = None  # accepted, not enforced: resets follow the window
 
 
 class BudgetUpdateRequest(BudgetNewRequest):
@@ -356,7 +381,7 @@ class NewCustomerRequest(_Limits):
     budget_id: Text = None
     metadata: Object = None
     # accepted, not enforced
-    budget_reset_at: datetime | None = None
+    budget_reset_at: Timestamp = None
     spend: Dollars = None
     allowed_model_region: Literal["eu", "us"] | None = None
     default_model: Str = None
@@ -391,6 +416,7 @@ UPDATE: dict[str, type[Request]] = {
     "customer": UpdateCustomerRequest,
     "budget": BudgetUpdateRequest,
 }
+ENTITY_MODELS = frozenset({*CREATE.values(), *UPDATE.values()})
 # Fields stored and shown but not acted on (a secret is not even stored), per kind; the
 # README's compatibility table is checked against this.
 SECRETS = frozenset({"password"})
@@ -511,7 +537,7 @@ def _path(loc: tuple[int | str, ...]) -> str:
     return out or "body"
 
 
-def _unknown(model: type[BaseModel], loc: tuple[int | str, ...], entity: str) -> str:
+def _unknown(model: type[BaseModel], loc: tuple[int | str, ...], what: str) -> str:
     """A typo is named, with the field it was probably meant to be."""
     for part in loc[:-1]:  # down to the nested model the field was sent in, if any
         annotation = model.model_fields[part].annotation if isinstance(part, str) else None
@@ -519,14 +545,14 @@ def _unknown(model: type[BaseModel], loc: tuple[int | str, ...], entity: str) ->
         model = next((a for a in nested if issubclass(a, BaseModel)), model)
     close = difflib.get_close_matches(str(loc[-1]), model.model_fields, n=1)
     hint = f"; did you mean {close[0]}?" if close else ""
-    return f"unknown field for a {entity} (neither the limiter nor LiteLLM has it){hint}"
+    return f"unknown field for {what} (neither the limiter nor LiteLLM has it){hint}"
 
 
-def _problem(model: type[BaseModel], entity: str, error: Mapping[str, Any]) -> tuple[str, str]:
+def _problem(model: type[BaseModel], what: str, error: Mapping[str, Any]) -> tuple[str, str]:
     """(field path, what is wrong) of one pydantic error, in words rather than its dump."""
     kind, ctx, got = error["type"], error.get("ctx") or {}, shown(error.get("input"))
     if kind == "extra_forbidden":
-        problem = _unknown(model, tuple(error["loc"]), entity)
+        problem = _unknown(model, tuple(error["loc"]), what)
     elif kind == "missing":
         problem = "is required"
     elif kind in ("too_long", "string_too_long"):
@@ -546,6 +572,18 @@ def _problem(model: type[BaseModel], entity: str, error: Mapping[str, Any]) -> t
     return _path(tuple(error["loc"])), problem
 
 
+def refuse_unknown(path: str, body: Mapping[str, Any]) -> None:
+    """The fields of ``path``'s body that its model does not have are refused by name, on the
+    routes whose handlers read only ids too."""
+    model = REQUESTS.get(path)
+    if model is None or model in ENTITY_MODELS:  # validate() checks those, naming the kind
+        return
+    for name in body:
+        if name not in model.model_fields:
+            label = name if len(name) <= MAX_TEXT else shown(name)
+            raise EntityError(400, f"{label}: {_unknown(model, (name,), path)}", label)
+
+
 def validate(kind: str, body: Any, *, partial: bool = False) -> dict[str, Any]:
     """A create (or, ``partial``, an update) body of an entity, checked: the fields sent, plus
     on create every enforced field at its default. The update's id field is not returned."""
@@ -555,7 +593,7 @@ def validate(kind: str, body: Any, *, partial: bool = False) -> dict[str, Any]:
     try:
         checked = model.model_validate(body)
     except ValidationError as exc:
-        path, problem = _problem(model, kind, exc.errors(include_url=False)[0])
+        path, problem = _problem(model, f"a {kind}", exc.errors(include_url=False)[0])
         label = path if len(path) <= MAX_TEXT else shown(path)
         raise EntityError(400, f"{label}: {problem}", label) from None
     sent = checked.model_dump(mode="json", exclude_unset=True, exclude=set(SECRETS))

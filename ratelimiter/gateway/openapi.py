@@ -22,6 +22,7 @@ __all__ = ["QUERIES", "add_docs_routes", "document"]
 _DOCUMENT = web.AppKey("openapi_document", dict)
 
 _ID = {"type": "string", "minLength": 1, "maxLength": 256}
+_FILTER = {"type": "string", "description": "empty: no filter"}
 _DATE = {"type": "string", "format": "date", "description": "2026-11-24; 1970-01-01 to 9999-12-30"}
 _DATES = {"start_date": _DATE, "end_date": _DATE}
 # The query parameters of each GET route (the POST routes' bodies are in REQUESTS).
@@ -36,12 +37,8 @@ QUERIES: dict[str, dict[str, dict[str, Any]]] = {
     "/budget/list": {},
     "/spend/logs": {
         **_DATES,
-        "api_key": _ID,
-        "user_id": _ID,
-        "team_id": _ID,
-        "end_user": _ID,
-        "model": _ID,
-        "request_id": _ID,
+        **dict.fromkeys(("api_key", "user_id", "team_id", "end_user", "model"), _FILTER),
+        "request_id": _FILTER,
         "page": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
         "page_size": {"type": "integer", "minimum": 1, "maximum": 1_000},
     },

@@ -187,13 +187,12 @@ def model_budgets(field: str, value: Any) -> dict[str, dict[str, Any]]:
         }
         if unknown:
             raise _fail(f"{path}.{sorted(unknown)[0]}", "unknown field")
+        # LiteLLM's two spellings, each checked: a malformed one must not hide behind the other
+        limits = [money(f"{path}.{n}", spec.get(n)) for n in ("max_budget", "budget_limit")]
+        periods = [duration(f"{path}.{n}", spec.get(n)) for n in ("budget_duration", "time_period")]
         out[model] = {
-            "max_budget": money(
-                f"{path}.max_budget", spec.get("max_budget", spec.get("budget_limit"))
-            ),
-            "budget_duration": duration(
-                f"{path}.budget_duration", spec.get("budget_duration", spec.get("time_period"))
-            ),
+            "max_budget": next((v for v in limits if v is not None), None),
+            "budget_duration": next((v for v in periods if v is not None), None),
             "tpm_limit": count(f"{path}.tpm_limit", spec.get("tpm_limit")),
             "rpm_limit": count(f"{path}.rpm_limit", spec.get("rpm_limit")),
         }
@@ -236,6 +235,7 @@ def member(field: str, value: Any) -> dict[str, Any]:
     unknown = set(spec) - {"user_id", "user_email", "role", "max_budget_in_team"}
     if unknown:
         raise _fail(f"{field}.{sorted(unknown)[0]}", "unknown field")
+    text(f"{field}.user_email", spec.get("user_email"))  # checked; members are by user_id
     user_id = text(f"{field}.user_id", spec.get("user_id"))
     if user_id is None:
         raise _fail(f"{field}.user_id", "is required")

@@ -169,6 +169,10 @@ async def test_key_update_stores_its_own_litellm_fields(admin: Admin) -> None:
         ("/customer/new", {"user_id": "c", "allowed_model_region": "mars"}, "", "'eu' or 'us'"),
         ("/key/update", {"key": "sk-x", "temp_budget_expiry": "soon"}, "", "datetime"),
         ("/key/generate", {"temp_budget_expiry": "2030-01-01"}, "", "unknown field for a key"),
+        ("/key/delete", {"keys": ["sk-x"], "kyes": 1}, "kyes", "did you mean keys?"),
+        ("/budget/delete", {"id": "b", "force": True}, "force", "unknown field for /budget/"),
+        ("/key/generate", {"send_invite_email": 0}, "", "valid boolean, got 0"),
+        ("/budget/new", {"budget_id": "b", "budget_reset_at": 0}, "budget_reset_at", "as text"),
     ],
 )
 async def test_unknown_and_malformed_fields_are_a_400_naming_them(
@@ -193,3 +197,18 @@ def test_the_engines_bounds_still_hold_on_enforced_fields() -> None:
     assert raised.value.param == "soft_budget"
     with pytest.raises(EntityError, match="at most 9007199254740991"):
         validate("team", {"model_rpm_limit": {"gpt-4o": 2**60}})
+
+
+def test_both_spellings_of_a_model_budget_are_checked() -> None:
+    spec = {"budget_duration": None, "time_period": 5}  # before: the bad one went unseen
+    with pytest.raises(EntityError, match="time_period: duration must be a string"):
+        validate("key", {"model_max_budget": {"gpt-4o": spec}})
+    both = validate(
+        "key", {"model_max_budget": {"gpt-4o": {"budget_limit": 2, "time_period": "1d"}}}
+    )
+    assert both["model_max_budget"]["gpt-4o"]["budget_duration"] == "1d"
+
+
+def test_a_members_email_is_checked() -> None:
+    with pytest.raises(EntityError, match=r"members\[0\].user_email"):
+        validate("team", {"members": [{"user_id": "ana", "user_email": 5}]})
