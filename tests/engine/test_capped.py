@@ -121,3 +121,18 @@ async def test_a_record_without_taken_amounts_settles_from_its_specs(
 def test_capped_must_be_a_boolean(ns: str) -> None:
     with pytest.raises(InvalidLimit, match="capped must be true or false"):
         SlidingWindow(f"{ns}:w", 5, "1m", capped="yes")  # type: ignore[arg-type]
+
+
+async def test_capped_limits_across_cluster_slots(cluster_engine: Engine, ns: str) -> None:
+    """Each slot group's record keeps what its own limits took."""
+    limits = [
+        SlidingWindow(f"{{user{ns}}}:rpm", 5, "1m"),
+        SlidingWindow(f"{{key{ns}}}:tpm", 50, "1m", 400, measure="tokens", capped=True),
+        Budget(f"{{proxy{ns}}}:b", 10_000, "daily", 2_000, capped=True),
+    ]
+    first = await cluster_engine.acquire(None, limits)
+    assert first.reservation is not None and len(first.reservation.anchors) > 1
+    assert [s.taken for s in first.states] == [1, 50, 2_000]
+    released = await cluster_engine.release(first.reservation)
+    assert released.reserved == {"tokens": 50, "spend": 2_000}
+    assert [s.remaining for s in await cluster_engine.peek(limits)] == [5, 50, 10_000]
