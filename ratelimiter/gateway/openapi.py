@@ -8,6 +8,7 @@ and every route they describe still needs the key.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import swagger_ui_bundle
@@ -15,9 +16,10 @@ from aiohttp import web
 from pydantic.json_schema import models_json_schema
 
 from ..responses import json_response
-from .models import REQUESTS
+from .models import ACCEPTED_ONLY, REQUESTS
+from .store import SCHEMAS
 
-__all__ = ["QUERIES", "add_docs_routes", "document"]
+__all__ = ["QUERIES", "add_docs_routes", "compatibility_table", "document"]
 
 _DOCUMENT = web.AppKey("openapi_document", dict)
 
@@ -201,3 +203,91 @@ def add_docs_routes(app: web.Application) -> None:
     app.router.add_get("/docs", docs)
     app.router.add_get("/docs/start.js", start_js)
     app.router.add_get("/docs/{name}", docs_file)
+
+
+# -- the README's compatibility table, generated so that it cannot drift ----------------
+
+# LiteLLM's admin routes (litellm/proxy/_types.py, LiteLLMRoutes) that the sidecar does not
+# serve; every other admin route of LiteLLM's in our domain is in QUERIES or REQUESTS.
+NOT_SERVED = (
+    "/key/regenerate",
+    "/key/{key_id}/regenerate",
+    "/key/bulk_update",
+    "/key/health",
+    "/key/aliases",
+    "/key/{key_id}/reset_spend",
+    "/key/service-account/generate",
+    "/user/list",
+    "/user/bulk_update",
+    "/user/daily/activity",
+    "/team/list",
+    "/v2/team/list",
+    "/team/block",
+    "/team/unblock",
+    "/team/available",
+    "/team/member_update",
+    "/team/permissions_list",
+    "/team/permissions_update",
+    "/team/daily/activity",
+    "/organization/new|info|update|delete|list|member_add|member_update|member_delete",
+    "/customer/list",
+    "/budget/settings",
+    "/spend/keys",
+    "/spend/users",
+    "/spend/tags",
+    "/spend/calculate",
+    "/global/spend/logs",
+    "/global/spend/keys",
+    "/global/spend/teams",
+    "/global/spend/end_users",
+    "/global/spend/models",
+    "/global/spend/tags",
+    "/global/spend/provider",
+    "/model/new|update|delete|info",
+)
+# The request bodies whose fields the table lists, with LiteLLM's name for each model.
+_TABLE = (
+    ("/key/generate", "GenerateKeyRequest", "key"),
+    ("/key/update", "UpdateKeyRequest", "key"),
+    ("/user/new", "NewUserRequest", "user"),
+    ("/user/update", "UpdateUserRequest", "user"),
+    ("/team/new", "NewTeamRequest", "team"),
+    ("/team/update", "UpdateTeamRequest", "team"),
+    ("/customer/new", "NewCustomerRequest", "customer"),
+    ("/customer/update", "UpdateCustomerRequest", "customer"),
+    ("/budget/new", "BudgetNewRequest", "budget"),
+    ("/budget/update", "BudgetNewRequest", "budget"),
+)
+
+
+def _codes(names: Iterable[str]) -> str:
+    return ", ".join(f"`{n}`" for n in sorted(names)) or "none"
+
+
+def compatibility_table() -> str:
+    """The README's section between its compatibility markers, from the models."""
+    served = sorted(p for p in {*REQUESTS, *QUERIES} if not p.startswith("/end_user/"))
+    rows = [
+        f"| `{path}` | {litellm} | {_codes(set(SCHEMAS[kind]) & set(REQUESTS[path].model_fields))}"
+        f" | {_codes(set(ACCEPTED_ONLY[kind]) & set(REQUESTS[path].model_fields))} |"
+        for path, litellm, kind in _TABLE
+    ]
+    return "\n".join(
+        [
+            f"Served ({len(served)} routes, the `/customer/` ones also under `/end_user/`): "
+            f"{_codes(served)}.",
+            "",
+            f"Not served (a 404): {_codes(NOT_SERVED)}.",
+            "",
+            "| Route | LiteLLM's model | Served: acted on, or ours | "
+            "Accepted, stored and shown, not enforced |",
+            "| --- | --- | --- | --- |",
+            *rows,
+            "",
+            "`password` is accepted and never stored; `key` on `/key/generate` only as null (the "
+            "limiter always generates the key); on info, `spend` and `budget_reset_at` show the "
+            "limiter's own values. `key_aliases` on `/key/delete` and `user_email` instead of "
+            "`user_id` on `/user/update` and `/team/member_delete` are not served. Any other "
+            "field is a 400 naming it.",
+        ]
+    )
