@@ -23,7 +23,7 @@ import orjson
 
 from ..engine import LimitState
 from ..engine.limits import Budget, Concurrency, Gate, Limit, SlidingWindow
-from ..pricing import NANO, Price, estimated_cost, nano
+from ..pricing import NANO, Price, cost_nano, nano
 
 __all__ = [
     "LIMIT_FIELDS",
@@ -173,13 +173,17 @@ def completion_room(
 
 def _affordable(left: int, prompt: int, price: Price | None, choices: int) -> int | None:
     """Completion tokens per choice that ``left`` nano-dollars pay for after the prompt."""
-    prompt_cost = estimated_cost(price, prompt, 0)
+    # cost_nano, which never raises: near a budget of 2**53-1 the next step may not fit it
+    prompt_cost = cost_nano(price, prompt, 0)
     if price is None or price[1] <= 0:
         return None if prompt_cost <= left else 0
     fits = int((left - prompt_cost) // (price[1] * NANO * choices))
-    # estimated_cost rounds the sum, not each part: step down until it agrees
-    while fits > 0 and estimated_cost(price, prompt, fits * choices) > left:
+    # the cost rounds the sum, not each part, and the division is in floats: move to
+    # the exact answer, a step or two away
+    while fits > 0 and cost_nano(price, prompt, fits * choices) > left:
         fits -= 1
+    while fits >= 0 and cost_nano(price, prompt, (fits + 1) * choices) <= left:
+        fits += 1
     return fits
 
 

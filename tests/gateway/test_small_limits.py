@@ -18,11 +18,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ratelimiter import Budget, Concurrency, Engine, SlidingWindow
+from ratelimiter.engine import LimitState
 from ratelimiter.gateway.config import ConfigError, Deployment, Settings, load_config
 from ratelimiter.gateway.policy import completion_room
-from ratelimiter.pricing import nano
+from ratelimiter.pricing import cost_nano, nano
 from ratelimiter.testing import FakeUpstream
 
 from ..conftest import MASTER_KEY, MESSAGES, Admin, running_sidecar, running_upstream
@@ -145,6 +148,27 @@ async def test_completion_room_is_the_largest_max_tokens_that_fits(engine: Engin
     assert completion_room(refused.states[2:], ESTIMATE, price, 1) is None  # a lease
     assert completion_room(refused.states[1:], ESTIMATE, None, 1) is None  # unpriced
     assert completion_room(refused.states, 25, price, 1) == 0  # not even the prompt fits
+
+
+@given(
+    left=st.integers(0, 2**53 - 1),
+    prompt=st.integers(0, 10**6),
+    price=st.tuples(
+        st.sampled_from([0.0, 1e-7, 1.5e-7, 1e-6, 2.5e-6, 3e-5]),
+        st.sampled_from([1e-7, 6e-7, 2e-6, 1e-5, 6e-5, 1.3e-6]),
+    ),
+    choices=st.integers(1, 8),
+)
+def test_completion_room_is_exact_for_a_budget(
+    left: int, prompt: int, price: tuple[float, float], choices: int
+) -> None:
+    """The room fits the budget's estimate, and one token more per choice would not."""
+    state = LimitState(Budget("{b}:b", 10**12, "1d", 0), left, 0)
+    room = completion_room([state], prompt, price, choices)
+    assert room is not None and room >= 0
+    if cost_nano(price, prompt, 0) <= left:
+        assert cost_nano(price, prompt, room * choices) <= left
+    assert cost_nano(price, prompt, (room + 1) * choices) > left
 
 
 # -- strict -------------------------------------------------------------------------------
