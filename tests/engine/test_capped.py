@@ -3,12 +3,16 @@ is left, and settle, release and expiry give back exactly what it took."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from ratelimiter import Budget, Engine, SlidingWindow
+from ratelimiter.engine.limits import DEFAULT_BUCKETS, DEFAULT_BUDGET_RETENTION_MS
 from ratelimiter.errors import InvalidLimit
 
 from ..conftest import ManualClock
+from .test_concurrency import PROCESSES, TASKS, make_limits, run_processes
 
 
 def tpm(ns: str, capacity: int, amount: int, capped: bool = True) -> SlidingWindow:
@@ -136,3 +140,40 @@ async def test_capped_limits_across_cluster_slots(cluster_engine: Engine, ns: st
     released = await cluster_engine.release(first.reservation)
     assert released.reserved == {"tokens": 50, "spend": 2_000}
     assert [s.remaining for s in await cluster_engine.peek(limits)] == [5, 50, 10_000]
+
+
+@pytest.mark.parametrize(
+    ("spec", "admitted"),
+    [
+        # 142 requests of 7 tokens fit whole; the 143rd takes the 6 left
+        (("window", "{ns}:tpm", 1_000, "1m", 7, "tokens", "", DEFAULT_BUCKETS, True), 143),
+        # 111 of 9 fit whole; the 112th holds the 1 left
+        (
+            (
+                "budget",
+                "{{{ns}}}:b",
+                1_000,
+                "daily",
+                9,
+                "spend",
+                "",
+                DEFAULT_BUDGET_RETENTION_MS,
+                True,
+            ),
+            112,
+        ),
+    ],
+)
+def test_processes_fill_a_capped_limit_exactly(
+    redis_url: str, ns: str, spec: tuple[object, ...], admitted: int
+) -> None:
+    """Four processes of 50 tasks: exactly one request takes a partial amount, and what is
+    held ends at the capacity, never past it."""
+    assert admitted < PROCESSES * TASKS
+    assert len(set(run_processes(redis_url, ns, [spec]))) == admitted
+
+    async def remaining() -> int:
+        async with await Engine.connect(redis_url) as engine:
+            return (await engine.peek(make_limits(ns, [spec])))[0].remaining
+
+    assert asyncio.run(remaining()) == 0
