@@ -203,6 +203,31 @@ async def test_strict_keeps_the_clients_own_bound_and_default(ns: str, redis_url
         assert (await side.chat(unlimited))[1]["usage"]["completion_tokens"] == 4096
 
 
+async def test_strict_bounds_a_stream_and_a_legacy_completion(ns: str, redis_url: str) -> None:
+    async with sidecars(ns, redis_url, "strict") as side:
+        key = await side.key(tpm_limit=100)
+        headers = {"Authorization": f"Bearer {key}"}
+        async with side.session.post(
+            f"{side.bases[0]}/v1/chat/completions",
+            json={"model": "gpt-4o", "messages": MESSAGES, "stream": True},
+            headers=headers,
+        ) as response:
+            assert response.status == 200
+            words = (await response.text()).count('"content":')
+        assert words == 100 - ESTIMATE  # one word per chunk, as many as max_tokens
+        legacy = {"model": "gpt-4o", "prompt": "x" * 40, "n": 2}  # a 10-token prompt
+        async with side.session.post(
+            f"{side.bases[0]}/v1/completions", json=legacy, headers=headers
+        ) as response:
+            assert response.status == 429  # 7 left: under 10 + 2 x 16
+        roomy = {"Authorization": f"Bearer {await side.key(tpm_limit=200)}"}
+        async with side.session.post(
+            f"{side.bases[0]}/v1/completions", json=legacy, headers=roomy
+        ) as response:
+            answer = await response.json()
+        assert answer["usage"]["completion_tokens"] == (200 - 10) // 2  # max_tokens per choice
+
+
 # -- under concurrency ----------------------------------------------------------------------
 
 TASKS, ROUNDS = 20, 40
