@@ -286,7 +286,7 @@ class NewUserRequest(_Limits):
     # accepted, not enforced
     user_alias: Str = None
     user_role: UserRole | None = None
-    teams: Annotated[list[str | dict[str, Any]], Field(max_length=MAX_LIST)] | None = None
+    teams: AnyList = None  # team ids, or {team_id, max_budget_in_team, user_role} objects
     auto_create_key: Bool = None
     send_invite_email: Bool = None
     sso_user_id: Str = None
@@ -548,6 +548,18 @@ def _unknown(model: type[BaseModel], loc: tuple[int | str, ...], what: str) -> s
     return f"unknown field for {what} (neither the limiter nor LiteLLM has it){hint}"
 
 
+# What pydantic's type errors expect, in the API's words (JSON's, not Python's).
+_EXPECTED = {
+    "model_type": "an object",
+    "dict_type": "an object",
+    "list_type": "a list",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "int_type": "a whole number",
+    "float_type": "a number",
+}
+
+
 def _problem(model: type[BaseModel], what: str, error: Mapping[str, Any]) -> tuple[str, str]:
     """(field path, what is wrong) of one pydantic error, in words rather than its dump."""
     kind, ctx, got = error["type"], error.get("ctx") or {}, shown(error.get("input"))
@@ -565,6 +577,8 @@ def _problem(model: type[BaseModel], what: str, error: Mapping[str, Any]) -> tup
         problem = f"must be at least {ctx.get('ge')}, got {got}"
     elif kind == "literal_error":
         problem = f"must be one of {ctx.get('expected')}, got {got}"
+    elif kind in _EXPECTED:
+        problem = f"must be {_EXPECTED[kind]}, got {got}"
     elif kind == "none_required":
         problem = "is not served (the limiter generates every key); send null or leave it out"
     else:

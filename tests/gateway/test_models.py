@@ -161,7 +161,7 @@ async def test_key_update_stores_its_own_litellm_fields(admin: Admin) -> None:
             "did you mean models?",
         ),
         ("/user/new", {"user_role": "root"}, "user_role", "must be one of 'proxy_admin'"),
-        ("/key/generate", {"tags": "prod"}, "tags", "valid list"),
+        ("/key/generate", {"tags": "prod"}, "tags", "must be a list, got 'prod'"),
         ("/key/generate", {"tags": ["x" * 300]}, "tags[0]", "at most 256"),
         ("/team/new", {"team_member_rpm_limit": 2**60}, "team_member_rpm_limit", "at most"),
         ("/key/generate", {"spend": -1}, "spend", "at least 0"),
@@ -171,7 +171,7 @@ async def test_key_update_stores_its_own_litellm_fields(admin: Admin) -> None:
         ("/key/generate", {"temp_budget_expiry": "2030-01-01"}, "", "unknown field for a key"),
         ("/key/delete", {"keys": ["sk-x"], "kyes": 1}, "kyes", "did you mean keys?"),
         ("/budget/delete", {"id": "b", "force": True}, "force", "unknown field for /budget/"),
-        ("/key/generate", {"send_invite_email": 0}, "", "valid boolean, got 0"),
+        ("/key/generate", {"send_invite_email": 0}, "", "must be true or false, got 0"),
         ("/budget/new", {"budget_id": "b", "budget_reset_at": 0}, "budget_reset_at", "as text"),
     ],
 )
