@@ -32,9 +32,9 @@
 local rid, now = ARGV[1], clock(ARGV[2])
 local specs = mp_unpack(ARGV[3])
 
-local existing = redis.call('HMGET', KEYS[1], 's', 'reply', 'spec', 'keys', 'grp')
+local existing = redis.call('HMGET', KEYS[1], 's', 'reply', 'spec', 'keys', 'grp', 'ask')
 if existing[1] == 'held' then
-  if existing[3] ~= ARGV[3] or existing[4] ~= table.concat(KEYS, '\0', 3)
+  if (existing[6] or existing[3]) ~= ARGV[3] or existing[4] ~= table.concat(KEYS, '\0', 3)
       or existing[5] ~= ARGV[10] then
     return mp_pack({ok = 0, dup = 'conflict', st = {}})
   end
@@ -184,7 +184,10 @@ if ARGV[8] ~= '' then
   redis.call('HSET', KEYS[1], 'lg', ARGV[8], 'dims', ARGV[9])
 end
 if short then
-  redis.call('HSET', KEYS[1], 'took', mp_pack(took))
+  for i, spec in ipairs(specs) do
+    spec[2] = took[i]
+  end
+  redis.call('HSET', KEYS[1], 'spec', mp_pack(specs), 'ask', ARGV[3])
 end
 redis.call('PEXPIRE', KEYS[1], int(hold_ttl + record_ttl))
 redis.call('ZADD', KEYS[2], int(deadline), rid)

@@ -226,8 +226,9 @@ end
 --   spec = the msgpack specs    keys = the limit keys joined by NUL
 --   at = msgpack array, per limit: the bucket id (window), period start (budget), 0 (lease)
 --   meta = caller metadata      reply = acquire's packed answer, for a repeated acquire
---   took = msgpack array, per limit, of the amount taken, present only when a capped limit
---          took less than its spec's amount (records without it took their specs' amounts)
+-- When a capped limit took less than asked, spec holds the specs with the amounts taken (so
+-- every version of these scripts settles what was taken) and ask = the specs as given, which a
+-- repeated acquire compares with.
 -- Once finished, spec/keys/at give way to t1, est and out (msgpack maps measure -> amount)
 -- and the hash lives for the result ttl so repeated calls get the first outcome.
 
@@ -248,13 +249,12 @@ end
 -- end and retention (the key itself is the period's).
 local function record_limits(rec)
   local specs, at, keys = mp_unpack(rec.spec), mp_unpack(rec.at), {}
-  local took = rec.took and mp_unpack(rec.took)
   for key in string.gmatch(rec.keys, '([^%z]+)') do
     keys[#keys + 1] = key
   end
   local out = {}
   for i, spec in ipairs(specs) do
-    local kind, amount, measure = spec[1], took and took[i] or spec[2], spec[4]
+    local kind, amount, measure = spec[1], spec[2], spec[4]
     if kind == 'w' then
       out[i] = {kind, keys[i], amount, measure, spec[5], spec[6], at[i]}
     elseif kind == 'l' or kind == 'g' then
@@ -341,7 +341,7 @@ local function record_finish(rec, key, rid, now, mode, actuals, ttl, info)
   if rec.lg then
     ledger_write(rec, rid, now, status, rec.est, rec.out, charged, info)
   end
-  redis.call('HDEL', key, 'spec', 'keys', 'at', 'reply', 'dims', 'took')
+  redis.call('HDEL', key, 'spec', 'keys', 'at', 'reply', 'dims', 'ask')
   redis.call('HSET', key, 's', status, 't1', int(now), 'est', rec.est, 'out', rec.out)
   redis.call('PEXPIRE', key, int(ttl))
   return reserved, charged

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import msgpack
 import pytest
 
 from ratelimiter import Budget, Engine, SlidingWindow
@@ -120,6 +121,22 @@ async def test_a_record_without_taken_amounts_settles_from_its_specs(
     )
     [use] = await clocked.budget_use([budget(ns, 1_000, 0)])
     assert (use.spent, use.held) == (50, 0)
+
+
+async def test_a_short_record_holds_the_amounts_taken_in_its_specs(
+    clocked: Engine, ns: str
+) -> None:
+    """Scripts of every version read a record's amounts from its specs, so a sidecar not yet
+    upgraded that expires this hold still returns what was taken; a repeated acquire (a retry
+    after a lost reply) still matches the specs as asked."""
+    limits = [tpm(ns, 20, 500), budget(ns, 1_000, 200)]
+    assert (await clocked.acquire("a", limits)).allowed
+    record = await clocked.redis.hgetall(f"t:{ns}:{{rl}}:res:a")
+    assert [spec[1] for spec in msgpack.unpackb(record[b"spec"])] == [20, 200]
+    again = await clocked.acquire("a", limits)
+    assert again.allowed and [s.remaining for s in again.states] == [0, 800]
+    assert (await clocked.peek(limits))[0].remaining == 0  # nothing taken twice
+    assert (await clocked.settle("a", {"tokens": 3})).reserved == {"tokens": 20, "spend": 200}
 
 
 def test_capped_must_be_a_boolean(ns: str) -> None:
