@@ -178,16 +178,18 @@ end
 local hold_ttl, record_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local deadline = now + hold_ttl
 local reply = mp_pack({ok = 1, st = states, took = short and took or nil})
-redis.call('HSET', KEYS[1], 's', 'held', 't0', int(now), 'dl', int(deadline), 'spec', ARGV[3],
-  'keys', table.concat(KEYS, '\0', 3), 'at', mp_pack(at), 'meta', ARGV[6], 'reply', reply, 'grp', ARGV[10])
-if ARGV[8] ~= '' then
-  redis.call('HSET', KEYS[1], 'lg', ARGV[8], 'dims', ARGV[9])
-end
-if short then
+local stored = ARGV[3]
+if short then  -- the record keeps the amounts taken, where every version reads them
   for i, spec in ipairs(specs) do
     spec[2] = took[i]
   end
-  redis.call('HSET', KEYS[1], 'spec', mp_pack(specs), 'ask', ARGV[3])
+  stored = mp_pack(specs)
+  redis.call('HSET', KEYS[1], 'ask', ARGV[3])
+end
+redis.call('HSET', KEYS[1], 's', 'held', 't0', int(now), 'dl', int(deadline), 'spec', stored,
+  'keys', table.concat(KEYS, '\0', 3), 'at', mp_pack(at), 'meta', ARGV[6], 'reply', reply, 'grp', ARGV[10])
+if ARGV[8] ~= '' then
+  redis.call('HSET', KEYS[1], 'lg', ARGV[8], 'dims', ARGV[9])
 end
 redis.call('PEXPIRE', KEYS[1], int(hold_ttl + record_ttl))
 redis.call('ZADD', KEYS[2], int(deadline), rid)
