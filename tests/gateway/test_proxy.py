@@ -227,8 +227,8 @@ async def test_metrics(stack: Stack) -> None:
 async def test_tpm_and_parallel_refusals(stack: Stack) -> None:
     tokens = stack.client(await stack.key(tpm_limit=30))
     await tokens.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=4)
-    with pytest.raises(openai.RateLimitError) as raised:  # 14 used, 10 + 16 more asked
-        await tokens.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    with pytest.raises(openai.RateLimitError) as raised:  # 14 used, 17 + 16 more asked
+        await tokens.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=16)
     assert "Limit type: tokens." in raised.value.response.json()["error"]["message"]
     assert raised.value.response.headers["x-ratelimit-remaining-tokens"] == "16"
 
