@@ -311,7 +311,7 @@ local function record_finish(rec, key, rid, now, mode, actuals, ttl, info)
   for _, lim in ipairs(record_limits(rec)) do
     local kind, lkey, amount, measure = lim[1], lim[2], lim[3], lim[4]
     local final = amount
-    if mode == 'release' then
+    if mode == 'release' or mode == 'cancel' then
       final = 0
     elseif mode == 'settle' and measure ~= '' and actuals[measure] ~= nil then
       final = actuals[measure]
@@ -336,12 +336,16 @@ local function record_finish(rec, key, rid, now, mode, actuals, ttl, info)
       end
     end
   end
+  if mode == 'cancel' then  -- undone as if never acquired: no ledger entry, no record
+    redis.call('DEL', key)
+    return reserved, charged
+  end
   local status = mode == 'release' and 'released' or (mode == 'settle' and 'settled' or 'expired')
   rec.s, rec.t1, rec.est, rec.out = status, now, mp_pack(reserved), mp_pack(charged)
   if rec.lg then
     ledger_write(rec, rid, now, status, rec.est, rec.out, charged, info)
   end
-  redis.call('HDEL', key, 'spec', 'keys', 'at', 'reply', 'dims', 'ask')
+  redis.call('HDEL', key, 'spec', 'keys', 'at', 'reply', 'dims', 'ask', 'grp')
   redis.call('HSET', key, 's', status, 't1', int(now), 'est', rec.est, 'out', rec.out)
   redis.call('PEXPIRE', key, int(ttl))
   return reserved, charged

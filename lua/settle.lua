@@ -7,6 +7,8 @@
 -- ARGV[3]  'settle': limits with a measure named in the actuals take that amount instead of
 --          their estimate (a window's bucket and a budget's period are the ones reserved);
 --          'release': every reserved amount is refunded
+--          'cancel': refunded and forgotten, with no ledger entry: the other slot groups of
+--          the request were refused, so it was never admitted
 -- ARGV[4]  msgpack map measure -> actual amount (integers; ignored by 'release')
 -- ARGV[5]  result ttl, ms: how long the finished record answers repeated calls
 -- ARGV[6]  opaque bytes for the ledger entry (actual token counts, outcome), if it has one

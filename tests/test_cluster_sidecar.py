@@ -99,3 +99,36 @@ async def test_cache_invalidation_reaches_another_sidecar_on_a_cluster(
         while (await two.get("/key/info", key=key))["info"]["rpm_limit"] != 99:
             assert time.monotonic() - started < 1.0, "no invalidation through Cluster pub/sub"
             await asyncio.sleep(0.02)
+
+
+async def test_a_full_deployment_hands_over_to_the_next_on_a_cluster(
+    ns: str, redis_cluster: Cluster
+) -> None:
+    """Each attempt is its own reservation: the refused attempt's released record in the
+    key's slot once made the next deployment's acquire a reused id (a 500)."""
+    from ratelimiter.gateway.config import Deployment, Settings
+
+    from .conftest import MASTER_KEY
+
+    async with running_upstream() as upstream:
+        pool = tuple(
+            Deployment("pool", f"openai/{n}", api_base=upstream, rpm=1, index=n) for n in range(2)
+        )
+        settings = Settings(master_key=MASTER_KEY, key_prefix=f"t:{ns}:", models=pool)
+        async with (
+            running_sidecar(settings, redis_cluster.url) as base,
+            aiohttp.ClientSession() as session,
+        ):
+            key = (await Admin(session, base).post("/key/generate", {"max_budget": 1}))["key"]
+            statuses, ids = [], []
+            for _ in range(3):
+                async with session.post(
+                    f"{base}/v1/chat/completions",
+                    json={"model": "pool", "messages": CHAT["messages"], "max_tokens": 2},
+                    headers={"Authorization": f"Bearer {key}"},
+                ) as response:
+                    statuses.append(response.status)
+                    ids.append(response.headers["x-request-id"])
+            assert statuses == [200, 200, 429]
+            logs = await Admin(session, base).get("/spend/logs", api_key=key)
+            assert sorted(e["request_id"] for e in logs["data"]) == sorted(ids[:2])

@@ -303,7 +303,7 @@ class Engine:
                 if reply["ok"] and "dup" not in reply
             ]
             if taken:
-                await self.release(Reservation(request_id, tuple(taken)))
+                await self._cancel(Reservation(request_id, tuple(taken)))
             raise DuplicateRequest(request_id, reused)
         states: list[LimitState | None] = [None] * len(limits)
         refusal: tuple[int, str, int] | None = None
@@ -326,7 +326,7 @@ class Engine:
             anchor for (anchor, _), reply in zip(groups, replies, strict=True) if reply["ok"]
         ]
         if admitted:
-            await self.release(Reservation(request_id, tuple(admitted)))
+            await self._cancel(Reservation(request_id, tuple(admitted)))
         index, reason, retry = refusal
         return Decision(
             False,
@@ -376,6 +376,11 @@ class Engine:
     async def release(self, reservation: Reservation | str) -> Settlement:
         """Refund everything reserved (the request failed before the upstream answered)."""
         return await self._finish(reservation, "release", msgpack.packb({}))
+
+    async def _cancel(self, reservation: Reservation) -> None:
+        """Undo the slot groups a refused or conflicting acquire took, as if it had never
+        run there: refunded, no ledger entry, no record left to meet the id again."""
+        await self._finish(reservation, "cancel", msgpack.packb({}))
 
     async def abandon(self, request_id: str, limits: Iterable[Limit]) -> Settlement:
         """Undo an acquire whose answer never came (Redis timed out or the connection broke):

@@ -21,7 +21,7 @@ import yaml
 from ..engine.durations import Duration, parse_duration, time_zone
 from ..engine.embedded import DEFAULT_DATA_DIR
 from ..errors import InvalidDuration, RateLimiterError
-from ..pricing import PRICES, Price
+from ..pricing import Price, model_price
 from .bodies import MAX_OUTPUT_TOKENS
 
 __all__ = ["ConfigError", "Deployment", "Settings", "load_config", "weak_master_key_reason"]
@@ -61,7 +61,8 @@ class Deployment:
         """Its own prices when the config sets them, else the table's for its model."""
         if self.input_cost_per_token is not None or self.output_cost_per_token is not None:
             return (self.input_cost_per_token or 0.0, self.output_cost_per_token or 0.0)
-        return PRICES.get(self.model.rsplit("/", 1)[-1]) or PRICES.get(self.model_name)
+        # by the table's rules: with or without the provider, a dated snapshot by its family
+        return model_price(self.model) or model_price(self.model_name)
 
     @property
     def deployment_id(self) -> str:

@@ -31,7 +31,7 @@ from ..engine import Decision, Reservation
 from ..engine.limits import MAX_AMOUNT, Budget, Limit
 from ..errors import EntityError, RedisUnavailable
 from ..ledger import ledger_dims
-from ..pricing import Price, cost_nano, dollars, estimate_tokens, estimated_cost
+from ..pricing import Price, choice_chars, cost_nano, dollars, estimate_tokens, estimated_cost
 from ..responses import error_response, json_response, rate_headers, refusal
 from .alerts import ALERTS
 from .bodies import check_body
@@ -108,7 +108,11 @@ class Call:
     async def admit(self, caller: Caller) -> tuple[Deployment, Decision] | web.Response:
         store = self.app[STORE]
         last: Decision | None = None
-        for deployment in _deployments(self.settings, self.body["model"]):
+        for attempt, deployment in enumerate(_deployments(self.settings, self.body["model"])):
+            if attempt:
+                # Its own id: on a Cluster a refused attempt leaves a released record in the
+                # slots it took, which the same id would meet as a reuse.
+                self.request_id = self.request[REQUEST_ID] = f"{self.request[REQUEST_ID]}.{attempt}"
             check_model_access(caller, deployment, self.settings)
             price = deployment.price
             if price is None and not self._unpriced_ok(deployment):
@@ -161,7 +165,7 @@ class Call:
                 self.app[ALERTS].refused(decision.refused)
             refused = decision.refused.name if decision.refused else ""
             metrics.refusals.labels(refused.split(":")[0], decision.reason or "").inc()
-            last = decision  # a refusal reserved nothing: the id can be tried again
+            last = decision
             if not (decision.refused and decision.refused.name.startswith("deployment:")):
                 break
         assert last is not None
@@ -296,6 +300,10 @@ class Call:
         self.finished = True
         if self.reservation is not None:
             await self._now_or_later(functools.partial(self.engine.release, self.reservation))
+        elif self.limits is not None:  # admitted unchecked: its acquire may land late
+            self.app[DEFERRED].put(
+                functools.partial(self.engine.abandon, self.request_id, self.limits)
+            )
 
     async def finish(self) -> None:
         """The one exit every admitted request passes: whatever ended it (our bug, a bad
@@ -313,7 +321,8 @@ class Call:
         gone its settlement waits in the deferred queue (settling is idempotent per request
         id, so a retry after a lost reply cannot charge twice)."""
         try:
-            await update()
+            # shielded: a cancel (a shutdown) after finished was set must not lose the update
+            await asyncio.shield(update())
         except RedisUnavailable as exc:
             self.app[METRICS].redis_errors.inc()
             log.warning("settling %s when Redis is back: %s", self.request_id, exc)
@@ -382,29 +391,9 @@ def reported_tokens(usage: Any) -> tuple[int, int] | None:
 
 
 def generated_chars(payload: Any) -> int:
-    """Characters of what a non-streamed answer generated: message content, tool-call
-    arguments, completion text."""
+    """Characters of what a non-streamed answer generated (see pricing.choice_chars)."""
     choices = payload.get("choices") if isinstance(payload, dict) else None
-    if not isinstance(choices, list):
-        return 0
-    total = 0
-    for choice in choices:
-        if not isinstance(choice, dict):
-            continue
-        total += _chars(choice.get("text"))
-        message = choice.get("message")
-        if isinstance(message, dict):
-            total += _chars(message.get("content"))
-            calls = message.get("tool_calls")
-            for call in calls if isinstance(calls, list) else ():
-                function = call.get("function") if isinstance(call, dict) else None
-                if isinstance(function, dict):
-                    total += _chars(function.get("name")) + _chars(function.get("arguments"))
-    return total
-
-
-def _chars(value: Any) -> int:
-    return len(value) if isinstance(value, str) else 0
+    return sum(map(choice_chars, choices)) if isinstance(choices, list) else 0
 
 
 UNPRICED_WARNED = web.AppKey("unpriced_warned", set)
@@ -497,13 +486,18 @@ def proxy_route(kind: str) -> Callable[[web.Request], Awaitable[web.StreamRespon
         request.app[METRICS].in_flight.inc()
         status = 499  # the client went away before an answer was made
         try:
-            response = await forward(call, deployment, decision)
+            # Leases and the hold are renewed for as long as the upstream takes, streamed or
+            # not: a slow answer must not free its parallel slot while it still runs.
+            async with _renewing(call):
+                response = await forward(call, deployment, decision)
             status = response.status
             return response
         finally:
-            await asyncio.shield(call.finish())
-            request.app[METRICS].in_flight.dec()
-            log.info("proxied", extra=call.log_fields(deployment, status, caller))
+            try:
+                await asyncio.shield(call.finish())
+            finally:
+                request.app[METRICS].in_flight.dec()
+                log.info("proxied", extra=call.log_fields(deployment, status, caller))
 
     return handler
 
@@ -526,17 +520,18 @@ async def forward(call: Call, deployment: Deployment, decision: Decision) -> web
             if call.body.get("stream"):
                 return await _stream(call, deployment, decision, upstream)
             raw = await upstream.read()
-    except TimeoutError:  # before OSError: TimeoutError is one
-        await call.release()
-        return error_response(
-            504,
-            f"the upstream for {deployment.model_name!r} did not answer "
-            f"within {call.settings.upstream_timeout_s:g}s",
-            "upstream_timeout",
-            headers=failure,
-        )
-    except (aiohttp.ClientError, OSError) as exc:
-        await call.release()
+    except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
+        if isinstance(exc, _NEVER_SENT):
+            await call.release()
+        # else the upstream had the request and may bill it: finish() charges the prompt
+        if isinstance(exc, TimeoutError):
+            return error_response(
+                504,
+                f"the upstream for {deployment.model_name!r} did not answer "
+                f"within {call.settings.upstream_timeout_s:g}s",
+                "upstream_timeout",
+                headers=failure,
+            )
         return error_response(
             502,
             f"the upstream for {deployment.model_name!r} could not be "
@@ -584,9 +579,13 @@ async def _upstream_error(
     )
 
 
+# Failures that mean the request never left: nothing to bill.
+_NEVER_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+
+
 @contextlib.asynccontextmanager
 async def _renewing(call: Call) -> AsyncIterator[None]:
-    """Keep the leases and the hold alive while a stream runs."""
+    """Keep the leases and the hold alive while the upstream works."""
 
     async def renew() -> None:
         while True:
@@ -616,17 +615,16 @@ async def _stream(
     )
     try:
         await response.prepare(call.request)
-        async with _renewing(call):
-            # Whatever arrived is parsed line by line but written back in one piece: a write
-            # per SSE line cost more CPU than the rest of the stream's handling together.
-            partial = b""
-            async for data in upstream.content.iter_any():
-                *lines, partial = (partial + data).split(b"\n")
-                out = [line for line in lines if _read_sse_line(call, line)]
-                if out:
-                    await response.write(b"\n".join(out) + b"\n")
-            if partial:
-                await response.write(partial)
+        # Whatever arrived is parsed line by line but written back in one piece: a write
+        # per SSE line cost more CPU than the rest of the stream's handling together.
+        partial = b""
+        async for data in upstream.content.iter_any():
+            *lines, partial = (partial + data).split(b"\n")
+            out = [line for line in lines if _read_sse_line(call, line)]
+            if out:
+                await response.write(b"\n".join(out) + b"\n")
+        if partial:
+            await response.write(partial)
     except (aiohttp.ClientError, OSError):
         # The client left (stop paying for tokens nobody reads) or the upstream broke off:
         # the caller's finish() charges what was streamed.
@@ -654,10 +652,8 @@ def _read_sse_line(call: Call, line: bytes) -> bool:
         call.stream_usage = chunk["usage"]
         if not call.wants_usage and not choices:
             return False
-    for choice in choices if isinstance(choices, list) else ():
-        delta = choice.get("delta") if isinstance(choice, dict) else None
-        if isinstance(delta, dict):
-            call.streamed_chars += _chars(delta.get("content"))
+    if isinstance(choices, list):
+        call.streamed_chars += sum(map(choice_chars, choices))
     return True
 
 

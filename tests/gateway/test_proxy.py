@@ -4,6 +4,7 @@ and the fake upstream over HTTP."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import aiohttp
@@ -13,7 +14,15 @@ import pytest
 from ratelimiter.gateway.config import Deployment, Settings
 from ratelimiter.testing.fake_upstream import FakeUpstream
 
-from ..conftest import MASTER_KEY, MESSAGES, Admin, Stack, running_sidecar, running_upstream
+from ..conftest import (
+    MASTER_KEY,
+    MESSAGES,
+    Admin,
+    Stack,
+    one_model,
+    running_sidecar,
+    running_upstream,
+)
 
 
 async def test_chat_completions_and_embeddings(stack: Stack) -> None:
@@ -198,15 +207,42 @@ async def test_a_client_leaving_mid_stream_frees_its_lease(stack: Stack) -> None
     assert 10 * 1e-6 < spend - second < 10 * 1e-6 + 20 * 2e-6
 
 
-async def test_an_upstream_timeout_is_a_504_and_releases(stack: Stack) -> None:
-    client = stack.client(await stack.key(rpm_limit=1))
+async def test_an_upstream_timeout_is_a_504_charged_the_prompt_it_had(stack: Stack) -> None:
+    """The upstream had the request and may bill it: the prompt is charged, and the request
+    counts; only a request that never left (a refused connection, below) is free."""
+    key = await stack.key(rpm_limit=2)
+    client = stack.client(key)
     stack.fake.latency_ms = 1_000
     with pytest.raises(openai.APIStatusError) as raised:
         await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert raised.value.status_code == 504
     assert "did not answer within 0.5s" in raised.value.response.json()["error"]["message"]
     stack.fake.latency_ms = 0
-    await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # slot came back
+    (entry,) = (await stack.admin.get("/spend/logs", api_key=key))["data"]
+    assert (entry["status"], entry["completion_tokens"]) == ("success", 0)
+    assert entry["spend"] == pytest.approx(entry["prompt_tokens"] * 1e-6) and entry["spend"] > 0
+    await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    with pytest.raises(openai.RateLimitError):  # the timed-out request was one of the two
+        await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+
+
+async def test_a_slow_answer_keeps_its_parallel_slot(ns: str, redis_url: str) -> None:
+    """A non-streamed answer slower than the lease ttl must renew its lease, or a second
+    request is let in beside it."""
+    fake = FakeUpstream(latency_ms=2_500)
+    async with running_upstream(fake) as upstream:
+        settings = dataclasses.replace(one_model(ns, upstream), lease_ttl_s=1.0)
+        async with running_sidecar(settings, redis_url) as base, aiohttp.ClientSession() as s:
+            key = (await Admin(s, base).post("/key/generate", {"max_parallel_requests": 1}))["key"]
+            client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+            first = asyncio.create_task(
+                client.chat.completions.create(model="m", messages=MESSAGES)
+            )
+            await asyncio.sleep(1.8)  # past the lease's ttl, the first still waiting
+            with pytest.raises(openai.RateLimitError):
+                await client.chat.completions.create(model="m", messages=MESSAGES)
+            await first
+            await client.close()
 
 
 async def test_metrics(stack: Stack) -> None:
