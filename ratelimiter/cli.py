@@ -77,12 +77,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     check = ledger_commands.add_parser("check", help="reconcile the ledger with the counters")
     check.add_argument("--config", help="the sidecar's config.yaml (Redis URL, key prefix)")
+    key = commands.add_parser(
+        "key", help="print the master key (saved under the data folder on first serve)"
+    )
+    key.add_argument("--config", help="the sidecar's config.yaml (its data_dir)")
     fake = commands.add_parser("fake-upstream", help="run a fake OpenAI-compatible upstream")
     fake.add_argument("--host", default="127.0.0.1")
     fake.add_argument("--port", type=int, default=8000)
     fake.add_argument("--latency-ms", type=float, default=0.0, help="delay before answering")
     fake.add_argument("--error-rate", type=float, default=0.0, help="share of 500 answers, 0-1")
-    for command in (serve, export, check, fake):
+    for command in (serve, export, check, key, fake):
         _log_format(command, None)
     return parser
 
@@ -189,7 +193,9 @@ def _run_workers(settings: Settings, url: str, args: argparse.Namespace) -> None
 
 
 def serve(args: argparse.Namespace) -> int:
-    settings = load_config(args.config, allow_weak_master_key=args.unsafe_allow_weak_master_key)
+    settings = load_config(
+        args.config, allow_weak_master_key=args.unsafe_allow_weak_master_key, master_key="create"
+    )
     if args.workers < 1:
         raise RateLimiterError(f"--workers must be at least 1, got {args.workers}")
     _check_port_free(args.host, args.port)
@@ -210,15 +216,38 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _ledger(args: argparse.Namespace) -> int:
-    settings = load_config(args.config, allow_weak_master_key=True)
-    if settings.redis_url is None:
+def print_key(args: argparse.Namespace) -> int:
+    settings = load_config(args.config, allow_weak_master_key=True, master_key="optional")
+    if not settings.master_key:
         raise RateLimiterError(
-            "set REDIS_URL or ratelimiter_settings.redis_url: the ledger "
-            "lives in the sidecar's Redis"
+            f"no master key: none is set (RATELIMITER_MASTER_KEY, general_settings.master_key) "
+            f"and none was saved in {settings.data_dir}; `ratelimiter serve` makes one"
         )
+    print(settings.master_key)
+    return 0
+
+
+async def _ledger(args: argparse.Namespace) -> int:
+    settings = load_config(args.config, allow_weak_master_key=True, master_key="optional")
+    server = None
+    url = settings.redis_url
+    if url is None:  # the embedded Redis: the running sidecar's, else started for this command
+        embedded = RedisServer(settings.data_dir)
+        if embedded.answers():
+            url = embedded.url
+        else:
+            server = embedded.start()
+            url = server.url
+    try:
+        return await _ledger_command(args, settings, url)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+async def _ledger_command(args: argparse.Namespace, settings: Settings, url: str) -> int:
     async with await Engine.connect(
-        settings.redis_url, prefix=settings.key_prefix, timezone=settings.timezone
+        url, prefix=settings.key_prefix, timezone=settings.timezone
     ) as engine:
         if args.ledger_command == "check":
             problems = await check(engine, settings)
@@ -242,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "ledger":
             return asyncio.run(_ledger(args))
+        if args.command == "key":
+            return print_key(args)
         return serve(args) if args.command == "serve" else fake_upstream(args)
     except BrokenPipeError:  # `ratelimiter ledger export | head`: the reader has all it wants
         # Python would complain again when it flushes stdout at exit: point it nowhere.

@@ -362,3 +362,50 @@ async def test_a_ledger_export_piped_into_head_ends_quietly(
     )
     assert run.stdout.count("\n") == 1
     assert "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr, run.stderr
+
+
+def test_the_readme_walk_through_needs_no_key_in_the_second_terminal(tmp_path: Path) -> None:
+    """The first terminal serves with no master key set: one is generated and saved; the
+    second terminal, with nothing set either, reads it with `ratelimiter key`, and the
+    ledger tools find the running sidecar's embedded Redis, then start their own."""
+    example_config(tmp_path)
+    clean = {
+        k: v for k, v in os.environ.items() if k not in ("RATELIMITER_MASTER_KEY", "REDIS_URL")
+    }
+    port = free_port()
+    first = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "ratelimiter.cli", "serve", "--config", "config.yaml"),
+            *("--host", "127.0.0.1", "--port", str(port)),
+        ],
+        cwd=tmp_path,
+        env=clean,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    def second(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "ratelimiter.cli", *args]
+        return subprocess.run(command, cwd=tmp_path, env=clean, capture_output=True, text=True)
+
+    try:
+        wait_ready(first, port)
+        key = second("key").stdout.strip()
+        assert key.startswith("sk-") and len(key) > 30
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/key/generate",
+            data=b"{}",
+            method="POST",
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request) as r:
+            assert r.status == 200
+        check = second("ledger", "check", "--config", "config.yaml")
+        assert check.returncode == 0 and "agree" in check.stdout, check
+    finally:
+        first.send_signal(signal.SIGTERM)
+        output, _ = first.communicate(timeout=20)
+    assert key not in output  # where it is saved is logged, never the key
+    export = second("ledger", "export", "--config", "config.yaml", "--since", "2026-01-01")
+    assert export.returncode == 0 and "exported 0 entries" in export.stderr, export

@@ -156,7 +156,7 @@ class RedisServer:
             self._release_lock()
             raise
         deadline = time.monotonic() + timeout
-        while not self._answers():
+        while not self.answers():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RateLimiterError(
@@ -212,7 +212,8 @@ class RedisServer:
         if _running(pid):
             os.kill(pid, signal.SIGKILL)
 
-    def _answers(self) -> bool:
+    def answers(self) -> bool:
+        """Whether a server answers PING on this one's address (ours or one left running)."""
         try:
             if self.port is None:
                 sock = socket.socket(socket.AF_UNIX)

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,31 @@ class Settings:
             for group in deployment.access_groups:
                 groups.setdefault(group, set()).add(deployment.model_name)
         return groups
+
+
+MASTER_KEY_FILE = "master_key"
+
+
+def _saved_master_key(data_dir: Path, *, create: bool) -> tuple[str | None, str]:
+    """The master key saved under the data directory (mode 0600), generated on first use
+    when ``create``: the README's walk-through then works in a second terminal, where no
+    environment variable was set, through ``ratelimiter key``."""
+    path = data_dir / MASTER_KEY_FILE
+    try:
+        return path.read_text().strip() or None, str(path)
+    except FileNotFoundError:
+        if not create:
+            return None, str(path)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = "sk-" + secrets.token_hex(16)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first: use theirs
+        return path.read_text().strip(), str(path)
+    with os.fdopen(fd, "w") as file:
+        file.write(key + "\n")
+    log.info("generated the master key and saved it in %s (mode 0600): `ratelimiter key`", path)
+    return key, str(path)
 
 
 def weak_master_key_reason(key: str) -> str | None:
@@ -252,9 +278,15 @@ def load_config(
     *,
     env: Mapping[str, str] | None = None,
     allow_weak_master_key: bool = False,
+    master_key: str = "required",
 ) -> Settings:
     """Read and check a config file; ``REDIS_URL``, ``RATELIMITER_MASTER_KEY`` and
-    ``RATELIMITER_END_USER_BUDGET_ID`` in the environment override it."""
+    ``RATELIMITER_END_USER_BUDGET_ID`` in the environment override it.
+
+    ``master_key``: where none is set (environment, then config), ``"required"`` is an error,
+    ``"create"`` reads the one saved under the data directory or generates and saves one
+    (``ratelimiter serve``), ``"optional"`` reads the saved one if any (commands that do not
+    serve the admin API)."""
     env = os.environ if env is None else env
     source = str(path) if path else "<no config file>"
     raw: Any = {}
@@ -278,18 +310,26 @@ def load_config(
         raise reader.fail("model_list", "must be a list of models")
     models = tuple(_deployment(reader, i, m) for i, m in enumerate(models_raw))
 
-    master_key = env.get("RATELIMITER_MASTER_KEY") or reader.string(
-        "general_settings.master_key", general.get("master_key")
+    data_dir = Path(
+        reader.string("ratelimiter_settings.data_dir", ours.get("data_dir")) or DEFAULT_DATA_DIR
     )
-    if not master_key:
+    # where the key came from, as an error names it: (source, path inside it)
+    key, key_source = env.get("RATELIMITER_MASTER_KEY"), ("RATELIMITER_MASTER_KEY", "")
+    if not key:
+        key = reader.string("general_settings.master_key", general.get("master_key"))
+        key_source = (source, "general_settings.master_key")
+    if not key:
+        key, saved_in = _saved_master_key(data_dir, create=master_key == "create")
+        key_source = (saved_in, "")
+    if not key and master_key == "required":
         raise reader.fail(
             "general_settings.master_key",
             "is required (or set RATELIMITER_MASTER_KEY): admin routes need it",
         )
-    weak = weak_master_key_reason(master_key)
+    weak = weak_master_key_reason(key) if key else None
     if weak and not allow_weak_master_key:
-        raise reader.fail(
-            "general_settings.master_key",
+        raise ConfigError(
+            *key_source,
             f"refused as weak: {weak}. Use a long random key (e.g. `sk-` + 32 random "
             "characters), or pass --unsafe-allow-weak-master-key for a throwaway setup",
         )
@@ -356,7 +396,7 @@ def load_config(
     for message in reader.warnings:
         log.warning(message)
     return Settings(
-        master_key=master_key,
+        master_key=key or "",
         models=models,
         max_budget=reader.number("litellm_settings.max_budget", litellm.get("max_budget")),
         budget_duration=reader.duration(
@@ -373,9 +413,7 @@ def load_config(
         or "rl:",
         timezone=timezone,
         on_redis_error=on_error or "deny",
-        data_dir=Path(
-            reader.string("ratelimiter_settings.data_dir", ours.get("data_dir")) or DEFAULT_DATA_DIR
-        ),
+        data_dir=data_dir,
         default_max_tokens=default_max_tokens or 4096,
         prompt_estimate=prompt_estimate or "chars",
         unpriced_models=unpriced or "free",

@@ -172,3 +172,20 @@ def test_cli_exits_non_zero_with_the_message(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"configuration error: {path}: model_list[0].litellm_params.rpm" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_serve_generates_and_saves_a_master_key_once(tmp_path: Path) -> None:
+    config = write(tmp_path, f"ratelimiter_settings:\n  data_dir: {tmp_path / 'data'}\n")
+    assert load_config(config, env={}, master_key="optional").master_key == ""
+    first = load_config(config, env={}, master_key="create").master_key
+    saved = tmp_path / "data" / "master_key"
+    assert saved.read_text().strip() == first and first.startswith("sk-")
+    assert saved.stat().st_mode & 0o777 == 0o600  # readable by its owner only
+    assert load_config(config, env={}, master_key="create").master_key == first  # kept
+    assert load_config(config, env={}).master_key == first  # and read back by others
+
+
+def test_a_weak_key_from_the_environment_is_named_as_such(tmp_path: Path) -> None:
+    config = write(tmp_path, "general_settings:\n  master_key: sk-strong-and-long-4d8e2a\n")
+    with pytest.raises(ConfigError, match=r"^RATELIMITER_MASTER_KEY: refused as weak"):
+        load_config(config, env={"RATELIMITER_MASTER_KEY": "sk-1234"})
