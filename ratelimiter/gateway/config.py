@@ -8,6 +8,7 @@ warning each, not a crash, so a LiteLLM config with features we do not implement
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import math
 import os
@@ -167,14 +168,30 @@ class _Reader:
             return self.env[name]
         return raw
 
-    def section(self, path: str, raw: Any, known: set[str]) -> dict[str, Any]:
+    def section(
+        self, path: str, raw: Any, known: set[str], litellm: frozenset[str] | None = None
+    ) -> dict[str, Any]:
+        """A mapping of settings. ``known``: the ones we read. ``litellm``: the ones LiteLLM
+        reads and we do not (one warning each); None for a section of our own. A name
+        close to one we read is a typo, and an error: a warning let the sidecar run with
+        no models, or no limit, from one misspelt key."""
         if raw is None:
             return {}
         if not isinstance(raw, dict):
             raise self.fail(path, f"must be a mapping, got {type(raw).__name__}")
         for key in raw:
-            if key not in known:
-                self.warnings.append(f"{self.source}: {path}.{key}: unknown setting, ignored")
+            if key in known:
+                continue
+            where = f"{path}.{key}"
+            if litellm is not None and key in litellm:
+                self.warnings.append(f"{self.source}: {where}: LiteLLM's, accepted, not used")
+                continue
+            close = _closest(str(key), known)
+            if close is not None:
+                raise self.fail(where, f"unknown setting: did you mean {close!r}?")
+            if litellm is None:
+                raise self.fail(where, f"unknown setting; the settings are: {sorted(known)}")
+            self.warnings.append(f"{self.source}: {where}: unknown setting, ignored")
         return {k: self.value(f"{path}.{k}", v) for k, v in raw.items()}
 
     def string(self, path: str, raw: Any, *, required: bool = False) -> str | None:
@@ -207,16 +224,160 @@ class _Reader:
             raise self.fail(path, str(exc)) from None
 
 
-_TOP = {
-    "model_list",
-    "general_settings",
-    "litellm_settings",
-    "ratelimiter_settings",
-    "router_settings",
-    "environment_variables",
-}
+def _closest(name: str, known: set[str]) -> str | None:
+    """The setting ``name`` most likely misspells: close in spelling, or the same letters."""
+    for candidate in known:
+        if sorted(candidate) == sorted(name):
+            return candidate
+    found = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+    return found[0] if found else None
+
+
+_TOP = {"model_list", "general_settings", "litellm_settings", "ratelimiter_settings"}
 _GENERAL = {"master_key"}
 _LITELLM = {"max_budget", "budget_duration", "max_end_user_budget_id"}
+# What LiteLLM's config also has (not all of it): accepted with one warning each. The ones
+# spelt like a setting we read must be here, or they would be taken for its typo.
+_LITELLM_TOP = frozenset(
+    {
+        "router_settings",
+        "environment_variables",
+        "callback_settings",
+        "credential_list",
+        "guardrails",
+        "mcp_servers",
+        "vector_store_registry",
+        "files_settings",
+        "finetune_settings",
+        "assistant_settings",
+        "include",
+    }
+)
+_LITELLM_GENERAL = frozenset(
+    {
+        "database_url",
+        "store_model_in_db",
+        "alerting",
+        "alerting_threshold",
+        "max_parallel_requests",
+        "global_max_parallel_requests",
+        "disable_spend_logs",
+        "allowed_routes",
+        "public_routes",
+        "background_health_checks",
+        "health_check_interval",
+        "custom_auth",
+        "enable_jwt_auth",
+        "ui_access_mode",
+        "disable_master_key_return",
+        "litellm_key_header_name",
+        "pass_through_endpoints",
+        "proxy_batch_write_at",
+        "database_connection_pool_limit",
+        "allow_requests_on_db_unavailable",
+        "store_prompts_in_spend_logs",
+        "infer_model_from_keys",
+    }
+)
+_LITELLM_SETTINGS = frozenset(
+    {
+        "drop_params",
+        "set_verbose",
+        "json_logs",
+        "num_retries",
+        "request_timeout",
+        "callbacks",
+        "success_callback",
+        "failure_callback",
+        "service_callback",
+        "cache",
+        "cache_params",
+        "fallbacks",
+        "context_window_fallbacks",
+        "content_policy_fallbacks",
+        "default_fallbacks",
+        "default_team_settings",
+        "default_key_generate_params",
+        "upperbound_key_generate_params",
+        "default_internal_user_params",
+        "key_generation_settings",
+        "max_internal_user_budget",
+        "internal_user_budget_duration",
+        "turn_off_message_logging",
+        "redact_user_api_key_info",
+        "disable_end_user_cost_tracking",
+        "modify_params",
+        "telemetry",
+        "force_ipv4",
+        "enable_preview_features",
+    }
+)
+_LITELLM_PARAMS = frozenset(
+    {
+        "api_version",
+        "timeout",
+        "stream_timeout",
+        "max_retries",
+        "organization",
+        "custom_llm_provider",
+        "input_cost_per_second",
+        "output_cost_per_second",
+        "input_cost_per_pixel",
+        "output_cost_per_pixel",
+        "cache_read_input_token_cost",
+        "cache_creation_input_token_cost",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_region_name",
+        "aws_session_name",
+        "aws_profile_name",
+        "aws_role_name",
+        "vertex_project",
+        "vertex_location",
+        "vertex_credentials",
+        "region_name",
+        "watsonx_region_name",
+        "tags",
+        "weight",
+        "order",
+        "max_parallel_requests",
+        "max_budget",
+        "budget_duration",
+        "drop_params",
+        "additional_drop_params",
+        "use_in_pass_through",
+        "merge_reasoning_content_in_choices",
+        "litellm_credential_name",
+        "configurable_clientside_auth_params",
+        "mock_response",
+        "headers",
+        "extra_headers",
+        "use_litellm_proxy",
+    }
+)
+_LITELLM_MODEL_INFO = frozenset(
+    {
+        "mode",
+        "base_model",
+        "description",
+        "max_tokens",
+        "max_input_tokens",
+        "max_output_tokens",
+        "input_cost_per_token",
+        "output_cost_per_token",
+        "team_id",
+        "tier",
+        "health_check_model",
+        "supports_vision",
+        "supports_function_calling",
+        "supports_tool_choice",
+        "supports_reasoning",
+        "supports_prompt_caching",
+        "supports_response_schema",
+    }
+)
+# Providers whose deployments we may send to OpenAI's own URL when no api_base is given.
+_OPENAI_URL_PROVIDERS = {"openai", "text-completion-openai"}
 _OURS = {
     "redis_url",
     "key_prefix",
@@ -247,18 +408,31 @@ _PARAMS = {
 
 def _deployment(reader: _Reader, index: int, raw: Any) -> Deployment:
     path = f"model_list[{index}]"
-    entry = reader.section(path, raw, {"model_name", "litellm_params", "model_info"})
+    entry = reader.section(path, raw, {"model_name", "litellm_params", "model_info"}, frozenset())
     name = reader.string(f"{path}.model_name", entry.get("model_name"), required=True)
-    params = reader.section(f"{path}.litellm_params", entry.get("litellm_params"), _PARAMS)
-    info = reader.section(f"{path}.model_info", entry.get("model_info"), {"access_groups", "id"})
+    params = reader.section(
+        f"{path}.litellm_params", entry.get("litellm_params"), _PARAMS, _LITELLM_PARAMS
+    )
+    info = reader.section(
+        f"{path}.model_info", entry.get("model_info"), {"access_groups", "id"}, _LITELLM_MODEL_INFO
+    )
     groups = info.get("access_groups") or []
     if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
         raise reader.fail(f"{path}.model_info.access_groups", "must be a list of names")
     p = f"{path}.litellm_params"
+    model = reader.string(f"{p}.model", params.get("model"), required=True) or ""
+    api_base = reader.string(f"{p}.api_base", params.get("api_base"))
+    provider = model.split("/", 1)[0] if "/" in model else "openai"
+    if api_base is None and provider not in _OPENAI_URL_PROVIDERS:
+        raise reader.fail(
+            f"{p}.api_base",
+            f"is required for {model!r}: requests go to api_base in OpenAI's format (only "
+            "openai/ models go to OpenAI's own URL without one)",
+        )
     return Deployment(
         model_name=name or "",
-        model=reader.string(f"{p}.model", params.get("model")) or name or "",
-        api_base=reader.string(f"{p}.api_base", params.get("api_base")),
+        model=model,
+        api_base=api_base,
         api_key=reader.string(f"{p}.api_key", params.get("api_key")),
         rpm=reader.number(f"{p}.rpm", params.get("rpm"), whole=True),
         tpm=reader.number(f"{p}.tpm", params.get("tpm"), whole=True),
@@ -301,9 +475,13 @@ def load_config(
             problem = getattr(exc, "problem", None) or str(exc)
             raise ConfigError(source, where, f"not valid YAML: {problem}") from None
     reader = _Reader(source, env)
-    top = reader.section("(top level)", raw, _TOP)
-    general = reader.section("general_settings", top.get("general_settings"), _GENERAL)
-    litellm = reader.section("litellm_settings", top.get("litellm_settings"), _LITELLM)
+    top = reader.section("(top level)", raw, _TOP, _LITELLM_TOP)
+    general = reader.section(
+        "general_settings", top.get("general_settings"), _GENERAL, _LITELLM_GENERAL
+    )
+    litellm = reader.section(
+        "litellm_settings", top.get("litellm_settings"), _LITELLM, _LITELLM_SETTINGS
+    )
     ours = reader.section("ratelimiter_settings", top.get("ratelimiter_settings"), _OURS)
     models_raw = top.get("model_list") or []
     if not isinstance(models_raw, list):
@@ -393,6 +571,11 @@ def load_config(
     except InvalidDuration as exc:
         raise reader.fail("ratelimiter_settings.timezone", str(exc)) from None
 
+    if not models:
+        reader.warnings.append(
+            f"{source}: no models: every request will be a 404. Add a model_list entry "
+            "(model_name, litellm_params.model and api_base), as in config.example.yaml"
+        )
     for message in reader.warnings:
         log.warning(message)
     return Settings(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,14 +85,61 @@ def test_environment_overrides(tmp_path: Path) -> None:
 
 
 def test_unknown_keys_warn_once_each(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    text = GOOD + "\nrouter_settings:\n  routing_strategy: simple\nlitellm_settings_typo: 1\n"
+    text = GOOD + "\nrouter_settings:\n  routing_strategy: simple\nsome_future_section: 1\n"
     text = text.replace("  max_budget: 100", "  max_budget: 100\n  success_callback: [langfuse]")
     with caplog.at_level(logging.WARNING, logger="ratelimiter.config"):
         load_config(write(tmp_path, text), env=ENV)
     messages = [r.getMessage() for r in caplog.records]
-    assert any("(top level).litellm_settings_typo: unknown setting, ignored" in m for m in messages)
-    assert any("litellm_settings.success_callback: unknown setting" in m for m in messages)
-    assert len(messages) == 2
+    assert any("(top level).some_future_section: unknown setting, ignored" in m for m in messages)
+    assert any(
+        "litellm_settings.success_callback: LiteLLM's, accepted, not used" in m for m in messages
+    )
+    assert any("(top level).router_settings: LiteLLM's, accepted, not used" in m for m in messages)
+    assert len(messages) == 3
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            ("model_list:", "model_lsit:"),
+            "(top level).model_lsit: unknown setting: did you mean 'model_list'?",
+        ),
+        (
+            ("litellm_params:", "litellm_param:"),
+            "model_list[0].litellm_param: unknown setting: did you mean 'litellm_params'?",
+        ),
+        (("rpm: 100", "rmp: 100"), "litellm_params.rmp: unknown setting: did you mean 'rpm'?"),
+        (("on_redis_error: allow", "on_redis_eror: allow"), "did you mean 'on_redis_error'?"),
+        (
+            ("on_redis_error: allow", "colour: blue"),
+            "ratelimiter_settings.colour: unknown setting; the settings are",
+        ),
+        (("model: openai/gpt-4o", "api_version: v1"), "litellm_params.model: is required"),
+        (
+            ("model: openai/gpt-4o", "model: azure/gpt-4o"),
+            "api_base: is required for 'azure/gpt-4o'",
+        ),
+    ],
+)
+def test_a_typo_is_an_error_with_the_closest_name(
+    tmp_path: Path, change: tuple[str, str], message: str
+) -> None:
+    """A warning let the sidecar run with no models, no upstream or no limit."""
+    assert change[0] in GOOD
+    text = GOOD.replace(*change)
+    if "azure" in change[1]:
+        text = re.sub(r"      api_base: .*\n", "", text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(write(tmp_path, text), env=ENV)
+
+
+def test_no_models_is_a_warning_that_says_how_to_add_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="ratelimiter.config"):
+        load_config(None, env={"RATELIMITER_MASTER_KEY": MASTER})
+    assert any("no models: every request will be a 404" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize(
@@ -119,7 +167,7 @@ def test_unknown_keys_warn_once_each(tmp_path: Path, caplog: pytest.LogCaptureFi
         ),
         (
             ("- model_name: gpt-4o\n", "- model_nam: gpt-4o\n"),
-            "model_list[0].model_name: is required",
+            "model_list[0].model_nam: unknown setting: did you mean 'model_name'?",
         ),
         (
             (f"master_key: {MASTER}", "master_key: sk-1234"),
