@@ -196,6 +196,12 @@ def serve(args: argparse.Namespace) -> int:
     settings = load_config(
         args.config, allow_weak_master_key=args.unsafe_allow_weak_master_key, master_key="create"
     )
+    if not settings.models:
+        log.warning(
+            "%s: no models: every request will be a 404. Add a model_list entry (model_name, "
+            "litellm_params.model and api_base), as in config.example.yaml",
+            settings.source,
+        )
     if args.workers < 1:
         raise RateLimiterError(f"--workers must be at least 1, got {args.workers}")
     _check_port_free(args.host, args.port)

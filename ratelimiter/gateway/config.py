@@ -571,11 +571,6 @@ def load_config(
     except InvalidDuration as exc:
         raise reader.fail("ratelimiter_settings.timezone", str(exc)) from None
 
-    if not models:
-        reader.warnings.append(
-            f"{source}: no models: every request will be a 404. Add a model_list entry "
-            "(model_name, litellm_params.model and api_base), as in config.example.yaml"
-        )
     for message in reader.warnings:
         log.warning(message)
     return Settings(

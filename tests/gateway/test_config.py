@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -134,12 +135,16 @@ def test_a_typo_is_an_error_with_the_closest_name(
         load_config(write(tmp_path, text), env=ENV)
 
 
-def test_no_models_is_a_warning_that_says_how_to_add_one(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    with caplog.at_level(logging.WARNING, logger="ratelimiter.config"):
-        load_config(None, env={"RATELIMITER_MASTER_KEY": MASTER})
-    assert any("no models: every request will be a 404" in r.getMessage() for r in caplog.records)
+def test_no_models_is_a_warning_that_says_how_to_add_one(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "ratelimiter.cli", "--log-format", "text", "serve", "--port", "0"],
+        cwd=tmp_path,
+        env={**os.environ, "RATELIMITER_MASTER_KEY": MASTER, "REDIS_URL": "redis://127.0.0.1:1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "no models: every request will be a 404. Add a model_list entry" in run.stderr
 
 
 @pytest.mark.parametrize(
