@@ -20,7 +20,7 @@ from .http import ENGINE, SETTINGS, STORE, read_json, require_master
 from .models import refuse_unknown, validate
 from .openapi import add_docs_routes
 from .policy import Scope, scope_budgets
-from .resolver import effective_fields
+from .resolver import effective_fields, unmatched_models
 from .store import MAX_LIST, MAX_TEXT, REFERENCES, Store, hash_key, members, new_key
 
 __all__ = ["add_admin_routes"]
@@ -36,10 +36,22 @@ def _iso(ms: int | None) -> str | None:
     return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC).isoformat()
 
 
-async def _check_references(store: Store, kind: str, fields: dict[str, Any]) -> None:
+async def _check_references(request: web.Request, kind: str, fields: dict[str, Any]) -> None:
     """The budget an entity names must exist, and so must a key's team (404). A key's user is
     created if missing, as LiteLLM did: a key never names a user that does not exist (the
-    resolver refuses such a key) or that a later /user/new would create with other limits."""
+    resolver refuses such a key) or that a later /user/new would create with other limits.
+    Every name in ``models`` must be able to match a served model (a typo would otherwise
+    leave a key that can call nothing)."""
+    store = request.app[STORE]
+    unknown = unmatched_models(request.app[SETTINGS], fields.get("models") or ())
+    if unknown:
+        raise EntityError(
+            400,
+            f"models: {unknown[0]!r} matches no model served here (GET /v1/models lists them "
+            "with the master key); name a model, an access group, a wildcard such as "
+            "'openai/*', or all-proxy-models",
+            "models",
+        )
     budget_id = fields.get("budget_id")
     if budget_id and await store.get("budget", budget_id) is None:
         raise EntityError(
@@ -167,7 +179,7 @@ def _now_ms() -> int:
 async def _create_key(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
     store = request.app[STORE]
     fields = validate("key", body)
-    await _check_references(store, "key", fields)
+    await _check_references(request, "key", fields)
     plain = new_key()
     token = hash_key(plain)
     now = _now_ms()
@@ -201,7 +213,7 @@ async def _update(
     request: web.Request, kind: str, entity_id: str, changes: dict[str, Any]
 ) -> dict[str, Any]:
     store = request.app[STORE]
-    await _check_references(store, kind, changes)
+    await _check_references(request, kind, changes)
     entity = {**await _load(store, kind, entity_id), **changes}
     if kind == "customer" and entity.get("budget_id") and entity.get("max_budget") is not None:
         raise EntityError(
@@ -285,7 +297,7 @@ async def user_new(request: web.Request) -> web.Response:
     user = validate("user", body)
     user_id = user.get("user_id") or str(uuid.uuid4())
     user["user_id"] = user_id
-    await _check_references(store, "user", user)
+    await _check_references(request, "user", user)
     await store.create("user", user_id, user)
     # LiteLLM's /user/new also hands out a key for the user; it shares the user's limits
     key = await _create_key(request, {"user_id": user_id, "models": user.get("models") or []})
@@ -302,7 +314,7 @@ def _create(kind: str, id_field: str) -> Callable[[web.Request], Awaitable[web.R
             raise EntityError(400, f"{id_field} is required", id_field)
         entity[id_field] = entity_id
         if kind != "budget":
-            await _check_references(store, kind, entity)
+            await _check_references(request, kind, entity)
         await store.create(kind, entity_id, entity)
         return json_response(entity)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hmac
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,14 @@ from .config import Deployment, Settings
 from .policy import Resolved, Scope, inherit
 from .store import Store, hash_key
 
-__all__ = ["Caller", "authenticate", "check_model_access", "effective_fields", "resolve"]
+__all__ = [
+    "Caller",
+    "authenticate",
+    "check_model_access",
+    "effective_fields",
+    "resolve",
+    "unmatched_models",
+]
 
 ALL_MODELS = "all-proxy-models"
 
@@ -102,6 +110,20 @@ def _matches(entry: str, deployment: Deployment, groups: dict[str, set[str]]) ->
     return any(
         fnmatch.fnmatchcase(name, entry) for name in (deployment.model_name, deployment.model)
     )
+
+
+def unmatched_models(settings: Settings, names: Iterable[str]) -> list[str]:
+    """The names of a ``models`` list that can match no deployment: not a model, an access
+    group or all-proxy-models, and not a wildcard (which may match models added later)."""
+    groups = settings.access_groups
+    return [
+        name
+        for name in names
+        if name != ALL_MODELS
+        and name not in groups
+        and not any(ch in name for ch in "*?[")
+        and not any(_matches(name, deployment, groups) for deployment in settings.models)
+    ]
 
 
 def check_model_access(caller: Caller, deployment: Deployment, settings: Settings) -> None:

@@ -437,3 +437,14 @@ async def test_key_generate_creates_its_user_and_needs_its_team(admin: Admin) ->
     assert "team_id 'no-such-team' does not exist" in message
     key = (await admin.post("/key/generate", {}))["key"]
     await refused(admin, "/key/update", {"key": key, "team_id": "no-such-team"}, 404)
+
+
+async def test_a_key_for_a_model_that_does_not_exist_is_refused(stack: Stack) -> None:
+    """Issue 16 item 8: a typo left a key that could call nothing."""
+    status, body = await stack.admin.call("POST", "/key/generate", {"models": ["gpt-5-typo"]})
+    assert (status, body["error"]["param"]) == (400, "models"), body
+    assert "'gpt-5-typo' matches no model served here" in body["error"]["message"]
+    names = ["gpt-4o", "openai/text-embedding-3-small", "openai/*", "all-proxy-models"]
+    assert (await stack.admin.post("/key/generate", {"models": names}))["models"] == names
+    status, _ = await stack.admin.call("POST", "/team/new", {"models": ["gpt-5-typo"]})
+    assert status == 400
