@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -300,11 +301,16 @@ def test_a_redis_url_that_is_not_redis_is_one_line(tmp_path: Path) -> None:
     with socket.socket() as http_like:  # answers like an HTTP server, whatever it is sent
         http_like.bind(("127.0.0.1", 0))
         http_like.listen()
-        answer = threading.Thread(
-            target=lambda: http_like.accept()[0].sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n"),
-            daemon=True,
-        )
-        answer.start()
+        opened: list[socket.socket] = []  # kept open: the client reads the answer, not an EOF
+
+        def answer_each() -> None:
+            with contextlib.suppress(OSError):  # the listening socket closes at the end
+                while True:
+                    connection, _ = http_like.accept()
+                    opened.append(connection)
+                    connection.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+        threading.Thread(target=answer_each, daemon=True).start()
         run = subprocess.run(
             [
                 *(sys.executable, "-m", "ratelimiter.cli", "serve", "--config", "config.yaml"),
