@@ -245,19 +245,19 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        if self.process.stderr:
-            self.process.stderr.close()
-        self.process = None
-        self._release_lock()
+        self._forget_process()
 
     def kill(self) -> None:
         """SIGKILL, as a crash would (for fault tests)."""
         if self.process is not None:
             self.process.kill()
             self.process.wait()
-            if self.process.stderr:
-                self.process.stderr.close()
-            self.process = None
+        self._forget_process()
+
+    def _forget_process(self) -> None:
+        if self.process is not None and self.process.stderr:
+            self.process.stderr.close()
+        self.process = None
         self._release_lock()
 
     def __enter__(self) -> RedisServer:

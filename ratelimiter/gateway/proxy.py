@@ -59,7 +59,9 @@ def _deployments(settings: Settings, model: str) -> list[Deployment]:
 class Call:
     """One proxied request from admission to settlement."""
 
-    def __init__(self, request: web.Request, kind: str, body: dict[str, Any]) -> None:
+    def __init__(
+        self, request: web.Request, kind: str, body: dict[str, Any], deadline: float
+    ) -> None:
         self.request, self.kind, self.body = request, kind, body
         self.app = request.app
         self.settings: Settings = self.app[SETTINGS]
@@ -79,7 +81,7 @@ class Call:
         self.finished = False  # settled or released: both happen once
         self.streamed_chars = 0
         self.stream_usage: dict[str, Any] | None = None
-        self.deadline = asyncio.get_running_loop().time() + self.settings.redis_timeout_s
+        self.deadline = deadline
         self.prompt, self.most = estimate_tokens(
             body,
             self.settings.default_max_tokens,
@@ -91,19 +93,8 @@ class Call:
         self.choices = _choices(body)
         self.max_tokens: int | None = None  # what strict enforcement sends upstream
 
-    @contextlib.asynccontextmanager
-    async def admission_deadline(self) -> AsyncIterator[None]:
-        """Every Redis call before admission shares one deadline: a paused Redis costs a
-        client redis_timeout, not the timeout of each call and each of its retries."""
-        try:
-            async with asyncio.timeout_at(self.deadline):
-                yield
-        except TimeoutError:
-            raise RedisUnavailable(
-                self.engine.address,
-                f"no answer within {self.settings.redis_timeout_s:g}s "
-                "(ratelimiter_settings.redis_timeout)",
-            ) from None
+    def admission_deadline(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return _admission_deadline(self.app, self.deadline)
 
     async def admit(self, caller: Caller) -> tuple[Deployment, Decision] | web.Response:
         store = self.app[STORE]
@@ -473,12 +464,29 @@ async def _read_body(request: web.Request, kind: str) -> dict[str, Any]:
         raise EntityError(400, f"the body is not valid JSON: {exc}") from None
 
 
+@contextlib.asynccontextmanager
+async def _admission_deadline(app: web.Application, deadline: float) -> AsyncIterator[None]:
+    """Every Redis call before admission shares one deadline: a paused Redis costs a client
+    redis_timeout, not the timeout of each call and each of its retries."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            yield
+    except TimeoutError:
+        raise RedisUnavailable(
+            app[ENGINE].address,
+            f"no answer within {app[SETTINGS].redis_timeout_s:g}s "
+            "(ratelimiter_settings.redis_timeout)",
+        ) from None
+
+
 def proxy_route(kind: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
-        body = await _read_body(request, kind)
-        call = Call(request, kind, body)
-        async with call.admission_deadline():
-            caller = await authenticate(request.app[STORE], call.settings, bearer(request))
+        settings = request.app[SETTINGS]
+        deadline = asyncio.get_running_loop().time() + settings.redis_timeout_s
+        # Who is calling first: a caller with no valid key costs no body parsing or estimate.
+        async with _admission_deadline(request.app, deadline):
+            caller = await authenticate(request.app[STORE], settings, bearer(request))
+        call = Call(request, kind, await _read_body(request, kind), deadline)
         admitted = await call.admit(caller)
         if isinstance(admitted, web.Response):
             return admitted
