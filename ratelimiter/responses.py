@@ -95,10 +95,11 @@ def rate_headers(decision: Decision, request_id: str) -> dict[str, str]:
     return headers
 
 
-def refusal(decision: Decision, request_id: str) -> web.Response:
+def refusal(decision: Decision, request_id: str, hint: str = "") -> web.Response:
     """A refused decision in LiteLLM's words: 429 ``budget_exceeded``, or 429 typed by the
     kind of limit (``requests``, ``tokens``, ``max_parallel_requests``), 403 for a block;
-    with retry-after unless it would never pass."""
+    with retry-after unless it would never pass. ``hint``: a sentence the caller adds at the
+    end (what the request could change to fit)."""
     limit, retry = decision.refused, decision.retry_after_ms
     headers = rate_headers(decision, request_id)
     if limit is None:
@@ -116,7 +117,7 @@ def refusal(decision: Decision, request_id: str) -> web.Response:
     if isinstance(limit, Budget):
         # The OpenAI SDK retries every 429 unless told not to; a spent budget will not come back.
         headers["x-should-retry"] = "false"
-        message = _budget_message(limit, state, retry, never)
+        message = _with(_budget_message(limit, state, retry, never), hint)
         return error_response(
             429, message, "budget_exceeded", code="budget_exceeded", headers=headers
         )
@@ -126,7 +127,7 @@ def refusal(decision: Decision, request_id: str) -> web.Response:
     headers["rate_limit_type"] = kind  # LiteLLM's header naming the kind of limit
     return error_response(
         429,
-        _rate_message(limit, kind, state, retry),
+        _with(_rate_message(limit, kind, state, retry), hint),
         kind,
         code="rate_limit_exceeded",
         headers=headers,
@@ -250,3 +251,7 @@ def _count(n: int, unit: str) -> str:
 
 def _per(window: object) -> str:
     return _PER.get(str(window), str(window))
+
+
+def _with(message: str, hint: str) -> str:
+    return f"{message} {hint}" if hint else message

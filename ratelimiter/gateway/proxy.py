@@ -28,7 +28,7 @@ import orjson
 from aiohttp import web
 
 from ..engine import Decision, Reservation
-from ..engine.limits import MAX_AMOUNT, Budget, Limit
+from ..engine.limits import MAX_AMOUNT, Budget, Limit, SlidingWindow
 from ..errors import EntityError, RedisUnavailable
 from ..ledger import ledger_dims
 from ..pricing import Price, choice_chars, cost_nano, dollars, estimate_tokens, estimated_cost
@@ -160,7 +160,24 @@ class Call:
             if not (decision.refused and decision.refused.name.startswith("deployment:")):
                 break
         assert last is not None
-        return refusal(last, self.request_id)
+        return refusal(last, self.request_id, self._fit_hint(last, price))
+
+    def _fit_hint(self, refused: Decision, price: Price | None) -> str:
+        """For a request held at its own max_tokens, refused by a token window or a budget:
+        the largest max_tokens that would fit now (DESIGN: a refusal says so)."""
+        if not self.bounded or self.kind == "embedding":
+            return ""
+        limit = refused.refused
+        if not isinstance(limit, Budget) and not (
+            isinstance(limit, SlidingWindow) and limit.measure == "tokens"
+        ):
+            return ""
+        room = completion_room(refused.states, self.prompt, price, self.choices)
+        if room is None:
+            return ""
+        if room < 1:
+            return "Nothing fits now: what is left does not cover even the prompt."
+        return f"The largest max_tokens that fits now is {room}."
 
     def _limits(self, resolved: Resolved, capped: bool = False) -> list[Limit]:
         ttl_ms = round(self.settings.lease_ttl_s * 1000)

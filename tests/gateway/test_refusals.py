@@ -64,7 +64,9 @@ async def test_a_key_budget_says_whose_it_is_what_was_spent_and_when_it_resets(
     assert message.startswith(f"{BUDGET} Key={hash_key(key)} Current cost: ")
     assert budget_figures(message) == (pytest.approx(10e-6 + 4 * 2e-6), 0.00003)
     assert "the key budget of $0.00003 per 1d resets at 20" in message
-    assert re.search(r"; this request could cost up to \$0\.0000\d+\)$", message)
+    assert re.search(r"; this request could cost up to \$0\.0000\d+\) ", message)
+    # $0.000012 is left, less than the 17-token prompt's $0.000017
+    assert message.endswith("Nothing fits now: what is left does not cover even the prompt.")
     assert 0 < int(error.response.headers["retry-after"]) <= 86_400
 
 
@@ -229,3 +231,18 @@ def test_a_never_resetting_budget_given_in_any_unit_hides_its_decades() -> None:
 def message_of(response: web.Response) -> str:
     assert isinstance(response.body, bytes)
     return orjson.loads(response.body)["error"]["message"]
+
+
+async def test_a_bounded_refusal_names_the_largest_max_tokens_that_fits(stack: Stack) -> None:
+    """DESIGN: a refusal says the largest max_tokens that would fit now."""
+    client = stack.client(await stack.key(tpm_limit=30))
+    await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=4)
+    # 14 used, 16 left; the prompt is estimated at 17 tokens: nothing fits
+    message = (await refused(client, max_tokens=16)).response.json()["error"]["message"]
+    assert message.endswith("Nothing fits now: what is left does not cover even the prompt.")
+    roomy = stack.client(await stack.key(tpm_limit=40))
+    error = await refused(roomy, max_tokens=30)  # 17 + 30 > 40: 23 would fit
+    assert error.response.json()["error"]["message"].endswith(
+        "The largest max_tokens that fits now is 23."
+    )
+    await roomy.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=23)
