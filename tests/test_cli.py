@@ -76,16 +76,7 @@ def test_serve_with_the_example_config(tmp_path: Path) -> None:
     example_config(tmp_path)
     process = serve(tmp_path, str(port))
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/readiness") as r:
-                    assert r.status == 200
-                    break
-            except OSError:
-                assert process.poll() is None, process.stdout.read()  # type: ignore[union-attr]
-                assert time.monotonic() < deadline, "the sidecar did not come up"
-                time.sleep(0.1)
+        wait_ready(process, port)
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/key/generate",
             data=b"{}",
