@@ -81,6 +81,8 @@ Money = _enforced(money, _nullable({"type": "number", "minimum": 0, "maximum": M
 Count = _enforced(count, _nullable({"type": "integer", "minimum": 0, "maximum": MAX_COUNT}))
 Duration = _enforced(duration, _nullable(_DURATION))
 Text = _enforced(text, _nullable({"type": "string", "minLength": 1, "maxLength": MAX_TEXT}))
+# the entity an update names: required
+Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT)]
 Flag = _enforced(flag, {"type": ["boolean", "null"]})
 _NAME = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT}
 Names = _enforced(names, _nullable({"type": "array", "items": _NAME, "maxItems": MAX_LIST}))
@@ -268,7 +270,7 @@ class GenerateKeyRequest(_KeyBase):
 class UpdateKeyRequest(_KeyBase):
     """POST /key/update"""
 
-    key: Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT)]
+    key: Id
     temp_budget_increase: Dollars = None
     temp_budget_expiry: Timestamp = None
 
@@ -311,7 +313,7 @@ class NewUserRequest(_Limits):
 class UpdateUserRequest(NewUserRequest):
     """POST /user/update"""
 
-    user_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT)]
+    user_id: Id
 
 
 class NewTeamRequest(_Limits):
@@ -356,7 +358,7 @@ class NewTeamRequest(_Limits):
 class UpdateTeamRequest(NewTeamRequest):
     """POST /team/update"""
 
-    team_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT)]
+    team_id: Id
 
 
 class BudgetNewRequest(_Limits):
@@ -369,7 +371,7 @@ class BudgetNewRequest(_Limits):
 class BudgetUpdateRequest(BudgetNewRequest):
     """POST /budget/update"""
 
-    budget_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT)]
+    budget_id: Id
 
 
 class NewCustomerRequest(_Limits):
@@ -391,7 +393,7 @@ class NewCustomerRequest(_Limits):
 class UpdateCustomerRequest(NewCustomerRequest):
     """POST /customer/update and /end_user/update"""
 
-    user_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT)]
+    user_id: Id
 
 
 # The field of an update body that names the entity to update.
@@ -432,7 +434,6 @@ ACCEPTED_ONLY: dict[str, list[str]] = {
 
 # -- the routes whose bodies are ids (their handlers check them; documented here) -------
 
-Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT)]
 Ids = Annotated[list[Id], Field(min_length=1, max_length=1_000)]
 
 
