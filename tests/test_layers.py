@@ -43,7 +43,9 @@ def imports(path: Path) -> set[str]:
             else:
                 target = node.module or ""
             names = [f"{target}.{alias.name}" for alias in node.names]
-            found |= {target, *(n for n in names if resolves(n))}
+            modules = {n for n in names if resolves(n)}
+            # "from . import keys" imports the submodule, not its package back
+            found |= modules if node.module is None and modules else {target, *modules}
         elif isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
     return {m for m in found if m == "ratelimiter" or m.startswith("ratelimiter.")}

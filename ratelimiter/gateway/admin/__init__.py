@@ -1,0 +1,48 @@
+"""Admin routes with LiteLLM's paths and field names; all need the master key."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..openapi import add_docs_routes
+from . import entities, keys, spend
+
+__all__ = ["add_admin_routes"]
+
+
+def add_admin_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/key/generate", keys.key_generate)
+    r.add_post("/key/update", keys.key_update)
+    r.add_get("/key/info", keys.key_info)
+    r.add_post("/key/delete", keys.key_delete)
+    r.add_post("/key/block", keys.set_blocked("key", True))
+    r.add_post("/key/unblock", keys.set_blocked("key", False))
+    r.add_get("/key/list", keys.key_list)
+    r.add_post("/user/new", entities.user_new)
+    r.add_get("/user/info", entities.info_route("user", "user_id"))
+    r.add_post("/user/update", entities.update_route("user", "user_id"))
+    r.add_post("/user/delete", entities.delete_route("user", "user_ids"))
+    r.add_post("/team/new", entities.create("team", "team_id"))
+    r.add_get("/team/info", entities.info_route("team", "team_id"))
+    r.add_post("/team/update", entities.update_route("team", "team_id"))
+    r.add_post("/team/delete", entities.delete_route("team", "team_ids"))
+    r.add_post("/team/member_add", entities.team_member_add)
+    r.add_post("/team/member_delete", entities.team_member_delete)
+    for base in ("/customer", "/end_user"):
+        r.add_post(f"{base}/new", entities.create("customer", "user_id"))
+        r.add_get(f"{base}/info", entities.info_route("customer", "end_user_id", "user_id"))
+        r.add_post(f"{base}/update", entities.update_route("customer", "user_id"))
+        r.add_post(f"{base}/delete", entities.delete_route("customer", "user_ids"))
+        r.add_post(f"{base}/block", keys.set_blocked("customer", True))
+        r.add_post(f"{base}/unblock", keys.set_blocked("customer", False))
+    r.add_post("/budget/new", entities.create("budget", "budget_id"))
+    r.add_post("/budget/info", entities.budget_info)
+    r.add_get("/budget/info", entities.budget_info)
+    r.add_post("/budget/update", entities.update_route("budget", "budget_id"))
+    r.add_post("/budget/delete", entities.delete_route("budget", "id"))
+    r.add_get("/budget/list", entities.budget_list)
+    r.add_get("/spend/logs", spend.spend_logs)
+    r.add_get("/global/spend", spend.global_spend)
+    r.add_get("/global/spend/report", spend.global_spend_report)
+    add_docs_routes(app)  # the document describes the routes above

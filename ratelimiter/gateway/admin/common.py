@@ -1,0 +1,200 @@
+"""What every admin route shares: reading bodies and ids, loading and updating entities,
+their references, their spend, and the gates that block them."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from ...engine.connections import translate_errors
+from ...engine.durations import shown
+from ...errors import EntityError
+from ...pricing import dollars
+from ..http import ENGINE, SETTINGS, STORE, read_json
+from ..models import refuse_unknown, validate
+from ..policy import Scope, scope_budgets
+from ..resolver import effective_fields, unmatched_models
+from ..store import MAX_TEXT, Store, hash_key
+
+SCOPE_KIND = {"key": "key", "user": "user", "team": "team", "customer": "end_user"}
+MAX_IDS = 1_000  # ids in one delete, block or info call
+
+
+def iso(ms: int | None) -> str | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC).isoformat()
+
+
+async def check_references(request: web.Request, kind: str, fields: dict[str, Any]) -> None:
+    """The budget an entity names must exist, and so must a key's team (404). A key's user is
+    created if missing, as LiteLLM did: a key never names a user that does not exist (the
+    resolver refuses such a key) or that a later /user/new would create with other limits.
+    Every name in ``models`` must be able to match a served model (a typo would otherwise
+    leave a key that can call nothing)."""
+    store = request.app[STORE]
+    unknown = unmatched_models(request.app[SETTINGS], fields.get("models") or ())
+    if unknown:
+        raise EntityError(
+            400,
+            f"models: {unknown[0]!r} matches no model served here (GET /v1/models lists them "
+            "with the master key); name a model, an access group, a wildcard such as "
+            "'openai/*', or all-proxy-models",
+            "models",
+        )
+    budget_id = fields.get("budget_id")
+    if budget_id and await store.get("budget", budget_id) is None:
+        raise EntityError(
+            404,
+            f"budget_id {budget_id!r} does not exist: create it with /budget/new first",
+            "budget_id",
+        )
+    if kind != "key":
+        return
+    team_id = fields.get("team_id")
+    if team_id and await store.get("team", team_id) is None:
+        raise EntityError(
+            404, f"team_id {team_id!r} does not exist: create it with /team/new first", "team_id"
+        )
+    user_id = fields.get("user_id")
+    if user_id and await store.get("user", user_id) is None:
+        try:
+            await store.create("user", user_id, validate("user", {"user_id": user_id}))
+        except EntityError as exc:
+            if exc.status != 409:  # 409: created meanwhile, which is as good
+                raise
+
+
+async def spend_windows(request: web.Request, scope: Scope) -> list[dict[str, Any]]:
+    """Spend, remaining and reset time of every budget window of a scope, now. Spend is what
+    was charged, past max_budget too (a request may cost more than it held); remaining is
+    what is left after spend and the holds of requests in flight."""
+    budgets = list(scope_budgets(scope, request.app[SETTINGS].key_prefix))
+    if not budgets:
+        return []
+    return [
+        {
+            "budget_duration": str(budget.period),
+            "max_budget": dollars(budget.capacity),
+            "spend": dollars(use.spent),
+            "remaining": dollars(max(budget.capacity - use.spent - use.held, 0)),
+            "budget_reset_at": iso(use.end_ms),
+        }
+        for budget, use in zip(budgets, await request.app[ENGINE].budget_use(budgets), strict=True)
+    ]
+
+
+async def entity_info(
+    request: web.Request, kind: str, entity_id: str, entity: dict[str, Any]
+) -> dict[str, Any]:
+    owner = "this key" if kind == "key" else f"{kind} {entity_id!r}"
+    problem: dict[str, str] = {}
+    try:
+        fields = await effective_fields(request.app[STORE], owner, entity)
+    except EntityError as exc:  # a missing budget: shown, so that an admin can mend it
+        fields, problem = entity, {"error": str(exc)}
+    windows = await spend_windows(request, Scope(SCOPE_KIND[kind], entity_id, fields))
+    first = windows[0] if windows else {}
+    return {
+        **entity,
+        "spend": first.get("spend", 0.0),
+        "budget_reset_at": first.get("budget_reset_at"),
+        "budget_windows": windows,
+        **problem,
+    }
+
+
+async def read_object(request: web.Request) -> dict[str, Any]:
+    """The JSON body, which every admin POST route takes as an object of known fields."""
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise EntityError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    resource = request.match_info.route.resource
+    refuse_unknown(resource.canonical if resource else request.path, body)
+    return body
+
+
+def id_of(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_TEXT:
+        raise EntityError(
+            400, f"{name} must be an id of 1 to {MAX_TEXT} characters, got {shown(value)}", name
+        )
+    return value
+
+
+def required(body: dict[str, Any], name: str) -> str:
+    if body.get(name) is None:
+        raise EntityError(400, f"{name} is required", name)
+    return id_of(name, body[name])
+
+
+def ids_of(body: dict[str, Any], name: str) -> list[str]:
+    """A non-empty list of at most MAX_IDS ids (one id alone is taken as a list of one)."""
+    ids = body.get(name)
+    ids = [ids] if isinstance(ids, str) else ids
+    if not isinstance(ids, list) or not ids or len(ids) > MAX_IDS:
+        raise EntityError(
+            400, f"{name} must be a non-empty list of at most {MAX_IDS} ids, got {shown(ids)}", name
+        )
+    return [id_of(name, i) for i in ids]
+
+
+def query(request: web.Request, *names: str) -> str:
+    for name in names:
+        if request.query.get(name):
+            return id_of(name, request.query[name])
+    raise EntityError(400, f"query parameter {names[0]} is required", names[0])
+
+
+async def load(store: Store, kind: str, entity_id: str) -> dict[str, Any]:
+    entity = await store.get(kind, entity_id)
+    if entity is None:
+        raise EntityError(404, f"{kind} {entity_id!r} not found", SCOPE_KIND.get(kind, kind))
+    return entity
+
+
+def key_id(value: str) -> str:
+    """Keys are addressed by the plain key or by its hash (as /key/list shows them)."""
+    return hash_key(value) if value.startswith("sk-") else value
+
+
+def now_ms() -> int:
+    # The same clock that authenticate() compares expires_at with.
+    return int(time.time() * 1000)
+
+
+async def update(
+    request: web.Request, kind: str, entity_id: str, changes: dict[str, Any]
+) -> dict[str, Any]:
+    store = request.app[STORE]
+    await check_references(request, kind, changes)
+    entity = {**await load(store, kind, entity_id), **changes}
+    if kind == "customer" and entity.get("budget_id") and entity.get("max_budget") is not None:
+        raise EntityError(
+            400, "give a customer either budget_id or max_budget, not both", "budget_id"
+        )
+    await store.put(kind, entity_id, entity)
+    return entity
+
+
+async def delete(request: web.Request, kind: str, ids: list[str]) -> None:
+    for entity_id in ids:
+        if kind in SCOPE_KIND:
+            await gate(request, kind, entity_id, True, DELETED_GATE_TTL_S)
+        await request.app[STORE].delete(kind, entity_id)
+
+
+# A deleted entity's gate outlives every sidecar's cached copy of it.
+DELETED_GATE_TTL_S = 60
+
+
+async def gate(
+    request: web.Request, kind: str, entity_id: str, closed: bool, ttl_s: int | None = None
+) -> None:
+    gate = Scope(SCOPE_KIND[kind], entity_id).gate(request.app[SETTINGS].key_prefix)
+    with translate_errors(request.app[ENGINE].address):
+        if closed:
+            await request.app[ENGINE].redis.set(gate, 1, ex=ttl_s)
+        else:
+            await request.app[ENGINE].redis.delete(gate)
