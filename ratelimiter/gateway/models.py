@@ -50,6 +50,7 @@ from .store import (
 __all__ = [
     "ACCEPTED_ONLY",
     "CREATE",
+    "HANDLED",
     "REQUESTS",
     "UPDATE",
     "refuse_unknown",
@@ -134,12 +135,12 @@ Windows = _enforced(
 _MEMBER = {
     "type": "object",
     "properties": {
-        "user_id": _NAME,
+        "user_id": _nullable(_NAME),
         "user_email": _nullable(_NAME),
         "role": {"enum": ["admin", "user"]},
         "max_budget_in_team": _nullable(_MONEY),
     },
-    "required": ["user_id"],
+    "anyOf": [{"required": ["user_id"]}, {"required": ["user_email"]}],
     "additionalProperties": False,
 }
 Members = _enforced(members, _nullable({"type": "array", "items": _MEMBER, "maxItems": MAX_LIST}))
@@ -275,6 +276,23 @@ class UpdateKeyRequest(_KeyBase):
     temp_budget_expiry: Timestamp = None
 
 
+class RegenerateKeyRequest(_KeyBase):
+    """POST /key/regenerate and /key/{key}/regenerate: a new secret for a key, whose limits,
+    spend and settings carry over; other fields change the key as /key/update does."""
+
+    key: Id | None = None  # or in the path: /key/{key_id}/regenerate
+    new_key: Annotated[str, StringConstraints(min_length=20, max_length=MAX_TEXT)] | None = Field(
+        None, description="the new secret, chosen by the admin: sk- and 17+ characters"
+    )
+    grace_period: Duration = Field(
+        None, description="how long the old secret keeps working, e.g. 24h; none: it stops now"
+    )
+    new_master_key: None = Field(None, description="not served: the master key is configured")
+    send_invite_email: Bool = None
+    key_type: Literal["llm_api", "management", "read_only", "default"] | None = None
+    project_id: Str = None
+
+
 class NewUserRequest(_Limits):
     """POST /user/new"""
 
@@ -294,10 +312,10 @@ class NewUserRequest(_Limits):
     sso_user_id: Str = None
     organizations: StrList = None
     password: Secret = None
-    key_alias: Str = None
-    duration: Str = None
+    key_alias: Text = None
+    duration: Duration = None
     spend: Dollars = None
-    team_id: Str = None
+    team_id: Text = None
     agent_id: Str = None
     allowed_cache_controls: AnyList = None
     config: Obj = None
@@ -311,9 +329,9 @@ class NewUserRequest(_Limits):
 
 
 class UpdateUserRequest(NewUserRequest):
-    """POST /user/update"""
+    """POST /user/update: the user is named by user_id, or else by user_email"""
 
-    user_id: Id
+    user_id: Id | None = None
 
 
 class NewTeamRequest(_Limits):
@@ -331,7 +349,7 @@ class NewTeamRequest(_Limits):
     # accepted, not enforced
     organization_id: Str = None
     admins: AnyList = None
-    members_with_roles: AnyList = None
+    members_with_roles: Members = None  # LiteLLM's name for members: both are taken
     team_member_permissions: StrList = None
     router_settings: Obj = None
     access_group_ids: StrList = None
@@ -418,7 +436,14 @@ UPDATE: dict[str, type[Request]] = {
     "customer": UpdateCustomerRequest,
     "budget": BudgetUpdateRequest,
 }
-ENTITY_MODELS = frozenset({*CREATE.values(), *UPDATE.values()})
+ENTITY_MODELS = frozenset({*CREATE.values(), *UPDATE.values(), RegenerateKeyRequest})
+# Fields that the admin routes act on themselves rather than the limiter: /user/new makes
+# the user's first key (duration, key_alias, auto_create_key) and puts the user in teams.
+HANDLED: dict[str, frozenset[str]] = {
+    "user": frozenset({"duration", "key_alias", "auto_create_key", "teams", "team_id"}),
+    "team": frozenset({"members_with_roles"}),
+    "key": frozenset({"new_key", "grace_period"}),  # /key/regenerate's
+}
 # Fields stored and shown but not acted on (a secret is not even stored), per kind; the
 # README's compatibility table is checked against this.
 SECRETS = frozenset({"password"})
@@ -426,6 +451,7 @@ ACCEPTED_ONLY: dict[str, list[str]] = {
     kind: sorted(
         {n for m in (CREATE[kind], UPDATE[kind]) for n in m.model_fields}
         - set(SCHEMAS[kind])
+        - HANDLED.get(kind, frozenset())
         - {UPDATED_BY[kind]}
     )
     for kind in CREATE
@@ -475,7 +501,9 @@ class BudgetIds(Request):
 
 
 class MemberRequest(Request):
-    user_id: Id
+    """A team member, by user_id or by user_email (a user with that email, made if none)."""
+
+    user_id: Id | None = None
     user_email: Str = None
     role: Literal["admin", "user"] = "user"
     max_budget_in_team: Dollars = None
@@ -493,14 +521,16 @@ class TeamMemberDeleteRequest(Request):
     """POST /team/member_delete"""
 
     team_id: Id
-    user_id: Id
-    user_email: Str = Field(None, description="accepted; the member is found by user_id")
+    user_id: Id | None = None
+    user_email: Str = Field(None, description="the member, when user_id is not given")
 
 
 # Every POST route's body model, for the OpenAPI document.
 REQUESTS: dict[str, type[Request]] = {
     "/key/generate": GenerateKeyRequest,
     "/key/update": UpdateKeyRequest,
+    "/key/regenerate": RegenerateKeyRequest,
+    "/key/{key_id}/regenerate": RegenerateKeyRequest,
     "/key/delete": DeleteKeys,
     "/key/block": KeyRef,
     "/key/unblock": KeyRef,
@@ -599,12 +629,15 @@ def refuse_unknown(path: str, body: Mapping[str, Any]) -> None:
             raise EntityError(400, f"{label}: {_unknown(model, (name,), path)}", label)
 
 
-def validate(kind: str, body: Any, *, partial: bool = False) -> dict[str, Any]:
+def validate(
+    kind: str, body: Any, *, partial: bool = False, model: type[Request] | None = None
+) -> dict[str, Any]:
     """A create (or, ``partial``, an update) body of an entity, checked: the fields sent, plus
-    on create every enforced field at its default. The update's id field is not returned."""
+    on create every enforced field at its default. The update's id field is not returned.
+    ``model`` replaces the kind's own (a rotation's body is an update with more fields)."""
     if not isinstance(body, dict):
         raise EntityError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-    model = (UPDATE if partial else CREATE)[kind]
+    model = model or (UPDATE if partial else CREATE)[kind]
     try:
         checked = model.model_validate(body)
     except ValidationError as exc:
@@ -613,7 +646,7 @@ def validate(kind: str, body: Any, *, partial: bool = False) -> dict[str, Any]:
         raise EntityError(400, f"{label}: {problem}", label) from None
     sent = checked.model_dump(mode="json", exclude_unset=True, exclude=set(SECRETS))
     if partial:
-        sent.pop(UPDATED_BY[kind])
+        sent.pop(UPDATED_BY[kind], None)
         if body.get("blocked", False) is None:  # null is no change: only /block unblocks
             sent.pop("blocked")
     else:

@@ -8,6 +8,7 @@ and every route they describe still needs the key.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -16,7 +17,7 @@ from aiohttp import web
 from pydantic.json_schema import models_json_schema
 
 from ..responses import json_response
-from .models import ACCEPTED_ONLY, REQUESTS
+from .models import ACCEPTED_ONLY, HANDLED, REQUESTS
 from .store import SCHEMAS
 
 __all__ = ["QUERIES", "add_docs_routes", "compatibility_table", "document"]
@@ -86,6 +87,12 @@ def _operation(method: str, path: str, schemas: dict[str, Any]) -> dict[str, Any
         "tags": [path.strip("/").split("/")[0]],
         "responses": _answers(),
     }
+    in_path = [
+        {"name": name, "in": "path", "required": True, "schema": _ID}
+        for name in re.findall(r"\{(\w+)\}", path)
+    ]
+    if in_path:
+        operation["parameters"] = in_path
     if method == "post":
         model = REQUESTS[path]
         operation["summary"] = (model.__doc__ or path).strip().splitlines()[0]
@@ -94,7 +101,7 @@ def _operation(method: str, path: str, schemas: dict[str, Any]) -> dict[str, Any
             "content": {"application/json": {"schema": schemas[model.__name__]}},
         }
     else:
-        operation["parameters"] = [
+        operation["parameters"] = in_path + [
             {"name": name, "in": "query", "required": name in _REQUIRED, "schema": schema}
             for name, schema in QUERIES[path].items()
         ]
@@ -210,8 +217,6 @@ def add_docs_routes(app: web.Application) -> None:
 # LiteLLM's admin routes (litellm/proxy/_types.py, LiteLLMRoutes) that the sidecar does not
 # serve; every other admin route of LiteLLM's in our domain is in QUERIES or REQUESTS.
 NOT_SERVED = (
-    "/key/regenerate",
-    "/key/{key_id}/regenerate",
     "/key/bulk_update",
     "/key/health",
     "/key/aliases",
@@ -249,6 +254,7 @@ NOT_SERVED = (
 _TABLE = (
     ("/key/generate", "GenerateKeyRequest", "key"),
     ("/key/update", "UpdateKeyRequest", "key"),
+    ("/key/regenerate", "RegenerateKeyRequest", "key"),
     ("/user/new", "NewUserRequest", "user"),
     ("/user/update", "UpdateUserRequest", "user"),
     ("/team/new", "NewTeamRequest", "team"),
@@ -264,11 +270,15 @@ def _codes(names: Iterable[str]) -> str:
     return ", ".join(f"`{n}`" for n in sorted(names)) or "none"
 
 
+def _acted_on(kind: str) -> set[str]:
+    return set(SCHEMAS[kind]) | HANDLED.get(kind, set())
+
+
 def compatibility_table() -> str:
     """The README's section between its compatibility markers, from the models."""
     served = sorted(p for p in {*REQUESTS, *QUERIES} if not p.startswith("/end_user/"))
     rows = [
-        f"| `{path}` | {litellm} | {_codes(set(SCHEMAS[kind]) & set(REQUESTS[path].model_fields))}"
+        f"| `{path}` | {litellm} | {_codes(_acted_on(kind) & set(REQUESTS[path].model_fields))}"
         f" | {_codes(set(ACCEPTED_ONLY[kind]) & set(REQUESTS[path].model_fields))} |"
         for path, litellm, kind in _TABLE
     ]
@@ -285,9 +295,8 @@ def compatibility_table() -> str:
             *rows,
             "",
             "`password` is accepted and never stored; `key` on `/key/generate` only as null (the "
-            "limiter always generates the key); on info, `spend` and `budget_reset_at` show the "
-            "limiter's own values. `key_aliases` on `/key/delete` and `user_email` instead of "
-            "`user_id` on `/user/update` and `/team/member_delete` are not served. Any other "
-            "field is a 400 naming it.",
+            "limiter always generates the key), `new_master_key` on `/key/regenerate` only as "
+            "null; on info, `spend` and `budget_reset_at` show the limiter's own values. "
+            "`key_aliases` on `/key/delete` is not served. Any other field is a 400 naming it.",
         ]
     )

@@ -36,7 +36,7 @@ class Caller:
     """Who is calling: the master key (no per-key scopes) or a virtual key and its owners."""
 
     master: bool
-    token: str | None = None
+    token: str | None = None  # the key's scope id: the hash it was created with (key_id)
     key: dict[str, Any] | None = None
     user: dict[str, Any] | None = None
     team: dict[str, Any] | None = None
@@ -60,7 +60,8 @@ async def authenticate(store: Store, settings: Settings, presented: str | None) 
     team = await _owner(store, key, "team")
     if team is not None and team.get("blocked"):
         raise EntityError(403, f"team {key['team_id']!r} is blocked")
-    return Caller(False, token, key, user, team)
+    # the scope is the key's first hash, which /key/regenerate keeps (admin.common.scope_id)
+    return Caller(False, key.get("key_id") or token, key, user, team)
 
 
 async def _owner(store: Store, key: dict[str, Any], kind: str) -> dict[str, Any] | None:

@@ -49,7 +49,7 @@ ID_FIELD = {
 # Fields that name another entity. The store keeps, per field and value, the set of entities
 # naming it, so deleting a user, team or budget finds what names it without reading them all.
 REFERENCES: dict[str, tuple[str, ...]] = {
-    "key": ("user_id", "team_id", "budget_id"),
+    "key": ("user_id", "team_id", "budget_id", "key_id"),
     "user": ("budget_id",),
     "team": ("budget_id",),
     "customer": ("budget_id",),
@@ -235,15 +235,17 @@ def member(field: str, value: Any) -> dict[str, Any]:
     unknown = set(spec) - {"user_id", "user_email", "role", "max_budget_in_team"}
     if unknown:
         raise _fail(f"{field}.{sorted(unknown)[0]}", "unknown field")
-    text(f"{field}.user_email", spec.get("user_email"))  # checked; members are by user_id
+    # by email alone, the admin route finds the user (or makes one) before it is stored
+    email = text(f"{field}.user_email", spec.get("user_email"))
     user_id = text(f"{field}.user_id", spec.get("user_id"))
-    if user_id is None:
-        raise _fail(f"{field}.user_id", "is required")
+    if user_id is None and email is None:
+        raise _fail(f"{field}.user_id", "is required, or user_email")
     role = spec.get("role", "user")
     if role not in ("admin", "user"):
         raise _fail(f"{field}.role", f"must be admin or user, got {shown(role)}")
     return {
         "user_id": user_id,
+        "user_email": email,
         "role": role,
         "max_budget_in_team": money(f"{field}.max_budget_in_team", spec.get("max_budget_in_team")),
     }

@@ -217,8 +217,7 @@ class AdminClient:
         return await self._post("/customer/new", {"user_id": user_id, **fields})
 
     async def customer_info(self, user_id: str) -> EntityInfo:
-        body = await self._get("/customer/info", end_user_id=user_id)
-        return _info(user_id, body["customer_info"])
+        return _info(user_id, await self._get("/customer/info", end_user_id=user_id))
 
     async def update_customer(self, user_id: str, **changes: Any) -> dict[str, Any]:
         return await self._post("/customer/update", {"user_id": user_id, **changes})

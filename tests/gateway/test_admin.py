@@ -67,7 +67,7 @@ async def test_teams_and_members(admin: Admin) -> None:
     )
     info = await admin.get("/team/info", team_id=team_id)
     assert info["team_info"]["members"] == [
-        {"user_id": "ana", "role": "user", "max_budget_in_team": 2.0}
+        {"user_id": "ana", "user_email": None, "role": "user", "max_budget_in_team": 2.0}
     ]
     status, body = await admin.call(
         "POST", "/team/member_add", {"team_id": team_id, "member": {"user_id": "ana"}}

@@ -93,6 +93,8 @@ async def _info(admin: Admin, kind: str, created: dict[str, Any]) -> dict[str, A
     if kind == "budget":
         (budget,) = await admin.get("/budget/info", budget_id=created["budget_id"])
         return budget
+    if kind == "customer":  # LiteLLM answers with the customer itself
+        return await admin.get("/customer/info", end_user_id=created["user_id"])
     id_field = "team_id" if kind == "team" else "user_id"
     return (await admin.get(f"/{kind}/info", **{id_field: created[id_field]}))[f"{kind}_info"]
 

@@ -14,6 +14,8 @@ def add_admin_routes(app: web.Application) -> None:
     r = app.router
     r.add_post("/key/generate", keys.key_generate)
     r.add_post("/key/update", keys.key_update)
+    r.add_post("/key/regenerate", keys.key_regenerate)
+    r.add_post("/key/{key_id}/regenerate", keys.key_regenerate)
     r.add_get("/key/info", keys.key_info)
     r.add_post("/key/delete", keys.key_delete)
     r.add_post("/key/block", keys.set_blocked("key", True))

@@ -4,6 +4,7 @@ their references, their spend, and the gates that block them."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +26,26 @@ MAX_IDS = 1_000  # ids in one delete, block or info call
 
 def iso(ms: int | None) -> str | None:
     return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC).isoformat()
+
+
+def present(kind: str, entity: Mapping[str, Any]) -> dict[str, Any]:
+    """An entity as LiteLLM's responses show it: times in ISO 8601, a key's hash as its
+    ``token_id`` and its expiry as ``expires``, a team's members as ``members_with_roles``.
+    Records keep milliseconds, which the request path compares without parsing."""
+    out = dict(entity)
+    for name in ("created_at", "updated_at"):
+        if isinstance(out.get(name), int):
+            out[name] = iso(out[name])
+    if kind == "key":
+        out["token_id"] = entity["token"]
+        out.setdefault("key_name", None)  # keys made before previews were kept
+        out["expires"] = iso(entity.get("expires_at"))
+    elif kind == "team":
+        out["members_with_roles"] = [
+            {"user_id": m["user_id"], "user_email": m.get("user_email"), "role": m["role"]}
+            for m in entity.get("members") or []
+        ]
+    return out
 
 
 async def check_references(request: web.Request, kind: str, fields: dict[str, Any]) -> None:
@@ -94,7 +115,8 @@ async def entity_info(
         fields = await effective_fields(request.app[STORE], owner, entity)
     except EntityError as exc:  # a missing budget: shown, so that an admin can mend it
         fields, problem = entity, {"error": str(exc)}
-    windows = await spend_windows(request, Scope(SCOPE_KIND[kind], entity_id, fields))
+    scope = Scope(SCOPE_KIND[kind], scope_id(kind, entity_id, entity), fields)
+    windows = await spend_windows(request, scope)
     first = windows[0] if windows else {}
     return {
         **entity,
@@ -137,7 +159,7 @@ def ids_of(body: dict[str, Any], name: str) -> list[str]:
         raise EntityError(
             400, f"{name} must be a non-empty list of at most {MAX_IDS} ids, got {shown(ids)}", name
         )
-    return [id_of(name, i) for i in ids]
+    return list(dict.fromkeys(id_of(name, i) for i in ids))  # each once, in order
 
 
 def query(request: web.Request, *names: str) -> str:
@@ -154,7 +176,7 @@ async def load(store: Store, kind: str, entity_id: str) -> dict[str, Any]:
     return entity
 
 
-def key_id(value: str) -> str:
+def key_token(value: str) -> str:
     """Keys are addressed by the plain key or by its hash (as /key/list shows them)."""
     return hash_key(value) if value.startswith("sk-") else value
 
@@ -169,7 +191,7 @@ async def update(
 ) -> dict[str, Any]:
     store = request.app[STORE]
     await check_references(request, kind, changes)
-    entity = {**await load(store, kind, entity_id), **changes}
+    entity = {**await load(store, kind, entity_id), **changes, "updated_at": now_ms()}
     if kind == "customer" and entity.get("budget_id") and entity.get("max_budget") is not None:
         raise EntityError(
             400, "give a customer either budget_id or max_budget, not both", "budget_id"
@@ -179,10 +201,23 @@ async def update(
 
 
 async def delete(request: web.Request, kind: str, ids: list[str]) -> None:
+    store = request.app[STORE]
     for entity_id in ids:
         if kind in SCOPE_KIND:
-            await gate(request, kind, entity_id, True, DELETED_GATE_TTL_S)
-        await request.app[STORE].delete(kind, entity_id)
+            entity = await store.get(kind, entity_id) or {}
+            scope = scope_id(kind, entity_id, entity)
+            # A key rotated with a grace period has two records on one scope: closing the
+            # scope for the one deleted would stop the other too.
+            if kind != "key" or len(await store.naming("key", "key_id", scope)) < 2:
+                await gate(request, kind, scope, True, DELETED_GATE_TTL_S)
+        await store.delete(kind, entity_id)
+
+
+def scope_id(kind: str, entity_id: str, entity: Mapping[str, Any]) -> str:
+    """The id a scope's counters are kept under. A key's is the hash it was created with
+    (``key_id``), so that its limits and spend stay with it when /key/regenerate gives it a
+    new secret; keys made before rotation existed have no key_id and use their hash."""
+    return entity.get("key_id") or entity_id if kind == "key" else entity_id
 
 
 # A deleted entity's gate outlives every sidecar's cached copy of it.

@@ -1,4 +1,4 @@
-"""Virtual keys: /key/generate, update, info, delete, block, unblock and list."""
+"""Virtual keys: /key/generate, update, regenerate, info, delete, block, unblock and list."""
 
 from __future__ import annotations
 
@@ -8,40 +8,62 @@ from typing import Any
 from aiohttp import web
 
 from ...engine.durations import expiry_ms, parse_duration
+from ...errors import EntityError
 from ...responses import json_response
 from ..http import STORE, require_master
-from ..models import validate
+from ..models import RegenerateKeyRequest, validate
 from ..store import hash_key, new_key
 from .common import (
     check_references,
     delete,
     entity_info,
     gate,
+    id_of,
     ids_of,
-    iso,
-    key_id,
+    key_token,
     load,
     now_ms,
+    present,
     query,
     read_object,
     required,
+    scope_id,
     update,
 )
 
 
+def preview(plain: str) -> str:
+    """LiteLLM's ``key_name``: enough of a key to recognise it, too little to use it."""
+    return f"sk-...{plain[-4:]}"
+
+
+def _expiry(fields: dict[str, Any], now: int) -> dict[str, Any]:
+    """A ``duration`` counts from now, on creation as on update (as in LiteLLM)."""
+    if not fields.get("duration"):
+        return {}
+    return {"expires_at": expiry_ms(parse_duration(fields["duration"]), now)}
+
+
 async def create_key(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
+    """A new key and its record (its plain secret is in the answer only, never stored)."""
     store = request.app[STORE]
     fields = validate("key", body)
     await check_references(request, "key", fields)
     plain = new_key()
     token = hash_key(plain)
     now = now_ms()
-    expires = None
-    if fields.get("duration"):
-        expires = expiry_ms(parse_duration(fields["duration"]), now)
-    entity = {**fields, "token": token, "created_at": now, "expires_at": expires}
+    entity = {
+        "expires_at": None,
+        **fields,
+        **_expiry(fields, now),
+        "token": token,
+        "key_id": token,
+        "key_name": preview(plain),
+        "created_at": now,
+        "updated_at": now,
+    }
     await store.create("key", token, entity)
-    return {**entity, "key": plain, "expires": iso(expires)}
+    return {**present("key", entity), "key": plain}
 
 
 async def key_generate(request: web.Request) -> web.Response:
@@ -50,29 +72,66 @@ async def key_generate(request: web.Request) -> web.Response:
 
 
 async def key_update(request: web.Request) -> web.Response:
-    """A new ``duration`` counts from now, as in LiteLLM: the key expires that long after
-    the update."""
     require_master(request)
     body = await read_object(request)
-    token = key_id(required(body, "key"))
+    token = key_token(required(body, "key"))
     changes = validate("key", body, partial=True)
-    if changes.get("duration"):
-        changes["expires_at"] = expiry_ms(parse_duration(changes["duration"]), now_ms())
-    entity = await update(request, "key", token, changes)
-    return json_response({**entity, "expires": iso(entity.get("expires_at"))})
+    entity = await update(request, "key", token, {**changes, **_expiry(changes, now_ms())})
+    return json_response(present("key", entity))
+
+
+ROTATION_FIELDS = ("key", "new_key", "grace_period", "new_master_key")
+
+
+async def key_regenerate(request: web.Request) -> web.Response:
+    """A new secret for a key: the old one stops (after ``grace_period``, if given), while
+    the key's limits, spend and ledger history carry over, because its counters are kept
+    under its ``key_id``, which does not change. Other fields change it as /key/update."""
+    require_master(request)
+    body = await read_object(request)
+    store = request.app[STORE]
+    in_path = request.match_info.get("key_id")
+    token = key_token(id_of("key", in_path) if in_path else required(body, "key"))
+    fields = validate("key", body, partial=True, model=RegenerateKeyRequest)
+    rotation = {name: fields.pop(name, None) for name in ROTATION_FIELDS}
+    old = await load(store, "key", token)
+    await check_references(request, "key", fields)
+    plain = rotation["new_key"] or new_key()
+    if not plain.startswith("sk-"):
+        raise EntityError(400, "new_key must start with sk-, as every virtual key does", "new_key")
+    now = now_ms()
+    entity = {
+        **old,
+        **fields,
+        **_expiry(fields, now),
+        "token": hash_key(plain),
+        "key_id": scope_id("key", token, old),
+        "key_name": preview(plain),
+        "updated_at": now,
+    }
+    await store.create("key", entity["token"], entity)  # 409 if new_key is in use
+    if rotation["grace_period"]:
+        grace = expiry_ms(parse_duration(rotation["grace_period"]), now)
+        ending = min(grace, old.get("expires_at") or grace)
+        await update(request, "key", token, {"expires_at": ending, "key_id": entity["key_id"]})
+    else:
+        # Not delete(): that closes the scope, which the new secret shares.
+        await store.delete("key", token)
+    return json_response({**present("key", entity), "key": plain})
 
 
 async def key_info(request: web.Request) -> web.Response:
     require_master(request)
-    token = key_id(query(request, "key"))
+    token = key_token(query(request, "key"))
     entity = await load(request.app[STORE], "key", token)
-    return json_response({"key": token, "info": await entity_info(request, "key", token, entity)})
+    info = await entity_info(request, "key", token, entity)
+    return json_response({"key": token, "info": present("key", info)})
 
 
 async def key_delete(request: web.Request) -> web.Response:
     require_master(request)
     keys = ids_of(await read_object(request), "keys")
-    tokens = [key_id(k) for k in keys]
+    tokens = [key_token(k) for k in keys]
     for token in tokens:
         await load(request.app[STORE], "key", token)
     await delete(request, "key", tokens)
@@ -83,12 +142,12 @@ def set_blocked(kind: str, blocked: bool) -> Callable[[web.Request], Awaitable[w
     async def handler(request: web.Request) -> web.Response:
         require_master(request)
         body = await read_object(request)
-        ids = [key_id(required(body, "key"))] if kind == "key" else ids_of(body, "user_ids")
+        ids = [key_token(required(body, "key"))] if kind == "key" else ids_of(body, "user_ids")
         entities = [await update(request, kind, i, {"blocked": blocked}) for i in ids]
-        for entity_id in ids:
-            await gate(request, kind, entity_id, blocked)
+        for entity_id, entity in zip(ids, entities, strict=True):
+            await gate(request, kind, scope_id(kind, entity_id, entity), blocked)
         return json_response(
-            entities[0]
+            present(kind, entities[0])
             if kind == "key"
             else {"blocked_users": ids}
             if blocked
