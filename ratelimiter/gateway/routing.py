@@ -55,11 +55,43 @@ def _specificity(pattern: str) -> tuple[int, int]:
 
 
 @dataclass(frozen=True, slots=True)
+class Pattern:
+    """A wildcard model_name as its literal pieces: ``a*b*c`` is ("a", "b", "c")."""
+
+    pieces: tuple[str, ...]
+
+    def match(self, name: str) -> tuple[str, ...] | None:
+        """What each ``*`` matched, as the regex ``a(.*)b(.*)c`` fully matching ``name``
+        would give (each group as long as it can be, leftmost first), or None. Found by
+        placing the middle pieces from the right, in time linear in the name for each piece:
+        a backtracking regex takes time to the power of the wildcards on a hostile name."""
+        first, *middle, last = self.pieces
+        if len(name) < len(first) + len(last) or not (
+            name.startswith(first) and name.endswith(last)
+        ):
+            return None
+        start, end = len(first), len(name) - len(last)
+        cuts = []
+        for piece in reversed(middle):
+            at = name.rfind(piece, start, end)
+            if at < 0:
+                return None
+            cuts.append((at, at + len(piece)))
+            end = at
+        groups, left = [], start
+        for at, after in reversed(cuts):
+            groups.append(name[left:at])
+            left = after
+        groups.append(name[left : len(name) - len(last)])
+        return tuple(groups)
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """model_list, indexed: deployments by exact name, and the patterns most specific first."""
 
     exact: Mapping[str, tuple[Deployment, ...]]
-    patterns: tuple[tuple[re.Pattern[str], tuple[Deployment, ...]], ...]
+    patterns: tuple[tuple[Pattern, tuple[Deployment, ...]], ...]
 
 
 _routes: dict[int, tuple[tuple[Deployment, ...], Route]] = {}
@@ -78,7 +110,7 @@ def _index(models: tuple[Deployment, ...]) -> Route:
     ordered = sorted(patterns.items(), key=lambda item: _specificity(item[0]), reverse=True)
     index = Route(
         {name: tuple(found) for name, found in exact.items()},
-        tuple((re.compile(pattern_regex(p)), tuple(found)) for p, found in ordered),
+        tuple((Pattern(tuple(p.split("*"))), tuple(found)) for p, found in ordered),
     )
     if len(_routes) > 64:  # settings are few (one per app, a few in tests)
         _routes.clear()
@@ -86,11 +118,12 @@ def _index(models: tuple[Deployment, ...]) -> Route:
     return index
 
 
-def _filled(deployment: Deployment, match: re.Match[str]) -> Deployment:
+def _filled(deployment: Deployment, name: str, groups: tuple[str, ...]) -> Deployment:
     model = deployment.model
-    for part in match.groups():  # config checks that model has one * per * of the pattern
-        model = model.replace("*", part, 1)
-    return replace(deployment, model_name=match.string, model=model, pattern=deployment.model_name)
+    if "*" in model:  # config checks that model then has one * per * of the pattern
+        pieces = model.split("*")
+        model = pieces[0] + "".join(g + p for g, p in zip(groups, pieces[1:], strict=True))
+    return replace(deployment, model_name=name, model=model, pattern=deployment.model_name)
 
 
 def route(settings: Settings, name: str) -> list[Deployment]:
@@ -99,16 +132,16 @@ def route(settings: Settings, name: str) -> list[Deployment]:
     found = index.exact.get(name)
     if found:
         return list(found)
-    for regex, deployments in index.patterns:
-        match = regex.fullmatch(name)
-        if match:
-            return [_filled(d, match) for d in deployments]
+    for pattern, deployments in index.patterns:
+        groups = pattern.match(name)
+        if groups is not None:
+            return [_filled(d, name, groups) for d in deployments]
     return []
 
 
 def serves(settings: Settings, name: str) -> bool:
     index = _index(settings.models)
-    return name in index.exact or any(r.fullmatch(name) for r, _ in index.patterns)
+    return name in index.exact or any(p.match(name) is not None for p, _ in index.patterns)
 
 
 def aliases_of(*owners: Mapping[str, Any] | None) -> dict[str, str]:

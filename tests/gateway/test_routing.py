@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -12,9 +13,11 @@ from pathlib import Path
 import aiohttp
 import openai
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ratelimiter.gateway.config import ConfigError, Deployment, Settings, load_config
-from ratelimiter.gateway.routing import listed_names, route
+from ratelimiter.gateway.routing import Pattern, listed_names, pattern_regex, route
 from ratelimiter.testing.fake_upstream import FakeUpstream
 
 from ..conftest import MASTER_KEY, MESSAGES, Admin, running_sidecar, running_upstream
@@ -334,3 +337,21 @@ def test_good_wildcard_entries_load(tmp_path: Path) -> None:
     assert [d.index for d in route(settings, "anything")] == [1]
     path.write_text(_CONFIG.format(name='"openai/*"', model='"openai/*"'))
     assert route(load_config(path, env={}), "openai/o3-mini")[0].model == "openai/o3-mini"
+
+
+@given(
+    pattern=st.lists(st.text("ab/", max_size=3), min_size=2, max_size=5).map("*".join),
+    name=st.text("ab/*", max_size=12),
+)
+def test_a_pattern_matches_as_litellms_regex_would(pattern: str, name: str) -> None:
+    """Each * as the group (.*) of a regex matching the whole name: the same groups."""
+    found = re.fullmatch(pattern_regex(pattern), name)
+    assert Pattern(tuple(pattern.split("*"))).match(name) == (found.groups() if found else None)
+
+
+def test_a_hostile_name_against_many_wildcards_is_quick() -> None:
+    """A backtracking regex would take 256**5 steps here."""
+    pattern = Pattern(("a",) * 5 + ("b",))
+    started = time.perf_counter()
+    assert pattern.match("a" * 256) is None
+    assert time.perf_counter() - started < 0.05
