@@ -145,12 +145,13 @@ def serves(settings: Settings, name: str) -> bool:
 
 
 def aliases_of(*owners: Mapping[str, Any] | None) -> dict[str, str]:
-    """The alias map of a key's owners, given as (user, key, team): later ones win."""
+    """The alias map of a key's owners, given as (user, key, team): later ones win. Entries
+    that are not name to name (stored before aliases were checked) are left out."""
     merged: dict[str, str] = {}
     for owner, field in zip(owners, ("aliases", "aliases", "model_aliases"), strict=False):
         aliases = (owner or {}).get(field)
         if isinstance(aliases, dict):
-            merged.update(aliases)
+            merged.update((k, v) for k, v in aliases.items() if isinstance(v, str) and v)
     return merged
 
 
