@@ -16,7 +16,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ratelimiter.errors import EntityError
 from ratelimiter.gateway.config import ConfigError, Deployment, Settings, load_config
+from ratelimiter.gateway.resolver import Caller, check_model_access
 from ratelimiter.gateway.routing import Pattern, listed_names, pattern_regex, route
 from ratelimiter.testing.fake_upstream import FakeUpstream
 
@@ -355,3 +357,15 @@ def test_a_hostile_name_against_many_wildcards_is_quick() -> None:
     started = time.perf_counter()
     assert pattern.match("a" * 256) is None
     assert time.perf_counter() - started < 0.05
+
+
+def test_an_access_group_on_a_wildcard_entry_covers_the_names_it_serves() -> None:
+    models = (
+        Deployment("gpt-4o", "openai/gpt-4o", index=0),
+        Deployment("openai/*", "openai/*", access_groups=("cheap",), index=1),
+    )
+    settings = Settings(master_key=MASTER_KEY, models=models)
+    caller = Caller(False, "t", {"models": ["cheap"]})
+    check_model_access(caller, route(settings, "openai/gpt-4o-mini")[0], settings)
+    with pytest.raises(EntityError, match="Tried to access gpt-4o "):
+        check_model_access(caller, route(settings, "gpt-4o")[0], settings)
