@@ -38,6 +38,7 @@ __all__ = [
     "estimate_tokens",
     "estimated_cost",
     "model_price",
+    "model_provider",
     "nano",
     "prompt_tokens",
     "register_model",
@@ -101,6 +102,23 @@ def register_model(prices: dict[str, dict[str, float]]) -> None:
             float(entry.get("input_cost_per_token") or 0.0),
             float(entry.get("output_cost_per_token") or 0.0),
         )
+
+
+# The provider of each family of the table's models, by name prefix (what serves ``openai/*``).
+PROVIDERS = {
+    "gpt-": "openai",
+    "o1": "openai",
+    "o3": "openai",
+    "o4": "openai",
+    "text-embedding-": "openai",
+    "claude-": "anthropic",
+}
+
+
+def model_provider(model: str) -> str | None:
+    """The provider of a model of the price table (``gpt-4o``: openai), or None."""
+    base = model.split("/", 1)[-1]
+    return next((p for prefix, p in PROVIDERS.items() if base.startswith(prefix)), None)
 
 
 def model_price(model: str) -> Price | None:

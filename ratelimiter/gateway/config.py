@@ -57,6 +57,11 @@ class Deployment:
     output_cost_per_token: float | None = None
     access_groups: tuple[str, ...] = ()
     index: int = 0  # position in model_list: names the deployment's own limits
+    # Set on the deployment a request is served by (routing.route), never in model_list:
+    # the wildcard model_name it was matched by, with model_name the name requested and
+    # model filled in; and the alias the client asked for, when one mapped it here.
+    pattern: str | None = None
+    alias: str | None = None
 
     @property
     def price(self) -> Price | None:
@@ -68,7 +73,18 @@ class Deployment:
 
     @property
     def deployment_id(self) -> str:
+        """Names the deployment's own rpm/tpm windows. A wildcard entry counts per model it
+        fills in (as LiteLLM counts by deployment and model), never per name requested: names
+        that fill in the same model share its windows."""
+        if self.pattern is not None:
+            return f"{self.pattern}#{self.index}:{self.model}"
         return f"{self.model_name}#{self.index}"
+
+    @property
+    def label(self) -> str:
+        """The model as metrics and once-only warnings name it: for a wildcard entry, the
+        upstream model, so that names a client makes up add no label."""
+        return self.model if self.pattern is not None else self.model_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,12 +168,22 @@ def weak_master_key_reason(key: str) -> str | None:
 class _Reader:
     """Walks the parsed YAML, resolving ``os.environ/NAME`` and naming paths in errors."""
 
-    def __init__(self, source: str, env: Mapping[str, str]) -> None:
+    def __init__(
+        self, source: str, env: Mapping[str, str], lines: Mapping[str, int] | None = None
+    ) -> None:
         self.source = source
         self.env = env
         self.warnings: list[str] = []
+        self.lines = lines or {}
 
     def fail(self, path: str, problem: str) -> ConfigError:
+        """The error at ``path``, with the line of the file it is on (or of the nearest
+        setting above it that the file has) when the file was read."""
+        where = path.removeprefix("(top level).")
+        while where and where not in self.lines:
+            where = where[: max(where.rfind("."), where.rfind("["), 0)]
+        if where:
+            problem = f"{problem} (line {self.lines[where]})"
         return ConfigError(self.source, path, problem)
 
     def value(self, path: str, raw: Any) -> Any:
@@ -222,6 +248,30 @@ class _Reader:
             return parse_duration(str(raw))
         except InvalidDuration as exc:
             raise self.fail(path, str(exc)) from None
+
+
+def _lines(text: str) -> dict[str, int]:
+    """The line of every setting of a YAML text, by its path (model_list[0].litellm_params.rpm)."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}
+    lines: dict[str, int] = {}
+    stack: list[tuple[str, Any]] = [("", root)]
+    while stack and len(lines) < 100_000:
+        path, node = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    child = f"{path}.{key.value}" if path else str(key.value)
+                    lines[child] = key.start_mark.line + 1
+                    stack.append((child, value))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                child = f"{path}[{i}]"
+                lines[child] = item.start_mark.line + 1
+                stack.append((child, item))
+    return lines
 
 
 def _closest(name: str, known: set[str]) -> str | None:
@@ -406,6 +456,38 @@ _PARAMS = {
 }
 
 
+def _check_wildcards(
+    reader: _Reader, path: str, name: str, model: str, api_base: str | None
+) -> None:
+    """A wildcard entry (``model_name: openai/*`` or ``*``) is routed as LiteLLM routes it:
+    each ``*`` of model_name matches any characters and fills the next ``*`` of
+    litellm_params.model, which has as many, or none (every name goes to that one model)."""
+    where = f"{path}.model_name"
+    if "**" in name:
+        raise reader.fail(where, f"{name!r} has two * in a row, which split a name ambiguously")
+    stars, filled = name.count("*"), model.count("*")
+    p = f"{path}.litellm_params.model"
+    if filled and not stars:
+        raise reader.fail(
+            p,
+            f"{model!r} has a * but model_name {name!r} has none to fill it: give model_name "
+            "a pattern (openai/*) or name one model here",
+        )
+    if filled and filled != stars:
+        raise reader.fail(
+            p,
+            f"{model!r} has {filled} * but model_name {name!r} has {stars}: each * of "
+            "model_name fills one * of model, in order (or give model no * to send every "
+            "name to one model)",
+        )
+    if "*" in model.split("/", 1)[0] and api_base is None:
+        raise reader.fail(
+            f"{path}.litellm_params.api_base",
+            f"is required for {model!r}: the request would choose the provider; name it "
+            "(openai/*) or set api_base",
+        )
+
+
 def _deployment(reader: _Reader, index: int, raw: Any) -> Deployment:
     path = f"model_list[{index}]"
     entry = reader.section(path, raw, {"model_name", "litellm_params", "model_info"}, frozenset())
@@ -422,6 +504,7 @@ def _deployment(reader: _Reader, index: int, raw: Any) -> Deployment:
     p = f"{path}.litellm_params"
     model = reader.string(f"{p}.model", params.get("model"), required=True) or ""
     api_base = reader.string(f"{p}.api_base", params.get("api_base"))
+    _check_wildcards(reader, path, name or "", model, api_base)
     provider = model.split("/", 1)[0] if "/" in model else "openai"
     if api_base is None and provider not in _OPENAI_URL_PROVIDERS:
         raise reader.fail(
@@ -464,9 +547,12 @@ def load_config(
     env = os.environ if env is None else env
     source = str(path) if path else "<no config file>"
     raw: Any = {}
+    lines: dict[str, int] = {}
     if path:
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
+            text = Path(path).read_text()
+            raw = yaml.safe_load(text) or {}
+            lines = _lines(text)
         except OSError as exc:
             raise ConfigError(source, "", f"cannot read it: {exc.strerror}") from None
         except yaml.YAMLError as exc:
@@ -474,7 +560,7 @@ def load_config(
             where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(exc, "problem", None) or str(exc)
             raise ConfigError(source, where, f"not valid YAML: {problem}") from None
-    reader = _Reader(source, env)
+    reader = _Reader(source, env, lines)
     top = reader.section("(top level)", raw, _TOP, _LITELLM_TOP)
     general = reader.section(
         "general_settings", top.get("general_settings"), _GENERAL, _LITELLM_GENERAL

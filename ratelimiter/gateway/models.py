@@ -34,6 +34,7 @@ from .store import (
     MAX_TEXT,
     MAX_WINDOWS,
     SCHEMAS,
+    aliases,
     budget_windows,
     count,
     duration,
@@ -144,6 +145,19 @@ _MEMBER = {
     "additionalProperties": False,
 }
 Members = _enforced(members, _nullable({"type": "array", "items": _MEMBER, "maxItems": MAX_LIST}))
+_NO_STAR = {**_NAME, "pattern": r"^[^*]+$"}
+Aliases = _enforced(
+    aliases,
+    _nullable(
+        {
+            "type": "object",
+            "maxProperties": MAX_LIST,
+            "propertyNames": _NO_STAR,
+            "additionalProperties": _NO_STAR,
+            "description": "{name asked for: name of a model served here}, applied once",
+        }
+    ),
+)
 
 # -- accepted, not enforced: LiteLLM's types, bounded ----------------------------------
 
@@ -232,6 +246,7 @@ class _KeyBase(_Limits):
     model_rpm_limit: ModelCounts = None
     model_tpm_limit: ModelCounts = None
     budget_limits: Windows = None
+    aliases: Aliases = None
     # accepted, not enforced
     spend: Dollars = None
     agent_id: Str = None
@@ -241,7 +256,6 @@ class _KeyBase(_Limits):
     guardrails: StrList = None
     policies: StrList = None
     prompts: StrList = None
-    aliases: Obj = None
     object_permission: ObjectPermission | None = None
     tags: StrList = None
     enforced_params: StrList = None
@@ -303,6 +317,7 @@ class NewUserRequest(_Limits):
     metadata: Object = None
     model_rpm_limit: ModelCounts = None
     model_tpm_limit: ModelCounts = None
+    aliases: Aliases = None
     # accepted, not enforced
     user_alias: Str = None
     user_role: UserRole | None = None
@@ -324,7 +339,6 @@ class NewUserRequest(_Limits):
     policies: StrList = None
     prompts: StrList = None
     blocked: Bool = None
-    aliases: Obj = None
     object_permission: ObjectPermission | None = None
 
 
@@ -346,6 +360,7 @@ class NewTeamRequest(_Limits):
     blocked: Flag = False
     model_rpm_limit: ModelCounts = None
     model_tpm_limit: ModelCounts = None
+    model_aliases: Aliases = None
     # accepted, not enforced
     organization_id: Str = None
     admins: AnyList = None
@@ -353,7 +368,6 @@ class NewTeamRequest(_Limits):
     team_member_permissions: StrList = None
     router_settings: Obj = None
     access_group_ids: StrList = None
-    model_aliases: Obj = None
     tags: StrList = None
     guardrails: StrList = None
     policies: StrList = None

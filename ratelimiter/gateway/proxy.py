@@ -40,6 +40,7 @@ from .http import CLIENT_REQUEST_ID, ENGINE, MAX_BODY_BYTES, REQUEST_ID, SETTING
 from .metrics import METRICS, timer
 from .policy import STRICT_MIN_TOKENS, Resolved, Scope, completion_room, limits_for
 from .resolver import Caller, authenticate, check_model_access, resolve
+from .routing import aliases_of, listed_names, route
 
 __all__ = ["HTTP", "add_proxy_routes"]
 
@@ -49,11 +50,15 @@ HTTP = web.AppKey("http", aiohttp.ClientSession)
 ROUTES = {"chat/completions": "chat", "completions": "completion", "embeddings": "embedding"}
 
 
-def _deployments(settings: Settings, model: str) -> list[Deployment]:
-    found = [d for d in settings.models if d.model_name == model]
+def _deployments(settings: Settings, model: str, caller: Caller | None = None) -> list[Deployment]:
+    """The deployments to try for ``model``, after the caller's aliases (routing.py)."""
+    aliases = aliases_of(caller.user, caller.key, caller.team) if caller is not None else {}
+    served = aliases.get(model)
+    found = route(settings, model if served is None else served)
     if not found:
-        raise EntityError(404, f"model {model!r} is not served here: ask GET /v1/models", "model")
-    return found
+        what = f"model {model!r}" if served is None else f"alias {model!r} (of {served!r})"
+        raise EntityError(404, f"{what} is not served here: ask GET /v1/models", "model")
+    return found if served is None else [replace(d, alias=model) for d in found]
 
 
 class Call:
@@ -99,7 +104,9 @@ class Call:
     async def admit(self, caller: Caller) -> tuple[Deployment, Decision] | web.Response:
         store = self.app[STORE]
         last: Decision | None = None
-        for attempt, deployment in enumerate(_deployments(self.settings, self.body["model"])):
+        for attempt, deployment in enumerate(
+            _deployments(self.settings, self.body["model"], caller)
+        ):
             if attempt:
                 # Its own id: on a Cluster a refused attempt leaves a released record in the
                 # slots it took, which the same id would meet as a reuse.
@@ -238,8 +245,8 @@ class Call:
         if self.settings.unpriced_models == "refuse":
             return False
         warned = self.app[UNPRICED_WARNED]
-        if deployment.model_name not in warned:
-            warned.add(deployment.model_name)
+        if deployment.label not in warned:
+            warned.add(deployment.label)
             log.warning("model %s has no price; its requests count as free", deployment.model_name)
         return True
 
@@ -375,7 +382,7 @@ class Call:
             "completion_tokens": completion,
             "usage_reported": reported is not None,
         }
-        self.app[METRICS].spend.labels(deployment.model_name).inc(dollars(spend))
+        self.app[METRICS].spend.labels(deployment.label).inc(dollars(spend))
         return {"tokens": prompt + completion, "spend": spend}
 
 
@@ -685,15 +692,14 @@ def _read_sse_line(call: Call, line: bytes) -> bool:
 async def list_models(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     caller = await authenticate(request.app[STORE], settings, bearer(request))
+    routes = request.query.get("return_wildcard_routes", "").lower() == "true"  # LiteLLM's
     names = []
-    for deployment in settings.models:
-        if deployment.model_name in names:
-            continue
+    for name in listed_names(settings, wildcard_routes=routes):
         try:
-            check_model_access(caller, deployment, settings)
+            check_model_access(caller, route(settings, name)[0], settings)
         except EntityError:
             continue
-        names.append(deployment.model_name)
+        names.append(name)
     return json_response(
         {
             "object": "list",

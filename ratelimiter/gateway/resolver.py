@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import EntityError
 from .config import Deployment, Settings
 from .policy import Resolved, Scope, inherit
+from .routing import serves
 from .store import Store, hash_key
 
 __all__ = [
@@ -106,39 +107,66 @@ async def effective_fields(store: Store, owner: str, entity: dict[str, Any]) -> 
 def _matches(entry: str, deployment: Deployment, groups: dict[str, set[str]]) -> bool:
     if entry == ALL_MODELS or entry == deployment.model_name:
         return True
-    if deployment.model_name in groups.get(entry, ()):
+    group = groups.get(entry, ())
+    if deployment.model_name in group or deployment.pattern in group:
         return True
     return any(
         fnmatch.fnmatchcase(name, entry) for name in (deployment.model_name, deployment.model)
     )
 
 
-def unmatched_models(settings: Settings, names: Iterable[str]) -> list[str]:
-    """The names of a ``models`` list that can match no deployment: not a model, an access
-    group or all-proxy-models, and not a wildcard (which may match models added later)."""
-    groups = settings.access_groups
+def _allowed(
+    entity: dict[str, Any], owner: str, deployment: Deployment, groups: dict[str, set[str]]
+) -> bool:
+    """Whether an entity's ``models`` list (non-empty) allows a request served by
+    ``deployment``. Asked for by an alias, the list may allow the alias or the model it is
+    served by (LiteLLM checks both); a team's list also allows the team's own aliases
+    (LiteLLM's rule, which LiteLLM applies to the key's list too: here the narrower list
+    wins)."""
+    allowed = entity.get("models") or []
+    if any(_matches(entry, deployment, groups) for entry in allowed):
+        return True
+    alias = deployment.alias
+    if alias is None:
+        return False
+    if owner == "team" and alias in (entity.get("model_aliases") or {}):
+        return True
+    return any(entry == alias or fnmatch.fnmatchcase(alias, entry) for entry in allowed)
+
+
+def unmatched_models(
+    settings: Settings, names: Iterable[str], aliases: Iterable[str] = ()
+) -> list[str]:
+    """The names of a ``models`` list that can match no deployment: not a model (or a name
+    a wildcard entry serves), an access group, one of ``aliases`` or all-proxy-models, and
+    not a wildcard (which may match models added later)."""
+    groups, aliased = settings.access_groups, set(aliases)
     return [
         name
         for name in names
         if name != ALL_MODELS
         and name not in groups
+        and name not in aliased
         and not any(ch in name for ch in "*?[")
+        and not serves(settings, name)
         and not any(_matches(name, deployment, groups) for deployment in settings.models)
     ]
 
 
 def check_model_access(caller: Caller, deployment: Deployment, settings: Settings) -> None:
-    """Every non-empty ``models`` list on the key, its user and its team must allow the model."""
+    """Every non-empty ``models`` list on the key, its user and its team must allow the model
+    (or the alias it was asked for by)."""
     groups = settings.access_groups
     for owner, entity in (("key", caller.key), ("user", caller.user), ("team", caller.team)):
         allowed = (entity or {}).get("models") or []
-        if allowed and not any(_matches(entry, deployment, groups) for entry in allowed):
+        if allowed and not _allowed(entity or {}, owner, deployment, groups):
             # LiteLLM's wording and status (403 in its current code, 401 before), which
             # clients match; the list is shown as LiteLLM shows it, a Python list.
             raise EntityError(
                 403,
                 f"{owner} not allowed to access model. This {owner} can only access "
-                f"models={list(allowed)!r}. Tried to access {deployment.model_name} "
+                f"models={list(allowed)!r}. Tried to access "
+                f"{deployment.alias or deployment.model_name} "
                 f"(an admin can allow it with /{owner}/update)",
                 "model",
                 kind=f"{owner}_model_access_denied",  # LiteLLM's type

@@ -199,6 +199,28 @@ def model_budgets(field: str, value: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
+def aliases(field: str, value: Any) -> dict[str, str]:
+    """{name asked for: name served}, as LiteLLM's key ``aliases`` and team ``model_aliases``.
+    Names are exact (no wildcards); whether each target is served is checked against the
+    config by the admin routes (admin.common.check_references)."""
+    found = mapping(field, value)
+    _bounded(field, found, "aliases")
+    for name, target in found.items():
+        if not 0 < len(name) <= MAX_TEXT or "*" in name:
+            raise _fail(
+                field,
+                f"an alias is a model name of 1 to {MAX_TEXT} characters without *, "
+                f"got {shown(name)}",
+            )
+        if not isinstance(target, str) or not 0 < len(target) <= MAX_TEXT or "*" in target:
+            raise _fail(
+                f"{field}.{name}",
+                f"must name the model it stands for: 1 to {MAX_TEXT} characters without *, "
+                f"got {shown(target)}",
+            )
+    return found
+
+
 def budget_windows(field: str, value: Any) -> list[dict[str, Any]]:
     """Several budgets on one key, each enforced: [{max_budget, budget_duration}, ...]."""
     if value is None:
@@ -278,6 +300,7 @@ SCHEMAS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "metadata": mapping,
         "duration": duration,
         "blocked": flag,
+        "aliases": aliases,
     },
     "user": {
         **LIMITS,
@@ -288,6 +311,7 @@ SCHEMAS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "metadata": mapping,
         "model_rpm_limit": model_counts,
         "model_tpm_limit": model_counts,
+        "aliases": aliases,
     },
     "team": {
         **LIMITS,
@@ -300,6 +324,7 @@ SCHEMAS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "blocked": flag,
         "model_rpm_limit": model_counts,
         "model_tpm_limit": model_counts,
+        "model_aliases": aliases,
     },
     "customer": {
         **LIMITS,

@@ -18,6 +18,7 @@ from ..http import ENGINE, SETTINGS, STORE, read_json
 from ..models import refuse_unknown, validate
 from ..policy import Scope, scope_budgets
 from ..resolver import effective_fields, unmatched_models
+from ..routing import serves
 from ..store import MAX_TEXT, Store, hash_key
 
 SCOPE_KIND = {"key": "key", "user": "user", "team": "team", "customer": "end_user"}
@@ -52,10 +53,26 @@ async def check_references(request: web.Request, kind: str, fields: dict[str, An
     """The budget an entity names must exist, and so must a key's team (404). A key's user is
     created if missing, as LiteLLM did: a key never names a user that does not exist (the
     resolver refuses such a key) or that a later /user/new would create with other limits.
-    Every name in ``models`` must be able to match a served model (a typo would otherwise
-    leave a key that can call nothing)."""
+    Every name in ``models`` must be able to match a served model or an alias (a typo would
+    otherwise leave a key that can call nothing), and every alias target must be served."""
     store = request.app[STORE]
-    unknown = unmatched_models(request.app[SETTINGS], fields.get("models") or ())
+    settings = request.app[SETTINGS]
+    alias_field = "model_aliases" if kind == "team" else "aliases"
+    aliases = fields.get(alias_field) or {}
+    for alias, target in aliases.items():
+        if not serves(settings, target):
+            raise EntityError(
+                400,
+                f"{alias_field}.{alias}: {target!r} is not served here (GET /v1/models lists "
+                "what is, with the master key): an alias names a served model, and applies once, "
+                "never to another alias",
+                alias_field,
+            )
+    known = set(aliases)
+    team_id = fields.get("team_id") if kind == "key" else None
+    team = await store.get("team", team_id) if team_id else None
+    known.update((team or {}).get("model_aliases") or {})
+    unknown = unmatched_models(settings, fields.get("models") or (), known)
     if unknown:
         raise EntityError(
             400,
@@ -73,8 +90,7 @@ async def check_references(request: web.Request, kind: str, fields: dict[str, An
         )
     if kind != "key":
         return
-    team_id = fields.get("team_id")
-    if team_id and await store.get("team", team_id) is None:
+    if team_id and team is None:
         raise EntityError(
             404, f"team_id {team_id!r} does not exist: create it with /team/new first", "team_id"
         )
