@@ -31,7 +31,12 @@ _DATES = {"start_date": _DATE, "end_date": _DATE}
 # The query parameters of each GET route (the POST routes' bodies are in REQUESTS).
 QUERIES: dict[str, dict[str, dict[str, Any]]] = {
     "/key/info": {"key": _ID},
-    "/key/list": {},
+    "/key/list": {
+        "page": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+        "size": {"type": "integer", "minimum": 1, "maximum": 100},
+        **dict.fromkeys(("user_id", "team_id", "key_alias", "key_hash"), _FILTER),
+        "return_full_object": {"type": "boolean"},
+    },
     "/user/info": {"user_id": _ID},
     "/team/info": {"team_id": _ID},
     "/customer/info": {"end_user_id": _ID},

@@ -159,7 +159,15 @@ class AdminClient:
         return _info(body["key"], body["info"])
 
     async def list_keys(self) -> list[str]:
-        return (await self._get("/key/list"))["keys"]
+        """Every key's hash, read page by page."""
+        keys: list[str] = []
+        page = 1
+        while True:
+            body = await self._get("/key/list", page=str(page), size="100")
+            keys += body["keys"]
+            if page >= body["total_pages"]:
+                return keys
+            page += 1
 
     async def delete_keys(self, *keys: str) -> list[str]:
         return (await self._post("/key/delete", {"keys": list(keys)}))["deleted_keys"]

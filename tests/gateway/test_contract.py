@@ -200,3 +200,25 @@ async def test_user_new_makes_the_key_and_memberships_it_is_asked_for(admin: Adm
     assert status == 404  # nothing was made
     status, body = await admin.call("POST", "/user/new", {"user_id": "y", "duration": "soon"})
     assert status == 400 and body["error"]["param"] == "duration"
+
+
+async def test_key_list_pages_and_filters_as_litellm(admin: Admin) -> None:
+    await admin.post("/user/new", {"user_id": "lister", "auto_create_key": False})
+    made = [
+        await admin.post("/key/generate", {"user_id": "lister", "key_alias": f"k{i}"})
+        for i in range(12)
+    ]
+    other = await admin.post("/key/generate", {"key_alias": "k0"})
+    first = await admin.get("/key/list", user_id="lister")
+    assert (first["total_count"], first["current_page"], first["total_pages"]) == (12, 1, 2)
+    assert len(first["keys"]) == 10  # LiteLLM's default page size
+    second = await admin.get("/key/list", user_id="lister", page="2")
+    assert set(first["keys"]) | set(second["keys"]) == {k["token"] for k in made}
+    full = await admin.get("/key/list", key_alias="k0", return_full_object="true")
+    assert {k["token_id"] for k in full["keys"]} == {made[0]["token"], other["token"]}
+    assert all(k["key_name"].startswith("sk-...") for k in full["keys"])
+    by_hash = await admin.get("/key/list", key_hash=made[3]["key"])
+    assert by_hash["keys"] == [made[3]["token"]]
+    for name, value in (("size", "101"), ("page", "0"), ("return_full_object", "yes")):
+        status, body = await admin.call("GET", "/key/list", **{name: value})
+        assert status == 400 and body["error"]["param"] == name

@@ -178,6 +178,31 @@ def ids_of(body: dict[str, Any], name: str) -> list[str]:
     return list(dict.fromkeys(id_of(name, i) for i in ids))  # each once, in order
 
 
+MAX_PAGE = 1_000_000  # pages of a listing
+
+
+def whole(request: web.Request, name: str, default: int, most: int) -> int:
+    """A query parameter that is a whole number from 1 to ``most``."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    # isdigit() before int(): int() of thousands of digits is slow, and refused past 4,300.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= len(str(most))) or not (
+        1 <= int(raw) <= most
+    ):
+        raise EntityError(
+            400, f"{name} must be a whole number from 1 to {most}, got {shown(raw)}", name
+        )
+    return int(raw)
+
+
+def truth(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name, "false").lower()
+    if raw not in ("true", "false"):
+        raise EntityError(400, f"{name} must be true or false, got {shown(raw)}", name)
+    return raw == "true"
+
+
 def query(request: web.Request, *names: str) -> str:
     for name in names:
         if request.query.get(name):

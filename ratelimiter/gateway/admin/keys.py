@@ -14,6 +14,7 @@ from ..http import STORE, require_master
 from ..models import RegenerateKeyRequest, validate
 from ..store import hash_key, new_key
 from .common import (
+    MAX_PAGE,
     check_references,
     delete,
     entity_info,
@@ -28,7 +29,9 @@ from .common import (
     read_object,
     required,
     scope_id,
+    truth,
     update,
+    whole,
 )
 
 
@@ -157,7 +160,37 @@ def set_blocked(kind: str, blocked: bool) -> Callable[[web.Request], Awaitable[w
     return handler
 
 
+MAX_KEY_PAGE = 100  # keys per /key/list page, as LiteLLM allows
+
+
 async def key_list(request: web.Request) -> web.Response:
+    """LiteLLM's /key/list: a page of key hashes (or, with ``return_full_object``, of keys),
+    filtered by ``user_id``, ``team_id``, ``key_alias`` or ``key_hash``."""
     require_master(request)
-    keys = await request.app[STORE].ids("key")
-    return json_response({"keys": keys, "total_count": len(keys)})
+    store = request.app[STORE]
+    page = whole(request, "page", 1, MAX_PAGE)
+    size = whole(request, "size", 10, MAX_KEY_PAGE)
+    full = truth(request, "return_full_object")
+    owner = next((n for n in ("user_id", "team_id") if request.query.get(n)), None)
+    if owner:
+        keys = await store.naming("key", owner, query(request, owner))
+    elif request.query.get("key_hash"):
+        found = await store.get("key", key_token(query(request, "key_hash")))
+        keys = [found] if found else []
+    elif full or request.query.get("key_alias"):
+        keys = await store.all("key")
+    else:
+        keys = [{"token": token} for token in await store.ids("key")]
+    if request.query.get("key_alias"):
+        alias = query(request, "key_alias")
+        keys = [k for k in keys if k.get("key_alias") == alias]
+    keys.sort(key=lambda k: k["token"])
+    shown = keys[(page - 1) * size : page * size]
+    return json_response(
+        {
+            "keys": [present("key", k) for k in shown] if full else [k["token"] for k in shown],
+            "total_count": len(keys),
+            "current_page": page,
+            "total_pages": -(-len(keys) // size),
+        }
+    )

@@ -241,8 +241,18 @@ const KEY_FIELDS = [
   { name: "models", label: "Models", type: "list", hint: "Comma-separated; empty means all." },
 ];
 
+// /key/list answers a page at a time, as LiteLLM's does.
+async function allKeys() {
+  const keys = [];
+  for (let page = 1; ; page++) {
+    const list = await api("GET", "/key/list?size=100&page=" + page);
+    keys.push(...list.keys);
+    if (page >= list.total_pages) return { keys };
+  }
+}
+
 async function keysPage() {
-  const [list, budgets] = await Promise.all([api("GET", "/key/list"), api("GET", "/budget/list")]);
+  const [list, budgets] = await Promise.all([allKeys(), api("GET", "/budget/list")]);
   const infos = await Promise.all(list.keys.map((k) => api("GET", "/key/info?key=" + encodeURIComponent(k))));
   const budgetField = { name: "budget_id", label: "Budget", options: ["", ...budgets.map((b) => b.budget_id)] };
   const create = () => formDialog("Create Key", [...KEY_FIELDS, budgetField, ...LIMIT_FIELDS],
