@@ -140,6 +140,8 @@ _MEMBER = {
         "user_email": _nullable(_NAME),
         "role": {"enum": ["admin", "user"]},
         "max_budget_in_team": _nullable(_MONEY),
+        "rpm_limit": _nullable(_COUNT),
+        "tpm_limit": _nullable(_COUNT),
     },
     "anyOf": [{"required": ["user_id"]}, {"required": ["user_email"]}],
     "additionalProperties": False,
@@ -531,6 +533,18 @@ class TeamMemberAddRequest(Request):
     max_budget_in_team: Dollars = None
 
 
+class TeamMemberUpdateRequest(Request):
+    """POST /team/member_update: a member's role, budget and rates within the team"""
+
+    team_id: Id
+    user_id: Id | None = None
+    user_email: Str = Field(None, description="the member, when user_id is not given")
+    role: Literal["admin", "user"] | None = None
+    max_budget_in_team: Dollars = None
+    rpm_limit: Int = None
+    tpm_limit: Int = None
+
+
 class TeamMemberDeleteRequest(Request):
     """POST /team/member_delete"""
 
@@ -555,6 +569,7 @@ REQUESTS: dict[str, type[Request]] = {
     "/team/update": UpdateTeamRequest,
     "/team/delete": TeamIds,
     "/team/member_add": TeamMemberAddRequest,
+    "/team/member_update": TeamMemberUpdateRequest,
     "/team/member_delete": TeamMemberDeleteRequest,
     **{
         f"{base}/{action}": model

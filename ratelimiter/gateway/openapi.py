@@ -235,7 +235,6 @@ NOT_SERVED = (
     "/team/block",
     "/team/unblock",
     "/team/available",
-    "/team/member_update",
     "/team/permissions_list",
     "/team/permissions_update",
     "/team/daily/activity",

@@ -195,6 +195,10 @@ async def _customer(store: Store, settings: Settings, end_user: str) -> dict[str
     return customer
 
 
+def _member_limits(member: dict[str, Any]) -> bool:
+    return any(member.get(n) is not None for n in ("max_budget_in_team", "rpm_limit", "tpm_limit"))
+
+
 async def resolve(
     store: Store,
     settings: Settings,
@@ -231,14 +235,16 @@ async def resolve(
                 ),
                 None,
             )
-            if member and member.get("max_budget_in_team") is not None:
+            if member and _member_limits(member):
                 scopes.append(
                     Scope(
                         "member",
                         f"{team_id}:{member['user_id']}",
                         {
-                            "max_budget": member["max_budget_in_team"],
+                            "max_budget": member.get("max_budget_in_team"),
                             "budget_duration": caller.team.get("budget_duration"),
+                            "rpm_limit": member.get("rpm_limit"),
+                            "tpm_limit": member.get("tpm_limit"),
                         },
                     )
                 )

@@ -254,7 +254,14 @@ def members(field: str, value: Any) -> list[dict[str, Any]]:
 
 def member(field: str, value: Any) -> dict[str, Any]:
     spec = mapping(field, value)
-    unknown = set(spec) - {"user_id", "user_email", "role", "max_budget_in_team"}
+    unknown = set(spec) - {
+        "user_id",
+        "user_email",
+        "role",
+        "max_budget_in_team",
+        "rpm_limit",
+        "tpm_limit",
+    }
     if unknown:
         raise _fail(f"{field}.{sorted(unknown)[0]}", "unknown field")
     # by email alone, the admin route finds the user (or makes one) before it is stored
@@ -270,6 +277,12 @@ def member(field: str, value: Any) -> dict[str, Any]:
         "user_email": email,
         "role": role,
         "max_budget_in_team": money(f"{field}.max_budget_in_team", spec.get("max_budget_in_team")),
+        # the member's own rates within the team (/team/member_update); absent: none
+        **{
+            name: count(f"{field}.{name}", spec[name])
+            for name in ("rpm_limit", "tpm_limit")
+            if spec.get(name) is not None
+        },
     }
 
 

@@ -118,7 +118,7 @@ async def test_budgets_and_customers(admin: Admin) -> None:
             400,
             "model_max_budget.gpt-4o.window: unknown field",
         ),
-        ("/user/update", {"user_id": "ghost", "rpm_limit": 1}, 404, "user 'ghost' not found"),
+        ("/team/update", {"team_id": "ghost", "rpm_limit": 1}, 404, "team 'ghost' not found"),
         ("/key/delete", {"keys": []}, 400, "keys must be a non-empty list"),
     ],
 )

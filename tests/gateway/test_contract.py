@@ -222,3 +222,44 @@ async def test_key_list_pages_and_filters_as_litellm(admin: Admin) -> None:
     for name, value in (("size", "101"), ("page", "0"), ("return_full_object", "yes")):
         status, body = await admin.call("GET", "/key/list", **{name: value})
         assert status == 400 and body["error"]["param"] == name
+
+
+async def test_team_member_update_sets_role_budget_and_rates(stack: Stack) -> None:
+    admin = stack.admin
+    await admin.post("/user/new", {"user_id": "mu", "user_email": "mu@example.com"})
+    await admin.post("/team/new", {"team_id": "t-mu", "members_with_roles": [{"user_id": "mu"}]})
+    key = (await admin.post("/key/generate", {"team_id": "t-mu", "user_id": "mu"}))["key"]
+    updated = await admin.post(
+        "/team/member_update",
+        {"team_id": "t-mu", "user_email": "mu@example.com", "role": "admin", "rpm_limit": 1},
+    )
+    assert (updated["team_id"], updated["user_id"], updated["role"]) == ("t-mu", "mu", "admin")
+    assert updated["rpm_limit"] == 1 and updated["max_budget_in_team"] is None
+    assert (await chat(stack, key))[0] == 200
+    status, body = await chat(stack, key)
+    assert status == 429 and "member" in body["error"]["message"], body
+    status, body = await admin.call(
+        "POST", "/team/member_update", {"team_id": "t-mu", "user_id": "nobody"}
+    )
+    assert status == 404
+    status, body = await admin.call(
+        "POST", "/team/member_update", {"team_id": "t-mu", "user_id": "mu", "rpm_limit": -1}
+    )
+    assert status == 400 and "rpm_limit" in body["error"]["message"]
+
+
+async def test_budgets_show_when_they_reset(admin: Admin) -> None:
+    made = await admin.post(
+        "/budget/new", {"budget_id": "b-reset", "max_budget": 1, "budget_duration": "1d"}
+    )
+    assert made["created_at"] and made["budget_reset_at"].endswith("+00:00")
+    (shown,) = await admin.get("/budget/info", budget_id="b-reset")
+    assert shown["budget_reset_at"] == made["budget_reset_at"]
+    never = await admin.post("/budget/new", {"budget_id": "b-never", "max_budget": 1})
+    assert never.get("budget_reset_at") is None
+
+
+async def test_user_update_makes_a_user_it_does_not_know(admin: Admin) -> None:
+    updated = await admin.post("/user/update", {"user_id": "litellm-proxy-budget", "spend": 0})
+    assert updated["user_id"] == "litellm-proxy-budget"
+    assert (await admin.get("/user/info", user_id="litellm-proxy-budget"))["user_id"]

@@ -30,6 +30,7 @@ def add_admin_routes(app: web.Application) -> None:
     r.add_post("/team/update", entities.update_route("team", "team_id"))
     r.add_post("/team/delete", entities.delete_route("team", "team_ids"))
     r.add_post("/team/member_add", entities.team_member_add)
+    r.add_post("/team/member_update", entities.team_member_update)
     r.add_post("/team/member_delete", entities.team_member_delete)
     for base in ("/customer", "/end_user"):
         r.add_post(f"{base}/new", entities.create("customer", "user_id"))

@@ -7,11 +7,12 @@ import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
 from ...engine.connections import translate_errors
-from ...engine.durations import shown
+from ...engine.durations import parse_duration, period_bounds, shown
 from ...errors import EntityError
 from ...pricing import dollars
 from ..http import ENGINE, SETTINGS, STORE, read_json
@@ -29,9 +30,10 @@ def iso(ms: int | None) -> str | None:
     return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC).isoformat()
 
 
-def present(kind: str, entity: Mapping[str, Any]) -> dict[str, Any]:
+def present(kind: str, entity: Mapping[str, Any], tz: ZoneInfo | None = None) -> dict[str, Any]:
     """An entity as LiteLLM's responses show it: times in ISO 8601, a key's hash as its
-    ``token_id`` and its expiry as ``expires``, a team's members as ``members_with_roles``.
+    ``token_id`` and its expiry as ``expires``, a team's members as ``members_with_roles``,
+    a budget's next reset (in ``tz``, the budgets' time zone) as ``budget_reset_at``.
     Records keep milliseconds, which the request path compares without parsing."""
     out = dict(entity)
     for name in ("created_at", "updated_at"):
@@ -46,6 +48,10 @@ def present(kind: str, entity: Mapping[str, Any]) -> dict[str, Any]:
             {"user_id": m["user_id"], "user_email": m.get("user_email"), "role": m["role"]}
             for m in entity.get("members") or []
         ]
+    elif kind == "budget" and tz is not None and entity.get("budget_duration"):
+        # every entity's window of this budget resets at the same boundary
+        period = parse_duration(entity["budget_duration"])
+        out["budget_reset_at"] = iso(period_bounds(period, now_ms(), tz)[1])
     return out
 
 

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from ...errors import EntityError
 from ...responses import json_response
-from ..http import STORE, require_master
+from ..http import ENGINE, STORE, require_master
 from ..models import validate
 from ..policy import LIMIT_FIELDS
 from ..store import MAX_LIST, REFERENCES, Store, members
@@ -102,7 +102,7 @@ def create(kind: str, id_field: str) -> Callable[[web.Request], Awaitable[web.Re
         now = now_ms()
         entity |= {"created_at": now, "updated_at": now}
         await store.create(kind, entity_id, entity)
-        return json_response(present(kind, entity))
+        return json_response(present(kind, entity, request.app[ENGINE].tz))
 
     return handler
 
@@ -222,9 +222,12 @@ def update_route(kind: str, id_field: str) -> Callable[[web.Request], Awaitable[
             entity_id = await _user_by_email(request, changes.pop("user_email"))
         else:
             entity_id = required(body, id_field)
+        if kind == "user":  # LiteLLM's /user/update makes a user it does not know
+            await _ensure_user(request, entity_id, None)
         if kind == "team" and {"members", "members_with_roles"} & changes.keys():
             changes["members"] = await _team_members(request, changes)
-        return json_response(present(kind, await update(request, kind, entity_id, changes)))
+        entity = await update(request, kind, entity_id, changes)
+        return json_response(present(kind, entity, request.app[ENGINE].tz))
 
     return handler
 
@@ -317,14 +320,40 @@ async def _add_members(
     return await update(request, "team", team["team_id"], {"members": list(current.values())})
 
 
+async def team_member_update(request: web.Request) -> web.Response:
+    """A member's role, budget (``max_budget_in_team``) and rates in the team; a field
+    left out stays as it was, null removes a budget or a rate."""
+    require_master(request)
+    body = await read_object(request)
+    team_id = required(body, "team_id")
+    user_id = await _named_member(request, body)
+    team = await load(request.app[STORE], "team", team_id)
+    listed = team.get("members") or []
+    current = next((m for m in listed if m["user_id"] == user_id), None)
+    if current is None:
+        raise EntityError(404, f"user {user_id!r} is not a member of team {team_id!r}", "user_id")
+    changed = {
+        n: body[n] for n in ("role", "max_budget_in_team", "rpm_limit", "tpm_limit") if n in body
+    }
+    if changed.get("role", "") is None:
+        changed.pop("role")
+    (member,) = members("member", [{**current, **changed}])
+    kept = [member if m["user_id"] == user_id else m for m in listed]
+    await update(request, "team", team_id, {"members": kept})
+    return json_response({"team_id": team_id, **member})
+
+
+async def _named_member(request: web.Request, body: dict[str, Any]) -> str:
+    if body.get("user_id") is None and body.get("user_email") is not None:
+        return await _user_by_email(request, id_of("user_email", body["user_email"]))
+    return required(body, "user_id")
+
+
 async def team_member_delete(request: web.Request) -> web.Response:
     require_master(request)
     body = await read_object(request)
     team_id = required(body, "team_id")
-    if body.get("user_id") is None and body.get("user_email") is not None:
-        user_id = await _user_by_email(request, id_of("user_email", body["user_email"]))
-    else:
-        user_id = required(body, "user_id")
+    user_id = await _named_member(request, body)
     team = await load(request.app[STORE], "team", team_id)
     members = [m for m in team.get("members") or [] if m["user_id"] != user_id]
     if len(members) == len(team.get("members") or []):
@@ -336,7 +365,8 @@ async def team_member_delete(request: web.Request) -> web.Response:
 
 async def budget_list(request: web.Request) -> web.Response:
     require_master(request)
-    return json_response(await request.app[STORE].all("budget"))
+    tz = request.app[ENGINE].tz
+    return json_response([present("budget", b, tz) for b in await request.app[STORE].all("budget")])
 
 
 async def budget_info(request: web.Request) -> web.Response:
@@ -346,4 +376,5 @@ async def budget_info(request: web.Request) -> web.Response:
         ids = ids_of(await read_object(request), "budgets")
     else:
         ids = [query(request, "budget_id")]
-    return json_response([await load(store, "budget", b) for b in ids])
+    tz = request.app[ENGINE].tz
+    return json_response([present("budget", await load(store, "budget", b), tz) for b in ids])
