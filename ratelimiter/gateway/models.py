@@ -33,6 +33,7 @@ from .store import (
     MAX_LIST,
     MAX_TEXT,
     MAX_WINDOWS,
+    ROLES,
     SCHEMAS,
     budget_windows,
     count,
@@ -44,6 +45,7 @@ from .store import (
     model_counts,
     money,
     names,
+    role,
     text,
 )
 
@@ -143,6 +145,7 @@ _MEMBER = {
     "additionalProperties": False,
 }
 Members = _enforced(members, _nullable({"type": "array", "items": _MEMBER, "maxItems": MAX_LIST}))
+Role = _enforced(role, _nullable({"enum": list(ROLES)}))
 
 # -- accepted, not enforced: LiteLLM's types, bounded ----------------------------------
 
@@ -168,7 +171,6 @@ def _iso_text(value: Any) -> Any:
 
 Timestamp = Annotated[datetime, Strict(False), BeforeValidator(_iso_text)] | None
 LimitType = Literal["guaranteed_throughput", "best_effort_throughput", "dynamic"] | None
-UserRole = Literal["proxy_admin", "proxy_admin_viewer", "internal_user", "internal_user_viewer"]
 # A secret LiteLLM would keep (a user's password): accepted, never stored in the clear.
 Secret = Annotated[str, StringConstraints(max_length=MAX_TEXT)] | None
 
@@ -285,9 +287,10 @@ class NewUserRequest(_Limits):
     metadata: Object = None
     model_rpm_limit: ModelCounts = None
     model_tpm_limit: ModelCounts = None
+    # what the user's keys may do on the admin API (admin/access.py); none acts as internal_user
+    user_role: Role = None
     # accepted, not enforced
     user_alias: Str = None
-    user_role: UserRole | None = None
     teams: AnyList = None  # team ids, or {team_id, max_budget_in_team, user_role} objects
     auto_create_key: Bool = None
     send_invite_email: Bool = None

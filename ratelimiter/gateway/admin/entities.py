@@ -10,9 +10,10 @@ from aiohttp import web
 
 from ...errors import EntityError
 from ...responses import json_response
-from ..http import STORE, require_master
+from ..http import STORE
 from ..models import validate
 from ..store import MAX_LIST, REFERENCES, Store, members
+from . import access
 from .common import (
     check_references,
     delete,
@@ -28,7 +29,7 @@ from .keys import create_key
 
 
 async def user_new(request: web.Request) -> web.Response:
-    require_master(request)
+    await access.admin(request)
     body = await read_object(request)
     store = request.app[STORE]
     user = validate("user", body)
@@ -43,7 +44,7 @@ async def user_new(request: web.Request) -> web.Response:
 
 def create(kind: str, id_field: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
-        require_master(request)
+        await access.admin(request)
         store = request.app[STORE]
         entity = validate(kind, await read_object(request))
         entity_id = entity.get(id_field) or (None if kind != "team" else str(uuid.uuid4()))
@@ -60,7 +61,7 @@ def create(kind: str, id_field: str) -> Callable[[web.Request], Awaitable[web.Re
 
 def info_route(kind: str, *params: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
-        require_master(request)
+        await access.info(request, kind)
         entity_id = query(request, *params)
         entity = await load(request.app[STORE], kind, entity_id)
         info = await entity_info(request, kind, entity_id, entity)
@@ -71,7 +72,7 @@ def info_route(kind: str, *params: str) -> Callable[[web.Request], Awaitable[web
 
 def update_route(kind: str, id_field: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
-        require_master(request)
+        await access.admin(request)
         body = await read_object(request)
         entity_id = required(body, id_field)
         changes = validate(kind, body, partial=True)
@@ -85,7 +86,7 @@ def delete_route(kind: str, list_field: str) -> Callable[[web.Request], Awaitabl
     still names is not deleted (409). So a delete never leaves a key without its limits."""
 
     async def handler(request: web.Request) -> web.Response:
-        require_master(request)
+        await access.admin(request)
         ids = ids_of(await read_object(request), list_field)
         store = request.app[STORE]
         for entity_id in ids:
@@ -129,7 +130,7 @@ async def _refuse_if_used(store: Store, budget_id: str) -> None:
 
 
 async def team_member_add(request: web.Request) -> web.Response:
-    require_master(request)
+    await access.team_members(request)
     body = await read_object(request)
     team_id = required(body, "team_id")
     raw = body.get("member")
@@ -156,7 +157,7 @@ async def team_member_add(request: web.Request) -> web.Response:
 
 
 async def team_member_delete(request: web.Request) -> web.Response:
-    require_master(request)
+    await access.team_members(request)
     body = await read_object(request)
     team_id, user_id = required(body, "team_id"), required(body, "user_id")
     team = await load(request.app[STORE], "team", team_id)
@@ -167,12 +168,12 @@ async def team_member_delete(request: web.Request) -> web.Response:
 
 
 async def budget_list(request: web.Request) -> web.Response:
-    require_master(request)
+    await access.view(request)
     return json_response(await request.app[STORE].all("budget"))
 
 
 async def budget_info(request: web.Request) -> web.Response:
-    require_master(request)
+    await access.view(request)
     store = request.app[STORE]
     if request.method == "POST":
         ids = ids_of(await read_object(request), "budgets")

@@ -9,9 +9,10 @@ from aiohttp import web
 
 from ...engine.durations import expiry_ms, parse_duration
 from ...responses import json_response
-from ..http import STORE, require_master
+from ..http import STORE
 from ..models import validate
 from ..store import hash_key, new_key
+from . import access
 from .common import (
     check_references,
     delete,
@@ -45,14 +46,14 @@ async def create_key(request: web.Request, body: dict[str, Any]) -> dict[str, An
 
 
 async def key_generate(request: web.Request) -> web.Response:
-    require_master(request)
-    return json_response(await create_key(request, await read_object(request)))
+    body = await access.key_generate(request)
+    return json_response(await create_key(request, body))
 
 
 async def key_update(request: web.Request) -> web.Response:
     """A new ``duration`` counts from now, as in LiteLLM: the key expires that long after
     the update."""
-    require_master(request)
+    await access.key_update(request)
     body = await read_object(request)
     token = key_id(required(body, "key"))
     changes = validate("key", body, partial=True)
@@ -63,14 +64,14 @@ async def key_update(request: web.Request) -> web.Response:
 
 
 async def key_info(request: web.Request) -> web.Response:
-    require_master(request)
+    await access.key_info(request)
     token = key_id(query(request, "key"))
     entity = await load(request.app[STORE], "key", token)
     return json_response({"key": token, "info": await entity_info(request, "key", token, entity)})
 
 
 async def key_delete(request: web.Request) -> web.Response:
-    require_master(request)
+    await access.key_delete(request)
     keys = ids_of(await read_object(request), "keys")
     tokens = [key_id(k) for k in keys]
     for token in tokens:
@@ -81,7 +82,7 @@ async def key_delete(request: web.Request) -> web.Response:
 
 def set_blocked(kind: str, blocked: bool) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
-        require_master(request)
+        await access.admin(request)
         body = await read_object(request)
         ids = [key_id(required(body, "key"))] if kind == "key" else ids_of(body, "user_ids")
         entities = [await update(request, kind, i, {"blocked": blocked}) for i in ids]
@@ -99,6 +100,6 @@ def set_blocked(kind: str, blocked: bool) -> Callable[[web.Request], Awaitable[w
 
 
 async def key_list(request: web.Request) -> web.Response:
-    require_master(request)
-    keys = await request.app[STORE].ids("key")
+    caller = await access.key_list(request)
+    keys = await access.visible_keys(request, caller)
     return json_response({"keys": keys, "total_count": len(keys)})
