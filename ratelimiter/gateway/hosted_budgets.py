@@ -14,7 +14,8 @@ from aiohttp import web
 from ..engine.connections import translate_errors
 from ..errors import EntityError
 from ..responses import json_response
-from .http import ENGINE, SETTINGS, read_json, require_master
+from .admin import access
+from .http import ENGINE, SETTINGS, read_json
 
 __all__ = ["add_hosted_budget_routes"]
 
@@ -57,7 +58,7 @@ def _key(request: web.Request, project: str) -> str:
 
 
 async def get_budget(request: web.Request) -> web.Response:
-    require_master(request)
+    await access.view(request)
     project = _project(await read_json(request))
     engine = request.app[ENGINE]
     with translate_errors(engine.address):
@@ -70,7 +71,7 @@ async def get_budget(request: web.Request) -> web.Response:
 
 
 async def set_budget(request: web.Request) -> web.Response:
-    require_master(request)
+    await access.admin(request)
     body = await read_json(request)
     project = _project(body)
     users = _validate_users(body.get("user_dict"))

@@ -33,6 +33,7 @@ from .store import (
     MAX_LIST,
     MAX_TEXT,
     MAX_WINDOWS,
+    ROLES,
     SCHEMAS,
     aliases,
     budget_windows,
@@ -45,6 +46,7 @@ from .store import (
     model_counts,
     money,
     names,
+    role,
     text,
 )
 
@@ -160,6 +162,7 @@ Aliases = _enforced(
         }
     ),
 )
+Role = _enforced(role, _nullable({"enum": list(ROLES)}))
 
 # -- accepted, not enforced: LiteLLM's types, bounded ----------------------------------
 
@@ -185,7 +188,6 @@ def _iso_text(value: Any) -> Any:
 
 Timestamp = Annotated[datetime, Strict(False), BeforeValidator(_iso_text)] | None
 LimitType = Literal["guaranteed_throughput", "best_effort_throughput", "dynamic"] | None
-UserRole = Literal["proxy_admin", "proxy_admin_viewer", "internal_user", "internal_user_viewer"]
 # A secret LiteLLM would keep (a user's password): accepted, never stored in the clear.
 Secret = Annotated[str, StringConstraints(max_length=MAX_TEXT)] | None
 
@@ -320,9 +322,10 @@ class NewUserRequest(_Limits):
     model_rpm_limit: ModelCounts = None
     model_tpm_limit: ModelCounts = None
     aliases: Aliases = None
+    # what the user's keys may do on the admin API (admin/access.py); none acts as internal_user
+    user_role: Role = None
     # accepted, not enforced
     user_alias: Str = None
-    user_role: UserRole | None = None
     teams: AnyList = None  # team ids, or {team_id, max_budget_in_team, user_role} objects
     auto_create_key: Bool = None
     send_invite_email: Bool = None

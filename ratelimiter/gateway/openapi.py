@@ -128,13 +128,22 @@ def document(routes: list[tuple[str, str]]) -> dict[str, Any]:
         "info": {
             "title": "ratelimiter admin API",
             "version": "1",
-            "description": "LiteLLM's admin routes and fields; every route needs the master key "
-            "as a bearer token. Fields the limiter does not act on are stored and shown.",
+            "description": "LiteLLM's admin routes and fields. Send the master key as a "
+            "bearer token, or a virtual key: it may call a route as far as its user's "
+            "user_role allows (proxy_admin: everything; proxy_admin_viewer: every read; "
+            "internal_user: its own keys, user, teams and spend; internal_user_viewer: read "
+            "those), as in LiteLLM. Fields the limiter does not act on are stored and shown.",
         },
         "paths": paths,
         "components": {
             "schemas": {**defs.get("$defs", {}), "Error": _ENVELOPE},
-            "securitySchemes": {"master_key": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "master_key": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "the master key, or a virtual key within its user's role",
+                }
+            },
         },
         "security": [{"master_key": []}],
     }

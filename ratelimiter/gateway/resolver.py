@@ -25,6 +25,7 @@ __all__ = [
     "authenticate",
     "check_model_access",
     "effective_fields",
+    "may_call",
     "resolve",
     "unmatched_models",
 ]
@@ -171,6 +172,15 @@ def check_model_access(caller: Caller, deployment: Deployment, settings: Setting
                 "model",
                 kind=f"{owner}_model_access_denied",  # LiteLLM's type
             )
+
+
+def may_call(caller: Caller, deployment: Deployment, settings: Settings) -> bool:
+    """Whether ``caller`` may call ``deployment``: what /v1/models and /model/info list."""
+    try:
+        check_model_access(caller, deployment, settings)
+    except EntityError:
+        return False
+    return True
 
 
 async def _customer(store: Store, settings: Settings, end_user: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from ..pricing import NANO
 __all__ = [
     "KINDS",
     "REFERENCES",
+    "ROLES",
     "EntityError",
     "Store",
     "hash_key",
@@ -243,6 +244,19 @@ def budget_windows(field: str, value: Any) -> list[dict[str, Any]]:
     return out
 
 
+# LiteLLM's user roles (LitellmUserRoles), the only values user_role takes; what each may do
+# on the admin API is admin/access.py's business.
+ROLES = ("proxy_admin", "proxy_admin_viewer", "internal_user", "internal_user_viewer")
+
+
+def role(field: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if value not in ROLES:
+        raise _fail(field, f"must be one of {', '.join(ROLES)}, got {shown(value)}")
+    return str(value)
+
+
 def members(field: str, value: Any) -> list[dict[str, Any]]:
     if value is None:
         return []
@@ -319,6 +333,7 @@ SCHEMAS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         **LIMITS,
         "user_id": text,
         "user_email": text,
+        "user_role": role,
         "models": names,
         "budget_id": text,
         "metadata": mapping,

@@ -18,8 +18,10 @@ from aiohttp import web
 from ..engine.connections import translate_errors
 from ..engine.durations import parse_duration, period_bounds, time_zone
 from ..responses import json_response
-from .http import ENGINE, SETTINGS, STORE, require_master
+from .admin import access
+from .http import ENGINE, SETTINGS, STORE
 from .metrics import METRICS
+from .resolver import may_call
 
 __all__ = ["add_ui_routes"]
 
@@ -58,7 +60,7 @@ async def redirect(request: web.Request) -> web.StreamResponse:
 
 async def budgets(request: web.Request) -> web.Response:
     """Every budget with when its current period ends and what uses it."""
-    require_master(request)
+    await access.view(request)
     store, settings = request.app[STORE], request.app[SETTINGS]
     users: dict[str, dict[str, int]] = {}
     for kind in ("key", "customer"):
@@ -90,15 +92,17 @@ def entities(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     """``/user/list``, ``/team/list``, ``/customer/list``: every entity of a kind."""
 
     async def handler(request: web.Request) -> web.Response:
-        require_master(request)
+        await access.view(request)
         return json_response(await request.app[STORE].all(kind))
 
     return handler
 
 
 async def model_info(request: web.Request) -> web.Response:
-    """The configured deployments, as LiteLLM's ``/model/info`` shows them (no API keys)."""
-    require_master(request)
+    """The configured deployments, as LiteLLM's ``/model/info`` shows them (no API keys):
+    to a virtual key, only those it may call."""
+    caller = await access.caller_of(request)
+    settings = request.app[SETTINGS]
     data = [
         {
             "model_name": d.model_name,
@@ -112,7 +116,8 @@ async def model_info(request: web.Request) -> web.Response:
             },
             "model_info": {"id": d.deployment_id, "access_groups": list(d.access_groups)},
         }
-        for d in request.app[SETTINGS].models
+        for d in settings.models
+        if may_call(caller, d, settings)
     ]
     return json_response({"data": data})
 
@@ -166,7 +171,7 @@ async def _publish_counts(app: web.Application) -> AsyncIterator[None]:
 
 async def live(request: web.Request) -> web.Response:
     """Every sidecar's counters, summed; the page turns two readings into rates."""
-    require_master(request)
+    await access.view(request)
     app, now = request.app, time.time()
     with translate_errors(app[ENGINE].address):
         published = await app[ENGINE].redis.hgetall(_live_key(app))

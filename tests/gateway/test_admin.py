@@ -153,8 +153,9 @@ async def test_bad_requests_and_auth(admin: Admin) -> None:
     async with admin.session.post(admin.base + "/key/generate", json={}) as r:
         assert r.status == 401 and "missing API key" in (await r.json())["error"]["message"]
     virtual = (await admin.post("/key/generate", {}))["key"]
-    status, payload = await Admin(admin.session, admin.base, virtual).call("GET", "/key/list")
-    assert status == 401 and "master key" in payload["error"]["message"]
+    status, payload = await Admin(admin.session, admin.base, virtual).call("GET", "/budget/list")
+    assert status == 401 and "Only proxy admin" in payload["error"]["message"]
+    assert "master key" in payload["error"]["message"]
 
 
 async def test_a_change_on_one_sidecar_reaches_another_within_a_second(

@@ -10,10 +10,11 @@ from aiohttp import web
 
 from ...errors import EntityError
 from ...responses import json_response
-from ..http import ENGINE, STORE, require_master
+from ..http import ENGINE, STORE
 from ..models import validate
 from ..policy import LIMIT_FIELDS
 from ..store import MAX_LIST, REFERENCES, Store, members
+from . import access
 from .common import (
     check_references,
     delete,
@@ -35,7 +36,7 @@ async def user_new(request: web.Request) -> web.Response:
     """A user, in the teams it names, with its first key unless ``auto_create_key`` is false
     (as LiteLLM's /user/new): the key shares the user's limits and takes ``duration``,
     ``key_alias`` and ``models`` from the request."""
-    require_master(request)
+    await access.admin(request)
     store = request.app[STORE]
     user = validate("user", await read_object(request))
     user_id = user.get("user_id") or str(uuid.uuid4())
@@ -88,7 +89,7 @@ def _memberships(user: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 def create(kind: str, id_field: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
-        require_master(request)
+        await access.admin(request)
         store = request.app[STORE]
         entity = validate(kind, await read_object(request))
         entity_id = entity.get(id_field) or (None if kind != "team" else str(uuid.uuid4()))
@@ -163,7 +164,7 @@ def info_route(kind: str, *params: str) -> Callable[[web.Request], Awaitable[web
     team_info, keys, team_memberships}, /customer/info the customer itself."""
 
     async def handler(request: web.Request) -> web.Response:
-        require_master(request)
+        await access.info(request, kind)
         store = request.app[STORE]
         entity_id = query(request, *params)
         entity = await load(store, kind, entity_id)
@@ -215,7 +216,7 @@ def _budget_table(entity: dict[str, Any]) -> dict[str, Any] | None:
 
 def update_route(kind: str, id_field: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
-        require_master(request)
+        await access.admin(request)
         body = await read_object(request)
         changes = validate(kind, body, partial=True)
         if kind == "user" and body.get("user_id") is None and body.get("user_email") is not None:
@@ -244,7 +245,7 @@ def delete_route(kind: str, list_field: str) -> Callable[[web.Request], Awaitabl
     still names is not deleted (409). So a delete never leaves a key without its limits."""
 
     async def handler(request: web.Request) -> web.Response:
-        require_master(request)
+        await access.admin(request)
         ids = ids_of(await read_object(request), list_field)
         store = request.app[STORE]
         for entity_id in ids:
@@ -288,7 +289,7 @@ async def _refuse_if_used(store: Store, budget_id: str) -> None:
 
 
 async def team_member_add(request: web.Request) -> web.Response:
-    require_master(request)
+    await access.team_members(request)
     body = await read_object(request)
     team_id = required(body, "team_id")
     raw = body.get("member")
@@ -323,7 +324,7 @@ async def _add_members(
 async def team_member_update(request: web.Request) -> web.Response:
     """A member's role, budget (``max_budget_in_team``) and rates in the team; a field
     left out stays as it was, null removes a budget or a rate."""
-    require_master(request)
+    await access.team_members(request)
     body = await read_object(request)
     team_id = required(body, "team_id")
     user_id = await _named_member(request, body)
@@ -350,7 +351,7 @@ async def _named_member(request: web.Request, body: dict[str, Any]) -> str:
 
 
 async def team_member_delete(request: web.Request) -> web.Response:
-    require_master(request)
+    await access.team_members(request)
     body = await read_object(request)
     team_id = required(body, "team_id")
     user_id = await _named_member(request, body)
@@ -364,13 +365,14 @@ async def team_member_delete(request: web.Request) -> web.Response:
 
 
 async def budget_list(request: web.Request) -> web.Response:
-    require_master(request)
+    await access.view(request)
     tz = request.app[ENGINE].tz
-    return json_response([present("budget", b, tz) for b in await request.app[STORE].all("budget")])
+    budgets = await request.app[STORE].all("budget")
+    return json_response([present("budget", b, tz) for b in budgets])
 
 
 async def budget_info(request: web.Request) -> web.Response:
-    require_master(request)
+    await access.view(request)
     store = request.app[STORE]
     if request.method == "POST":
         ids = ids_of(await read_object(request), "budgets")

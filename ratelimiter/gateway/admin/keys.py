@@ -10,9 +10,10 @@ from aiohttp import web
 from ...engine.durations import expiry_ms, parse_duration
 from ...errors import EntityError
 from ...responses import json_response
-from ..http import STORE, require_master
+from ..http import STORE
 from ..models import RegenerateKeyRequest, validate
 from ..store import hash_key, new_key
+from . import access
 from .common import (
     MAX_PAGE,
     check_references,
@@ -70,12 +71,12 @@ async def create_key(request: web.Request, body: dict[str, Any]) -> dict[str, An
 
 
 async def key_generate(request: web.Request) -> web.Response:
-    require_master(request)
-    return json_response(await create_key(request, await read_object(request)))
+    body = await access.key_generate(request)
+    return json_response(await create_key(request, body))
 
 
 async def key_update(request: web.Request) -> web.Response:
-    require_master(request)
+    await access.key_update(request)
     body = await read_object(request)
     token = key_token(required(body, "key"))
     changes = validate("key", body, partial=True)
@@ -90,7 +91,7 @@ async def key_regenerate(request: web.Request) -> web.Response:
     """A new secret for a key: the old one stops (after ``grace_period``, if given), while
     the key's limits, spend and ledger history carry over, because its counters are kept
     under its ``key_id``, which does not change. Other fields change it as /key/update."""
-    require_master(request)
+    await access.admin(request)
     body = await read_object(request)
     store = request.app[STORE]
     in_path = request.match_info.get("key_id")
@@ -124,7 +125,7 @@ async def key_regenerate(request: web.Request) -> web.Response:
 
 
 async def key_info(request: web.Request) -> web.Response:
-    require_master(request)
+    await access.key_info(request)
     token = key_token(query(request, "key"))
     entity = await load(request.app[STORE], "key", token)
     info = await entity_info(request, "key", token, entity)
@@ -132,7 +133,7 @@ async def key_info(request: web.Request) -> web.Response:
 
 
 async def key_delete(request: web.Request) -> web.Response:
-    require_master(request)
+    await access.key_delete(request)
     keys = ids_of(await read_object(request), "keys")
     tokens = [key_token(k) for k in keys]
     for token in tokens:
@@ -143,7 +144,7 @@ async def key_delete(request: web.Request) -> web.Response:
 
 def set_blocked(kind: str, blocked: bool) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
-        require_master(request)
+        await access.admin(request)
         body = await read_object(request)
         ids = [key_token(required(body, "key"))] if kind == "key" else ids_of(body, "user_ids")
         entities = [await update(request, kind, i, {"blocked": blocked}) for i in ids]
@@ -165,25 +166,31 @@ MAX_KEY_PAGE = 100  # keys per /key/list page, as LiteLLM allows
 
 async def key_list(request: web.Request) -> web.Response:
     """LiteLLM's /key/list: a page of key hashes (or, with ``return_full_object``, of keys),
-    filtered by ``user_id``, ``team_id``, ``key_alias`` or ``key_hash``."""
-    require_master(request)
+    filtered by ``user_id``, ``team_id``, ``key_alias`` or ``key_hash``; a caller who is not
+    an admin or a viewer sees its own user's keys only."""
+    caller = await access.key_list(request)
     store = request.app[STORE]
     page = whole(request, "page", 1, MAX_PAGE)
     size = whole(request, "size", 10, MAX_KEY_PAGE)
     full = truth(request, "return_full_object")
-    owner = next((n for n in ("user_id", "team_id") if request.query.get(n)), None)
-    if owner:
-        keys = await store.naming("key", owner, query(request, owner))
-    elif request.query.get("key_hash"):
-        found = await store.get("key", key_token(query(request, "key_hash")))
-        keys = [found] if found else []
-    elif full or request.query.get("key_alias"):
+    wanted = {
+        n: query(request, n) for n in ("user_id", "team_id", "key_alias") if request.query.get(n)
+    }
+    if request.query.get("key_hash"):
+        wanted["token"] = key_token(query(request, "key_hash"))
+    mine = access.listed_user(caller)
+    if mine is not None:
+        keys = await store.naming("key", "user_id", mine)
+    elif "user_id" in wanted or "team_id" in wanted:
+        owner = "user_id" if "user_id" in wanted else "team_id"
+        keys = await store.naming("key", owner, wanted[owner])
+    elif "token" in wanted:
+        keys = [k for k in [await store.get("key", wanted["token"])] if k]
+    elif full or wanted:
         keys = await store.all("key")
     else:
         keys = [{"token": token} for token in await store.ids("key")]
-    if request.query.get("key_alias"):
-        alias = query(request, "key_alias")
-        keys = [k for k in keys if k.get("key_alias") == alias]
+    keys = [k for k in keys if all(k.get(n) == v for n, v in wanted.items())]
     keys.sort(key=lambda k: k["token"])
     shown = keys[(page - 1) * size : page * size]
     return json_response(

@@ -12,8 +12,9 @@ from ...errors import EntityError
 from ...ledger import Entry, Ledger, utc_ms
 from ...pricing import dollars
 from ...responses import json_response
-from ..http import ENGINE, SETTINGS, require_master
+from ..http import ENGINE, SETTINGS
 from ..store import hash_key
+from . import access
 from .common import iso
 
 MAX_PAGE = 1_000_000  # /spend/logs pages
@@ -107,9 +108,10 @@ def _log(entry: Entry) -> dict[str, Any]:
 
 
 async def spend_logs(request: web.Request) -> web.Response:
-    require_master(request)
+    own = await access.spend_logs(request)
     start, end = _dates(request)
     wanted = {meta: request.query[q] for q, meta in LOG_FILTERS.items() if request.query.get(q)}
+    wanted.update(own)
     if wanted.get("key_hash", "").startswith("sk-"):  # a plain key: look it up by its hash
         wanted["key_hash"] = hash_key(wanted["key_hash"])
     request_id = request.query.get("request_id")
@@ -128,7 +130,7 @@ async def spend_logs(request: web.Request) -> web.Response:
 
 
 async def global_spend(request: web.Request) -> web.Response:
-    require_master(request)
+    await access.view(request)
     settings = request.app[SETTINGS]
     start, end = _dates(request)
     days = await Ledger(request.app[ENGINE]).rollups(start, end)
@@ -144,7 +146,7 @@ async def global_spend(request: web.Request) -> web.Response:
 
 
 async def global_spend_report(request: web.Request) -> web.Response:
-    require_master(request)
+    await access.view(request)
     group = request.query.get("group_by", "team")
     if group not in GROUPS:
         raise EntityError(
