@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -52,11 +52,13 @@ __all__ = [
     "CREATE",
     "REQUESTS",
     "UPDATE",
+    "check",
     "refuse_unknown",
     "validate",
 ]
 
 MAX_COUNT = 2**53 - 1  # engine.limits.MAX_AMOUNT, spelled for the schema
+RequestT = TypeVar("RequestT", bound=BaseModel)
 
 
 def _enforced(check: Callable[[str, Any], Any], schema: dict[str, Any]) -> Any:
@@ -231,6 +233,9 @@ class _KeyBase(_Limits):
     model_rpm_limit: ModelCounts = None
     model_tpm_limit: ModelCounts = None
     budget_limits: Windows = None
+    # a key with no team is under this organization's limits; a key in a team is under its
+    # team's organization (a different one is refused)
+    organization_id: Text = None
     # accepted, not enforced
     spend: Dollars = None
     agent_id: Str = None
@@ -253,7 +258,6 @@ class _KeyBase(_Limits):
     access_group_ids: StrList = None
     auto_rotate: Bool = None
     rotation_interval: Str = None
-    organization_id: Str = None
 
 
 class GenerateKeyRequest(_KeyBase):
@@ -328,8 +332,8 @@ class NewTeamRequest(_Limits):
     blocked: Flag = False
     model_rpm_limit: ModelCounts = None
     model_tpm_limit: ModelCounts = None
+    organization_id: Text = None  # the organization whose limits the team's requests also meet
     # accepted, not enforced
-    organization_id: Str = None
     admins: AnyList = None
     members_with_roles: AnyList = None
     team_member_permissions: StrList = None
@@ -396,6 +400,68 @@ class UpdateCustomerRequest(NewCustomerRequest):
     user_id: Id
 
 
+class _OrganizationBudget(_Limits):
+    """LiteLLM_BudgetTable's fields, which an organization takes at its top level."""
+
+    # accepted, not enforced
+    tpd_limit: Int = None
+    allowed_models: StrList = None
+    temp_budget_increase: Dollars = None
+    temp_budget_expiry: Timestamp = None
+
+
+class NewOrganizationRequest(_OrganizationBudget):
+    """POST /organization/new"""
+
+    organization_id: Text = None
+    organization_alias: Text  # required, as in LiteLLM
+    models: Names = None
+    budget_id: Text = None
+    metadata: Object = None
+    model_rpm_limit: ModelCounts = None
+    model_tpm_limit: ModelCounts = None
+    # accepted, not enforced
+    object_permission: ObjectPermission | None = None
+
+
+class BudgetTable(Request):
+    """LiteLLM_BudgetTable as LiteLLM's UI nests it in an organization update; its fields are
+    taken as if sent at the top level (budget_reset_at and created_at, which info shows, are
+    ignored)."""
+
+    budget_id: Any = None
+    soft_budget: Any = None
+    max_budget: Any = None
+    max_parallel_requests: Any = None
+    tpm_limit: Any = None
+    rpm_limit: Any = None
+    tpd_limit: Any = None
+    model_max_budget: Any = None
+    budget_duration: Any = None
+    allowed_models: Any = None
+    temp_budget_increase: Any = None
+    temp_budget_expiry: Any = None
+    budget_reset_at: Any = None
+    created_at: Any = None
+
+
+class UpdateOrganizationRequest(_OrganizationBudget):
+    """PATCH /organization/update (also POST): LiteLLM's LiteLLM_OrganizationTableUpdate"""
+
+    organization_id: Id
+    organization_alias: Text = None
+    models: Names = None
+    budget_id: Text = None
+    metadata: Object = None
+    model_rpm_limit: ModelCounts = None
+    model_tpm_limit: ModelCounts = None
+    litellm_budget_table: BudgetTable | None = None
+    # accepted, not enforced
+    spend: Dollars = None
+    updated_by: Str = None
+    object_permission: ObjectPermission | None = None
+
+
 # The field of an update body that names the entity to update.
 UPDATED_BY = {
     "key": "key",
@@ -403,6 +469,7 @@ UPDATED_BY = {
     "team": "team_id",
     "customer": "user_id",
     "budget": "budget_id",
+    "organization": "organization_id",
 }
 CREATE: dict[str, type[Request]] = {
     "key": GenerateKeyRequest,
@@ -410,6 +477,7 @@ CREATE: dict[str, type[Request]] = {
     "team": NewTeamRequest,
     "customer": NewCustomerRequest,
     "budget": BudgetNewRequest,
+    "organization": NewOrganizationRequest,
 }
 UPDATE: dict[str, type[Request]] = {
     "key": UpdateKeyRequest,
@@ -417,16 +485,20 @@ UPDATE: dict[str, type[Request]] = {
     "team": UpdateTeamRequest,
     "customer": UpdateCustomerRequest,
     "budget": BudgetUpdateRequest,
+    "organization": UpdateOrganizationRequest,
 }
 ENTITY_MODELS = frozenset({*CREATE.values(), *UPDATE.values()})
 # Fields stored and shown but not acted on (a secret is not even stored), per kind; the
-# README's compatibility table is checked against this.
+# README's compatibility table is checked against this. An organization update's nested
+# litellm_budget_table is read as its top-level fields.
 SECRETS = frozenset({"password"})
+FOLDED = frozenset({"litellm_budget_table"})
 ACCEPTED_ONLY: dict[str, list[str]] = {
     kind: sorted(
         {n for m in (CREATE[kind], UPDATE[kind]) for n in m.model_fields}
         - set(SCHEMAS[kind])
         - {UPDATED_BY[kind]}
+        - FOLDED
     )
     for kind in CREATE
 }
@@ -497,6 +569,47 @@ class TeamMemberDeleteRequest(Request):
     user_email: Str = Field(None, description="accepted; the member is found by user_id")
 
 
+class OrganizationIds(Request):
+    """DELETE /organization/delete (also POST)"""
+
+    organization_ids: Ids
+
+
+class OrganizationRequest(Request):
+    """POST /organization/info (LiteLLM's deprecated form of GET /organization/info)"""
+
+    organizations: Ids
+
+
+OrgRole = Literal["org_admin", "internal_user", "internal_user_viewer"]
+
+
+class OrgMember(Request):
+    """One member: user_id or user_email (a user that does not exist is created)."""
+
+    role: OrgRole
+    user_id: Id | None = None
+    user_email: Str = None
+
+
+class OrganizationMemberAddRequest(Request):
+    """POST /organization/member_add"""
+
+    organization_id: Id
+    member: OrgMember | Annotated[list[OrgMember], Field(min_length=1, max_length=MAX_LIST)]
+    max_budget_in_organization: Dollars = Field(
+        None, description="accepted, stored on the membership, not enforced (as in LiteLLM)"
+    )
+
+
+class OrganizationMemberDeleteRequest(Request):
+    """DELETE /organization/member_delete (also POST): user_id or user_email"""
+
+    organization_id: Id
+    user_id: Id | None = None
+    user_email: Str = None
+
+
 # Every POST route's body model, for the OpenAPI document.
 REQUESTS: dict[str, type[Request]] = {
     "/key/generate": GenerateKeyRequest,
@@ -527,6 +640,12 @@ REQUESTS: dict[str, type[Request]] = {
     "/budget/update": BudgetUpdateRequest,
     "/budget/delete": BudgetRef,
     "/budget/info": BudgetIds,
+    "/organization/new": NewOrganizationRequest,
+    "/organization/update": UpdateOrganizationRequest,
+    "/organization/delete": OrganizationIds,
+    "/organization/info": OrganizationRequest,
+    "/organization/member_add": OrganizationMemberAddRequest,
+    "/organization/member_delete": OrganizationMemberDeleteRequest,
 }
 
 
@@ -599,18 +718,25 @@ def refuse_unknown(path: str, body: Mapping[str, Any]) -> None:
             raise EntityError(400, f"{label}: {_unknown(model, (name,), path)}", label)
 
 
+def check(model: type[RequestT], body: Any, what: str) -> RequestT:
+    """``body`` as ``model``, or a 400 naming the first field that is wrong and how."""
+    if not isinstance(body, dict):
+        raise EntityError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        path, problem = _problem(model, what, exc.errors(include_url=False)[0])
+        label = path if len(path) <= MAX_TEXT else shown(path)
+        raise EntityError(400, f"{label}: {problem}", label) from None
+
+
 def validate(kind: str, body: Any, *, partial: bool = False) -> dict[str, Any]:
     """A create (or, ``partial``, an update) body of an entity, checked: the fields sent, plus
     on create every enforced field at its default. The update's id field is not returned."""
     if not isinstance(body, dict):
         raise EntityError(400, f"the request body must be a JSON object, got {type(body).__name__}")
     model = (UPDATE if partial else CREATE)[kind]
-    try:
-        checked = model.model_validate(body)
-    except ValidationError as exc:
-        path, problem = _problem(model, f"a {kind}", exc.errors(include_url=False)[0])
-        label = path if len(path) <= MAX_TEXT else shown(path)
-        raise EntityError(400, f"{label}: {problem}", label) from None
+    checked = check(model, body, "an organization" if kind == "organization" else f"a {kind}")
     sent = checked.model_dump(mode="json", exclude_unset=True, exclude=set(SECRETS))
     if partial:
         sent.pop(UPDATED_BY[kind])

@@ -20,6 +20,7 @@ from .common import (
     ids_of,
     iso,
     key_id,
+    key_organization,
     load,
     now_ms,
     query,
@@ -33,6 +34,7 @@ async def create_key(request: web.Request, body: dict[str, Any]) -> dict[str, An
     store = request.app[STORE]
     fields = validate("key", body)
     await check_references(request, "key", fields)
+    await key_organization(store, fields, fields)
     plain = new_key()
     token = hash_key(plain)
     now = now_ms()
