@@ -657,12 +657,41 @@ def _path(loc: tuple[int | str, ...]) -> str:
     return out or "body"
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds, directly, in a list or in a union, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _walk(
+    model: type[BaseModel], loc: tuple[int | str, ...]
+) -> tuple[tuple[int | str, ...], type[BaseModel]]:
+    """``loc`` without pydantic's union tags (``OrgMember``, ``list[OrgMember]``), and the
+    model its last field belongs to."""
+    out: list[int | str] = []
+    current: type[BaseModel] | None = model
+    parent = model
+    for part in loc:
+        if isinstance(part, int):
+            out.append(part)
+        elif current is not None and part in current.model_fields:
+            out.append(part)
+            parent, current = current, _model_in(current.model_fields[part].annotation)
+        elif current is None or part[:1].isupper() or "[" in part:
+            continue  # a union tag
+        else:
+            out.append(part)  # a field the model lacks: the unknown one
+            parent = current
+    return tuple(out), parent
+
+
 def _unknown(model: type[BaseModel], loc: tuple[int | str, ...], what: str) -> str:
     """A typo is named, with the field it was probably meant to be."""
-    for part in loc[:-1]:  # down to the nested model the field was sent in, if any
-        annotation = model.model_fields[part].annotation if isinstance(part, str) else None
-        nested = [a for a in getattr(annotation, "__args__", ()) if isinstance(a, type)]
-        model = next((a for a in nested if issubclass(a, BaseModel)), model)
     close = difflib.get_close_matches(str(loc[-1]), model.model_fields, n=1)
     hint = f"; did you mean {close[0]}?" if close else ""
     return f"unknown field for {what} (neither the limiter nor LiteLLM has it){hint}"
@@ -683,8 +712,9 @@ _EXPECTED = {
 def _problem(model: type[BaseModel], what: str, error: Mapping[str, Any]) -> tuple[str, str]:
     """(field path, what is wrong) of one pydantic error, in words rather than its dump."""
     kind, ctx, got = error["type"], error.get("ctx") or {}, shown(error.get("input"))
+    loc, owner = _walk(model, tuple(error["loc"]))
     if kind == "extra_forbidden":
-        problem = _unknown(model, tuple(error["loc"]), what)
+        problem = _unknown(owner, loc, what)
     elif kind == "missing":
         problem = "is required"
     elif kind in ("too_long", "string_too_long"):
@@ -703,7 +733,7 @@ def _problem(model: type[BaseModel], what: str, error: Mapping[str, Any]) -> tup
         problem = "is not served (the limiter generates every key); send null or leave it out"
     else:
         problem = f"{error['msg'][0].lower()}{error['msg'][1:]}, got {got}"
-    return _path(tuple(error["loc"])), problem
+    return _path(loc), problem
 
 
 def refuse_unknown(path: str, body: Mapping[str, Any]) -> None:
@@ -725,7 +755,10 @@ def check(model: type[RequestT], body: Any, what: str) -> RequestT:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        path, problem = _problem(model, what, exc.errors(include_url=False)[0])
+        errors = exc.errors(include_url=False)
+        # Of a union's branches (one member or a list of them), the one of the value's shape
+        shaped = [e for e in errors if e["type"] not in ("model_type", "list_type", "dict_type")]
+        path, problem = _problem(model, what, (shaped or errors)[0])
         label = path if len(path) <= MAX_TEXT else shown(path)
         raise EntityError(400, f"{label}: {problem}", label) from None
 
