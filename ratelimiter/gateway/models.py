@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -56,11 +56,13 @@ __all__ = [
     "HANDLED",
     "REQUESTS",
     "UPDATE",
+    "check",
     "refuse_unknown",
     "validate",
 ]
 
 MAX_COUNT = 2**53 - 1  # engine.limits.MAX_AMOUNT, spelled for the schema
+RequestT = TypeVar("RequestT", bound=BaseModel)
 
 
 def _enforced(check: Callable[[str, Any], Any], schema: dict[str, Any]) -> Any:
@@ -251,6 +253,9 @@ class _KeyBase(_Limits):
     model_tpm_limit: ModelCounts = None
     budget_limits: Windows = None
     aliases: Aliases = None
+    # a key with no team is under this organization's limits; a key in a team is under its
+    # team's organization (a different one is refused)
+    organization_id: Text = None
     # accepted, not enforced
     spend: Dollars = None
     agent_id: Str = None
@@ -272,7 +277,6 @@ class _KeyBase(_Limits):
     access_group_ids: StrList = None
     auto_rotate: Bool = None
     rotation_interval: Str = None
-    organization_id: Str = None
 
 
 class GenerateKeyRequest(_KeyBase):
@@ -366,8 +370,8 @@ class NewTeamRequest(_Limits):
     model_rpm_limit: ModelCounts = None
     model_tpm_limit: ModelCounts = None
     model_aliases: Aliases = None
+    organization_id: Text = None  # the organization whose limits the team's requests also meet
     # accepted, not enforced
-    organization_id: Str = None
     admins: AnyList = None
     members_with_roles: Members = None  # LiteLLM's name for members: both are taken
     team_member_permissions: StrList = None
@@ -433,6 +437,68 @@ class UpdateCustomerRequest(NewCustomerRequest):
     user_id: Id
 
 
+class _OrganizationBudget(_Limits):
+    """LiteLLM_BudgetTable's fields, which an organization takes at its top level."""
+
+    # accepted, not enforced
+    tpd_limit: Int = None
+    allowed_models: StrList = None
+    temp_budget_increase: Dollars = None
+    temp_budget_expiry: Timestamp = None
+
+
+class NewOrganizationRequest(_OrganizationBudget):
+    """POST /organization/new"""
+
+    organization_id: Text = None
+    organization_alias: Text  # required, as in LiteLLM
+    models: Names = None
+    budget_id: Text = None
+    metadata: Object = None
+    model_rpm_limit: ModelCounts = None
+    model_tpm_limit: ModelCounts = None
+    # accepted, not enforced
+    object_permission: ObjectPermission | None = None
+
+
+class BudgetTable(Request):
+    """LiteLLM_BudgetTable as LiteLLM's UI nests it in an organization update; its fields are
+    taken as if sent at the top level (budget_reset_at and created_at, which info shows, are
+    ignored)."""
+
+    budget_id: Any = None
+    soft_budget: Any = None
+    max_budget: Any = None
+    max_parallel_requests: Any = None
+    tpm_limit: Any = None
+    rpm_limit: Any = None
+    tpd_limit: Any = None
+    model_max_budget: Any = None
+    budget_duration: Any = None
+    allowed_models: Any = None
+    temp_budget_increase: Any = None
+    temp_budget_expiry: Any = None
+    budget_reset_at: Any = None
+    created_at: Any = None
+
+
+class UpdateOrganizationRequest(_OrganizationBudget):
+    """PATCH /organization/update (also POST): LiteLLM's LiteLLM_OrganizationTableUpdate"""
+
+    organization_id: Id
+    organization_alias: Text = None
+    models: Names = None
+    budget_id: Text = None
+    metadata: Object = None
+    model_rpm_limit: ModelCounts = None
+    model_tpm_limit: ModelCounts = None
+    litellm_budget_table: BudgetTable | None = None
+    # accepted, not enforced
+    spend: Dollars = None
+    updated_by: Str = None
+    object_permission: ObjectPermission | None = None
+
+
 # The field of an update body that names the entity to update.
 UPDATED_BY = {
     "key": "key",
@@ -440,6 +506,7 @@ UPDATED_BY = {
     "team": "team_id",
     "customer": "user_id",
     "budget": "budget_id",
+    "organization": "organization_id",
 }
 CREATE: dict[str, type[Request]] = {
     "key": GenerateKeyRequest,
@@ -447,6 +514,7 @@ CREATE: dict[str, type[Request]] = {
     "team": NewTeamRequest,
     "customer": NewCustomerRequest,
     "budget": BudgetNewRequest,
+    "organization": NewOrganizationRequest,
 }
 UPDATE: dict[str, type[Request]] = {
     "key": UpdateKeyRequest,
@@ -454,6 +522,7 @@ UPDATE: dict[str, type[Request]] = {
     "team": UpdateTeamRequest,
     "customer": UpdateCustomerRequest,
     "budget": BudgetUpdateRequest,
+    "organization": UpdateOrganizationRequest,
 }
 ENTITY_MODELS = frozenset({*CREATE.values(), *UPDATE.values(), RegenerateKeyRequest})
 # Fields that the admin routes act on themselves rather than the limiter: /user/new makes
@@ -464,14 +533,17 @@ HANDLED: dict[str, frozenset[str]] = {
     "key": frozenset({"new_key", "grace_period"}),  # /key/regenerate's
 }
 # Fields stored and shown but not acted on (a secret is not even stored), per kind; the
-# README's compatibility table is checked against this.
+# README's compatibility table is checked against this. An organization update's nested
+# litellm_budget_table is read as its top-level fields.
 SECRETS = frozenset({"password"})
+FOLDED = frozenset({"litellm_budget_table"})
 ACCEPTED_ONLY: dict[str, list[str]] = {
     kind: sorted(
         {n for m in (CREATE[kind], UPDATE[kind]) for n in m.model_fields}
         - set(SCHEMAS[kind])
         - HANDLED.get(kind, frozenset())
         - {UPDATED_BY[kind]}
+        - FOLDED
     )
     for kind in CREATE
 }
@@ -556,6 +628,47 @@ class TeamMemberDeleteRequest(Request):
     user_email: Str = Field(None, description="the member, when user_id is not given")
 
 
+class OrganizationIds(Request):
+    """DELETE /organization/delete (also POST)"""
+
+    organization_ids: Ids
+
+
+class OrganizationRequest(Request):
+    """POST /organization/info (LiteLLM's deprecated form of GET /organization/info)"""
+
+    organizations: Ids
+
+
+OrgRole = Literal["org_admin", "internal_user", "internal_user_viewer"]
+
+
+class OrgMember(Request):
+    """One member: user_id or user_email (a user that does not exist is created)."""
+
+    role: OrgRole
+    user_id: Id | None = None
+    user_email: Str = None
+
+
+class OrganizationMemberAddRequest(Request):
+    """POST /organization/member_add"""
+
+    organization_id: Id
+    member: OrgMember | Annotated[list[OrgMember], Field(min_length=1, max_length=MAX_LIST)]
+    max_budget_in_organization: Dollars = Field(
+        None, description="accepted, stored on the membership, not enforced (as in LiteLLM)"
+    )
+
+
+class OrganizationMemberDeleteRequest(Request):
+    """DELETE /organization/member_delete (also POST): user_id or user_email"""
+
+    organization_id: Id
+    user_id: Id | None = None
+    user_email: Str = None
+
+
 # Every POST route's body model, for the OpenAPI document.
 REQUESTS: dict[str, type[Request]] = {
     "/key/generate": GenerateKeyRequest,
@@ -589,6 +702,12 @@ REQUESTS: dict[str, type[Request]] = {
     "/budget/update": BudgetUpdateRequest,
     "/budget/delete": BudgetRef,
     "/budget/info": BudgetIds,
+    "/organization/new": NewOrganizationRequest,
+    "/organization/update": UpdateOrganizationRequest,
+    "/organization/delete": OrganizationIds,
+    "/organization/info": OrganizationRequest,
+    "/organization/member_add": OrganizationMemberAddRequest,
+    "/organization/member_delete": OrganizationMemberDeleteRequest,
 }
 
 
@@ -600,12 +719,42 @@ def _path(loc: tuple[int | str, ...]) -> str:
     return out or "body"
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds, directly, in a list or in a union, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _walk(
+    model: type[BaseModel], loc: tuple[int | str, ...]
+) -> tuple[tuple[int | str, ...], type[BaseModel]]:
+    """``loc`` without pydantic's union tags (``OrgMember``, ``list[OrgMember]``), and the
+    model its last field belongs to."""
+    out: list[int | str] = []
+    current: type[BaseModel] | None = model
+    parent = model
+    last = len(loc) - 1
+    for index, part in enumerate(loc):
+        if isinstance(part, int):
+            out.append(part)
+        elif current is not None and part in current.model_fields:
+            out.append(part)
+            parent, current = current, _model_in(current.model_fields[part].annotation)
+        elif index < last and (current is None or part[:1].isupper() or "[" in part):
+            continue  # a union tag; never the last part, which is the field that failed
+        else:
+            out.append(part)  # a field the model lacks: the unknown one
+            parent = current
+    return tuple(out), parent
+
+
 def _unknown(model: type[BaseModel], loc: tuple[int | str, ...], what: str) -> str:
     """A typo is named, with the field it was probably meant to be."""
-    for part in loc[:-1]:  # down to the nested model the field was sent in, if any
-        annotation = model.model_fields[part].annotation if isinstance(part, str) else None
-        nested = [a for a in getattr(annotation, "__args__", ()) if isinstance(a, type)]
-        model = next((a for a in nested if issubclass(a, BaseModel)), model)
     close = difflib.get_close_matches(str(loc[-1]), model.model_fields, n=1)
     hint = f"; did you mean {close[0]}?" if close else ""
     return f"unknown field for {what} (neither the limiter nor LiteLLM has it){hint}"
@@ -626,8 +775,9 @@ _EXPECTED = {
 def _problem(model: type[BaseModel], what: str, error: Mapping[str, Any]) -> tuple[str, str]:
     """(field path, what is wrong) of one pydantic error, in words rather than its dump."""
     kind, ctx, got = error["type"], error.get("ctx") or {}, shown(error.get("input"))
+    loc, owner = _walk(model, tuple(error["loc"]))
     if kind == "extra_forbidden":
-        problem = _unknown(model, tuple(error["loc"]), what)
+        problem = _unknown(owner, loc, what)
     elif kind == "missing":
         problem = "is required"
     elif kind in ("too_long", "string_too_long"):
@@ -646,7 +796,7 @@ def _problem(model: type[BaseModel], what: str, error: Mapping[str, Any]) -> tup
         problem = "is not served (the limiter generates every key); send null or leave it out"
     else:
         problem = f"{error['msg'][0].lower()}{error['msg'][1:]}, got {got}"
-    return _path(tuple(error["loc"])), problem
+    return _path(loc), problem
 
 
 def refuse_unknown(path: str, body: Mapping[str, Any]) -> None:
@@ -661,6 +811,21 @@ def refuse_unknown(path: str, body: Mapping[str, Any]) -> None:
             raise EntityError(400, f"{label}: {_unknown(model, (name,), path)}", label)
 
 
+def check(model: type[RequestT], body: Any, what: str) -> RequestT:
+    """``body`` as ``model``, or a 400 naming the first field that is wrong and how."""
+    if not isinstance(body, dict):
+        raise EntityError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        # Of a union's branches (one member or a list of them), the one of the value's shape
+        shaped = [e for e in errors if e["type"] not in ("model_type", "list_type", "dict_type")]
+        path, problem = _problem(model, what, (shaped or errors)[0])
+        label = path if len(path) <= MAX_TEXT else shown(path)
+        raise EntityError(400, f"{label}: {problem}", label) from None
+
+
 def validate(
     kind: str, body: Any, *, partial: bool = False, model: type[Request] | None = None
 ) -> dict[str, Any]:
@@ -670,12 +835,7 @@ def validate(
     if not isinstance(body, dict):
         raise EntityError(400, f"the request body must be a JSON object, got {type(body).__name__}")
     model = model or (UPDATE if partial else CREATE)[kind]
-    try:
-        checked = model.model_validate(body)
-    except ValidationError as exc:
-        path, problem = _problem(model, f"a {kind}", exc.errors(include_url=False)[0])
-        label = path if len(path) <= MAX_TEXT else shown(path)
-        raise EntityError(400, f"{label}: {problem}", label) from None
+    checked = check(model, body, "an organization" if kind == "organization" else f"a {kind}")
     sent = checked.model_dump(mode="json", exclude_unset=True, exclude=set(SECRETS))
     if partial:
         sent.pop(UPDATED_BY[kind], None)

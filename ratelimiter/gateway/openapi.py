@@ -43,9 +43,16 @@ QUERIES: dict[str, dict[str, dict[str, Any]]] = {
     "/end_user/info": {"end_user_id": _ID},
     "/budget/info": {"budget_id": _ID},
     "/budget/list": {},
+    "/organization/info": {"organization_id": _ID},
+    "/organization/list": {
+        "org_id": {"type": "string", "maxLength": 256, "description": "this id only"},
+        "org_alias": {"type": "string", "maxLength": 256, "description": "part of the alias"},
+    },
     "/spend/logs": {
         **_DATES,
-        **dict.fromkeys(("api_key", "user_id", "team_id", "end_user", "model"), _FILTER),
+        **dict.fromkeys(
+            ("api_key", "user_id", "team_id", "organization_id", "end_user", "model"), _FILTER
+        ),
         "request_id": _FILTER,
         "page": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
         "page_size": {"type": "integer", "minimum": 1, "maximum": 1_000},
@@ -53,11 +60,25 @@ QUERIES: dict[str, dict[str, dict[str, Any]]] = {
     "/global/spend": _DATES,
     "/global/spend/report": {
         **_DATES,
-        "group_by": {"enum": ["key", "api_key", "user", "team", "customer", "end_user", "model"]},
+        "group_by": {
+            "enum": [
+                "key",
+                "api_key",
+                "user",
+                "team",
+                "organization",
+                "customer",
+                "end_user",
+                "model",
+            ]
+        },
     },
 }
 # The one query parameter each info route cannot do without.
-_REQUIRED = {"key", "user_id", "team_id", "end_user_id", "budget_id"}
+_REQUIRED = {"key", "user_id", "team_id", "end_user_id", "budget_id", "organization_id"}
+# The methods whose body is a model of REQUESTS (LiteLLM updates organizations with PATCH and
+# deletes them with DELETE; this API also takes POST for both).
+_BODY_METHODS = ("POST", "PATCH", "DELETE")
 
 _ENVELOPE = {
     "type": "object",
@@ -98,7 +119,7 @@ def _operation(method: str, path: str, schemas: dict[str, Any]) -> dict[str, Any
     ]
     if in_path:
         operation["parameters"] = in_path
-    if method == "post":
+    if method != "get":
         model = REQUESTS[path]
         operation["summary"] = (model.__doc__ or path).strip().splitlines()[0]
         operation["requestBody"] = {
@@ -153,7 +174,7 @@ def _documented(app: web.Application) -> list[tuple[str, str]]:
     routes = []
     for route in app.router.routes():
         path = route.resource.canonical if route.resource else ""
-        if (route.method == "POST" and path in REQUESTS) or (
+        if (route.method in _BODY_METHODS and path in REQUESTS) or (
             route.method == "GET" and path in QUERIES
         ):
             routes.append((route.method, path))
@@ -247,7 +268,9 @@ NOT_SERVED = (
     "/team/permissions_list",
     "/team/permissions_update",
     "/team/daily/activity",
-    "/organization/new|info|update|delete|list|member_add|member_update|member_delete",
+    "/organization/member_update",
+    "/organization/daily/activity",
+    "/v2/organization/{organization_id}",
     "/customer/list",
     "/budget/settings",
     "/spend/keys",
@@ -276,6 +299,8 @@ _TABLE = (
     ("/customer/update", "UpdateCustomerRequest", "customer"),
     ("/budget/new", "BudgetNewRequest", "budget"),
     ("/budget/update", "BudgetNewRequest", "budget"),
+    ("/organization/new", "NewOrganizationRequest", "organization"),
+    ("/organization/update", "LiteLLM_OrganizationTableUpdate", "organization"),
 )
 
 
@@ -310,6 +335,8 @@ def compatibility_table() -> str:
             "`password` is accepted and never stored; `key` on `/key/generate` only as null (the "
             "limiter always generates the key), `new_master_key` on `/key/regenerate` only as "
             "null; on info, `spend` and `budget_reset_at` show the limiter's own values. "
-            "`key_aliases` on `/key/delete` is not served. Any other field is a 400 naming it.",
+            "`key_aliases` on `/key/delete` is not served. `litellm_budget_table` on "
+            "`/organization/update` (LiteLLM's UI nests the limits there) is read as its fields "
+            "sent at the top level. Any other field is a 400 naming it.",
         ]
     )

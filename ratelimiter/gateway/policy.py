@@ -1,7 +1,7 @@
 """Which limits one request meets: the only place that knows scopes.
 
-A resolved request (key, user, team, team member, end user, model, deployment, proxy-wide
-budget) becomes the complete list of engine limits: every scope's requests and tokens per
+A resolved request (proxy-wide budget, organization, key, user, team, team member, end user,
+model, deployment) becomes the complete list of engine limits: every scope's requests and tokens per
 minute, its parallel-request lease, each of its budget windows, model-specific budgets and
 model rpm/tpm. A new scope is a change here and nowhere else.
 
@@ -73,7 +73,7 @@ def inherit(entity: Mapping[str, Any], budget: Mapping[str, Any]) -> dict[str, A
 class Scope:
     """One owner of limits: its kind and id, and the entity fields that set the limits."""
 
-    kind: str  # proxy, key, user, team, member, end_user, key_model, deployment
+    kind: str  # proxy, organization, key, user, team, member, end_user, deployment
     id: str
     fields: Mapping[str, Any] = field(default_factory=dict)
 

@@ -42,6 +42,7 @@ class Caller:
     key: dict[str, Any] | None = None
     user: dict[str, Any] | None = None
     team: dict[str, Any] | None = None
+    organization: dict[str, Any] | None = None
 
 
 async def authenticate(store: Store, settings: Settings, presented: str | None) -> Caller:
@@ -63,7 +64,31 @@ async def authenticate(store: Store, settings: Settings, presented: str | None) 
     if team is not None and team.get("blocked"):
         raise EntityError(403, f"team {key['team_id']!r} is blocked")
     # the scope is the key's first hash, which /key/regenerate keeps (admin.common.scope_id)
-    return Caller(False, key.get("key_id") or token, key, user, team)
+    key_id = key.get("key_id") or token
+    return Caller(False, key_id, key, user, team, await _organization(store, key, team))
+
+
+async def _organization(
+    store: Store, key: dict[str, Any], team: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The organization a key is under: its team's, or, for a key with no team, the one it
+    names. One that no longer exists is refused, as a missing owner is."""
+    holder = team if team is not None else key
+    org_id = holder.get("organization_id")
+    if not org_id:
+        return None
+    org = await store.get("organization", org_id)
+    if org is None:
+        whose = f"its team {team['team_id']!r}" if team is not None else "it"
+        raise EntityError(
+            403,
+            f"this API key is under organization {org_id!r} (named by {whose}), which does "
+            "not exist, so its limits are unknown and the key is refused: create the "
+            "organization with /organization/new or change organization_id with /team/update "
+            "or /key/update",
+            "organization_id",
+        )
+    return org
 
 
 async def _owner(store: Store, key: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -155,10 +180,16 @@ def unmatched_models(
 
 
 def check_model_access(caller: Caller, deployment: Deployment, settings: Settings) -> None:
-    """Every non-empty ``models`` list on the key, its user and its team must allow the model
-    (or the alias it was asked for by)."""
+    """Every non-empty ``models`` list on the key, its user, its team and its organization
+    must allow the model (or the alias it was asked for by)."""
     groups = settings.access_groups
-    for owner, entity in (("key", caller.key), ("user", caller.user), ("team", caller.team)):
+    owners = (
+        ("key", caller.key),
+        ("user", caller.user),
+        ("team", caller.team),
+        ("organization", caller.organization),
+    )
+    for owner, entity in owners:
         allowed = (entity or {}).get("models") or []
         if allowed and not _allowed(entity or {}, owner, deployment, groups):
             # LiteLLM's wording and status (403 in its current code, 401 before), which
@@ -170,7 +201,7 @@ def check_model_access(caller: Caller, deployment: Deployment, settings: Setting
                 f"{deployment.alias or deployment.model_name} "
                 f"(an admin can allow it with /{owner}/update)",
                 "model",
-                kind=f"{owner}_model_access_denied",  # LiteLLM's type
+                kind=f"{_SHORT.get(owner, owner)}_model_access_denied",  # LiteLLM's type
             )
 
 
@@ -181,6 +212,9 @@ def may_call(caller: Caller, deployment: Deployment, settings: Settings) -> bool
     except EntityError:
         return False
     return True
+
+
+_SHORT = {"organization": "org"}  # LiteLLM's org_model_access_denied
 
 
 async def _customer(store: Store, settings: Settings, end_user: str) -> dict[str, Any]:
@@ -226,6 +260,10 @@ async def resolve(
             "budget_duration": str(settings.budget_duration) if settings.budget_duration else None,
         }
         scopes.append(Scope("proxy", "all", proxy))
+    if caller.organization is not None:
+        org_id = caller.organization["organization_id"]
+        org = await effective_fields(store, f"organization {org_id!r}", caller.organization)
+        scopes.append(Scope("organization", org_id, org))
     if caller.key is not None and caller.token is not None:
         key = await effective_fields(store, "this API key", caller.key)
         scopes.append(Scope("key", caller.token, key))

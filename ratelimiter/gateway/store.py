@@ -1,4 +1,5 @@
-"""Entities in Redis: budgets, virtual keys, users, teams and customers, with LiteLLM's fields.
+"""Entities in Redis: budgets, virtual keys, users, teams, customers and organizations, with
+LiteLLM's fields.
 
 Records are msgpack. Every sidecar caches them in memory; a change publishes an invalidation
 that every sidecar applies within milliseconds, and a short TTL bounds staleness if a message
@@ -37,23 +38,26 @@ __all__ = [
 
 log = logging.getLogger("ratelimiter.store")
 
-KINDS = ("budget", "key", "user", "team", "customer")
+KINDS = ("budget", "key", "user", "team", "customer", "organization")
 ID_FIELD = {
     "budget": "budget_id",
     "key": "token",
     "user": "user_id",
     "team": "team_id",
     "customer": "user_id",
+    "organization": "organization_id",
 }
 
 
 # Fields that name another entity. The store keeps, per field and value, the set of entities
-# naming it, so deleting a user, team or budget finds what names it without reading them all.
+# naming it, so deleting a user, team, organization or budget finds what names it without
+# reading them all.
 REFERENCES: dict[str, tuple[str, ...]] = {
-    "key": ("user_id", "team_id", "budget_id", "key_id"),
+    "key": ("user_id", "team_id", "budget_id", "key_id", "organization_id"),
     "user": ("budget_id",),
-    "team": ("budget_id",),
+    "team": ("budget_id", "organization_id"),
     "customer": ("budget_id",),
+    "organization": ("budget_id",),
 }
 # The engine counts exactly up to 2**53-1 units (limits.MAX_AMOUNT): nano-dollars for money.
 MAX_DOLLARS = MAX_AMOUNT / NANO
@@ -328,6 +332,7 @@ SCHEMAS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "duration": duration,
         "blocked": flag,
         "aliases": aliases,
+        "organization_id": text,
     },
     "user": {
         **LIMITS,
@@ -353,6 +358,7 @@ SCHEMAS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "model_rpm_limit": model_counts,
         "model_tpm_limit": model_counts,
         "model_aliases": aliases,
+        "organization_id": text,
     },
     "customer": {
         **LIMITS,
@@ -361,6 +367,18 @@ SCHEMAS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "blocked": flag,
         "budget_id": text,
         "metadata": mapping,
+    },
+    # A scope above teams: its limits apply to every request of its teams' keys (and of keys
+    # that name it without a team).
+    "organization": {
+        **LIMITS,
+        "organization_id": text,
+        "organization_alias": text,
+        "models": names,
+        "budget_id": text,
+        "metadata": mapping,
+        "model_rpm_limit": model_counts,
+        "model_tpm_limit": model_counts,
     },
 }
 
@@ -497,10 +515,13 @@ class Store:
 
     async def _index_references(self, kind: str) -> None:
         """Entities written before the store kept reference sets are added once, on the
-        first lookup (a batched read of the kind); a marker in Redis says it was done."""
+        first lookup (a batched read of the kind); a marker in Redis says it was done. The
+        marker names the fields indexed, so a field added to REFERENCES is indexed again
+        (a key's organization_id was stored, not indexed, before organizations existed)."""
         if kind in self._references_indexed:
             return
-        marker = f"{self.prefix}r:{{{kind}}}:indexed"
+        fields = ",".join(REFERENCES.get(kind, ()))
+        marker = f"{self.prefix}r:{{{kind}}}:indexed:{fields}"
         with translate_errors(self.address):
             if not await self.redis.exists(marker):
                 async for entity_id, entity in self._read(kind, await self.ids(kind)):

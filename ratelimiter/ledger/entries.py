@@ -41,12 +41,14 @@ def _day(number: int) -> date:
 
 
 def ledger_dims(meta: dict[str, Any]) -> list[str]:
-    """The rollup dimensions of a request: the proxy, its key, user, team, customer, model."""
+    """The rollup dimensions of a request: the proxy, its key, user, team, organization,
+    customer, model."""
     dims = ["proxy:all"]
     for dim, name in (
         ("key", "key_hash"),
         ("user", "user_id"),
         ("team", "team_id"),
+        ("organization", "organization_id"),
         ("customer", "end_user"),
         ("model", "model"),
     ):

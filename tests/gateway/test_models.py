@@ -69,6 +69,9 @@ SAMPLES: dict[str, Any] = {
     "temp_budget_increase": 5.0,
     "tpm_limit_type": "dynamic",
     "user_alias": "Ana",
+    "allowed_models": ["m"],
+    "tpd_limit": 100000,
+    "updated_by": "admin-x",
     "user_role": "internal_user",
 }
 SECRET = {"password"}  # accepted, never stored
@@ -81,10 +84,15 @@ CREATE_ROUTE = {
     "team": "/team/new",
     "customer": "/customer/new",
     "budget": "/budget/new",
+    "organization": "/organization/new",
 }
 # Fields each create needs whatever else is sent: the id LiteLLM requires of customers and
 # budgets, and the info route's query.
-NEEDS = {"customer": {"user_id": "c-models"}, "budget": {"budget_id": "b-models"}}
+NEEDS = {
+    "customer": {"user_id": "c-models"},
+    "budget": {"budget_id": "b-models"},
+    "organization": {"organization_alias": "acme"},
+}
 
 
 async def _info(admin: Admin, kind: str, created: dict[str, Any]) -> dict[str, Any]:
@@ -95,6 +103,9 @@ async def _info(admin: Admin, kind: str, created: dict[str, Any]) -> dict[str, A
         return budget
     if kind == "customer":  # LiteLLM answers with the customer itself
         return await admin.get("/customer/info", end_user_id=created["user_id"])
+    if kind == "organization":  # LiteLLM nests the budget table's fields
+        org = await admin.get("/organization/info", organization_id=created["organization_id"])
+        return {**org, **org["litellm_budget_table"]}
     id_field = "team_id" if kind == "team" else "user_id"
     return (await admin.get(f"/{kind}/info", **{id_field: created[id_field]}))[f"{kind}_info"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..openapi import add_docs_routes
-from . import entities, keys, spend
+from . import entities, keys, organizations, spend
 
 __all__ = ["add_admin_routes"]
 
@@ -45,6 +45,18 @@ def add_admin_routes(app: web.Application) -> None:
     r.add_post("/budget/update", entities.update_route("budget", "budget_id"))
     r.add_post("/budget/delete", entities.delete_route("budget", "id"))
     r.add_get("/budget/list", entities.budget_list)
+    orgs = organizations
+    r.add_post("/organization/new", orgs.organization_new)
+    r.add_get("/organization/info", orgs.organization_info)
+    r.add_post("/organization/info", orgs.organization_info)
+    r.add_get("/organization/list", orgs.organization_list)
+    # LiteLLM's methods, and POST as every other admin write here
+    for method in ("PATCH", "POST"):
+        r.add_route(method, "/organization/update", orgs.organization_update)
+    for method in ("DELETE", "POST"):
+        r.add_route(method, "/organization/delete", orgs.organization_delete)
+        r.add_route(method, "/organization/member_delete", orgs.organization_member_delete)
+    r.add_post("/organization/member_add", orgs.organization_member_add)
     r.add_get("/spend/logs", spend.spend_logs)
     r.add_get("/global/spend", spend.global_spend)
     r.add_get("/global/spend/report", spend.global_spend_report)

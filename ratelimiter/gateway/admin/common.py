@@ -22,7 +22,13 @@ from ..resolver import effective_fields, unmatched_models
 from ..routing import serves
 from ..store import MAX_TEXT, Store, hash_key
 
-SCOPE_KIND = {"key": "key", "user": "user", "team": "team", "customer": "end_user"}
+SCOPE_KIND = {
+    "key": "key",
+    "user": "user",
+    "team": "team",
+    "customer": "end_user",
+    "organization": "organization",
+}
 MAX_IDS = 1_000  # ids in one delete, block or info call
 
 
@@ -56,11 +62,12 @@ def present(kind: str, entity: Mapping[str, Any], tz: ZoneInfo | None = None) ->
 
 
 async def check_references(request: web.Request, kind: str, fields: dict[str, Any]) -> None:
-    """The budget an entity names must exist, and so must a key's team (404). A key's user is
-    created if missing, as LiteLLM did: a key never names a user that does not exist (the
-    resolver refuses such a key) or that a later /user/new would create with other limits.
-    Every name in ``models`` must be able to match a served model or an alias (a typo would
-    otherwise leave a key that can call nothing), and every alias target must be served."""
+    """The budget an entity names must exist, and so must a key's team and a team's or key's
+    organization (404). A key's user is created if missing, as LiteLLM did: a key never names
+    a user that does not exist (the resolver refuses such a key) or that a later /user/new
+    would create with other limits. Every name in ``models`` must be able to match a served
+    model or an alias (a typo would otherwise leave a key that can call nothing), and every
+    alias target must be served."""
     store = request.app[STORE]
     settings = request.app[SETTINGS]
     alias_field = "model_aliases" if kind == "team" else "aliases"
@@ -93,6 +100,18 @@ async def check_references(request: web.Request, kind: str, fields: dict[str, An
             404,
             f"budget_id {budget_id!r} does not exist: create it with /budget/new first",
             "budget_id",
+        )
+    organization_id = fields.get("organization_id")
+    if (
+        kind in ("key", "team")
+        and organization_id
+        and await store.get("organization", organization_id) is None
+    ):
+        raise EntityError(
+            404,
+            f"organization_id {organization_id!r} does not exist: create it with "
+            "/organization/new first",
+            "organization_id",
         )
     if kind != "key":
         return
@@ -233,17 +252,52 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+async def key_organization(store: Store, key: dict[str, Any], changes: dict[str, Any]) -> None:
+    """A key in a team is under its team's organization, whose id it carries (LiteLLM copies
+    the team's organization_id onto the key); naming another one is a 400, as in LiteLLM. A
+    key with no team keeps the organization it names."""
+    team_id = key.get("team_id")
+    if not team_id:
+        return
+    team = await store.get("team", team_id) or {}
+    team_org = team.get("organization_id")
+    asked = changes.get("organization_id")
+    if asked and asked != team_org:
+        where = f"organization {team_org!r}" if team_org else "no organization"
+        raise EntityError(
+            400,
+            f"organization_id {asked!r} conflicts with team {team_id!r}, which is in {where}: "
+            "a key in a team is under its team's organization; leave organization_id out "
+            "or move the team with /team/update",
+            "organization_id",
+        )
+    key["organization_id"] = team_org
+
+
+async def _move_team_keys(store: Store, team_id: str, organization_id: str | None) -> None:
+    """A team that changes organization takes its keys along (they carry its id)."""
+    for key in await store.naming("key", "team_id", team_id):
+        if key.get("organization_id") != organization_id:
+            await store.put("key", key["token"], {**key, "organization_id": organization_id})
+
+
 async def update(
     request: web.Request, kind: str, entity_id: str, changes: dict[str, Any]
 ) -> dict[str, Any]:
     store = request.app[STORE]
     await check_references(request, kind, changes)
-    entity = {**await load(store, kind, entity_id), **changes, "updated_at": now_ms()}
+    before = await load(store, kind, entity_id)
+    entity = {**before, **changes, "updated_at": now_ms()}
     if kind == "customer" and entity.get("budget_id") and entity.get("max_budget") is not None:
         raise EntityError(
             400, "give a customer either budget_id or max_budget, not both", "budget_id"
         )
+    if kind == "key" and ("team_id" in changes or "organization_id" in changes):
+        await key_organization(store, entity, changes)
     await store.put(kind, entity_id, entity)
+    moved = entity.get("organization_id") != before.get("organization_id")
+    if kind == "team" and moved:
+        await _move_team_keys(store, entity_id, entity.get("organization_id"))
     return entity
 
 

@@ -30,6 +30,7 @@ from .common import (
     update,
 )
 from .keys import create_key
+from .organizations import leave_organizations
 
 
 async def user_new(request: web.Request) -> web.Response:
@@ -261,6 +262,7 @@ def delete_route(kind: str, list_field: str) -> Callable[[web.Request], Awaitabl
         await delete(request, kind, ids)
         if kind == "user":
             await _leave_teams(request, set(ids))
+            await leave_organizations(request, set(ids))
         return json_response(body)
 
     return handler
@@ -282,8 +284,8 @@ async def _refuse_if_used(store: Store, budget_id: str) -> None:
         raise EntityError(
             409,
             f"budget {budget_id!r} is still used by {', '.join(counts)}: give them another "
-            "budget_id (or none) with /key/update, /user/update, /team/update or "
-            "/customer/update, or delete them, then delete the budget",
+            "budget_id (or none) with /key/update, /user/update, /team/update, "
+            "/customer/update or /organization/update, or delete them, then delete the budget",
             "id",
         )
 

@@ -22,6 +22,7 @@ from .common import (
     gate,
     id_of,
     ids_of,
+    key_organization,
     key_token,
     load,
     now_ms,
@@ -53,6 +54,7 @@ async def create_key(request: web.Request, body: dict[str, Any]) -> dict[str, An
     store = request.app[STORE]
     fields = validate("key", body)
     await check_references(request, "key", fields)
+    await key_organization(store, fields, fields)
     plain = new_key()
     token = hash_key(plain)
     now = now_ms()

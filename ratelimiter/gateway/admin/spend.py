@@ -27,6 +27,7 @@ GROUPS = {
     "api_key": "key",
     "user": "user",
     "team": "team",
+    "organization": "organization",
     "customer": "customer",
     "end_user": "customer",
     "model": "model",
@@ -35,6 +36,7 @@ LOG_FILTERS = {
     "api_key": "key_hash",
     "user_id": "user_id",
     "team_id": "team_id",
+    "organization_id": "organization_id",
     "end_user": "end_user",
     "model": "model",
 }
@@ -91,6 +93,7 @@ def _log(entry: Entry) -> dict[str, Any]:
         "key_alias": meta.get("key_alias"),
         "user": meta.get("user_id"),
         "team_id": meta.get("team_id"),
+        "organization_id": meta.get("organization_id"),
         "end_user": meta.get("end_user"),
         "model": meta.get("model"),
         "deployment": meta.get("deployment"),
