@@ -18,6 +18,7 @@ from aiohttp import web
 from ..engine.connections import translate_errors
 from ..engine.durations import parse_duration, period_bounds, time_zone
 from ..responses import json_response
+from .admin.common import lifetime_spends
 from .http import ENGINE, SETTINGS, STORE, require_master
 from .metrics import METRICS
 
@@ -87,11 +88,15 @@ async def budgets(request: web.Request) -> web.Response:
 
 
 def entities(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """``/user/list``, ``/team/list``, ``/customer/list``: every entity of a kind."""
+    """``/user/list``, ``/team/list``, ``/customer/list``: every entity of a kind, each with
+    its lifetime ``spend`` (read for all of them at once)."""
+    id_field = {"user": "user_id", "team": "team_id", "customer": "user_id"}[kind]
 
     async def handler(request: web.Request) -> web.Response:
         require_master(request)
-        return json_response(await request.app[STORE].all(kind))
+        found = await request.app[STORE].all(kind)
+        spends = await lifetime_spends(request, kind, [e[id_field] for e in found])
+        return json_response([{**e, "spend": spends[e[id_field]]} for e in found])
 
     return handler
 

@@ -26,6 +26,8 @@ from .common import (
     query,
     read_object,
     required,
+    set_spend,
+    take_spend,
     update,
 )
 from .keys import create_key
@@ -38,6 +40,7 @@ async def user_new(request: web.Request) -> web.Response:
     require_master(request)
     store = request.app[STORE]
     user = validate("user", await read_object(request))
+    spend = take_spend(user)
     user_id = user.get("user_id") or str(uuid.uuid4())
     user["user_id"] = user_id
     for_key = {name: user.pop(name) for name in ("duration", "key_alias") if name in user}
@@ -47,6 +50,8 @@ async def user_new(request: web.Request) -> web.Response:
     await check_references(request, "user", user)
     now = now_ms()
     await store.create("user", user_id, {**user, "created_at": now, "updated_at": now})
+    if spend is not None:  # a user id used before starts again only when told so
+        await set_spend(request, "user", user_id, user, spend)
     for team_id, member in memberships:
         await _add_members(request, teams[team_id], [{**member, "user_id": user_id}])
     answer = present("user", {**user, "created_at": now, "updated_at": now})
@@ -95,6 +100,7 @@ def create(kind: str, id_field: str) -> Callable[[web.Request], Awaitable[web.Re
         if not entity_id:
             raise EntityError(400, f"{id_field} is required", id_field)
         entity[id_field] = entity_id
+        spend = take_spend(entity)
         if kind != "budget":
             await check_references(request, kind, entity)
         if kind == "team":
@@ -102,6 +108,8 @@ def create(kind: str, id_field: str) -> Callable[[web.Request], Awaitable[web.Re
         now = now_ms()
         entity |= {"created_at": now, "updated_at": now}
         await store.create(kind, entity_id, entity)
+        if spend is not None:
+            await set_spend(request, kind, entity_id, entity, spend)
         return json_response(present(kind, entity))
 
     return handler
