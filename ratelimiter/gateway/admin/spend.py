@@ -155,7 +155,7 @@ def _by_day(entries: list[Entry], start: date, end: date) -> list[dict[str, Any]
         key = meta.get("key_hash")
         if key:
             row[key] = row.get(key, 0.0) + spend
-        user, model = meta.get("user_id"), meta.get("model")
+        user, model = meta.get("user_id") or "", meta.get("model") or ""  # JSON keys
         row["users"][user] = row["users"].get(user, 0.0) + spend
         row["models"][model] = row["models"].get(model, 0.0) + spend
     out = [{**row, "startTime": day.isoformat()} for day, row in sorted(days.items())]
