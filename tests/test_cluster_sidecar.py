@@ -72,6 +72,11 @@ async def test_proxy_admin_and_ledger_on_a_cluster(cluster_stack: Stack) -> None
     assert report  # rollups were written in every slot group's day hash
     problems = await check(stack.engine, stack.settings)
     assert problems == []
+    # A reset clears the lifetime spend in every slot group and the budget periods' spend.
+    await admin.post("/user/update", {"user_id": "u1", "spend": 0})
+    assert (await admin.get("/user/info", user_id="u1"))["spend"] == 0.0
+    assert (await admin.get("/key/info", key=key))["info"]["spend"] == pytest.approx(spent)
+    assert await check(stack.engine, stack.settings) == []
     # Listings read a kind's entities with MGET: one kind is one slot.
     assert [c["user_id"] for c in await admin.get("/customer/list")] == ["c1"]
     await admin.post("/budget/new", {"budget_id": "b1", "max_budget": 1})
