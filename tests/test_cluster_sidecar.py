@@ -66,15 +66,16 @@ async def test_proxy_admin_and_ledger_on_a_cluster(cluster_stack: Stack) -> None
     spent = sum(e["spend"] for e in logs)
     info = (await admin.get("/key/info", key=key))["info"]
     assert info["spend"] == pytest.approx(spent)
-    for path, params in (("/team/info", {"team_id": "t1"}), ("/user/info", {"user_id": "u1"})):
-        assert (await admin.get(path, **params))["spend"] == pytest.approx(spent)
+    for kind, params in (("team", {"team_id": "t1"}), ("user", {"user_id": "u1"})):
+        answer = await admin.get(f"/{kind}/info", **params)
+        assert answer[f"{kind}_info"]["spend"] == pytest.approx(spent)
     report = await admin.get("/global/spend/report", group_by="team")
     assert report  # rollups were written in every slot group's day hash
     problems = await check(stack.engine, stack.settings)
     assert problems == []
     # A reset clears the lifetime spend in every slot group and the budget periods' spend.
     await admin.post("/user/update", {"user_id": "u1", "spend": 0})
-    assert (await admin.get("/user/info", user_id="u1"))["spend"] == 0.0
+    assert (await admin.get("/user/info", user_id="u1"))["user_info"]["spend"] == 0.0
     assert (await admin.get("/key/info", key=key))["info"]["spend"] == pytest.approx(spent)
     assert await check(stack.engine, stack.settings) == []
     # Listings read a kind's entities with MGET: one kind is one slot.

@@ -37,12 +37,13 @@ async def test_every_entity_tracks_its_lifetime_spend_without_a_budget(stack: St
     assert spent == pytest.approx(3 * (10e-6 + 4 * 2e-6))
     info = (await stack.admin.get("/key/info", key=key))["info"]
     assert info["spend"] == pytest.approx(spent) and info["budget_windows"] == []
-    for path, params in (
-        ("/user/info", {"user_id": "u-life"}),
-        ("/team/info", {"team_id": "t-life"}),
-        ("/customer/info", {"end_user_id": "c-life"}),
-    ):
-        assert (await stack.admin.get(path, **params))["spend"] == pytest.approx(spent), path
+    user = await stack.admin.get("/user/info", user_id="u-life")
+    assert user["user_info"]["spend"] == pytest.approx(spent)
+    assert [k["spend"] for k in user["keys"]] == [pytest.approx(spent)]
+    team = await stack.admin.get("/team/info", team_id="t-life")
+    assert team["team_info"]["spend"] == pytest.approx(spent)
+    customer = await stack.admin.get("/customer/info", end_user_id="c-life")
+    assert customer["spend"] == pytest.approx(spent)
     # Listings read every entity's spend in one go.
     (user,) = [u for u in await stack.admin.get("/user/list") if u["user_id"] == "u-life"]
     assert user["spend"] == pytest.approx(spent)
@@ -103,11 +104,10 @@ async def test_spend_resets_lifetime_and_budget_periods_and_keeps_the_ledger(
     assert info["spend"] == pytest.approx(one)
     assert info["budget_windows"][0]["spend"] == pytest.approx(one)
     # The user and the customer, as LiteLLM allows on their updates.
-    assert (await stack.admin.get("/user/info", user_id="u-reset"))["spend"] == pytest.approx(
-        3 * one
-    )
+    user = (await stack.admin.get("/user/info", user_id="u-reset"))["user_info"]
+    assert user["spend"] == pytest.approx(3 * one)
     await stack.admin.post("/user/update", {"user_id": "u-reset", "spend": 0})
-    assert (await stack.admin.get("/user/info", user_id="u-reset"))["spend"] == 0.0
+    assert (await stack.admin.get("/user/info", user_id="u-reset"))["user_info"]["spend"] == 0
     await stack.admin.post("/customer/update", {"user_id": "c-reset", "spend": 0})
     assert (await stack.admin.get("/customer/info", end_user_id="c-reset"))["spend"] == 0.0
     # A value sets the lifetime spend and lowers (never raises) the current periods to it.
@@ -225,7 +225,7 @@ async def test_the_global_spend_routes_answer_in_litellms_shapes(stack: Stack) -
         {
             "api_key": token_of(big),
             "key_alias": "big",
-            "key_name": None,
+            "key_name": "sk-..." + big[-4:],
             "total_spend": pytest.approx(3 * one),
         }
     ]

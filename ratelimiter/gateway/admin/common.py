@@ -147,6 +147,7 @@ async def set_spend(
     spend goes first, so a request settling in between counts in both or in the lifetime
     only: lifetime spend is never below a period's."""
     amount = nano(spend)
+    entity_id = scope_id(kind, entity_id, fields)  # a key's spend stays with its key_id
     await Ledger(request.app[ENGINE]).set_lifetime_spend(dimension(kind, entity_id), amount)
     owner = "this key" if kind == "key" else f"{kind} {entity_id!r}"
     with contextlib.suppress(EntityError):  # a missing budget: its own periods still are
@@ -169,7 +170,7 @@ async def entity_info(
     scope = Scope(SCOPE_KIND[kind], scope_id(kind, entity_id, entity), fields)
     windows = await spend_windows(request, scope)
     first = windows[0] if windows else {}
-    spend = (await lifetime_spends(request, kind, [entity_id]))[entity_id]
+    spend = (await lifetime_spends(request, kind, [scope.id]))[scope.id]
     return {
         **entity,
         "spend": spend,

@@ -20,12 +20,14 @@ from .common import (
     entity_info,
     id_of,
     ids_of,
+    lifetime_spends,
     load,
     now_ms,
     present,
     query,
     read_object,
     required,
+    scope_id,
     set_spend,
     take_spend,
     update,
@@ -163,7 +165,11 @@ async def _ensure_user(request: web.Request, user_id: str, email: str | None) ->
 
 
 async def _user_keys(request: web.Request, field: str, owner: str) -> list[dict[str, Any]]:
-    return [present("key", k) for k in await request.app[STORE].naming("key", field, owner)]
+    """A user's or team's keys, each with its lifetime spend (read for all in one go)."""
+    keys = await request.app[STORE].naming("key", field, owner)
+    ids = [scope_id("key", k["token"], k) for k in keys]
+    spends = await lifetime_spends(request, "key", ids)
+    return [{**present("key", k), "spend": spends[i]} for k, i in zip(keys, ids, strict=True)]
 
 
 def info_route(kind: str, *params: str) -> Callable[[web.Request], Awaitable[web.Response]]:

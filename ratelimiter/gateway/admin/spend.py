@@ -353,7 +353,10 @@ async def global_spend_keys(request: web.Request) -> web.Response:
     rows = []
     store = request.app[STORE]
     for token, nano_spend in _top({k: sum(d.values()) for k, d in per_key.items()}, limit):
-        key = await store.get("key", token) or {}
+        # the rollups name a key by its key_id, which a regenerated key keeps
+        key = await store.get("key", token) or next(
+            iter(await store.naming("key", "key_id", token)), {}
+        )
         rows.append(
             {
                 "api_key": token,
