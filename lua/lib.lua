@@ -281,10 +281,14 @@ end
 -- entry when it is finished, in the same script, so counters and ledger never disagree:
 -- stream <lg>ledger:<UTC day number>, fields rid, t0, t1, s (status), est, out (msgpack
 -- measure -> amount), meta (from acquire), info (from settle). The same step adds to the
--- day's rollup hash <lg>rollup:<day>: for each dimension d given at acquire, d|requests,
--- d|<status> and d|<measure> for every charged measure. The sorted set <lg>ledger-days holds
--- the day numbers written (member and score), so readers visit only days that hold data
--- instead of probing every day of a period (a budget that never resets spans 1970-2070).
+-- day's rollup hash <lg>rollup:<day>: for each dimension d given at acquire, d|<status> and
+-- d|<measure> for every charged measure (a day's requests are the sum of its statuses; rollups
+-- written before this counted d|requests too, which readers ignore). The sorted set
+-- <lg>ledger-days holds the day numbers written (member and score), so readers visit only days
+-- that hold data instead of probing every day of a period (a budget that never resets spans
+-- 1970-2070). The hash <lg>lifetime holds each dimension's lifetime spend (field d, in
+-- nano-dollars, no TTL): the HINCRBY that d|requests cost before, so a settlement does as many
+-- commands as it did; it outlives the rollups (400 days), and an admin's reset sets it.
 local DAY_MS = 86400000
 local ROLLUP_TTL_MS = 400 * DAY_MS
 
@@ -293,14 +297,16 @@ local function ledger_write(rec, rid, now, status, est, out, charged, info)
   redis.call('XADD', rec.lg .. 'ledger:' .. day, '*', 'rid', rid, 't0', rec.t0, 't1', int(now),
     's', status, 'est', est, 'out', out, 'meta', rec.meta or '', 'info', info or '')
   redis.call('ZADD', rec.lg .. 'ledger-days', day, day)
-  local rollup = rec.lg .. 'rollup:' .. day
+  local rollup, lifetime, spend = rec.lg .. 'rollup:' .. day, rec.lg .. 'lifetime', charged.spend
   for _, d in ipairs(mp_unpack(rec.dims)) do
-    redis.call('HINCRBY', rollup, d .. '|requests', 1)
     redis.call('HINCRBY', rollup, d .. '|' .. status, 1)
     for measure, amount in pairs(charged) do
       if amount ~= 0 then
         redis.call('HINCRBY', rollup, d .. '|' .. measure, int(amount))
       end
+    end
+    if spend and spend ~= 0 then
+      redis.call('HINCRBY', lifetime, d, int(spend))
     end
   end
   redis.call('PEXPIRE', rollup, ROLLUP_TTL_MS)

@@ -13,7 +13,6 @@ from .library.admin_client import (
     NotFound,
     PermissionDenied,
     ServiceUnavailable,
-    SpendLogs,
 )
 
 __all__ = [
@@ -28,5 +27,4 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "ServiceUnavailable",
-    "SpendLogs",
 ]

@@ -62,16 +62,22 @@ async def test_proxy_admin_and_ledger_on_a_cluster(cluster_stack: Stack) -> None
     assert "Limit type: requests." in refused["error"]["message"]
 
     logs = await admin.get("/spend/logs", api_key=key)
-    assert logs["total"] == 6 and {e["status"] for e in logs["data"]} == {"success"}
-    spent = sum(e["spend"] for e in logs["data"])
+    assert len(logs) == 6 and {e["status"] for e in logs} == {"success"}
+    spent = sum(e["spend"] for e in logs)
     info = (await admin.get("/key/info", key=key))["info"]
     assert info["spend"] == pytest.approx(spent)
-    for path, params in (("/team/info", {"team_id": "t1"}), ("/user/info", {"user_id": "u1"})):
-        assert (await admin.get(path, **params))["spend"] == pytest.approx(spent)
+    for kind, params in (("team", {"team_id": "t1"}), ("user", {"user_id": "u1"})):
+        answer = await admin.get(f"/{kind}/info", **params)
+        assert answer[f"{kind}_info"]["spend"] == pytest.approx(spent)
     report = await admin.get("/global/spend/report", group_by="team")
     assert report  # rollups were written in every slot group's day hash
     problems = await check(stack.engine, stack.settings)
     assert problems == []
+    # A reset clears the lifetime spend in every slot group and the budget periods' spend.
+    await admin.post("/user/update", {"user_id": "u1", "spend": 0})
+    assert (await admin.get("/user/info", user_id="u1"))["user_info"]["spend"] == 0.0
+    assert (await admin.get("/key/info", key=key))["info"]["spend"] == pytest.approx(spent)
+    assert await check(stack.engine, stack.settings) == []
     # Listings read a kind's entities with MGET: one kind is one slot.
     assert [c["user_id"] for c in await admin.get("/customer/list")] == ["c1"]
     await admin.post("/budget/new", {"budget_id": "b1", "max_budget": 1})
@@ -131,4 +137,4 @@ async def test_a_full_deployment_hands_over_to_the_next_on_a_cluster(
                     ids.append(response.headers["x-request-id"])
             assert statuses == [200, 200, 429]
             logs = await Admin(session, base).get("/spend/logs", api_key=key)
-            assert sorted(e["request_id"] for e in logs["data"]) == sorted(ids[:2])
+            assert sorted(e["sidecar_request_id"] for e in logs) == sorted(ids[:2])

@@ -129,6 +129,7 @@ class BudgetUse:
     held: int
     start_ms: int
     end_ms: int
+    reset: int = 0  # spend taken off by resets in this period (``reset_budgets``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,15 +447,41 @@ class Engine:
             for budget, (start, _) in zip(
                 budgets[first : first + batch], periods[first : first + batch], strict=True
             ):
-                pipe.hmget(f"{budget.key}:{start}", "u", "h")  # as lib.lua's budget_key
+                pipe.hmget(f"{budget.key}:{start}", "u", "h", "r")  # as lib.lua's budget_key
             with translate_errors(self.address):
                 replies = await pipe.execute()
-            for (used, held), (start, end) in zip(
+            for (used, held, reset), (start, end) in zip(
                 replies, periods[first : first + batch], strict=True
             ):
                 held_now = int(held or 0)
-                found.append(BudgetUse(int(used or 0) - held_now, held_now, start, end))
+                found.append(
+                    BudgetUse(int(used or 0) - held_now, held_now, start, end, int(reset or 0))
+                )
         return found
+
+    async def reset_budgets(self, budgets: Sequence[Budget], most: int = 0) -> list[int]:
+        """Lower the spend of each budget's current period to at most ``most`` (0: it starts
+        again), atomically per period and keeping the holds of requests in flight, which
+        settle into the period afterwards and are counted once. Returns what each lost.
+        ``budget_use`` shows what resets took off in a period as ``reset``."""
+        if not isinstance(most, int) or isinstance(most, bool) or not 0 <= most <= MAX_AMOUNT:
+            raise InvalidLimit(f"most must be a whole number from 0 to 2**53-1, got {most!r}")
+        if not budgets:
+            return []
+        now = await self._now_ms()
+        keys = [
+            f"{b.key}:{period_bounds(parse_duration(b.period), now, self.tz)[0]}" for b in budgets
+        ]
+        script = self._scripts["reset"]
+        groups = self._groups(list(budgets))
+        replies = await self._gather(
+            self._run(script, [keys[i] for i in indices], [most]) for _, indices in groups
+        )
+        taken = [0] * len(budgets)
+        for (_, indices), reply in zip(groups, replies, strict=True):
+            for i, off in zip(indices, reply, strict=True):
+                taken[i] = int(off)
+        return taken
 
     async def collect_expired(self, batch: int = 100) -> list[ExpiredHold]:
         """Finalise reservations whose hold deadline passed, charged at their estimate.

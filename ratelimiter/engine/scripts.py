@@ -15,7 +15,7 @@ from .multiplex import Multiplexer
 
 __all__ = ["Script", "load_scripts", "run_script"]
 
-NAMES = ("acquire", "settle", "renew", "peek", "expire")
+NAMES = ("acquire", "settle", "renew", "peek", "expire", "reset")
 
 
 def _lua_dir() -> Path:

@@ -33,7 +33,6 @@ __all__ = [
     "edge_middleware",
     "is_master",
     "read_json",
-    "require_master",
     "tag_response",
 ]
 
@@ -150,13 +149,6 @@ def is_master(request: web.Request) -> bool:
     return token is not None and hmac.compare_digest(
         token.encode(), request.app[SETTINGS].master_key.encode()
     )
-
-
-def require_master(request: web.Request) -> None:
-    if bearer(request) is None:
-        raise EntityError(401, "missing API key: send 'Authorization: Bearer <master key>'")
-    if not is_master(request):
-        raise EntityError(401, "admin routes need the master key; this key is not it")
 
 
 async def read_json(request: web.Request) -> Any:

@@ -52,6 +52,7 @@ from .store import (
 
 __all__ = [
     "ACCEPTED_ONLY",
+    "ACTED_ON",
     "CREATE",
     "HANDLED",
     "REQUESTS",
@@ -537,11 +538,18 @@ HANDLED: dict[str, frozenset[str]] = {
 # litellm_budget_table is read as its top-level fields.
 SECRETS = frozenset({"password"})
 FOLDED = frozenset({"litellm_budget_table"})
+# Fields acted on by the routes but never stored: ``spend`` sets the entity's spend (its
+# lifetime spend, and its current budget periods' lowered to it), as LiteLLM's update does.
+ACTED_ON: dict[str, frozenset[str]] = {
+    kind: frozenset({"spend"}) & {n for m in (CREATE[kind], UPDATE[kind]) for n in m.model_fields}
+    for kind in CREATE
+}
 ACCEPTED_ONLY: dict[str, list[str]] = {
     kind: sorted(
         {n for m in (CREATE[kind], UPDATE[kind]) for n in m.model_fields}
         - set(SCHEMAS[kind])
         - HANDLED.get(kind, frozenset())
+        - ACTED_ON[kind]
         - {UPDATED_BY[kind]}
         - FOLDED
     )
@@ -670,6 +678,15 @@ class OrganizationMemberDeleteRequest(Request):
 
 
 # Every POST route's body model, for the OpenAPI document.
+class GlobalEndUsersSpend(Request):
+    """POST /global/spend/end_users (LiteLLM's GlobalEndUsersSpend): the top 100 end users by
+    spend from startTime (default 30 days ago) to endTime (default now), of one key if given."""
+
+    api_key: Text = None
+    startTime: Timestamp = None  # LiteLLM's names
+    endTime: Timestamp = None
+
+
 REQUESTS: dict[str, type[Request]] = {
     "/key/generate": GenerateKeyRequest,
     "/key/update": UpdateKeyRequest,
@@ -708,7 +725,21 @@ REQUESTS: dict[str, type[Request]] = {
     "/organization/info": OrganizationRequest,
     "/organization/member_add": OrganizationMemberAddRequest,
     "/organization/member_delete": OrganizationMemberDeleteRequest,
+    "/global/spend/end_users": GlobalEndUsersSpend,
 }
+
+
+def check_request(path: str, body: Any) -> BaseModel:
+    """A route's body checked against its model (``REQUESTS``), a 400 naming the field."""
+    model = REQUESTS[path]
+    if not isinstance(body, dict):
+        raise EntityError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        where, problem = _problem(model, path, exc.errors(include_url=False)[0])
+        label = where if len(where) <= MAX_TEXT else shown(where)
+        raise EntityError(400, f"{label}: {problem}", label) from None
 
 
 def _path(loc: tuple[int | str, ...]) -> str:

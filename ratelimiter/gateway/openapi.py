@@ -17,7 +17,7 @@ from aiohttp import web
 from pydantic.json_schema import models_json_schema
 
 from ..responses import json_response
-from .models import ACCEPTED_ONLY, HANDLED, REQUESTS
+from .models import ACCEPTED_ONLY, ACTED_ON, HANDLED, REQUESTS
 from .store import SCHEMAS
 
 __all__ = ["QUERIES", "add_docs_routes", "compatibility_table", "document"]
@@ -53,25 +53,27 @@ QUERIES: dict[str, dict[str, dict[str, Any]]] = {
         **dict.fromkeys(
             ("api_key", "user_id", "team_id", "organization_id", "end_user", "model"), _FILTER
         ),
-        "request_id": _FILTER,
+        "request_id": {
+            "type": "string",
+            "description": "the upstream's id of its answer (chatcmpl-…) or the sidecar's",
+        },
+        "summarize": {
+            "type": "boolean",
+            "description": "with both dates: spend per day (the default, as LiteLLM); false: rows",
+        },
         "page": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
         "page_size": {"type": "integer", "minimum": 1, "maximum": 1_000},
     },
     "/global/spend": _DATES,
     "/global/spend/report": {
         **_DATES,
-        "group_by": {
-            "enum": [
-                "key",
-                "api_key",
-                "user",
-                "team",
-                "organization",
-                "customer",
-                "end_user",
-                "model",
-            ]
-        },
+        "group_by": {"enum": ["team", "customer", "api_key", "end_user", "key"]},
+        **dict.fromkeys(("api_key", "internal_user_id", "team_id", "customer_id"), _FILTER),
+    },
+    "/global/spend/keys": {"limit": {"type": "integer", "minimum": 1, "maximum": 1_000_000}},
+    "/global/spend/teams": {},
+    "/global/spend/models": {
+        "limit": {"type": "integer", "minimum": 1, "maximum": 1_000_000, "default": 10}
     },
 }
 # The one query parameter each info route cannot do without.
@@ -278,10 +280,6 @@ NOT_SERVED = (
     "/spend/tags",
     "/spend/calculate",
     "/global/spend/logs",
-    "/global/spend/keys",
-    "/global/spend/teams",
-    "/global/spend/end_users",
-    "/global/spend/models",
     "/global/spend/tags",
     "/global/spend/provider",
     "/model/new|update|delete|info",
@@ -309,7 +307,7 @@ def _codes(names: Iterable[str]) -> str:
 
 
 def _acted_on(kind: str) -> set[str]:
-    return set(SCHEMAS[kind]) | HANDLED.get(kind, set())
+    return set(SCHEMAS[kind]) | HANDLED.get(kind, set()) | ACTED_ON[kind]
 
 
 def compatibility_table() -> str:
@@ -334,8 +332,11 @@ def compatibility_table() -> str:
             "",
             "`password` is accepted and never stored; `key` on `/key/generate` only as null (the "
             "limiter always generates the key), `new_master_key` on `/key/regenerate` only as "
-            "null; on info, `spend` and `budget_reset_at` show the limiter's own values. "
-            "`key_aliases` on `/key/delete` is not served. `litellm_budget_table` on "
+            "null; on info, `spend` (lifetime spend, from the ledger) and `budget_reset_at` show "
+            "the limiter's own values. `spend` on create or update sets the lifetime spend to "
+            "its value and lowers the spend of every current budget period to it (`0` resets; "
+            "requests in flight are counted once, when they settle; the ledger keeps its "
+            "entries). `key_aliases` on `/key/delete` is not served. `litellm_budget_table` on "
             "`/organization/update` (LiteLLM's UI nests the limits there) is read as its fields "
             "sent at the top level. Any other field is a 400 naming it.",
         ]

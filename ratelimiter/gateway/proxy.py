@@ -86,6 +86,7 @@ class Call:
         self.finished = False  # settled or released: both happen once
         self.streamed_chars = 0
         self.stream_usage: dict[str, Any] | None = None
+        self.response_id: str | None = None  # the upstream's id (chatcmpl-…), for the ledger
         self.deadline = deadline
         self.prompt, self.most = estimate_tokens(
             body,
@@ -384,8 +385,26 @@ class Call:
             "completion_tokens": completion,
             "usage_reported": reported is not None,
         }
+        if self.response_id is not None:
+            self.usage["response_id"] = self.response_id
         self.app[METRICS].spend.labels(deployment.label).inc(dollars(spend))
         return {"tokens": prompt + completion, "spend": spend}
+
+
+MAX_RESPONSE_ID = 200  # characters of an upstream's response id kept in the ledger
+
+
+def response_id(value: Any) -> str | None:
+    """The upstream's id of its answer (``chatcmpl-…``), which /spend/logs finds entries by,
+    or None: the upstream chooses it, so only a short printable ASCII string is kept."""
+    if (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_RESPONSE_ID
+        and value.isascii()
+        and value.isprintable()
+    ):
+        return value
+    return None
 
 
 # Usage past this is not a real request's (and would not fit the engine): a broken upstream.
@@ -578,6 +597,8 @@ async def forward(call: Call, deployment: Deployment, decision: Decision) -> web
     except orjson.JSONDecodeError:
         answer = None
     usage = answer.get("usage") if isinstance(answer, dict) else None
+    if isinstance(answer, dict):
+        call.response_id = response_id(answer.get("id"))
     # With no sane usage, what came back is charged: its text, or the whole body when it
     # is not a completion at all.
     generated = generated_chars(answer) if answer is not None else len(raw)
@@ -681,6 +702,8 @@ def _read_sse_line(call: Call, line: bytes) -> bool:
     except orjson.JSONDecodeError:
         call.streamed_chars += len(line) - 6
         return True
+    if call.response_id is None and isinstance(chunk, dict):
+        call.response_id = response_id(chunk.get("id"))
     choices = chunk.get("choices")
     if chunk.get("usage"):
         call.stream_usage = chunk["usage"]

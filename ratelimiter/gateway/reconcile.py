@@ -146,5 +146,7 @@ def _owners(entry: Entry) -> Iterator[str]:
 
 
 async def _counters(engine: Engine, tallies: list[_Tally], now: int) -> list[int]:
-    """Each tally's period counter: what was spent, without the holds in flight."""
-    return [use.spent for use in await engine.budget_use([t.budget for t in tallies], now)]
+    """Each tally's period counter: what was spent, without the holds in flight, plus what an
+    admin's reset took off it (the ledger keeps those entries)."""
+    uses = await engine.budget_use([t.budget for t in tallies], now)
+    return [use.spent + use.reset for use in uses]

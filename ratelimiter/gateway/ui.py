@@ -19,6 +19,7 @@ from ..engine.connections import translate_errors
 from ..engine.durations import parse_duration, period_bounds, time_zone
 from ..responses import json_response
 from .admin import access
+from .admin.common import lifetime_spends
 from .http import ENGINE, SETTINGS, STORE
 from .metrics import METRICS
 from .resolver import may_call
@@ -89,11 +90,15 @@ async def budgets(request: web.Request) -> web.Response:
 
 
 def entities(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """``/user/list``, ``/team/list``, ``/customer/list``: every entity of a kind."""
+    """``/user/list``, ``/team/list``, ``/customer/list``: every entity of a kind, each with
+    its lifetime ``spend`` (read for all of them at once)."""
+    id_field = {"user": "user_id", "team": "team_id", "customer": "user_id"}[kind]
 
     async def handler(request: web.Request) -> web.Response:
         await access.view(request)
-        return json_response(await request.app[STORE].all(kind))
+        found = await request.app[STORE].all(kind)
+        spends = await lifetime_spends(request, kind, [e[id_field] for e in found])
+        return json_response([{**e, "spend": spends[e[id_field]]} for e in found])
 
     return handler
 

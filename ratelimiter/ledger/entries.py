@@ -15,7 +15,7 @@ import logging
 import re
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -95,6 +95,8 @@ def _glob_escape(text: str) -> str:
 
 
 DAYS_INDEX = "ledger-days"  # per slot group, written by lua/lib.lua's ledger_write
+LIFETIME = "lifetime"  # per slot group: dimension -> lifetime spend, written by ledger_write
+STATUSES = ("settled", "released", "expired")
 INDEXED_FLAG = "ledger-indexed"  # set once the streams written before the index are indexed
 _PAGE = 1000  # stream entries per XRANGE: a busy day's stream is never read in one reply
 _DAY_KEY = re.compile(r"(?P<base>.*\}:)(?:ledger|rollup):(?P<day>\d+)")
@@ -205,9 +207,57 @@ class Ledger:
                 for name, value in fields.items():
                     dim, _, measure = name.decode().rpartition("|")
                     totals[dim][measure] += int(value)
+            for measures in totals.values():
+                # A day's requests are the sum of its statuses: settlements no longer count
+                # them apart (older rollups did, and agree).
+                measures["requests"] = sum(measures.get(s, 0) for s in STATUSES)
             if totals:  # an indexed day whose rollup expired (after 400 days) is left out
                 out[day] = {dim: dict(measures) for dim, measures in totals.items()}
         return out
+
+    async def lifetime_spend(self, dims: Sequence[str]) -> dict[str, int]:
+        """The lifetime spend (nano-dollars) of each dimension (``key:3f9a…``, ``user:ann``,
+        ``organization:acme``, any name the requests were rolled up under), for many at once.
+
+        Settlement adds each request's spend to its slot group's ``lifetime`` hash, which has
+        no TTL (the daily rollups expire after 400 days). One Redis has one such hash: one
+        HMGET. A Cluster has one per slot group: one HMGET per slot, in one pipeline."""
+        wanted = list(dict.fromkeys(dims))
+        totals = dict.fromkeys(wanted, 0)
+        if not wanted:
+            return totals
+        bases = [self.engine.ledger_base(anchor) for anchor in self.engine.anchors()]
+        for first in range(0, len(bases), _PAGE):
+            with translate_errors(self.engine.address):
+                pipe = self.engine.redis.pipeline(transaction=False)
+                for base in bases[first : first + _PAGE]:
+                    pipe.hmget(base + LIFETIME, wanted)
+                replies = await pipe.execute()
+            for values in replies:
+                for dim, value in zip(wanted, values, strict=True):
+                    if value is not None:
+                        totals[dim] += int(value)
+        return totals
+
+    async def set_lifetime_spend(self, dim: str, amount: int = 0) -> None:
+        """Make a dimension's lifetime spend ``amount`` (0: it starts again). Each slot
+        group's share is removed atomically, so a request settling meanwhile is counted
+        either before (and removed) or after, never twice; the ledger keeps its entries."""
+        bases = [self.engine.ledger_base(anchor) for anchor in self.engine.anchors()]
+        with translate_errors(self.engine.address):
+            if len(bases) == 1:
+                if amount:
+                    await self.engine.redis.hset(bases[0] + LIFETIME, dim, amount)
+                else:
+                    await self.engine.redis.hdel(bases[0] + LIFETIME, dim)
+                return
+            for first in range(0, len(bases), _PAGE):
+                pipe = self.engine.redis.pipeline(transaction=False)
+                for base in bases[first : first + _PAGE]:
+                    pipe.hdel(base + LIFETIME, dim)
+                await pipe.execute()
+            if amount:
+                await self.engine.redis.hincrby(bases[0] + LIFETIME, dim, amount)
 
 
 async def collect_expired_holds(engine: Engine, interval_s: float = 5.0) -> None:

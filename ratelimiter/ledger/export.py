@@ -19,7 +19,8 @@ from .entries import Entry, Ledger, utc_ms
 
 __all__ = ["CSV_FIELDS", "export", "read_export"]
 
-# CSV is for spreadsheets: one column per field, times in ISO 8601, money in dollars. JSON
+# CSV is for spreadsheets: one column per field (request_id is the sidecar's id, response_id
+# the upstream's chatcmpl-… id), times in ISO 8601, money in dollars. JSON
 # lines keep every entry exactly as stored; CSV too, with what has no column of its own (rare:
 # measures or metadata other than the sidecar's) in a last JSON column, "extra".
 _META = (
@@ -36,6 +37,7 @@ _META = (
 _COUNTS = ("prompt_tokens", "completion_tokens")
 CSV_FIELDS = (
     "request_id",
+    "response_id",
     "status",
     "started",
     "finished",
@@ -107,6 +109,10 @@ def _csv_row(entry: Entry) -> dict[str, Any]:
     for name in _COUNTS:
         value = entry.info.get(name)
         take(name, "info", name, _whole(value), value)
+    response = entry.info.get("response_id")  # the upstream's id of its answer
+    take(
+        "response_id", "info", "response_id", isinstance(response, str) and response != "", response
+    )
     reported = entry.info.get("usage_reported")
     take("usage_reported", "info", "usage_reported", isinstance(reported, bool), str(reported))
     for column, part, key, kind in _AMOUNTS:
@@ -133,6 +139,8 @@ def _from_csv(row: dict[str, str]) -> Entry:
     for name in _COUNTS:
         if row[name]:
             parts["info"][name] = int(row[name])
+    if row.get("response_id"):
+        parts["info"]["response_id"] = row["response_id"]
     if row["usage_reported"]:
         parts["info"]["usage_reported"] = row["usage_reported"] == "True"
     for column, part, key, kind in _AMOUNTS:

@@ -34,7 +34,6 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "ServiceUnavailable",
-    "SpendLogs",
 ]
 
 
@@ -110,16 +109,6 @@ class EntityInfo:
     spend: float
     budget_reset_at: str | None
     budget_windows: tuple[BudgetWindow, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class SpendLogs:
-    """One page of ledger entries, newest first."""
-
-    data: list[dict[str, Any]]
-    total: int
-    page: int
-    page_size: int
 
 
 @dataclass
@@ -260,17 +249,36 @@ class AdminClient:
 
     # -- spend --------------------------------------------------------------------------
 
-    async def spend_logs(self, **filters: Any) -> SpendLogs:
-        """``api_key``, ``user_id``, ``team_id``, ``end_user``, ``request_id``, ``model``,
-        ``start_date``, ``end_date`` (YYYY-MM-DD), ``page``, ``page_size``."""
-        body = await self._get("/spend/logs", **filters)
-        return SpendLogs(body["data"], body["total"], body["page"], body["page_size"])
+    async def spend_logs(self, **filters: Any) -> list[dict[str, Any]]:
+        """Ledger entries in LiteLLM's SpendLogs shape, newest first. Filters: ``api_key``,
+        ``user_id``, ``team_id``, ``end_user``, ``model``, ``request_id`` (the upstream's
+        ``chatcmpl-…`` id or the sidecar's), ``start_date``, ``end_date`` (YYYY-MM-DD),
+        ``page``, ``page_size``; with both dates LiteLLM answers spend per day unless
+        ``summarize=False`` (the client sends it as false)."""
+        if isinstance(filters.get("summarize"), bool):
+            filters["summarize"] = str(filters["summarize"]).lower()
+        return await self._get("/spend/logs", **filters)
 
     async def global_spend(self) -> dict[str, Any]:
         return await self._get("/global/spend")
 
-    async def global_spend_report(self, group_by: str = "key", **filters: Any) -> Any:
+    async def global_spend_report(self, group_by: str = "team", **filters: Any) -> Any:
+        """Per day and team (``team``) or customer (``customer``), or per key
+        (``api_key``), with the spend per model, as LiteLLM's report."""
         return await self._get("/global/spend/report", group_by=group_by, **filters)
+
+    async def global_spend_keys(self, limit: int | None = None) -> list[dict[str, Any]]:
+        return await self._get("/global/spend/keys", limit=limit)
+
+    async def global_spend_teams(self) -> dict[str, Any]:
+        return await self._get("/global/spend/teams")
+
+    async def global_spend_models(self, limit: int = 10) -> list[dict[str, Any]]:
+        return await self._get("/global/spend/models", limit=limit)
+
+    async def global_spend_end_users(self, **body: Any) -> list[dict[str, Any]]:
+        """``api_key``, ``startTime``, ``endTime`` (ISO 8601), all optional."""
+        return await self._post("/global/spend/end_users", body)
 
     # -- transport ------------------------------------------------------------------------
 

@@ -386,7 +386,7 @@ async def test_info_shows_spend_past_max_budget(stack: Stack) -> None:
     fields = {"max_budget": 0.000001, "budget_duration": "1d"}
     scope = Scope("key", hash_key(key), fields)
     (budget,) = scope_budgets(scope, stack.settings.key_prefix, cost=600)
-    decision = await stack.engine.acquire(None, [budget])
+    decision = await stack.engine.acquire(None, [budget], ledger=[f"key:{hash_key(key)}"])
     assert decision.allowed and decision.reservation is not None
     await stack.engine.settle(decision.reservation, {"spend": 42_000})
     info = (await stack.admin.get("/key/info", key=key))["info"]

@@ -46,7 +46,7 @@ async def post(
 async def ledger_of(stack: Stack, key: str) -> list[dict[str, Any]]:
     status, logs = await stack.admin.call("GET", "/spend/logs", api_key=key)
     assert status == 200, logs
-    return logs["data"]
+    return logs
 
 
 async def test_a_client_request_id_is_never_the_reservation_id(stack: Stack) -> None:
@@ -181,7 +181,7 @@ async def test_a_broken_upstream_answer_reaches_the_client_and_is_charged_from_i
         async with session.get(
             f"{base}/spend/logs", params={"api_key": key}, headers=auth(MASTER_KEY)
         ) as response:
-            entries = (await response.json())["data"]
+            entries = await response.json()
     assert len(entries) == 2 and {e["status"] for e in entries} == {"success"}
     for entry in entries:
         # The prompt as estimated, and at least the 50 characters of text it generated.
@@ -204,7 +204,7 @@ async def test_an_answer_without_usage_is_charged_its_completion(
         async with session.get(
             f"{base}/spend/logs", params={"api_key": key}, headers=auth(MASTER_KEY)
         ) as response:
-            (entry,) = (await response.json())["data"]
+            (entry,) = await response.json()
     assert entry["completion_tokens"] == 13  # 50 characters of text / 4
 
 
@@ -226,7 +226,7 @@ async def test_a_client_gone_before_the_first_byte_is_charged_the_prompt(
             async with session.get(
                 f"{base}/spend/logs", params={"api_key": key}, headers=auth(MASTER_KEY)
             ) as response:
-                entries = (await response.json())["data"]
+                entries = await response.json()
             if entries:
                 break
             await asyncio.sleep(0.1)

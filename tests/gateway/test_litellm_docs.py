@@ -18,6 +18,7 @@ from ratelimiter.gateway.config import Deployment, Settings
 from ratelimiter.gateway.policy import limits_for
 from ratelimiter.gateway.resolver import authenticate, resolve
 from ratelimiter.gateway.store import EntityError, Store
+from ratelimiter.ledger import ledger_dims
 from ratelimiter.pricing import nano
 
 from ..conftest import Admin, ManualClock, running_sidecar
@@ -58,7 +59,10 @@ class Proxy:
         request = await resolve(
             self.store, self.settings, caller, deployment, end_user, tokens, nano(cost)
         )
-        return await self.engine.acquire(None, limits_for(request, self.settings.key_prefix))
+        fields = {"key_hash": caller.token, "end_user": end_user, "model": model}
+        return await self.engine.acquire(
+            None, limits_for(request, self.settings.key_prefix), ledger=ledger_dims(fields)
+        )
 
 
 @pytest.fixture

@@ -218,7 +218,7 @@ async def test_an_upstream_timeout_is_a_504_charged_the_prompt_it_had(stack: Sta
     assert raised.value.status_code == 504
     assert "did not answer within 0.5s" in raised.value.response.json()["error"]["message"]
     stack.fake.latency_ms = 0
-    (entry,) = (await stack.admin.get("/spend/logs", api_key=key))["data"]
+    (entry,) = await stack.admin.get("/spend/logs", api_key=key)
     assert (entry["status"], entry["completion_tokens"]) == ("success", 0)
     assert entry["spend"] == pytest.approx(entry["prompt_tokens"] * 1e-6) and entry["spend"] > 0
     await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)

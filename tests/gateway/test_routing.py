@@ -98,7 +98,7 @@ async def wild(ns: str, redis_url: str) -> AsyncIterator[Routed]:
 async def test_a_key_alias_is_served_by_its_target_and_counts_there(aliased: Routed) -> None:
     key = await aliased.key(aliases={"gpt-4": "gpt-4o"}, model_rpm_limit={"gpt-4o": 1})
     assert await aliased.served(key, "gpt-4") == "gpt-4o"  # the body upstream names the target
-    (entry,) = (await aliased.admin.get("/spend/logs", api_key=key))["data"]
+    (entry,) = await aliased.admin.get("/spend/logs", api_key=key)
     assert (entry["model"], entry["deployment"]) == ("gpt-4o", "gpt-4o#0")
     assert entry["spend"] == pytest.approx(10e-6 + 4 * 2e-6)  # the target's price
     # the key x model limit is the served model's: asked for by either name, it is spent
@@ -206,7 +206,7 @@ async def test_a_wildcard_entry_fills_in_the_model_and_prices_it(wild: Routed) -
     assert await wild.served(key, "openai/gpt-4o") == "gpt-4o"  # openai/* -> openai/gpt-4o
     assert await wild.served(key, "openai/gpt-4.1-mini") == "gpt-4.1-mini"
     assert await wild.served(key, "anything-else") == "gpt-4o-mini"  # * catches the rest
-    logs = (await wild.admin.get("/spend/logs", api_key=key))["data"]
+    logs = await wild.admin.get("/spend/logs", api_key=key)
     by_model = {entry["model"]: entry for entry in logs}
     assert by_model["openai/gpt-4o"]["deployment"] == "openai/*#2:openai/gpt-4o"
     # the table's gpt-4o price: 10 prompt tokens at $2.50/M, 4 completion at $10/M

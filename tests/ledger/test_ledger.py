@@ -27,10 +27,11 @@ async def test_every_request_has_exactly_one_entry(stack: Stack) -> None:
         await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     stack.fake.error_rate = 0.0
     logs = await stack.admin.get("/spend/logs", api_key=key)
-    assert logs["total"] == 2
-    failed, success = logs["data"]  # newest first
+    assert isinstance(logs, list) and len(logs) == 2  # LiteLLM's shape: a list of rows
+    failed, success = logs  # newest first
     token = hashlib.sha256(key.encode()).hexdigest()
-    assert success["request_id"] == ok.headers["x-request-id"]
+    assert success["sidecar_request_id"] == ok.headers["x-request-id"]
+    assert success["request_id"] == ok.parse().id  # the upstream's chatcmpl-… id
     assert (success["status"], success["api_key"], success["key_alias"]) == ("success", token, "ci")
     assert (success["end_user"], success["model"], success["deployment"]) == (
         "alice",
@@ -46,9 +47,12 @@ async def test_every_request_has_exactly_one_entry(stack: Stack) -> None:
     # estimated: 10 tokens of content + 1 of role + 3 per message + 3 for the reply
     assert success["estimated_spend"] == pytest.approx(17e-6 + 4 * 2e-6)
     assert (failed["status"], failed["spend"]) == ("failure", 0.0)
-    by_request = await stack.admin.get("/spend/logs", request_id=success["request_id"])
-    assert by_request["total"] == 1
-    assert (await stack.admin.get("/spend/logs", end_user="bob"))["total"] == 0
+    (by_request,) = await stack.admin.get("/spend/logs", request_id=success["request_id"])
+    assert by_request == success
+    (by_ours,) = await stack.admin.get("/spend/logs", request_id=ok.headers["x-request-id"])
+    assert by_ours == success
+    assert failed["request_id"] == failed["sidecar_request_id"]  # no answer, no upstream id
+    assert await stack.admin.get("/spend/logs", end_user="bob") == []
 
 
 async def test_ledger_agrees_with_the_counters_under_concurrency(stack: Stack) -> None:
@@ -87,10 +91,13 @@ async def test_global_spend_and_report(stack: Stack) -> None:
     await stack.client(key).chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=4)
     total = (await stack.admin.get("/global/spend"))["spend"]
     assert total >= 18e-6
-    report = await stack.admin.get("/global/spend/report", group_by="model")
-    (row,) = [r for r in report if r["model"] == "gpt-4o"]
-    assert row["requests"] >= 1 and row["spend"] >= 18e-6
-    assert row["group_by_day"] == datetime.now(UTC).date().isoformat()
+    report = await stack.admin.get("/global/spend/report", group_by="team")
+    today = datetime.now(UTC).date().isoformat()
+    (day,) = [d for d in report if d["group_by_day"] == today]
+    (team,) = [t for t in day["teams"] if t["team_name"] == "Unassigned Team"]
+    token = hashlib.sha256(key.encode()).hexdigest()
+    (usage,) = [m for m in team["metadata"] if m["api_key"] == token]
+    assert usage["model"] == "gpt-4o" and usage["spend"] >= 18e-6 and usage["total_tokens"] > 0
     status, body = await stack.admin.call("GET", "/global/spend/report", group_by="planet")
     assert status == 400 and "group_by must be one of" in body["error"]["message"]
 
@@ -99,4 +106,4 @@ async def test_the_master_key_is_recorded_too(stack: Stack) -> None:
     client = stack.client(stack.settings.master_key)
     await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=2)
     logs = await stack.admin.get("/spend/logs", model="gpt-4o")
-    assert any(row["api_key"] is None and row["status"] == "success" for row in logs["data"])
+    assert any(row["api_key"] is None and row["status"] == "success" for row in logs)

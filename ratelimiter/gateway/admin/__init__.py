@@ -60,4 +60,8 @@ def add_admin_routes(app: web.Application) -> None:
     r.add_get("/spend/logs", spend.spend_logs)
     r.add_get("/global/spend", spend.global_spend)
     r.add_get("/global/spend/report", spend.global_spend_report)
+    r.add_get("/global/spend/keys", spend.global_spend_keys)
+    r.add_get("/global/spend/teams", spend.global_spend_teams)
+    r.add_get("/global/spend/models", spend.global_spend_models)
+    r.add_post("/global/spend/end_users", spend.global_spend_end_users)
     add_docs_routes(app)  # the document describes the routes above

@@ -3,6 +3,7 @@ their references, their spend, and the gates that block them."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -14,7 +15,8 @@ from aiohttp import web
 from ...engine.connections import translate_errors
 from ...engine.durations import parse_duration, period_bounds, shown
 from ...errors import EntityError
-from ...pricing import dollars
+from ...ledger import Ledger
+from ...pricing import dollars, nano
 from ..http import ENGINE, SETTINGS, STORE, read_json
 from ..models import refuse_unknown, validate
 from ..policy import Scope, scope_budgets
@@ -147,6 +149,40 @@ async def spend_windows(request: web.Request, scope: Scope) -> list[dict[str, An
     ]
 
 
+def dimension(kind: str, entity_id: str) -> str:
+    """The ledger's name for an entity's spend: ``key:<hash>``, ``user:ann``, ``team:…``,
+    ``customer:…``; any other kind (``organization``) is named the same way."""
+    return f"{kind}:{entity_id}"
+
+
+async def lifetime_spends(request: web.Request, kind: str, ids: list[str]) -> dict[str, float]:
+    """The lifetime spend in dollars of many entities of one kind, in one read (listings)."""
+    dims = {entity_id: dimension(kind, entity_id) for entity_id in ids}
+    found = await Ledger(request.app[ENGINE]).lifetime_spend(list(dims.values()))
+    return {entity_id: dollars(found[dim]) for entity_id, dim in dims.items()}
+
+
+async def set_spend(
+    request: web.Request, kind: str, entity_id: str, fields: dict[str, Any], spend: float
+) -> None:
+    """``spend`` on create or update, as LiteLLM takes it: the entity's spend becomes this
+    (0 starts it again). Its lifetime spend is set to it, and the spend of every current
+    budget period is lowered to it (never raised: a period holds what was spent in it).
+    Requests in flight keep their holds and are counted once, when they settle. The lifetime
+    spend goes first, so a request settling in between counts in both or in the lifetime
+    only: lifetime spend is never below a period's."""
+    amount = nano(spend)
+    entity_id = scope_id(kind, entity_id, fields)  # a key's spend stays with its key_id
+    await Ledger(request.app[ENGINE]).set_lifetime_spend(dimension(kind, entity_id), amount)
+    owner = "this key" if kind == "key" else f"{kind} {entity_id!r}"
+    with contextlib.suppress(EntityError):  # a missing budget: its own periods still are
+        fields = await effective_fields(request.app[STORE], owner, fields)
+    budgets = list(
+        scope_budgets(Scope(SCOPE_KIND[kind], entity_id, fields), request.app[SETTINGS].key_prefix)
+    )
+    await request.app[ENGINE].reset_budgets(budgets, amount)
+
+
 async def entity_info(
     request: web.Request, kind: str, entity_id: str, entity: dict[str, Any]
 ) -> dict[str, Any]:
@@ -159,9 +195,10 @@ async def entity_info(
     scope = Scope(SCOPE_KIND[kind], scope_id(kind, entity_id, entity), fields)
     windows = await spend_windows(request, scope)
     first = windows[0] if windows else {}
+    spend = (await lifetime_spends(request, kind, [scope.id]))[scope.id]
     return {
         **entity,
-        "spend": first.get("spend", 0.0),
+        "spend": spend,
         "budget_reset_at": first.get("budget_reset_at"),
         "budget_windows": windows,
         **problem,
@@ -285,6 +322,7 @@ async def update(
     request: web.Request, kind: str, entity_id: str, changes: dict[str, Any]
 ) -> dict[str, Any]:
     store = request.app[STORE]
+    spend = take_spend(changes)
     await check_references(request, kind, changes)
     before = await load(store, kind, entity_id)
     entity = {**before, **changes, "updated_at": now_ms()}
@@ -298,7 +336,16 @@ async def update(
     moved = entity.get("organization_id") != before.get("organization_id")
     if kind == "team" and moved:
         await _move_team_keys(store, entity_id, entity.get("organization_id"))
+    if spend is not None:
+        await set_spend(request, kind, entity_id, entity, spend)
     return entity
+
+
+def take_spend(fields: dict[str, Any]) -> float | None:
+    """``spend`` of a create or update body, taken out: it is never stored (the ledger
+    keeps spend), it is applied with ``set_spend`` once the entity is written."""
+    spend = fields.pop("spend", None)
+    return None if spend is None else float(spend)
 
 
 async def delete(request: web.Request, kind: str, ids: list[str]) -> None:

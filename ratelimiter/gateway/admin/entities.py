@@ -21,12 +21,16 @@ from .common import (
     entity_info,
     id_of,
     ids_of,
+    lifetime_spends,
     load,
     now_ms,
     present,
     query,
     read_object,
     required,
+    scope_id,
+    set_spend,
+    take_spend,
     update,
 )
 from .keys import create_key
@@ -40,6 +44,7 @@ async def user_new(request: web.Request) -> web.Response:
     await access.admin(request)
     store = request.app[STORE]
     user = validate("user", await read_object(request))
+    spend = take_spend(user)
     user_id = user.get("user_id") or str(uuid.uuid4())
     user["user_id"] = user_id
     for_key = {name: user.pop(name) for name in ("duration", "key_alias") if name in user}
@@ -49,6 +54,8 @@ async def user_new(request: web.Request) -> web.Response:
     await check_references(request, "user", user)
     now = now_ms()
     await store.create("user", user_id, {**user, "created_at": now, "updated_at": now})
+    if spend is not None:  # a user id used before starts again only when told so
+        await set_spend(request, "user", user_id, user, spend)
     for team_id, member in memberships:
         await _add_members(request, teams[team_id], [{**member, "user_id": user_id}])
     answer = present("user", {**user, "created_at": now, "updated_at": now})
@@ -97,6 +104,7 @@ def create(kind: str, id_field: str) -> Callable[[web.Request], Awaitable[web.Re
         if not entity_id:
             raise EntityError(400, f"{id_field} is required", id_field)
         entity[id_field] = entity_id
+        spend = take_spend(entity)
         if kind != "budget":
             await check_references(request, kind, entity)
         if kind == "team":
@@ -104,6 +112,8 @@ def create(kind: str, id_field: str) -> Callable[[web.Request], Awaitable[web.Re
         now = now_ms()
         entity |= {"created_at": now, "updated_at": now}
         await store.create(kind, entity_id, entity)
+        if spend is not None:
+            await set_spend(request, kind, entity_id, entity, spend)
         return json_response(present(kind, entity, request.app[ENGINE].tz))
 
     return handler
@@ -157,7 +167,11 @@ async def _ensure_user(request: web.Request, user_id: str, email: str | None) ->
 
 
 async def _user_keys(request: web.Request, field: str, owner: str) -> list[dict[str, Any]]:
-    return [present("key", k) for k in await request.app[STORE].naming("key", field, owner)]
+    """A user's or team's keys, each with its lifetime spend (read for all in one go)."""
+    keys = await request.app[STORE].naming("key", field, owner)
+    ids = [scope_id("key", k["token"], k) for k in keys]
+    spends = await lifetime_spends(request, "key", ids)
+    return [{**present("key", k), "spend": spends[i]} for k, i in zip(keys, ids, strict=True)]
 
 
 def info_route(kind: str, *params: str) -> Callable[[web.Request], Awaitable[web.Response]]:

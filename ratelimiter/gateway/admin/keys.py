@@ -31,6 +31,8 @@ from .common import (
     read_object,
     required,
     scope_id,
+    set_spend,
+    take_spend,
     truth,
     update,
     whole,
@@ -53,6 +55,7 @@ async def create_key(request: web.Request, body: dict[str, Any]) -> dict[str, An
     """A new key and its record (its plain secret is in the answer only, never stored)."""
     store = request.app[STORE]
     fields = validate("key", body)
+    spend = take_spend(fields)
     await check_references(request, "key", fields)
     await key_organization(store, fields, fields)
     plain = new_key()
@@ -69,7 +72,9 @@ async def create_key(request: web.Request, body: dict[str, Any]) -> dict[str, An
         "updated_at": now,
     }
     await store.create("key", token, entity)
-    return {**present("key", entity), "key": plain}
+    if spend:  # a new key has spent nothing: only a spend carried over is recorded
+        await set_spend(request, "key", token, entity, spend)
+    return {**present("key", entity), "key": plain, "spend": spend or 0.0}
 
 
 async def key_generate(request: web.Request) -> web.Response:

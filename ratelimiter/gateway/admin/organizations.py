@@ -18,7 +18,7 @@ from aiohttp import web
 
 from ...errors import EntityError
 from ...responses import json_response
-from ..http import STORE, require_master
+from ..http import STORE
 from ..models import (
     OrganizationMemberAddRequest,
     OrganizationMemberDeleteRequest,
@@ -29,11 +29,13 @@ from ..models import (
 from ..policy import Scope
 from ..resolver import effective_fields
 from ..store import MAX_LIST, MAX_TEXT, Store
+from . import access
 from .common import (
     check_references,
     delete,
     ids_of,
     iso,
+    lifetime_spends,
     load,
     now_ms,
     query,
@@ -100,7 +102,7 @@ async def organization_view(
         "budget_id": org.get("budget_id"),
         "models": org.get("models") or [],
         "metadata": org.get("metadata") or {},
-        "spend": first.get("spend", 0.0),
+        "spend": (await lifetime_spends(request, "organization", [org_id]))[org_id],
         "model_spend": {},
         "created_by": org.get("created_by", ADMIN),
         "updated_by": org.get("updated_by", ADMIN),
@@ -137,7 +139,7 @@ def _membership(org_id: str, member: dict[str, Any]) -> dict[str, Any]:
 
 
 async def organization_new(request: web.Request) -> web.Response:
-    require_master(request)
+    await access.admin(request)
     org = validate("organization", await read_object(request))
     org_id = org.get("organization_id") or str(uuid.uuid4())
     org["organization_id"] = org_id
@@ -152,7 +154,7 @@ async def organization_update(request: web.Request) -> web.Response:
     """LiteLLM's UI sends the limits nested in litellm_budget_table: they count as sent at
     the top level (the nested value wins, as in LiteLLM). The limits are the organization's
     own; a budget_id it names still fills those it leaves unset."""
-    require_master(request)
+    await access.admin(request)
     body = await read_object(request)
     check(UpdateOrganizationRequest, body, "an organization")  # the nested table's fields too
     flat = {k: v for k, v in body.items() if k != "litellm_budget_table"}
@@ -168,7 +170,7 @@ async def organization_update(request: web.Request) -> web.Response:
 async def organization_info(request: web.Request) -> web.Response:
     """GET with ?organization_id= (LiteLLM's), or LiteLLM's deprecated POST
     {"organizations": [...]}, which answers a list."""
-    require_master(request)
+    await access.view(request)
     store = request.app[STORE]
     if request.method == "POST":
         ids = ids_of(await read_object(request), "organizations")
@@ -182,7 +184,7 @@ async def organization_info(request: web.Request) -> web.Response:
 async def organization_list(request: web.Request) -> web.Response:
     """Every organization, or those matching ``org_id`` (exactly) and ``org_alias`` (a part
     of the alias, any case), as LiteLLM filters them."""
-    require_master(request)
+    await access.view(request)
     wanted_id = request.query.get("org_id") or None
     alias = (request.query.get("org_alias") or "").casefold()
     for name, value in (("org_id", wanted_id), ("org_alias", alias)):
@@ -203,7 +205,7 @@ async def organization_delete(request: web.Request) -> web.Response:
     their keys), and so do the keys that name it, so nothing is left that its limits bound.
     Each is gated before it is deleted, so no sidecar serves it from its cache meanwhile.
     Answers the deleted organizations, as they were, each with the keys deleted."""
-    require_master(request)
+    await access.admin(request)
     ids = ids_of(await read_object(request), "organization_ids")
     store = request.app[STORE]
     orgs = [await load(store, "organization", org_id) for org_id in ids]
@@ -230,7 +232,7 @@ async def organization_member_add(request: web.Request) -> web.Response:
     """Each member is found by user_id, else by user_email; a user that does not exist is
     created (with that id, or a new one, and the email), as LiteLLM does. A user already in
     the organization is a 409."""
-    require_master(request)
+    await access.admin(request)
     body = check(
         OrganizationMemberAddRequest, await read_object(request), "/organization/member_add"
     )
@@ -290,7 +292,7 @@ async def organization_member_add(request: web.Request) -> web.Response:
 
 async def organization_member_delete(request: web.Request) -> web.Response:
     """The member named by user_id, else by user_email; answers the membership removed."""
-    require_master(request)
+    await access.admin(request)
     body = check(
         OrganizationMemberDeleteRequest,
         await read_object(request),

@@ -261,8 +261,8 @@ async function keysPage() {
       await render();
       showKeyOnce(created.key);
     }, "Create Key");
-  const windows = (info) => (info.budget_windows || []).map((w) =>
-    `${money(w.spend)} of ${money(w.max_budget)} / ${durationName(w.budget_duration)}`).join("; ") || money(info.spend);
+  const windows = (info) => [money(info.spend) + " in all", ...(info.budget_windows || []).map((w) =>
+    `${money(w.spend)} of ${money(w.max_budget)} / ${durationName(w.budget_duration)}`)].join("; ");
   return [
     header("Keys", el("button", { type: "button", id: "create-key", onclick: create }, "+ Create Key")),
     el("section", { class: "card" }, table("Keys", [
@@ -316,6 +316,7 @@ async function usersPage() {
       { title: "User ID", value: (u) => u.user_id },
       { title: "Email", value: (u) => u.user_email },
       { title: "Max budget", num: true, value: (u) => money(u.max_budget) },
+      { title: "Spend", num: true, value: (u) => money(u.spend) },
       { title: "Duration", value: (u) => durationName(u.budget_duration) },
       { title: "RPM / TPM", value: (u) => `${plain(u.rpm_limit)} / ${plain(u.tpm_limit)}` },
       { title: "", value: (u) => el("div", { class: "actions" },
@@ -354,6 +355,7 @@ async function teamsPage() {
       { title: "Team ID", value: (t) => t.team_id },
       { title: "Alias", value: (t) => t.team_alias },
       { title: "Max budget", num: true, value: (t) => money(t.max_budget) },
+      { title: "Spend", num: true, value: (t) => money(t.spend) },
       { title: "Members", value: (t) => el("div", {}, (t.members || []).map((m) =>
         el("div", {}, `${m.user_id} (${m.role || "user"}) `,
           button("Remove", confirmThen(`Remove ${m.user_id} from ${t.team_id}?`,
@@ -389,6 +391,7 @@ async function customersPage() {
       { title: "Customer", value: (c) => c.user_id },
       { title: "Alias", value: (c) => c.alias },
       { title: "Budget", value: (c) => c.budget_id || (c.max_budget != null ? money(c.max_budget) : null) },
+      { title: "Spend", num: true, value: (c) => money(c.spend) },
       { title: "State", value: (c) => el("span", { class: "badge " + (c.blocked ? "bad" : "good"),
         text: c.blocked ? "blocked" : "active" }) },
       { title: "", value: (c) => el("div", { class: "actions" },
@@ -448,20 +451,20 @@ function lastDays(n) {
 }
 
 function topSpenders(rows, field, n = 8) {
-  const sums = {};
-  for (const r of rows) sums[r[field]] = (sums[r[field]] || 0) + r.spend;
-  return Object.entries(sums).sort((a, b) => b[1] - a[1]).slice(0, n)
-    .map(([name, spend]) => ({ name, spend }));
+  return rows.slice(0, n).map((r) => ({ name: r[field], spend: r.total_spend }));
 }
 
 let liveTimer = null;
 
 async function spendPage() {
-  const report = (group) => api("GET", "/global/spend/report?group_by=" + group);
-  const [byModel, byKey, byCustomer, total] = await Promise.all([
-    report("model"), report("key"), report("customer"), api("GET", "/global/spend")]);
+  const [byTeam, byModel, byKey, byCustomer, total] = await Promise.all([
+    api("GET", "/global/spend/report?group_by=team"), api("GET", "/global/spend/models?limit=8"),
+    api("GET", "/global/spend/keys?limit=8"), api("POST", "/global/spend/end_users", {}),
+    api("GET", "/global/spend")]);
   const perDay = {};
-  for (const r of byModel) perDay[r.group_by_day] = (perDay[r.group_by_day] || 0) + r.spend;
+  for (const day of byTeam) {
+    perDay[day.group_by_day] = day.teams.reduce((sum, t) => sum + t.total_spend, 0);
+  }
   const days = lastDays(30).map((day) => ({ day, spend: perDay[day] || 0 }));
   const topTable = (title, rows, label) => el("section", { class: "card" },
     el("h2", { text: title }),
@@ -482,8 +485,9 @@ async function spendPage() {
         rate, spark, el("h2", { text: "429s by reason, last 2 s" }), refusals)),
     el("section", { class: "card" }, el("h2", { text: "Spend per day" }), dailyChart(days)),
     el("div", { class: "grid" },
-      topTable("Top keys", topSpenders(byKey, "key").map((r) => ({ ...r, name: r.name.slice(0, 12) + "…" })), "Key"),
-      topTable("Top customers", topSpenders(byCustomer, "customer"), "Customer"),
+      topTable("Top keys", byKey.slice(0, 8).map((r) => ({
+        name: r.key_alias || r.api_key.slice(0, 12) + "…", spend: r.total_spend })), "Key"),
+      topTable("Top customers", topSpenders(byCustomer, "end_user"), "Customer"),
       topTable("Top models", topSpenders(byModel, "model"), "Model")),
   ];
 }
