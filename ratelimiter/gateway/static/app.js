@@ -80,14 +80,14 @@ async function api(method, path, body) {
 
 // -- tables, dialogs ---------------------------------------------------------------------
 
-// Columns: {title, value(row), num, cls}. Tables never scroll sideways: cells wrap, and on a
-// phone each row stacks into label/value lines (style.css), the label coming from data-label.
-// cls "minor" marks a column hidden when the width runs short.
+// Columns: {title, value(row), num, cls}; cls "id" lets long ids break anywhere. Tables never
+// scroll sideways: cells wrap, and on a phone the rows of a table of more than three columns
+// stack into label/value lines (style.css), the label coming from data-label.
 function table(caption, columns, rows) {
   if (!rows.length) return el("p", { class: "empty", text: "None yet." });
   const cls = (c) => [c.num ? "num" : null, c.cls].filter(Boolean).join(" ") || null;
   return el("div", { class: "table-wrap" },
-    el("table", {},
+    el("table", { class: columns.length > 3 ? "stack" : null },
       el("caption", { class: "sr-only", text: caption }),
       el("thead", {}, el("tr", {}, columns.map((c) =>
         el("th", { scope: "col", class: cls(c), text: c.title })))),
@@ -537,13 +537,16 @@ async function spendPage() {
   const names = await keyNames(topKeys.map((r) => r.name));
   const topTable = (title, rows, label) => el("section", { class: "card" },
     el("h2", { text: title }),
-    table(title, [{ title: label, value: (r) => r.name },
+    table(title, [{ title: label, cls: "id", value: (r) => r.name },
       { title: "Spend", num: true, value: (r) => money(r.spend) }], rows));
   const panel = livePanel();
   panel.show(live);
-  liveTimer = setInterval(async () => {
+  const timer = setInterval(async () => {
+    // Gone from the page (another page rendered meanwhile): stop polling.
+    if (!panel.node.isConnected) { clearInterval(timer); return; }
     try { panel.show(await api("GET", "/ui/api/live")); } catch { /* shown stale; next poll */ }
   }, 2000);
+  liveTimer = timer;
   return [
     header("Spend"),
     el("div", { class: "grid" },
