@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,11 @@ __all__ = ["add_ui_routes"]
 STATIC = Path(__file__).resolve().parent / "static"
 LIVE_EVERY_S = 1.0
 LIVE_STALE_S = 5.0
+# The page's sparkline covers a minute, one point a second, and its 429 list the last few
+# seconds. Each sidecar keeps that history itself, so the page draws both from its first poll
+# instead of waiting to difference two of its own.
+LIVE_HISTORY = 60
+LIVE_REFUSED_S = 10
 FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 # Everything comes from the sidecar itself: a page that loads nothing else cannot leak the key.
 SECURITY_HEADERS = {
@@ -154,16 +161,37 @@ def _live_key(app: web.Application) -> str:
     return f"{app[SETTINGS].key_prefix}{{live}}"
 
 
+def _recent(snapshots: deque[dict[str, Any]]) -> dict[str, Any]:
+    """Requests per second for each second of the history (oldest first), and refusals by
+    reason over the last LIVE_REFUSED_S seconds, from one sidecar's snapshots."""
+    shots = list(snapshots)
+    rates = [
+        max(b["requests"] - a["requests"], 0) / max(b["at"] - a["at"], 0.001)
+        for a, b in itertools.pairwise(shots)
+    ]
+    refused: dict[str, float] = {}
+    if shots:
+        first = shots[max(len(shots) - 1 - LIVE_REFUSED_S, 0)]["refused"]
+        last = shots[-1]["refused"]
+        for reason, value in last.items():
+            if value > first.get(reason, 0):
+                refused[reason] = value - first.get(reason, 0)
+    return {"rates": rates, "recent_refused": refused}
+
+
 async def _publish_counts(app: web.Application) -> AsyncIterator[None]:
     """Behind a load balancer each poll of the page reaches any sidecar: every sidecar puts
-    its counters in one Redis hash each second, and the page reads their sum."""
+    its counters and their recent history in one Redis hash each second, and the page reads
+    their sum."""
     me = uuid.uuid4().hex
+    snapshots: deque[dict[str, Any]] = deque(maxlen=LIVE_HISTORY + 1)
 
     async def publish() -> None:
         redis = app[ENGINE].redis
         while True:
+            snapshots.append({**_own_counts(app), "at": time.time()})
             with contextlib.suppress(Exception):  # the page shows stale figures, that is all
-                counts = {**_own_counts(app), "at": time.time()}
+                counts = {**snapshots[-1], **_recent(snapshots)}
                 await redis.hset(_live_key(app), me, orjson.dumps(counts))
             await asyncio.sleep(LIVE_EVERY_S)
 
@@ -175,12 +203,16 @@ async def _publish_counts(app: web.Application) -> AsyncIterator[None]:
 
 
 async def live(request: web.Request) -> web.Response:
-    """Every sidecar's counters, summed; the page turns two readings into rates."""
+    """Every sidecar's counters, summed: totals, requests per second for each of the last
+    LIVE_HISTORY seconds (oldest first, zeros before a sidecar started), and refusals by
+    reason in the last LIVE_REFUSED_S seconds."""
     await access.view(request)
     app, now = request.app, time.time()
     with translate_errors(app[ENGINE].address):
         published = await app[ENGINE].redis.hgetall(_live_key(app))
     total: dict[str, Any] = {"requests": 0.0, "refused": {}}
+    rps = [0.0] * LIVE_HISTORY
+    recent: dict[str, float] = {}
     sidecars, stale = 0, []
     for sidecar, raw in published.items():
         counts = orjson.loads(raw)
@@ -191,10 +223,24 @@ async def live(request: web.Request) -> web.Response:
         total["requests"] += counts["requests"]
         for reason, value in counts["refused"].items():
             total["refused"][reason] = total["refused"].get(reason, 0) + value
+        # Sidecars tick within a second of each other: their newest seconds line up.
+        for i, rate in enumerate(reversed(counts.get("rates", [])[-LIVE_HISTORY:])):
+            rps[-1 - i] += rate
+        for reason, value in counts.get("recent_refused", {}).items():
+            recent[reason] = recent.get(reason, 0) + value
     if stale:
         with translate_errors(app[ENGINE].address):
             await app[ENGINE].redis.hdel(_live_key(app), *stale)
-    return json_response({"at": now, "sidecars": sidecars, **total})
+    return json_response(
+        {
+            "at": now,
+            "sidecars": sidecars,
+            **total,
+            "rps": rps,
+            "recent_refused": recent,
+            "recent_seconds": LIVE_REFUSED_S,
+        }
+    )
 
 
 def add_ui_routes(app: web.Application) -> None:

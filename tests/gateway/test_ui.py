@@ -82,15 +82,96 @@ async def shot(page: object, name: str) -> None:
     await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)  # type: ignore[attr-defined]
 
 
+PREVIEW = re.compile(r"^sk-\.\.\.[A-Za-z0-9_-]{4}$")  # LiteLLM's key_name
+SMALLEST_TEXT_PX = 12
+PAGES = ("budgets", "keys", "users", "teams", "customers", "models", "spend")
+
+# Everything shown in the header, the page and an open dialog: inside the viewport and inside
+# its card (a button scrolled out of a table's card is cut off), no table container scrolling
+# sideways, and no text under SMALLEST_TEXT_PX as rendered (SVG text scaled by its viewBox
+# counts at the size it is drawn).
+LAYOUT_PROBLEMS = """(smallest) => {
+  const problems = [];
+  const root = document.documentElement, vw = root.clientWidth;
+  if (root.scrollWidth > vw) {
+    problems.push(`the page scrolls sideways: ${root.scrollWidth} > ${vw}`);
+  }
+  for (const wrap of document.querySelectorAll(".table-wrap")) {
+    if (wrap.scrollWidth > wrap.clientWidth) {
+      problems.push(`a table scrolls sideways: ${wrap.scrollWidth} > ${wrap.clientWidth}`);
+    }
+  }
+  const name = (e) => e.tagName.toLowerCase() + (e.id ? "#" + e.id : "")
+    + ` "${(e.textContent || "").trim().slice(0, 30)}"`;
+  for (const top of document.querySelectorAll("header.top, main, dialog[open]")) {
+    for (const e of [top, ...top.querySelectorAll("*")]) {
+      if (["title", "option"].includes(e.tagName.toLowerCase()) || e.closest(".sr-only")) continue;
+      if (!e.getClientRects().length || getComputedStyle(e).visibility === "hidden") continue;
+      const r = e.getBoundingClientRect();
+      if (!r.width && !r.height) continue;
+      if (r.left < -0.5 || r.right > vw + 0.5) {
+        problems.push(`${name(e)} is outside the viewport: ${r.left}..${r.right} of ${vw}`);
+      }
+      const card = e.parentElement && e.parentElement.closest(".card, dialog");
+      const c = card && card.getBoundingClientRect();
+      if (c && (r.left < c.left - 0.5 || r.right > c.right + 0.5)) {
+        problems.push(
+          `${name(e)} is outside its card: ${r.left}..${r.right} of ${c.left}..${c.right}`);
+      }
+      if ([...e.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim())) {
+        let px = parseFloat(getComputedStyle(e).fontSize);
+        if (e instanceof SVGElement) px *= e.getScreenCTM().a;
+        if (px < smallest - 0.01) problems.push(`${name(e)} is ${px.toFixed(1)} px text`);
+      }
+    }
+  }
+  return problems;
+}"""
+
+
+async def assert_layout(page: object, where: str) -> None:
+    problems = await page.evaluate(LAYOUT_PROBLEMS, SMALLEST_TEXT_PX)  # type: ignore[attr-defined]
+    assert not problems, (where, problems[:10])
+
+
+async def sign_in(p: object, base: str) -> None:
+    await p.goto(f"{base}/ui/")  # type: ignore[attr-defined]
+    # Nothing but the sign-in form before signing in: the links would lead nowhere.
+    await playwright_api.expect(p.locator("#nav")).to_be_hidden()  # type: ignore[attr-defined]
+    await playwright_api.expect(p.locator("#nav a").first).to_be_hidden()  # type: ignore[attr-defined]
+    await assert_layout(p, "sign-in")
+    await p.fill("#master-key", MASTER_KEY)  # type: ignore[attr-defined]
+    await p.keyboard.press("Enter")  # type: ignore[attr-defined]
+    await playwright_api.expect(p.locator("#nav")).to_be_visible()  # type: ignore[attr-defined]
+
+
+async def open_page(p: object, base: str, name: str) -> None:
+    await p.goto(f"{base}/ui/#/{name}")  # type: ignore[attr-defined]
+    await playwright_api.expect(p.locator("#page h1")).to_have_text(name.title())  # type: ignore[attr-defined]
+
+
+async def traffic(base: str, key: str, n: int = 1) -> None:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(n):
+            async with session.post(
+                f"{base}/v1/chat/completions",
+                json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+                headers={"Authorization": f"Bearer {key}"},
+            ) as response:
+                assert response.status == 200
+
+
 @needs_chromium
 async def test_budget_key_traffic_and_spend(sidecar: str, page: object, ns: str) -> None:
     p = page  # a Playwright Page
     await p.goto(f"{sidecar}/ui")  # type: ignore[attr-defined]
+    await playwright_api.expect(p.locator("#nav")).to_be_hidden()
     await p.fill("#master-key", "sk-wrong-key-0000000000")
     await p.click("#sign-in-form button")
     await playwright_api.expect(p.locator("#sign-in-error")).to_have_text(
         "That is not the master key."
     )
+    await playwright_api.expect(p.locator("#nav")).to_be_hidden()
     await p.fill("#master-key", MASTER_KEY)
     await p.keyboard.press("Enter")
     await playwright_api.expect(p.locator("#nav")).to_be_visible()
@@ -130,7 +211,31 @@ async def test_budget_key_traffic_and_spend(sidecar: str, page: object, ns: str)
     await p.keyboard.press("Escape")
     await playwright_api.expect(dialog).to_be_hidden()
 
-    # A key on that budget, shown once.
+    # Editing: the id cannot change, so it is text that neither looks editable nor takes the
+    # focus, by click, by script or by Tab.
+    await row.locator("text=Edit").click()
+    await playwright_api.expect(dialog).to_be_visible()
+    budget_id = p.locator("#field-budget_id")
+    await playwright_api.expect(budget_id).to_have_text(budget)
+    assert await p.evaluate("document.activeElement.id") == "field-max_budget"
+    assert await budget_id.evaluate(
+        "e => { e.focus(); return document.activeElement !== e && e.tabIndex < 0 "
+        "&& !e.matches('input, select, textarea, [contenteditable]') }"
+    )
+    await budget_id.click()
+    assert await p.evaluate("document.activeElement.id") != "field-budget_id"
+    seen = []
+    for _ in range(12):
+        await p.keyboard.press("Tab")
+        seen.append(await p.evaluate("document.activeElement.id"))
+    assert "field-budget_id" not in seen, seen
+    await shot(p, "budget-edit")
+    await p.fill("#field-max_budget", "6")
+    await p.click("#dialog button[type=submit]")
+    await playwright_api.expect(dialog).to_be_hidden()
+    await playwright_api.expect(row).to_contain_text("$6.00")
+
+    # A key on that budget, shown once, then listed by its preview, never by its hash.
     await p.click("text=Keys")
     await p.click("#create-key")
     await p.fill("#field-key_alias", "ann")
@@ -144,35 +249,80 @@ async def test_budget_key_traffic_and_spend(sidecar: str, page: object, ns: str)
     await p.click("text=Done")
     key_row = p.locator("tr", has_text="ann")
     await playwright_api.expect(key_row).to_contain_text(budget)
+    preview = await key_row.locator("td[data-label=Key] code").text_content() or ""
+    assert PREVIEW.fullmatch(preview) and preview == f"sk-...{key[-4:]}", preview
     await key_row.locator("text=Edit").click()
     assert await p.input_value("#field-budget_id") == budget  # the dialog shows what is set
     await p.fill("#field-rpm_limit", "7")
     await p.click("#dialog button[type=submit]")
     await playwright_api.expect(key_row).to_contain_text("7 / — / —")
 
+    # A key with no budget and no alias: its spend is shown all the same.
+    await p.click("#create-key")
+    await p.click("#dialog button[type=submit]")
+    bare = (await p.text_content("#new-key")) or ""
+    await p.click("text=Done")
+
     # Traffic through the proxy, then the spend where people look for it.
-    async with aiohttp.ClientSession() as session:
-        for _ in range(3):
-            async with session.post(
-                f"{sidecar}/v1/chat/completions",
-                json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
-                headers={"Authorization": f"Bearer {key}"},
-            ) as response:
-                assert response.status == 200
+    await traffic(sidecar, key, 3)
+    await traffic(sidecar, bare, 2)
     await p.click("text=Budgets")
-    await playwright_api.expect(p.locator("tr", has_text=budget)).to_contain_text("1 keys")
+    await playwright_api.expect(p.locator("tr", has_text=budget)).to_contain_text(
+        "1 key, 0 customers"
+    )
     await p.click("text=Keys")
     await playwright_api.expect(p.locator("tr", has_text="ann")).to_contain_text(
-        "of $5.00 / monthly"
+        "of $6.00 / monthly"
     )
+    bare_row = p.locator("#page tr", has_text=f"sk-...{bare[-4:]}")
+    await playwright_api.expect(bare_row).to_have_count(1)
+    spend_cell = bare_row.locator("td[data-label=Spend]")
+    await playwright_api.expect(spend_cell).to_have_text(re.compile(r"^\$0\.0*[1-9]"))
     await shot(p, "keys")
+
+    # A key made before previews existed has no key_name: its hash is shown marked as one.
+    async def without_preview(route: object) -> None:
+        response = await route.fetch()  # type: ignore[attr-defined]
+        body = await response.json()
+        body["info"].pop("key_name", None)
+        await route.fulfill(response=response, json=body)  # type: ignore[attr-defined]
+
+    await p.route("**/key/info?*", without_preview)
+    await p.reload()
+    await playwright_api.expect(key_row.locator("td[data-label=Key]")).to_have_text(
+        re.compile(r"^annsha256 [0-9a-f]{8}…$")
+    )
+    await p.unroute("**/key/info?*")
+
     await p.click("text=Spend")
+    await playwright_api.expect(p.locator("#page h1")).to_have_text("Spend")
+    # The live panel is complete the moment the page shows: no placeholder, a minute of
+    # history across the panel's width.
+    assert re.fullmatch(r"\d+\.\d /s", await p.text_content("#live-rps") or ""), (
+        await p.text_content("#live-rps")
+    )
+    spark = await p.evaluate(
+        """() => {
+          const s = document.getElementById("live-spark"), line = s.querySelector("polyline");
+          const panel = s.parentElement, style = getComputedStyle(panel);
+          const inner = panel.clientWidth - parseFloat(style.paddingLeft)
+            - parseFloat(style.paddingRight);
+          return { width: s.getBoundingClientRect().width, height: s.getBoundingClientRect().height,
+                   line: line ? line.getBoundingClientRect().width : 0, inner,
+                   points: line ? line.points.length : 0 };
+        }"""
+    )
+    assert spark["points"] == 60, spark
+    assert spark["width"] >= 0.98 * spark["inner"] and spark["height"] >= 60, spark
+    assert spark["line"] >= 0.95 * spark["inner"], spark
     await playwright_api.expect(p.locator("#total-spend")).not_to_have_text("$0.000000")
     await playwright_api.expect(p.locator("section.card", has_text="Top models")).to_contain_text(
         "gpt-4o"
     )
+    top_keys = p.locator("section.card", has_text="Top keys").locator("tbody td:first-child")
+    await playwright_api.expect(top_keys).to_have_text(["ann", f"sk-...{bare[-4:]}"])
     await playwright_api.expect(p.locator("svg.chart rect.bar")).to_have_count(30)
-    await playwright_api.expect(p.locator("#live-rps")).to_have_text(re.compile(r"/s$"))
+    await assert_chart_fills_its_card(p)
     await shot(p, "spend")
     for name in ("users", "teams", "customers", "models"):
         await p.click(f"#nav >> text={name.title()}")
@@ -183,21 +333,124 @@ async def test_budget_key_traffic_and_spend(sidecar: str, page: object, ns: str)
     )
 
 
+async def assert_chart_fills_its_card(p: object) -> None:
+    chart = await p.evaluate(  # type: ignore[attr-defined]
+        """() => {
+          const chart = document.querySelector("svg.chart"), card = chart.closest(".card");
+          const style = getComputedStyle(card);
+          const inner = card.clientWidth - parseFloat(style.paddingLeft)
+            - parseFloat(style.paddingRight);
+          const bars = [...chart.querySelectorAll("rect.bar")]
+            .map((b) => b.getBoundingClientRect());
+          const labels = [...chart.querySelectorAll("text")];
+          return { inner, span: bars.at(-1).right - bars[0].left, labels: labels.length,
+                   px: Math.min(...labels.map((t) =>
+                     parseFloat(getComputedStyle(t).fontSize) * t.getScreenCTM().a)) };
+        }"""
+    )
+    assert chart["span"] >= 0.95 * chart["inner"], chart
+    assert chart["labels"] >= 4 and chart["px"] >= SMALLEST_TEXT_PX - 0.01, chart
+
+
+async def seed(base: str, ns: str) -> None:
+    """Entities with long ids and every column filled, the worst case for the tables."""
+    admin = {"Authorization": f"Bearer {MASTER_KEY}"}
+    budget = f"research-and-development-monthly-{ns}"
+    calls = [
+        (
+            "/budget/new",
+            {
+                "budget_id": budget,
+                "max_budget": 250,
+                "soft_budget": 200,
+                "tpm_limit": 1_000_000,
+                "rpm_limit": 10_000,
+                "max_parallel_requests": 64,
+                "budget_duration": "monthly",
+            },
+        ),
+        (
+            "/team/new",
+            {"team_id": f"platform-engineering-{ns}", "team_alias": "Platform", "max_budget": 1000},
+        ),
+        (
+            "/user/new",
+            {
+                "user_id": f"ann.example-{ns}",
+                "user_email": "ann@example.com",
+                "max_budget": 50,
+                "budget_duration": "monthly",
+                "rpm_limit": 60,
+            },
+        ),
+        (
+            "/team/member_add",
+            {
+                "team_id": f"platform-engineering-{ns}",
+                "member": {"user_id": f"ann.example-{ns}", "role": "admin"},
+            },
+        ),
+        (
+            "/customer/new",
+            {"user_id": f"customer-with-a-long-name-{ns}", "alias": "Acme", "budget_id": budget},
+        ),
+    ]
+    async with aiohttp.ClientSession() as session:
+        for path, body in calls:
+            async with session.post(f"{base}{path}", json=body, headers=admin) as r:
+                assert r.status == 200, (path, await r.text())
+        for alias in ("ingest-pipeline-production", "notebooks", None):
+            body = {
+                "budget_id": budget,
+                "user_id": f"ann.example-{ns}",
+                "team_id": f"platform-engineering-{ns}",
+                "rpm_limit": 600,
+                "tpm_limit": 100_000,
+                "max_parallel_requests": 8,
+            }
+            if alias:
+                body["key_alias"] = alias
+            async with session.post(f"{base}/key/generate", json=body, headers=admin) as r:
+                assert r.status == 200, await r.text()
+                key = (await r.json())["key"]
+            await traffic(base, key)
+
+
+@needs_chromium
+@pytest.mark.parametrize("width", [1280, 375])
+async def test_every_page_fits_the_width(sidecar: str, page: object, ns: str, width: int) -> None:
+    """At a laptop's width and a phone's: every element inside the viewport and its card, no
+    table scrolling sideways (its buttons cut off), no text under 12 px, dialogs included."""
+    p = page
+    await seed(sidecar, ns)
+    await p.set_viewport_size({"width": width, "height": 860})  # type: ignore[attr-defined]
+    await sign_in(p, sidecar)
+    for name in PAGES:
+        await open_page(p, sidecar, name)
+        await playwright_api.expect(p.locator("#page .card").first).to_be_visible()
+        await assert_layout(p, f"{name} at {width} px")
+        await shot(p, f"{name}-{width}")
+        # Every action button is wholly visible: inside the viewport, not clipped by its card.
+        for button in await p.locator("#page td button").all():
+            assert await button.is_visible()
+    await assert_chart_fills_its_card(p)
+    await open_page(p, sidecar, "keys")
+    await p.click("#create-key")
+    await assert_layout(p, f"the Create Key dialog at {width} px")
+    await p.keyboard.press("Escape")
+    await open_page(p, sidecar, "budgets")
+    await p.locator("#page tr", has_text="research").locator("text=Edit").click()
+    await assert_layout(p, f"the Edit budget dialog at {width} px")
+    await shot(p, f"budget-edit-{width}")
+
+
 @needs_chromium
 async def test_phone_width_and_keyboard(sidecar: str, page: object) -> None:
     p = page
-    await p.set_viewport_size({"width": 390, "height": 800})  # type: ignore[attr-defined]
-    await p.goto(f"{sidecar}/ui/")
-    await p.fill("#master-key", MASTER_KEY)
-    await p.keyboard.press("Enter")
-    await playwright_api.expect(p.locator("#nav")).to_be_visible()
-    for name in ("budgets", "keys", "spend"):
-        await p.goto(f"{sidecar}/ui/#/{name}")
-        await playwright_api.expect(p.locator("#page h1")).to_be_visible()
-        # Wide tables scroll inside their card; the page itself never scrolls sideways.
-        assert await p.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
-        await shot(p, f"phone-{name}")
+    await p.set_viewport_size({"width": 375, "height": 800})  # type: ignore[attr-defined]
+    await sign_in(p, sidecar)
     # By keyboard from the top of a fresh page: the skip link first, then the sections.
+    await open_page(p, sidecar, "spend")
     await p.reload()
     await playwright_api.expect(p.locator("#page h1")).to_have_text("Spend")
     await p.keyboard.press("Tab")
@@ -247,8 +500,12 @@ async def test_live_counts_are_summed_over_sidecars(ns: str, redis_url: str) -> 
             for _ in range(50):
                 async with session.get(f"{two}/ui/api/live", headers=admin) as r:
                     live = await r.json()
-                if live["requests"] == 5:
+                if live["requests"] == 5 and sum(live["rps"]) > 0:
                     break
                 await asyncio.sleep(0.1)
             assert live["sidecars"] == 2 and live["requests"] == 5, live
             assert live["refused"] == {"window_full (key)": 2}, live
+            # The last minute, second by second, so that the page draws it from its first poll.
+            assert len(live["rps"]) == 60 and 0 < sum(live["rps"]) <= 6, live
+            assert live["recent_refused"] == {"window_full (key)": 2}, live
+            assert live["recent_seconds"] == 10, live

@@ -37,6 +37,16 @@ const when = (v) => (v ? new Date(v).toLocaleString() : "—");
 // The API stores durations in their short form; show the names people type.
 const NAMED = { "1d": "daily", "1w": "weekly", "1mo": "monthly", "1y": "yearly" };
 const durationName = (v) => (v ? NAMED[v] || v : v);
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+
+// A key as people recognise it: LiteLLM's key_name is the preview "sk-...abcd". Keys created
+// before previews existed have none; their sha256 is shown marked as one, never as if it were
+// the start of the key.
+function keyPreview(info, hash) {
+  if (info && info.key_name) return el("code", { class: "preview", text: info.key_name });
+  return el("span", { class: "hash", title: "sha256 of the key (created before key previews)" },
+    "sha256 ", el("code", { text: String(hash || (info && info.token_id) || "").slice(0, 8) + "…" }));
+}
 
 // -- the API --------------------------------------------------------------------------
 
@@ -70,18 +80,27 @@ async function api(method, path, body) {
 
 // -- tables, dialogs ---------------------------------------------------------------------
 
+// Columns: {title, value(row), num, cls}; cls "id" lets long ids break anywhere. Tables never
+// scroll sideways: cells wrap, and on a phone the rows of a table of more than three columns
+// stack into label/value lines (style.css), the label coming from data-label.
 function table(caption, columns, rows) {
   if (!rows.length) return el("p", { class: "empty", text: "None yet." });
+  const cls = (c) => [c.num ? "num" : null, c.cls].filter(Boolean).join(" ") || null;
   return el("div", { class: "table-wrap" },
-    el("table", {},
+    el("table", { class: columns.length > 3 ? "stack" : null },
       el("caption", { class: "sr-only", text: caption }),
       el("thead", {}, el("tr", {}, columns.map((c) =>
-        el("th", { scope: "col", class: c.num ? "num" : null, text: c.title })))),
+        el("th", { scope: "col", class: cls(c), text: c.title })))),
       el("tbody", {}, rows.map((row) => el("tr", {}, columns.map((c) => {
         const value = c.value(row);
-        return el("td", { class: c.num ? "num" : null }, value instanceof Node ? value : plain(value));
+        return el("td", { class: cls(c), "data-label": c.title || null },
+          value instanceof Node ? value : plain(value));
       }))))));
 }
+
+// The action buttons of a row; they wrap onto a second line rather than leave the card.
+const actions = (...buttons) => el("div", { class: "actions" }, buttons);
+const ACTIONS = { title: "", cls: "actions-cell" };
 
 const dialog = () => document.getElementById("dialog");
 
@@ -102,6 +121,12 @@ function formDialog(title, fields, submit, submitLabel = "Save") {
     const id = "field-" + f.name;
     errors[f.name] = el("p", { class: "error", id: id + "-error", role: "alert" });
     let input;
+    if (f.readonly) {
+      // Shown as text: an input that cannot be changed looked editable and took the focus.
+      return el("div", { class: "field" },
+        el("p", { class: "label", id: id + "-label", text: f.label }),
+        el("p", { class: "readonly", id, "aria-labelledby": id + "-label", text: plain(f.value) }));
+    }
     if (f.options) {
       input = el("select", { id, name: f.name },
         f.options.map((o) => el("option", { value: o, selected: String(f.value ?? "") === o },
@@ -129,13 +154,14 @@ function formDialog(title, fields, submit, submitLabel = "Save") {
       el("button", { type: "submit" }, submitLabel)));
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
-    for (const name in errors) {
+    for (const name in inputs) {
       errors[name].textContent = "";
       inputs[name].removeAttribute("aria-invalid");
     }
     general.textContent = "";
     const values = {};
     for (const f of fields) {
+      if (f.readonly) { values[f.name] = f.value; continue; }
       const raw = inputs[f.name].value.trim();
       if (raw === "") continue;
       values[f.name] = f.type === "number" ? Number(raw) : f.type === "list"
@@ -145,7 +171,7 @@ function formDialog(title, fields, submit, submitLabel = "Save") {
       await submit(values);
       if (d.contains(form)) closeDialog(); // unless submit put something else there
     } catch (err) {
-      const target = err.param && errors[err.param];
+      const target = err.param && inputs[err.param] && errors[err.param];
       if (target) {
         target.textContent = err.message;
         inputs[err.param].setAttribute("aria-invalid", "true");
@@ -181,8 +207,8 @@ function button(label, onclick, cls = "quiet small") {
   return el("button", { type: "button", class: cls, onclick }, label);
 }
 
-function header(title, ...actions) {
-  return el("div", { class: "bar" }, el("h1", { text: title }), el("div", {}, actions));
+function header(title, ...buttons) {
+  return el("div", { class: "bar" }, el("h1", { text: title }), el("div", {}, buttons));
 }
 
 // -- pages -------------------------------------------------------------------------------
@@ -217,16 +243,15 @@ async function budgetsPage() {
         ...LIMIT_FIELDS], async (values) => { await api("POST", "/budget/new", values); render(); },
       "Create Budget") }, "+ Create Budget")),
     el("section", { class: "card" }, table("Budgets", [
-      { title: "Budget ID", value: (b) => b.budget_id },
+      { cls: "id", title: "Budget ID", value: (b) => b.budget_id },
       { title: "Max budget", num: true, value: (b) => money(b.max_budget) },
       { title: "Soft budget", num: true, value: (b) => money(b.soft_budget) },
-      { title: "TPM", num: true, value: (b) => b.tpm_limit },
-      { title: "RPM", num: true, value: (b) => b.rpm_limit },
-      { title: "Max parallel", num: true, value: (b) => b.max_parallel_requests },
+      { title: "RPM / TPM / parallel", value: (b) =>
+        [b.rpm_limit, b.tpm_limit, b.max_parallel_requests].map(plain).join(" / ") },
       { title: "Duration", value: (b) => durationName(b.budget_duration) },
       { title: "Next reset", value: (b) => when(b.budget_reset_at) },
-      { title: "Used by", value: (b) => `${b.keys} keys, ${b.customers} customers` },
-      { title: "", value: (b) => el("div", { class: "actions" },
+      { title: "Used by", value: (b) => `${plural(b.keys, "key")}, ${plural(b.customers, "customer")}` },
+      { ...ACTIONS, value: (b) => actions(
         button("Edit", () => edit(b)),
         button("Delete", confirmThen(`Delete budget ${b.budget_id}?`,
           () => api("POST", "/budget/delete", { id: b.budget_id })), "danger small")) },
@@ -253,7 +278,9 @@ async function allKeys() {
 
 async function keysPage() {
   const [list, budgets] = await Promise.all([allKeys(), api("GET", "/budget/list")]);
-  const infos = await Promise.all(list.keys.map((k) => api("GET", "/key/info?key=" + encodeURIComponent(k))));
+  // /key/list gives the keys' hashes (or, asked for full objects, the keys themselves).
+  const ids = list.keys.map((k) => (typeof k === "string" ? k : k.token || k.token_id));
+  const infos = await Promise.all(ids.map((k) => api("GET", "/key/info?key=" + encodeURIComponent(k))));
   const budgetField = { name: "budget_id", label: "Budget", options: ["", ...budgets.map((b) => b.budget_id)] };
   const create = () => formDialog("Create Key", [...KEY_FIELDS, budgetField, ...LIMIT_FIELDS],
     async (values) => {
@@ -261,29 +288,35 @@ async function keysPage() {
       await render();
       showKeyOnce(created.key);
     }, "Create Key");
-  const windows = (info) => [money(info.spend) + " in all", ...(info.budget_windows || []).map((w) =>
-    `${money(w.spend)} of ${money(w.max_budget)} / ${durationName(w.budget_duration)}`)].join("; ");
+  // Lifetime spend, whether or not the key has a budget, then each budget window's share.
+  const spend = (info) => el("div", {},
+    el("div", { text: money(info.spend ?? 0) }),
+    (info.budget_windows || []).map((w) => el("div", { class: "muted",
+      text: `${money(w.spend)} of ${money(w.max_budget)} / ${durationName(w.budget_duration)}` })));
+  const name = (k) => k.info.key_alias || k.info.key_name || "sha256 " + k.key.slice(0, 8) + "…";
   return [
     header("Keys", el("button", { type: "button", id: "create-key", onclick: create }, "+ Create Key")),
     el("section", { class: "card" }, table("Keys", [
-      { title: "Key", value: (k) => el("code", { text: k.key.slice(0, 12) + "…" }) },
-      { title: "Alias", value: (k) => k.info.key_alias },
-      { title: "User", value: (k) => k.info.user_id },
-      { title: "Team", value: (k) => k.info.team_id },
-      { title: "Budget", value: (k) => k.info.budget_id },
+      // The alias people gave it over the preview that tells keys apart.
+      { cls: "id", title: "Key", value: (k) => el("div", {},
+        k.info.key_alias ? el("span", { class: "sub alias", text: k.info.key_alias }) : null,
+        el("span", { class: "sub" }, keyPreview(k.info, k.key))) },
+      { cls: "id", title: "User", value: (k) => k.info.user_id },
+      { cls: "id", title: "Team", value: (k) => k.info.team_id },
+      { cls: "id", title: "Budget", value: (k) => k.info.budget_id },
       { title: "RPM / TPM / parallel", value: (k) =>
         [k.info.rpm_limit, k.info.tpm_limit, k.info.max_parallel_requests].map(plain).join(" / ") },
-      { title: "Spend", value: (k) => windows(k.info) },
+      { title: "Spend", value: (k) => spend(k.info) },
       { title: "State", value: (k) => el("span", { class: "badge " + (k.info.blocked ? "bad" : "good"),
         text: k.info.blocked ? "blocked" : "active" }) },
-      { title: "", value: (k) => el("div", { class: "actions" },
-        button("Edit", () => formDialog("Edit key " + (k.info.key_alias || k.key.slice(0, 12)),
+      { ...ACTIONS, value: (k) => actions(
+        button("Edit", () => formDialog("Edit key " + name(k),
           withValues([{ name: "key_alias", label: "Key alias" }, budgetField, ...LIMIT_FIELDS], k.info),
           async (values) => { await api("POST", "/key/update", { key: k.key, ...values }); render(); })),
         button(k.info.blocked ? "Unblock" : "Block", confirmThen(
-          `${k.info.blocked ? "Unblock" : "Block"} this key?`,
+          `${k.info.blocked ? "Unblock" : "Block"} key ${name(k)}?`,
           () => api("POST", k.info.blocked ? "/key/unblock" : "/key/block", { key: k.key }))),
-        button("Delete", confirmThen("Delete this key? Its holders lose access at once.",
+        button("Delete", confirmThen(`Delete key ${name(k)}? Its holders lose access at once.`,
           () => api("POST", "/key/delete", { keys: [k.key] })), "danger small")) },
     ], infos)),
   ];
@@ -313,13 +346,13 @@ async function usersPage() {
         ...LIMIT_FIELDS], async (v) => { await api("POST", "/user/new", v); render(); }) },
     "+ Create User")),
     el("section", { class: "card" }, table("Users", [
-      { title: "User ID", value: (u) => u.user_id },
-      { title: "Email", value: (u) => u.user_email },
+      { cls: "id", title: "User ID", value: (u) => u.user_id },
+      { cls: "id", title: "Email", value: (u) => u.user_email },
       { title: "Max budget", num: true, value: (u) => money(u.max_budget) },
       { title: "Spend", num: true, value: (u) => money(u.spend) },
       { title: "Duration", value: (u) => durationName(u.budget_duration) },
       { title: "RPM / TPM", value: (u) => `${plain(u.rpm_limit)} / ${plain(u.tpm_limit)}` },
-      { title: "", value: (u) => el("div", { class: "actions" },
+      { ...ACTIONS, value: (u) => actions(
         button("Edit", () => formDialog("Edit user " + u.user_id,
           withValues([{ name: "user_email", label: "Email" }, ...LIMIT_FIELDS], u),
           async (values) => { await api("POST", "/user/update", { user_id: u.user_id, ...values }); render(); })),
@@ -352,16 +385,16 @@ async function teamsPage() {
         ...LIMIT_FIELDS], async (v) => { await api("POST", "/team/new", v); render(); }) },
     "+ Create Team")),
     el("section", { class: "card" }, table("Teams", [
-      { title: "Team ID", value: (t) => t.team_id },
+      { cls: "id", title: "Team ID", value: (t) => t.team_id },
       { title: "Alias", value: (t) => t.team_alias },
       { title: "Max budget", num: true, value: (t) => money(t.max_budget) },
       { title: "Spend", num: true, value: (t) => money(t.spend) },
-      { title: "Members", value: (t) => el("div", {}, (t.members || []).map((m) =>
+      { cls: "id", title: "Members", value: (t) => el("div", {}, (t.members || []).map((m) =>
         el("div", {}, `${m.user_id} (${m.role || "user"}) `,
           button("Remove", confirmThen(`Remove ${m.user_id} from ${t.team_id}?`,
             () => api("POST", "/team/member_delete", { team_id: t.team_id, user_id: m.user_id })),
           "danger small")))) },
-      { title: "", value: (t) => el("div", { class: "actions" },
+      { ...ACTIONS, value: (t) => actions(
         button("Edit", () => formDialog("Edit team " + t.team_id,
           withValues([{ name: "team_alias", label: "Alias" }, ...LIMIT_FIELDS], t),
           async (values) => { await api("POST", "/team/update", { team_id: t.team_id, ...values }); render(); })),
@@ -388,13 +421,13 @@ async function customersPage() {
       { name: "budget_duration", label: "Budget Duration", options: DURATIONS },
     ], async (v) => { await api("POST", "/customer/new", v); render(); }) }, "+ Create Customer")),
     el("section", { class: "card" }, table("Customers", [
-      { title: "Customer", value: (c) => c.user_id },
+      { cls: "id", title: "Customer", value: (c) => c.user_id },
       { title: "Alias", value: (c) => c.alias },
-      { title: "Budget", value: (c) => c.budget_id || (c.max_budget != null ? money(c.max_budget) : null) },
+      { cls: "id", title: "Budget", value: (c) => c.budget_id || (c.max_budget != null ? money(c.max_budget) : null) },
       { title: "Spend", num: true, value: (c) => money(c.spend) },
       { title: "State", value: (c) => el("span", { class: "badge " + (c.blocked ? "bad" : "good"),
         text: c.blocked ? "blocked" : "active" }) },
-      { title: "", value: (c) => el("div", { class: "actions" },
+      { ...ACTIONS, value: (c) => actions(
         button("Assign budget", () => assign(c)),
         button(c.blocked ? "Unblock" : "Block", confirmThen(
           `${c.blocked ? "Unblock" : "Block"} customer ${c.user_id}?`,
@@ -413,9 +446,9 @@ async function modelsPage() {
     header("Models"),
     el("p", { class: "muted", text: "From the sidecar's config.yaml (model_list)." }),
     el("section", { class: "card" }, table("Models", [
-      { title: "Model", value: (m) => m.model_name },
-      { title: "Deployment", value: (m) => m.litellm_params.model },
-      { title: "API base", value: (m) => m.litellm_params.api_base },
+      { cls: "id", title: "Model", value: (m) => m.model_name },
+      { cls: "id", title: "Deployment", value: (m) => m.litellm_params.model },
+      { cls: "id", title: "API base", value: (m) => m.litellm_params.api_base },
       { title: "RPM / TPM", value: (m) => `${plain(m.litellm_params.rpm)} / ${plain(m.litellm_params.tpm)}` },
       { title: "Input", num: true, value: (m) => price(m.litellm_params.input_cost_per_token) },
       { title: "Output", num: true, value: (m) => price(m.litellm_params.output_cost_per_token) },
@@ -426,22 +459,48 @@ async function modelsPage() {
 
 // -- spend ---------------------------------------------------------------------------------
 
+// Charts are drawn in CSS pixels at the size the layout gives them, and again whenever that
+// changes: a fixed viewBox scaled to fit left most of a wide card empty and shrank the labels
+// to 6 px on a phone. draw(width, height) returns the children; redraw() after new data.
+function fitted(attrs, draw) {
+  const node = svg("svg", attrs);
+  let size = null;
+  const paint = () => {
+    if (!size) return;
+    node.setAttribute("viewBox", `0 0 ${size.width} ${size.height}`);
+    node.replaceChildren(...draw(size.width, size.height).filter(Boolean));
+  };
+  new ResizeObserver(([entry]) => {
+    const { width, height } = entry.contentRect;
+    if (width > 0 && height > 0) { size = { width, height }; paint(); }
+  }).observe(node);
+  return { node, redraw: paint };
+}
+
+const LABEL_PX = 12; // the smallest text on the page (style.css sets it for svg text)
+
 function dailyChart(days) {
-  const width = 640, height = 220, pad = 28;
   const most = Math.max(...days.map((d) => d.spend), 1e-9);
-  const step = (width - pad) / Math.max(days.length, 1);
-  return svg("svg", { class: "chart", viewBox: `0 0 ${width} ${height}`, role: "img",
+  return fitted({ class: "chart", role: "img",
     "aria-label": "Spend per day: " + days.map((d) => `${d.day} ${money(d.spend)}`).join(", ") },
-    svg("line", { x1: pad, y1: height - pad, x2: width, y2: height - pad }),
-    svg("text", { x: 0, y: 12 }, money(most)),
-    days.map((d, i) => {
-      const h = ((height - 2 * pad) * d.spend) / most;
-      return svg("g", {},
-        svg("rect", { class: "bar", x: pad + i * step + 2, y: height - pad - h,
-          width: Math.max(step - 4, 1), height: h }, svg("title", {}, `${d.day}: ${money(d.spend)}`)),
-        i % Math.ceil(days.length / 8) === 0
-          ? svg("text", { x: pad + i * step, y: height - 8 }, d.day.slice(5)) : null);
-    }).filter(Boolean));
+  (width, height) => {
+    const top = LABEL_PX + 8, bottom = height - LABEL_PX - 10;
+    const step = width / Math.max(days.length, 1);
+    const gap = Math.min(4, step / 4);
+    // As many date labels as fit, about 56 px apart ("11-30" at 12 px is about 34 px wide).
+    const every = Math.max(1, Math.ceil(days.length / Math.max(1, Math.floor(width / 56))));
+    return [
+      svg("line", { x1: 0, y1: bottom, x2: width, y2: bottom }),
+      svg("text", { x: 0, y: LABEL_PX }, "max " + money(most)),
+      ...days.map((d, i) => {
+        const h = ((bottom - top) * d.spend) / most;
+        return svg("g", {},
+          svg("rect", { class: "bar", x: i * step + gap / 2, y: bottom - h,
+            width: Math.max(step - gap, 1), height: h }, svg("title", {}, `${d.day}: ${money(d.spend)}`)),
+          i % every === 0 ? svg("text", { x: i * step, y: height - 2 }, d.day.slice(5)) : null);
+      }),
+    ];
+  }).node;
 }
 
 function lastDays(n) {
@@ -454,13 +513,20 @@ function topSpenders(rows, field, n = 8) {
   return rows.slice(0, n).map((r) => ({ name: r[field], spend: r.total_spend }));
 }
 
+// A top key by its alias, else its preview, else its hash marked as one (a key deleted since,
+// or made before previews).
+function keyName(row) {
+  return row.key_alias ? el("span", { text: row.key_alias }) : keyPreview(row, row.api_key);
+}
+
 let liveTimer = null;
 
 async function spendPage() {
-  const [byTeam, byModel, byKey, byCustomer, total] = await Promise.all([
+  // The live counts come with the rest, so the panel is drawn complete from the first poll.
+  const [byTeam, byModel, byKey, byCustomer, total, live] = await Promise.all([
     api("GET", "/global/spend/report?group_by=team"), api("GET", "/global/spend/models?limit=8"),
     api("GET", "/global/spend/keys?limit=8"), api("POST", "/global/spend/end_users", {}),
-    api("GET", "/global/spend")]);
+    api("GET", "/global/spend"), api("GET", "/ui/api/live")]);
   const perDay = {};
   for (const day of byTeam) {
     perDay[day.group_by_day] = day.teams.reduce((sum, t) => sum + t.total_spend, 0);
@@ -468,12 +534,16 @@ async function spendPage() {
   const days = lastDays(30).map((day) => ({ day, spend: perDay[day] || 0 }));
   const topTable = (title, rows, label) => el("section", { class: "card" },
     el("h2", { text: title }),
-    table(title, [{ title: label, value: (r) => r.name },
+    table(title, [{ title: label, cls: "id", value: (r) => r.name },
       { title: "Spend", num: true, value: (r) => money(r.spend) }], rows));
-  const rate = el("p", { class: "stat", id: "live-rps", text: "…" });
-  const refusals = el("div", { id: "live-429" });
-  const spark = svg("svg", { class: "spark", viewBox: "0 0 300 60", "aria-hidden": "true" });
-  startLive(rate, refusals, spark);
+  const panel = livePanel();
+  panel.show(live);
+  const timer = setInterval(async () => {
+    // Gone from the page (another page rendered meanwhile): stop polling.
+    if (!panel.node.isConnected) { clearInterval(timer); return; }
+    try { panel.show(await api("GET", "/ui/api/live")); } catch { /* shown stale; next poll */ }
+  }, 2000);
+  liveTimer = timer;
   return [
     header("Spend"),
     el("div", { class: "grid" },
@@ -481,44 +551,43 @@ async function spendPage() {
         el("p", { class: "stat", id: "total-spend", text: money(total.spend) }),
         el("p", { class: "muted", text: total.max_budget != null
           ? `of a proxy budget of ${money(total.max_budget)}` : "no proxy-wide budget" })),
-      el("section", { class: "card", "aria-live": "polite" }, el("h2", { text: "Requests per second, now" }),
-        rate, spark, el("h2", { text: "429s by reason, last 2 s" }), refusals)),
+      panel.node),
     el("section", { class: "card" }, el("h2", { text: "Spend per day" }), dailyChart(days)),
     el("div", { class: "grid" },
-      topTable("Top keys", byKey.slice(0, 8).map((r) => ({
-        name: r.key_alias || r.api_key.slice(0, 12) + "…", spend: r.total_spend })), "Key"),
+      topTable("Top keys", byKey.slice(0, 8).map((r) => ({ name: keyName(r), spend: r.total_spend })), "Key"),
       topTable("Top customers", topSpenders(byCustomer, "end_user"), "Customer"),
       topTable("Top models", topSpenders(byModel, "model"), "Model")),
   ];
 }
 
-function startLive(rate, refusals, spark) {
-  let last = null;
-  const history = [];
-  const tick = async () => {
-    let now;
-    try { now = await api("GET", "/ui/api/live"); } catch { return; }
-    if (last) {
-      // A sidecar that restarts or leaves takes its counts away: never a negative rate.
-      const seconds = Math.max(now.at - last.at, 0.001);
-      const rps = Math.max(now.requests - last.requests, 0) / seconds;
-      rate.textContent = rps.toFixed(1) + " /s";
-      rate.title = `summed over ${now.sidecars} sidecar${now.sidecars === 1 ? "" : "s"}`;
-      history.push(rps);
-      if (history.length > 60) history.shift();
-      const most = Math.max(...history, 1);
-      spark.replaceChildren(svg("polyline", { points: history.map((v, i) =>
-        `${(i * 300) / 59},${58 - (v * 56) / most}`).join(" ") }));
-      const rows = Object.entries(now.refused)
-        .map(([reason, n]) => [reason, n - (last.refused[reason] || 0)]).filter(([, n]) => n > 0);
-      refusals.replaceChildren(rows.length
-        ? el("ul", {}, rows.map(([reason, n]) => el("li", {}, `${reason}: ${n}`)))
-        : el("p", { class: "muted", text: "none" }));
-    }
-    last = now;
+// Requests per second now, a sparkline of the last minute, and recent 429s by reason: all
+// from /ui/api/live, which keeps that history (summed over sidecars) on the server.
+function livePanel() {
+  let rps = [];
+  const rate = el("p", { class: "stat", id: "live-rps" });
+  const refusals = el("div", { id: "live-429" });
+  const recent = el("h2", {});
+  const spark = fitted({ class: "spark", id: "live-spark", "aria-hidden": "true" }, (width, height) => {
+    const most = Math.max(...rps, 1);
+    const x = (i) => (rps.length > 1 ? (i * width) / (rps.length - 1) : width);
+    return [svg("polyline", { points: rps.map((v, i) =>
+      `${x(i)},${height - 1 - (v * (height - 2)) / most}`).join(" ") })];
+  });
+  const show = (live) => {
+    rps = live.rps || [];
+    const now = rps.length ? rps[rps.length - 1] : 0;
+    rate.textContent = now.toFixed(1) + " /s";
+    rate.title = `summed over ${plural(live.sidecars, "sidecar")}`;
+    spark.redraw();
+    recent.textContent = `429s by reason, last ${live.recent_seconds} s`;
+    const rows = Object.entries(live.recent_refused || {});
+    refusals.replaceChildren(rows.length
+      ? el("ul", {}, rows.map(([reason, n]) => el("li", {}, `${reason}: ${n}`)))
+      : el("p", { class: "muted", text: "none" }));
   };
-  tick();
-  liveTimer = setInterval(tick, 2000);
+  const node = el("section", { class: "card", "aria-live": "polite" },
+    el("h2", { text: "Requests per second, last minute" }), rate, spark.node, recent, refusals);
+  return { node, show };
 }
 
 // -- routing, sign-in ------------------------------------------------------------------------
