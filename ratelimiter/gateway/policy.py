@@ -175,9 +175,9 @@ def _affordable(left: int, prompt: int, price: Price | None, choices: int) -> in
     """Completion tokens per choice that ``left`` nano-dollars pay for after the prompt."""
     # cost_nano, which never raises: near a budget of 2**53-1 the next step may not fit it
     prompt_cost = cost_nano(price, prompt, 0)
-    if price is None or price[1] <= 0:
+    if price is None or price.output <= 0:
         return None if prompt_cost <= left else 0
-    fits = int((left - prompt_cost) // (price[1] * NANO * choices))
+    fits = int((left - prompt_cost) // (price.output * NANO * choices))
     # the cost rounds the sum, not each part, and the division is in floats: move to
     # the exact answer, a step or two away
     while fits > 0 and cost_nano(price, prompt, fits * choices) > left:
