@@ -285,10 +285,13 @@ def _owner(kind: str, ident: str) -> str:
     return f"{_LABELS.get(kind, kind.replace('_', ' ').title())}={ident} "
 
 
+_TOKEN_MEASURES = ("tokens", "input_tokens", "output_tokens")
+
+
 def _rate_kind(limit: SlidingWindow | Concurrency) -> str:
     if isinstance(limit, Concurrency):
         return "max_parallel_requests"
-    return "tokens" if limit.measure == "tokens" else "requests"
+    return "tokens" if limit.measure in _TOKEN_MEASURES else "requests"
 
 
 def _rate_message(
@@ -304,7 +307,11 @@ def _rate_message(
     if isinstance(limit, Concurrency):
         allows = f"{_count(limit.capacity, 'request')} in parallel"
     else:
-        unit = "token" if kind == "tokens" else "request"
+        unit = "request"
+        if kind == "tokens":
+            unit = {"input_tokens": "input token", "output_tokens": "output token"}.get(
+                str(limit.measure), "token"
+            )
         allows = f"{_count(limit.capacity, unit)} per {_per(limit.window)}"
     detail = f"The {_WORDS.get(scope, scope)} allows {allows}"
     detail += f" of model {model}" if model else ""

@@ -60,6 +60,7 @@ from .surfaces import SURFACES, StreamTally, Surface
 __all__ = ["HTTP", "add_proxy_routes"]
 
 log = logging.getLogger("ratelimiter.proxy")
+TOKEN_MEASURES = ("tokens", "input_tokens", "output_tokens")
 
 
 def _deployments(settings: Settings, model: str, caller: Caller | None = None) -> list[Deployment]:
@@ -141,6 +142,7 @@ class Call:
                     self.prompt + self.most,
                     estimated_cost(price, self.prompt, self.most, writes_cache=self.writes_cache),
                 )
+            resolved = replace(resolved, input_tokens=self.prompt, output_tokens=self.most)
             self.scopes = resolved.scopes
             limits = self._limits(resolved, capped=not self.bounded and not self.strict)
             metrics = self.app[METRICS]
@@ -188,7 +190,7 @@ class Call:
             return ""
         limit = refused.refused
         if not isinstance(limit, Budget) and not (
-            isinstance(limit, SlidingWindow) and limit.measure == "tokens"
+            isinstance(limit, SlidingWindow) and limit.measure in TOKEN_MEASURES
         ):
             return ""
         room = completion_room(refused.states, self.prompt, price, self.choices)
@@ -222,6 +224,7 @@ class Call:
         bounded = replace(
             resolved,
             tokens=self.prompt + most,
+            output_tokens=most,
             cost=estimated_cost(price, self.prompt, most, writes_cache=self.writes_cache),
         )
         return self._limits(bounded)

@@ -7,6 +7,7 @@ refusals in each API's own envelope and headers; the ledger equal to the counter
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -249,7 +250,6 @@ async def test_messages_refusals_are_anthropic_errors(surfaces: Surfaces) -> Non
         await surfaces.claude("sk-nope").messages.create(model="claude", max_tokens=1, messages=ASK)
     assert bad.value.body["error"]["type"] == "authentication_error"
     with pytest.raises(anthropic.BadRequestError) as missing:
-        await surfaces.admin.session.post(f"{surfaces.base}/v1/messages")  # noqa: just warm
         await client.messages.create(model="gpt", max_tokens=1, messages=ASK)
     assert "OpenAI-format upstream" in missing.value.body["error"]["message"]
     await surfaces.balanced()
@@ -375,3 +375,44 @@ async def test_a_client_leaving_a_responses_stream_frees_its_lease(surfaces: Sur
     spent = await surfaces.spend(key)
     assert spent < 2 * 10 * 2.5e-6 + 60 * 10e-6
     await surfaces.balanced()
+
+
+# -- cache-aware token windows -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("counts", "third_admitted"), [("all", False), ("uncached", True)])
+async def test_what_token_windows_count_of_cache_reads(
+    surfaces: Surfaces, redis_url: str, counts: str, third_admitted: bool
+) -> None:
+    """Two calls that write then read a 100-token cached system prompt (115 tokens each):
+    counting everything leaves 30 of 260, too little for a third (about 119 held); leaving
+    cache reads out (as providers' own limits do) counted the second as 15."""
+    settings = dataclasses.replace(surfaces.settings, tpm_counts=counts)
+    async with running_sidecar(settings, redis_url) as base:
+        admin = Admin(surfaces.admin.session, base)
+        key = (await admin.post("/key/generate", {"tpm_limit": 260}))["key"]
+        client = anthropic.AsyncAnthropic(base_url=base, api_key=key, max_retries=0)
+        system = [{"type": "text", "text": "c" * 400, "cache_control": {"type": "ephemeral"}}]
+        for _ in range(2):
+            await client.messages.create(model="claude", max_tokens=5, system=system, messages=ASK)
+        try:
+            await client.messages.create(model="claude", max_tokens=5, system=system, messages=ASK)
+            admitted = True
+        except anthropic.RateLimitError:
+            admitted = False
+        await client.close()
+    assert admitted is third_admitted
+
+
+async def test_input_and_output_token_windows(surfaces: Surfaces) -> None:
+    key = await surfaces.key(output_tpm_limit=10, input_tpm_limit=1000)
+    client = surfaces.claude(key)
+    raw = await client.messages.with_raw_response.create(model="claude", max_tokens=8, messages=ASK)
+    assert raw.headers["anthropic-ratelimit-output-tokens-limit"] == "10"
+    assert raw.headers["anthropic-ratelimit-input-tokens-limit"] == "1000"
+    with pytest.raises(anthropic.RateLimitError) as raised:
+        await client.messages.create(model="claude", max_tokens=8, messages=ASK)
+    message = raised.value.body["error"]["message"]
+    assert "Limit type: tokens" in message and "10 output tokens per minute" in message
+    assert "The largest max_tokens that fits now is 2" in message
+    await client.messages.create(model="claude", max_tokens=2, messages=ASK)
