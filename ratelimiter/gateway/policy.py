@@ -171,6 +171,8 @@ def completion_room(
     """The most completion tokens per choice that fit what is left of every token window and
     budget in ``states`` along with a prompt of ``prompt`` tokens (0 when not even the prompt
     fits); None when none of them limits the completion."""
+    if price is not None and not isinstance(price, Price):
+        price = Price(*price)  # a bare (input, output) pair
     room: int | None = None
     for state in states:
         limit = state.limit
