@@ -54,6 +54,10 @@ BUDGET_LABEL = re.compile(r"exceeded! ([\w ]+?)=")
 LIMIT_TYPE = re.compile(r"Limit type: (\w+)")
 
 
+ANTHROPIC_MODEL = "bench-claude"
+SURFACE_PATHS = {"chat": "/chat/completions", "responses": "/responses", "messages": "/messages"}
+
+
 @dataclass(frozen=True)
 class Mix:
     """What each request looks like; every request draws its key, model, end user and
@@ -65,6 +69,10 @@ class Mix:
     stream_share: float = 0.0
     prompt_tokens: int = 100
     completion_tokens: int = 16
+    # (surface, weight): chat (/chat/completions), responses (/responses), messages
+    # (Anthropic's /messages, sent to messages_model)
+    surfaces: tuple[tuple[str, float], ...] = (("chat", 1.0),)
+    messages_model: str = ANTHROPIC_MODEL
 
 
 @dataclass(frozen=True)
@@ -108,7 +116,7 @@ def refusal_reason(payload: bytes) -> str:
     wording ("Rate limit exceeded for api_key: … Limit type: requests"), ``budget_exceeded
     (Key)`` from "Budget has been exceeded! Key=…", else the error type and the label after
     "for"."""
-    try:
+    try:  # OpenAI's envelope, or Anthropic's ({"type": "error", "error": {...}})
         error = orjson.loads(payload)["error"]
         message = error.get("message") or ""
     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
@@ -127,31 +135,51 @@ class Client:
         self.random = random.Random(plan.seed)
         self.samples = Samples()
         self.content = "lorem " * max(1, plan.mix.prompt_tokens * 4 // 6)
-        self.url = plan.url.rstrip("/") + "/chat/completions"
+        self.base = plan.url.rstrip("/")
+        self.kinds = [name for name, _ in plan.mix.surfaces]
+        self.weights = [weight for _, weight in plan.mix.surfaces]
         self.measure_from = 0.0
 
-    def request(self) -> tuple[bytes, dict[str, str], bool]:
+    def request(self) -> tuple[str, bytes, dict[str, str], bool]:
+        """(url, body, headers, streamed) of one request of the mix, in its surface's form."""
         mix, rng = self.plan.mix, self.random
         stream = rng.random() < mix.stream_share
-        body: dict[str, Any] = {
-            "model": rng.choice(mix.models),
-            "messages": [{"role": "user", "content": self.content}],
-            "max_tokens": mix.completion_tokens,
-        }
+        surface = rng.choices(self.kinds, self.weights)[0] if len(self.kinds) > 1 else self.kinds[0]
+        ask = [{"role": "user", "content": self.content}]
+        user = f"bench-end-user-{rng.randrange(mix.end_users)}" if mix.end_users else None
+        body: dict[str, Any]
+        if surface == "messages":
+            most = mix.completion_tokens
+            body = {"model": mix.messages_model, "messages": ask, "max_tokens": most}
+            if user:
+                body["metadata"] = {"user_id": user}
+        elif surface == "responses":
+            body = {
+                "model": rng.choice(mix.models),
+                "input": self.content,
+                "max_output_tokens": mix.completion_tokens,
+            }
+        else:
+            model, most = rng.choice(mix.models), mix.completion_tokens
+            body = {"model": model, "messages": ask, "max_tokens": most}
         if stream:
             body["stream"] = True
-        if mix.end_users:
-            body["user"] = f"bench-end-user-{rng.randrange(mix.end_users)}"
-        headers = {"Authorization": f"Bearer {rng.choice(mix.keys)}"}
-        headers["Content-Type"] = "application/json"
-        return orjson.dumps(body), headers, stream
+        if user and surface != "messages":
+            body["user"] = user
+        key = rng.choice(mix.keys)
+        headers = {"Content-Type": "application/json"}
+        if surface == "messages":
+            headers |= {"x-api-key": key, "anthropic-version": "2023-06-01"}
+        else:
+            headers["Authorization"] = f"Bearer {key}"
+        return self.base + SURFACE_PATHS[surface], orjson.dumps(body), headers, stream
 
     async def one(self, due: float) -> None:
-        body, headers, stream = self.request()
+        url, body, headers, stream = self.request()
         first = float("nan")
         status, payload = 0, b""
         try:
-            async with self.session.post(self.url, data=body, headers=headers) as response:
+            async with self.session.post(url, data=body, headers=headers) as response:
                 status = response.status
                 if stream and status == 200:
                     async for _ in response.content.iter_any():
@@ -490,16 +518,28 @@ def own_sidecar(args: argparse.Namespace) -> Iterator[tuple[str, list[str]]]:
     from benchmarks import services
 
     models = tuple(args.models)
+    anthropic = (ANTHROPIC_MODEL,) if "messages" in dict(args.surfaces) else ()
+    setup = services.SidecarSetup(models, anthropic_models=anthropic)
     with (
         services.workdir() as root,
         services.redis_server(root, appendonly=True) as redis,
         services.fake_upstream(root, args.upstream_latency_ms) as upstream,
-        services.sidecar(
-            root, upstream.url, redis.url, services.SidecarSetup(models), workers=args.workers
-        ) as sidecar,
+        services.sidecar(root, upstream.url, redis.url, setup, workers=args.workers) as sidecar,
     ):
-        keys = services.full_enforcement_keys(sidecar.url, sidecar.master_key, args.keys, models)
+        keys = services.full_enforcement_keys(
+            sidecar.url, sidecar.master_key, args.keys, models + anthropic
+        )
         yield sidecar.url, keys
+
+
+def _surfaces(text: str) -> tuple[tuple[str, float], ...]:
+    mix = []
+    for part in text.split(","):
+        name, _, weight = part.partition("=")
+        if name not in SURFACE_PATHS:
+            raise argparse.ArgumentTypeError(f"{name!r} is not one of {', '.join(SURFACE_PATHS)}")
+        mix.append((name, float(weight or 1)))
+    return tuple(mix)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -516,6 +556,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=["bench-model"])
     p.add_argument("--end-users", type=int, default=100, help="distinct `user` values, 0: none")
     p.add_argument("--stream-share", type=float, default=0.2, help="share of streaming requests")
+    p.add_argument(
+        "--surfaces",
+        type=_surfaces,
+        default=(("chat", 1.0),),
+        help="the API surfaces to mix, with weights: chat=2,responses=1,messages=1 "
+        f"(messages go to model {ANTHROPIC_MODEL}, an Anthropic-format deployment)",
+    )
     p.add_argument("--prompt-tokens", type=int, default=100)
     p.add_argument("--completion-tokens", type=int, default=16)
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight")
@@ -551,6 +598,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             stream_share=args.stream_share,
             prompt_tokens=args.prompt_tokens,
             completion_tokens=args.completion_tokens,
+            surfaces=args.surfaces,
         )
         plan = Plan(
             url=url,

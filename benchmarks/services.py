@@ -151,6 +151,8 @@ class SidecarSetup:
     key_prefix: str = "bench:"
     # model name -> /v1 base URL, for models served by another upstream than the default
     model_upstreams: dict[str, str] = field(default_factory=dict)
+    # models served by an Anthropic-format upstream (the fake one speaks Messages too)
+    anthropic_models: tuple[str, ...] = ()
     extra_settings: dict[str, object] = field(default_factory=dict)
 
 
@@ -167,6 +169,19 @@ def sidecar_config(setup: SidecarSetup, upstream: str, redis_url: str) -> dict[s
             },
         }
         for name in (*setup.models, *setup.model_upstreams)
+    ]
+    models += [
+        {
+            "model_name": name,
+            "litellm_params": {
+                "model": f"anthropic/{name}",
+                "api_base": upstream,
+                "api_key": "sk-fake-upstream",
+                "input_cost_per_token": PRICE_IN,
+                "output_cost_per_token": PRICE_OUT,
+            },
+        }
+        for name in setup.anthropic_models
     ]
     litellm: dict[str, object] = {}
     if setup.proxy_budget is not None:

@@ -21,7 +21,15 @@ from .engine.durations import MAX_COUNTS, Duration
 from .engine.limits import Budget, Concurrency, Gate, Limit, SlidingWindow
 from .pricing import NANO, dollars
 
-__all__ = ["error_response", "json_response", "rate_headers", "refusal"]
+__all__ = [
+    "ANTHROPIC_ERRORS",
+    "anthropic_error",
+    "anthropic_rate_headers",
+    "error_response",
+    "json_response",
+    "rate_headers",
+    "refusal",
+]
 
 
 def json_response(
@@ -93,6 +101,74 @@ def rate_headers(decision: Decision, request_id: str) -> dict[str, str]:
     for name, value in detail.items():
         headers.setdefault(name, value)
     return headers
+
+
+# Anthropic's families of rate-limit headers, by the measure of the window they describe.
+_ANTHROPIC_FAMILIES = (
+    ("requests", None),
+    ("tokens", "tokens"),
+    ("input-tokens", "input_tokens"),
+    ("output-tokens", "output_tokens"),
+)
+
+
+def anthropic_rate_headers(decision: Decision, request_id: str) -> dict[str, str]:
+    """Anthropic's form of the same headers: ``anthropic-ratelimit-{requests,tokens,
+    input-tokens,output-tokens}-{limit,remaining,reset}`` for the tightest window of each,
+    the reset as an RFC 3339 time; with our id and the per-scope detail headers."""
+    headers = {"request-id": request_id}
+    tightest: dict[str | None, LimitState] = {}
+    for state in decision.states:
+        limit = state.limit
+        if isinstance(limit, SlidingWindow):
+            best = tightest.get(limit.measure)
+            if best is None or state.remaining < best.remaining:
+                tightest[limit.measure] = state
+    now = datetime.now(UTC)
+    for family, measure in _ANTHROPIC_FAMILIES:
+        state = tightest.get(measure)
+        if state is not None:
+            reset = now + timedelta(milliseconds=max(state.reset_ms, 0))
+            headers[f"anthropic-ratelimit-{family}-limit"] = str(state.limit.capacity)
+            headers[f"anthropic-ratelimit-{family}-remaining"] = str(max(state.remaining, 0))
+            headers[f"anthropic-ratelimit-{family}-reset"] = reset.isoformat(
+                timespec="seconds"
+            ).replace("+00:00", "Z")
+    for name, value in rate_headers(decision, request_id).items():
+        if not name.startswith(("x-ratelimit-limit-", "x-ratelimit-reset-")) and name not in (
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-remaining-tokens",
+        ):
+            headers.setdefault(name, value)
+    return headers
+
+
+# Anthropic's error types by status (its "Errors" page); 429 is rate_limit_error for both a
+# window and a budget, told apart by the message and x-should-retry.
+ANTHROPIC_ERRORS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    """Anthropic's error envelope: ``{"type": "error", "error": {"type", "message"}}``."""
+    kind = ANTHROPIC_ERRORS.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return json_response(
+        {"type": "error", "error": {"type": kind, "message": message}}, status, headers
+    )
 
 
 def refusal(decision: Decision, request_id: str, hint: str = "") -> web.Response:
@@ -209,10 +285,13 @@ def _owner(kind: str, ident: str) -> str:
     return f"{_LABELS.get(kind, kind.replace('_', ' ').title())}={ident} "
 
 
+_TOKEN_MEASURES = ("tokens", "input_tokens", "output_tokens")
+
+
 def _rate_kind(limit: SlidingWindow | Concurrency) -> str:
     if isinstance(limit, Concurrency):
         return "max_parallel_requests"
-    return "tokens" if limit.measure == "tokens" else "requests"
+    return "tokens" if limit.measure in _TOKEN_MEASURES else "requests"
 
 
 def _rate_message(
@@ -228,7 +307,11 @@ def _rate_message(
     if isinstance(limit, Concurrency):
         allows = f"{_count(limit.capacity, 'request')} in parallel"
     else:
-        unit = "token" if kind == "tokens" else "request"
+        unit = "request"
+        if kind == "tokens":
+            unit = {"input_tokens": "input token", "output_tokens": "output token"}.get(
+                str(limit.measure), "token"
+            )
         allows = f"{_count(limit.capacity, unit)} per {_per(limit.window)}"
     detail = f"The {_WORDS.get(scope, scope)} allows {allows}"
     detail += f" of model {model}" if model else ""

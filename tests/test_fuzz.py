@@ -779,8 +779,28 @@ def known(sidecar: Sidecar) -> Known:
 # -- the checks -------------------------------------------------------------------------
 
 
-def _problem(answer: Answer) -> str | None:
-    """What is wrong with an answer, or None."""
+def _anthropic_problem(payload: Any) -> str | None:
+    if not isinstance(payload, dict) or set(payload) != {"type", "error"}:
+        return "an error outside Anthropic's envelope"
+    error = payload["error"]
+    if (
+        payload["type"] != "error"
+        or not isinstance(error, dict)
+        or set(error)
+        != {
+            "type",
+            "message",
+        }
+    ):
+        return "an error outside Anthropic's envelope"
+    if not isinstance(error["message"], str) or "Traceback" in error["message"]:
+        return "an error without a message, or with a traceback"
+    return None
+
+
+def _problem(answer: Answer, path: str) -> str | None:
+    """What is wrong with an answer, or None. Anthropic's routes answer in Anthropic's
+    envelope ({"type": "error", "error": {"type", "message"}}), the others in OpenAI's."""
     if answer.status >= 500:
         return "a 5xx, although Redis and the upstream are up"
     if answer.status < 400:
@@ -789,6 +809,8 @@ def _problem(answer: Answer) -> str | None:
         payload = json.loads(answer.body)
     except ValueError:
         return "an error that is not JSON"
+    if path.endswith(("/messages", "/messages/count_tokens")):
+        return _anthropic_problem(payload)
     if not isinstance(payload, dict) or set(payload) != {"error"}:
         return "an error outside OpenAI's envelope"
     error = payload["error"]
@@ -803,7 +825,7 @@ def _problem(answer: Answer) -> str | None:
 
 def check(sidecar: Sidecar, method: str, path: str, request: Hostile) -> Answer:
     answer = sidecar.call(method, path, request)
-    problem = _problem(answer)
+    problem = _problem(answer, path)
     assert problem is None, (
         f"{method} {path} {request!r} answered {answer.status}: {problem}. "
         f"Body: {answer.body[:500]!r}. Sidecar logged: {answer.logged}"

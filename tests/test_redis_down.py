@@ -118,7 +118,7 @@ async def test_a_redis_restart_under_load_loses_no_answered_request(
             assert after and set(after) == {200}, "the sidecar did not recover by itself"
             # Under allow, what went through unchecked is charged once Redis is back.
             deadline = time.monotonic() + 10
-            while (await admin.get("/spend/logs", api_key=key))["total"] < len(acknowledged):
+            while len(await admin.get("/spend/logs", api_key=key)) < len(acknowledged):
                 assert time.monotonic() < deadline, "requests answered 200 were never charged"
                 await asyncio.sleep(0.2)
         async with await Engine.connect(server.url, prefix=settings.key_prefix) as engine:
@@ -177,10 +177,10 @@ async def test_redis_lost_while_the_upstream_answers_still_answers_and_settles_l
                         assert text.rstrip().endswith("data: [DONE]")
                 server.start()
                 deadline = time.monotonic() + 10
-                while not (logs := await admin.get("/spend/logs", api_key=key))["total"]:
+                while not (logs := await admin.get("/spend/logs", api_key=key)):
                     assert time.monotonic() < deadline, "the settlement never reached Redis"
                     await asyncio.sleep(0.2)
-                (entry,) = logs["data"]
+                (entry,) = logs
                 assert entry["status"] == "success"
                 assert entry["spend"] < entry["estimated_spend"]  # the real usage, not the hold
     finally:
@@ -208,7 +208,7 @@ async def test_allow_stops_letting_requests_through_unchecked_past_its_bound(
             assert "max_unchecked_requests" in statuses[2][1]["error"]["message"]
             server.start()
             deadline = time.monotonic() + 10
-            while (await admin.get("/spend/logs", api_key=key))["total"] != 3:
+            while len(await admin.get("/spend/logs", api_key=key)) != 3:
                 assert time.monotonic() < deadline, "the unchecked requests were not charged"
                 await asyncio.sleep(0.2)
             assert (await post(session, base, key))[0] == 200

@@ -180,6 +180,52 @@ def _stream_options(value: Any, param: str) -> None:
     _fields(value, param, {"include_usage": _boolean}, ())
 
 
+def _anthropic_messages(value: Any, param: str) -> None:
+    if not isinstance(value, list):
+        raise _bad(param, "a list of messages", value)
+    for i, message in enumerate(value):
+        _fields(message, f"{param}[{i}]", ANTHROPIC_MESSAGE, ("role", "content"))
+
+
+def _blocks(value: Any, param: str) -> None:
+    """A string, or a list of content blocks, each an object with a type."""
+    if isinstance(value, str):
+        return
+    if not isinstance(value, list):
+        raise _bad(param, "a string or a list of content blocks", value)
+    for i, block in enumerate(value):
+        _fields(block, f"{param}[{i}]", PART, ("type",))
+
+
+ANTHROPIC_MESSAGE: dict[str, Check] = {
+    "role": _string(64, "who speaks: user or assistant"),
+    "content": _blocks,
+}
+
+
+def _system(value: Any, param: str) -> None:
+    _blocks(value, param)
+
+
+def _metadata(value: Any, param: str) -> None:
+    _fields(
+        value,
+        param,
+        {"user_id": _string(MAX_END_USER_CHARS, "an end-user id", empty=True, name=True)},
+        (),
+    )
+
+
+def _items(value: Any, param: str) -> None:
+    """Responses' input: a string or a list of items (messages, tool calls and outputs)."""
+    if isinstance(value, str):
+        return
+    if not isinstance(value, list):
+        raise _bad(param, "a string or a list of input items", value)
+    for i, item in enumerate(value):
+        _object(item, f"{param}[{i}]")
+
+
 # -- the table: which fields each kind of request reads, and which it requires ------------
 
 COMMON: dict[str, Check] = {
@@ -213,8 +259,37 @@ RULES: dict[str, dict[str, Check]] = {
         "best_of": _whole(0, MAX_BEST_OF, f"a whole number from 0 to {MAX_BEST_OF}"),
     },
     "embedding": {**COMMON, "input": _prompt},
+    # Anthropic's Messages: max_tokens is required there, the end user is metadata.user_id
+    "messages": {
+        **COMMON,
+        "max_tokens": _output_tokens,
+        "messages": _anthropic_messages,
+        "system": _system,
+        "tools": _objects,
+        "metadata": _metadata,
+    },
+    # /v1/messages/count_tokens: the same body without max_tokens
+    "count_tokens": {
+        "model": COMMON["model"],
+        "messages": _anthropic_messages,
+        "system": _system,
+        "tools": _objects,
+    },
+    # OpenAI's Responses: input is a string or a list of items
+    "responses": {
+        **COMMON,
+        "input": _items,
+        "instructions": _text,
+        "tools": _objects,
+        "max_output_tokens": _output_tokens,
+        "background": _boolean,
+        "previous_response_id": _text,
+    },
 }
 REQUIRED: dict[str, tuple[str, ...]] = {
+    "messages": ("model", "max_tokens", "messages"),
+    "count_tokens": ("model", "messages"),
+    "responses": ("model",),
     "chat": ("model", "messages"),
     "completion": ("model", "prompt"),
     "embedding": ("model", "input"),
@@ -224,6 +299,7 @@ HINTS = {
     "messages": "send the conversation as a list of messages",
     "prompt": "send the text to complete",
     "input": "send the text to embed",
+    "max_tokens": "Anthropic's Messages API requires the most tokens to generate",
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ import yaml
 from ..engine.durations import Duration, parse_duration, time_zone
 from ..engine.embedded import DEFAULT_DATA_DIR
 from ..errors import InvalidDuration, RateLimiterError
-from ..pricing import Price, model_price
+from ..pricing import PRICE_FIELDS, Price, model_price, price_of
 from .bodies import MAX_OUTPUT_TOKENS
 
 __all__ = ["ConfigError", "Deployment", "Settings", "load_config", "weak_master_key_reason"]
@@ -55,6 +56,10 @@ class Deployment:
     tpm: int | None = None
     input_cost_per_token: float | None = None
     output_cost_per_token: float | None = None
+    # LiteLLM's names for the cache buckets' prices (dollars per token)
+    cache_read_input_token_cost: float | None = None
+    cache_creation_input_token_cost: float | None = None
+    cache_creation_input_token_cost_above_1hr: float | None = None
     access_groups: tuple[str, ...] = ()
     index: int = 0  # position in model_list: names the deployment's own limits
     # Set on the deployment a request is served by (routing.route), never in model_list:
@@ -65,11 +70,26 @@ class Deployment:
 
     @property
     def price(self) -> Price | None:
-        """Its own prices when the config sets them, else the table's for its model."""
-        if self.input_cost_per_token is not None or self.output_cost_per_token is not None:
-            return (self.input_cost_per_token or 0.0, self.output_cost_per_token or 0.0)
-        # by the table's rules: with or without the provider, a dated snapshot by its family
-        return model_price(self.model) or model_price(self.model_name)
+        """genai-prices' price of its model (with or without the provider, a dated snapshot
+        matched), with what the config sets in its place (pricing.price_of)."""
+        return _price(self)
+
+    @property
+    def base_url(self) -> str:
+        """Where its requests go: api_base, else its provider's own URL."""
+        return (
+            self.api_base or DEFAULT_BASES.get(self.provider) or DEFAULT_BASES["openai"]
+        ).rstrip("/")
+
+    @property
+    def speaks_anthropic(self) -> bool:
+        """Its upstream speaks Anthropic's Messages API (``model: anthropic/…``)."""
+        return self.provider == "anthropic"
+
+    @property
+    def provider(self) -> str:
+        """The provider part of ``model`` (``anthropic/claude-…``), ``openai`` without one."""
+        return self.model.split("/", 1)[0] if "/" in self.model else "openai"
 
     @property
     def deployment_id(self) -> str:
@@ -85,6 +105,13 @@ class Deployment:
         """The model as metrics and once-only warnings name it: for a wildcard entry, the
         upstream model, so that names a client makes up add no label."""
         return self.model if self.pattern is not None else self.model_name
+
+
+@functools.lru_cache(maxsize=4096)
+def _price(deployment: Deployment) -> Price | None:
+    maintained = model_price(deployment.model) or model_price(deployment.model_name)
+    configured = {name: getattr(deployment, name) for name in PRICE_FIELDS}
+    return price_of(configured, maintained) or maintained
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +131,9 @@ class Settings:
     # "bytes" (one token per UTF-8 byte: an upper bound, every BPE token being at least a byte)
     prompt_estimate: str = "chars"
     unpriced_models: str = "free"
+    # what token windows count of cache reads: "all" (every token, the default) or
+    # "uncached" (cache reads left out, as Anthropic's and OpenAI's own limits count them)
+    tpm_counts: str = "all"
     # requests without max_tokens: "capped" holds their estimate capped at what their limits
     # have left (one such request at a time may pass a limit, by its own excess); "strict"
     # sends them with max_tokens set to what their limits afford, so none is ever passed
@@ -374,8 +404,6 @@ _LITELLM_PARAMS = frozenset(
         "output_cost_per_second",
         "input_cost_per_pixel",
         "output_cost_per_pixel",
-        "cache_read_input_token_cost",
-        "cache_creation_input_token_cost",
         "aws_access_key_id",
         "aws_secret_access_key",
         "aws_region_name",
@@ -427,7 +455,12 @@ _LITELLM_MODEL_INFO = frozenset(
     }
 )
 # Providers whose deployments we may send to OpenAI's own URL when no api_base is given.
-_OPENAI_URL_PROVIDERS = {"openai", "text-completion-openai"}
+# Providers whose own URL serves a deployment without api_base.
+DEFAULT_BASES = {
+    "openai": "https://api.openai.com/v1",
+    "text-completion-openai": "https://api.openai.com/v1",
+    "anthropic": "https://api.anthropic.com/v1",
+}
 _OURS = {
     "redis_url",
     "key_prefix",
@@ -437,6 +470,7 @@ _OURS = {
     "default_max_tokens",
     "prompt_estimate",
     "unpriced_models",
+    "tpm_counts",
     "budget_enforcement",
     "upstream_timeout",
     "redis_timeout",
@@ -453,6 +487,9 @@ _PARAMS = {
     "tpm",
     "input_cost_per_token",
     "output_cost_per_token",
+    "cache_read_input_token_cost",
+    "cache_creation_input_token_cost",
+    "cache_creation_input_token_cost_above_1hr",
 }
 
 
@@ -506,10 +543,11 @@ def _deployment(reader: _Reader, index: int, raw: Any) -> Deployment:
     api_base = reader.string(f"{p}.api_base", params.get("api_base"))
     _check_wildcards(reader, path, name or "", model, api_base)
     provider = model.split("/", 1)[0] if "/" in model else "openai"
-    if api_base is None and provider not in _OPENAI_URL_PROVIDERS:
+    if api_base is None and provider not in DEFAULT_BASES:
         raise reader.fail(
             f"{p}.api_base",
             f"is required for {model!r}: requests go to api_base in OpenAI's format (only "
+            "anthropic/ models go to Anthropic's own URL without one, and "
             "openai/ models go to OpenAI's own URL without one)",
         )
     return Deployment(
@@ -525,6 +563,7 @@ def _deployment(reader: _Reader, index: int, raw: Any) -> Deployment:
         output_cost_per_token=reader.number(
             f"{p}.output_cost_per_token", params.get("output_cost_per_token")
         ),
+        **{name: reader.number(f"{p}.{name}", params.get(name)) for name in PRICE_FIELDS[2:]},
         access_groups=tuple(groups),
         index=index,
     )
@@ -618,6 +657,13 @@ def load_config(
             "default) or strict (it is sent with max_tokens set to what they afford), got "
             f"{enforcement!r}",
         )
+    tpm_counts = reader.string("ratelimiter_settings.tpm_counts", ours.get("tpm_counts"))
+    if tpm_counts not in (None, "all", "uncached"):
+        raise reader.fail(
+            "ratelimiter_settings.tpm_counts",
+            "must be all (every token counts toward token windows) or uncached (cache reads "
+            f"do not), got {tpm_counts!r}",
+        )
     prompt_estimate = reader.string(
         "ratelimiter_settings.prompt_estimate", ours.get("prompt_estimate")
     )
@@ -681,6 +727,7 @@ def load_config(
         default_max_tokens=default_max_tokens or 4096,
         prompt_estimate=prompt_estimate or "chars",
         unpriced_models=unpriced or "free",
+        tpm_counts=tpm_counts or "all",
         budget_enforcement=enforcement or "capped",
         upstream_timeout_s=float(upstream_timeout or 600.0),
         redis_timeout_s=float(redis_timeout or 2.0),

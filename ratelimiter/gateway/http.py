@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
@@ -25,12 +26,14 @@ from .store import Store
 __all__ = [
     "CLIENT_REQUEST_ID",
     "ENGINE",
+    "HTTP",
     "MAX_BODY_BYTES",
     "REQUEST_ID",
     "SETTINGS",
     "STORE",
     "bearer",
     "edge_middleware",
+    "error_answer",
     "is_master",
     "read_json",
     "tag_response",
@@ -39,6 +42,7 @@ __all__ = [
 log = logging.getLogger("ratelimiter.http")
 
 SETTINGS = web.AppKey("settings", Settings)
+HTTP = web.AppKey("http", aiohttp.ClientSession)  # the upstreams' client session
 ENGINE = web.AppKey("engine", Engine)
 STORE = web.AppKey("store", Store)
 
@@ -89,12 +93,12 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
             raise
         response = error_response(exc.status, exc.reason, _ERROR_TYPES.get(exc.status, "error"))
     except Exception as exc:
-        response = _error_answer(request, exc)
+        response = error_answer(request, exc)
     _count(request, response.status)
     return response
 
 
-def _error_answer(request: web.Request, exc: Exception) -> web.Response:
+def error_answer(request: web.Request, exc: Exception) -> web.Response:
     if isinstance(exc, EntityError):
         return error_response(
             exc.status, str(exc), exc.kind or _ERROR_TYPES.get(exc.status, "error"), exc.param

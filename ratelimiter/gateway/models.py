@@ -235,6 +235,9 @@ class _Limits(Request):
     budget_duration: Duration = None
     tpm_limit: Count = None
     rpm_limit: Count = None
+    # input and output tokens per minute, each its own window (Anthropic's ITPM and OTPM)
+    input_tpm_limit: Count = None
+    output_tpm_limit: Count = None
     max_parallel_requests: Count = None
     model_max_budget: ModelBudgets = None
 

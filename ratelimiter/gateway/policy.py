@@ -55,6 +55,8 @@ LIMIT_FIELDS = (
     "budget_duration",
     "tpm_limit",
     "rpm_limit",
+    "input_tpm_limit",
+    "output_tpm_limit",
     "max_parallel_requests",
     "model_max_budget",
 )
@@ -92,6 +94,19 @@ class Resolved:
     model: str
     tokens: int  # estimated prompt + completion tokens
     cost: int  # estimated cost, nano-dollars
+    # the estimate's two parts, for input and output token windows (None: tokens for both)
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+    def amount(self, measure: str) -> int:
+        """What the request holds in a limit of ``measure``."""
+        if measure == "tokens":
+            return self.tokens
+        if measure == "input_tokens":
+            return self.tokens if self.input_tokens is None else self.input_tokens
+        if measure == "output_tokens":
+            return self.tokens if self.output_tokens is None else self.output_tokens
+        return self.cost
 
 
 def scope_budgets(scope: Scope, prefix: str, cost: int = 0) -> Iterator[Budget]:
@@ -145,8 +160,7 @@ def limits_for(
     for scope in request.scopes:
         for limit, measure in _scope_plan(scope, request.model, prefix, lease_ttl_ms):
             if measure is not None:
-                amount = request.tokens if measure == "tokens" else request.cost
-                limit = limit.with_amount(amount, capped)
+                limit = limit.with_amount(request.amount(measure), capped)
             limits.append(limit)
     return limits
 
@@ -157,11 +171,17 @@ def completion_room(
     """The most completion tokens per choice that fit what is left of every token window and
     budget in ``states`` along with a prompt of ``prompt`` tokens (0 when not even the prompt
     fits); None when none of them limits the completion."""
+    if price is not None and not isinstance(price, Price):
+        price = Price(*price)  # a bare (input, output) pair
     room: int | None = None
     for state in states:
         limit = state.limit
         if isinstance(limit, SlidingWindow) and limit.measure == "tokens":
             fits = (state.remaining - prompt) // choices
+        elif isinstance(limit, SlidingWindow) and limit.measure == "output_tokens":
+            fits = state.remaining // choices
+        elif isinstance(limit, SlidingWindow) and limit.measure == "input_tokens":
+            fits = None if state.remaining >= prompt else 0
         elif isinstance(limit, Budget):
             fits = _affordable(state.remaining, prompt, price, choices)
         else:
@@ -175,9 +195,9 @@ def _affordable(left: int, prompt: int, price: Price | None, choices: int) -> in
     """Completion tokens per choice that ``left`` nano-dollars pay for after the prompt."""
     # cost_nano, which never raises: near a budget of 2**53-1 the next step may not fit it
     prompt_cost = cost_nano(price, prompt, 0)
-    if price is None or price[1] <= 0:
+    if price is None or price.output <= 0:
         return None if prompt_cost <= left else 0
-    fits = int((left - prompt_cost) // (price[1] * NANO * choices))
+    fits = int((left - prompt_cost) // (price.output * NANO * choices))
     # the cost rounds the sum, not each part, and the division is in floats: move to
     # the exact answer, a step or two away
     while fits > 0 and cost_nano(price, prompt, fits * choices) > left:
@@ -218,6 +238,17 @@ def _build(
     if scope.kind in GATED:
         yield Gate(scope.gate(prefix), name=f"{scope.kind}:blocked"), None
     yield from _rates(scope, prefix, f.get("rpm_limit"), f.get("tpm_limit"))
+    for part in ("input", "output"):
+        if f.get(f"{part}_tpm_limit") is not None:
+            window = SlidingWindow(
+                scope.key(prefix, f"{part}_tpm"),
+                f[f"{part}_tpm_limit"],
+                "1m",
+                0,
+                measure=f"{part}_tokens",
+                name=f"{scope.kind}:{part}_tokens",
+            )
+            yield window, f"{part}_tokens"
     if f.get("max_parallel_requests") is not None:
         parallel = Concurrency(
             scope.key(prefix, "parallel"),

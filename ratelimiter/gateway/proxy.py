@@ -1,10 +1,14 @@
 """The proxy routes: authenticate, admit across every scope in one step, forward, settle.
 
+One path serves every API surface (OpenAI's chat/completions/embeddings and Responses,
+Anthropic's Messages): what differs between them is a surface adapter (surfaces/).
+
 A request is estimated (prompt characters / 4 + the most it may generate), admitted by one
 atomic acquire for all its limits, forwarded to a deployment of its model (the next one is
 tried when a deployment's own rpm/tpm is full), and settled with the usage the upstream
-reports. Streams pass through unbuffered; usage is taken from the final chunk, which is asked
-for and, if the client did not ask, removed before it reaches the client.
+reports. Streams pass through unbuffered; usage is taken from the events that carry it (for
+chat, the final chunk, which is asked for and, if the client did not ask, removed before it
+reaches the client).
 
 A request that sets ``max_tokens`` holds its whole estimate; one that does not holds it capped
 at what its limits have left, or under ``budget_enforcement: strict`` is sent with
@@ -31,23 +35,32 @@ from ..engine import Decision, Reservation
 from ..engine.limits import MAX_AMOUNT, Budget, Limit, SlidingWindow
 from ..errors import EntityError, RedisUnavailable
 from ..ledger import ledger_dims
-from ..pricing import Price, choice_chars, cost_nano, dollars, estimate_tokens, estimated_cost
-from ..responses import error_response, json_response, rate_headers, refusal
+from ..pricing import Price, Usage, dollars, estimated_cost, read_usage
+from ..responses import json_response
 from .alerts import ALERTS
-from .bodies import check_body
 from .config import Deployment, Settings
-from .http import CLIENT_REQUEST_ID, ENGINE, MAX_BODY_BYTES, REQUEST_ID, SETTINGS, STORE, bearer
+from .http import (
+    CLIENT_REQUEST_ID,
+    ENGINE,
+    HTTP,
+    MAX_BODY_BYTES,
+    REQUEST_ID,
+    SETTINGS,
+    STORE,
+    bearer,
+    error_answer,
+)
 from .metrics import METRICS, timer
 from .policy import STRICT_MIN_TOKENS, Resolved, Scope, completion_room, limits_for
 from .resolver import Caller, authenticate, check_model_access, resolve
 from .routing import aliases_of, listed_names, route
+from .side_routes import _remember_answer, add_side_routes
+from .surfaces import SURFACES, StreamTally, Surface
 
 __all__ = ["HTTP", "add_proxy_routes"]
 
 log = logging.getLogger("ratelimiter.proxy")
-
-HTTP = web.AppKey("http", aiohttp.ClientSession)
-ROUTES = {"chat/completions": "chat", "completions": "completion", "embeddings": "embedding"}
+TOKEN_MEASURES = ("tokens", "input_tokens", "output_tokens")
 
 
 def _deployments(settings: Settings, model: str, caller: Caller | None = None) -> list[Deployment]:
@@ -65,9 +78,10 @@ class Call:
     """One proxied request from admission to settlement."""
 
     def __init__(
-        self, request: web.Request, kind: str, body: dict[str, Any], deadline: float
+        self, request: web.Request, surface: Surface, body: dict[str, Any], deadline: float
     ) -> None:
-        self.request, self.kind, self.body = request, kind, body
+        self.request, self.surface, self.body = request, surface, body
+        self.kind = surface.kind
         self.app = request.app
         self.settings: Settings = self.app[SETTINGS]
         self.engine = self.app[ENGINE]
@@ -84,19 +98,17 @@ class Call:
         self.deployment: Deployment | None = None
         self.sent = False  # the upstream may have the prompt: from here on it is billed
         self.finished = False  # settled or released: both happen once
-        self.streamed_chars = 0
-        self.stream_usage: dict[str, Any] | None = None
+        self.tally = StreamTally()  # what a stream has shown of its usage and output
         self.response_id: str | None = None  # the upstream's id (chatcmpl-…), for the ledger
         self.deadline = deadline
-        self.prompt, self.most = estimate_tokens(
-            body,
-            self.settings.default_max_tokens,
-            embedding=kind == "embedding",
-            mode=self.settings.prompt_estimate,
+        self.prompt, self.most = surface.estimate(
+            body, self.settings.default_max_tokens, self.settings.prompt_estimate
         )
-        self.bounded = kind == "embedding" or _bounds_itself(body)
+        self.bounded = surface.bounds_itself(body)
         self.strict = not self.bounded and self.settings.budget_enforcement == "strict"
-        self.choices = _choices(body)
+        self.choices = surface.choices(body)
+        self.writes_cache = surface.writes_cache(body)
+        self.end_user = surface.end_user(body)
         self.max_tokens: int | None = None  # what strict enforcement sends upstream
 
     def admission_deadline(self) -> contextlib.AbstractAsyncContextManager[None]:
@@ -113,6 +125,7 @@ class Call:
                 # slots it took, which the same id would meet as a reuse.
                 self.request_id = self.request[REQUEST_ID] = f"{self.request[REQUEST_ID]}.{attempt}"
             check_model_access(caller, deployment, self.settings)
+            self.surface.check_deployment(deployment)
             price = deployment.price
             if price is None and not self._unpriced_ok(deployment):
                 raise EntityError(
@@ -126,10 +139,11 @@ class Call:
                     self.settings,
                     caller,
                     deployment,
-                    _end_user(self.body),
+                    self.end_user,
                     self.prompt + self.most,
-                    estimated_cost(price, self.prompt, self.most),
+                    estimated_cost(price, self.prompt, self.most, writes_cache=self.writes_cache),
                 )
+            resolved = replace(resolved, input_tokens=self.prompt, output_tokens=self.most)
             self.scopes = resolved.scopes
             limits = self._limits(resolved, capped=not self.bounded and not self.strict)
             metrics = self.app[METRICS]
@@ -168,7 +182,7 @@ class Call:
             if not (decision.refused and decision.refused.name.startswith("deployment:")):
                 break
         assert last is not None
-        return refusal(last, self.request_id, self._fit_hint(last, price))
+        return self.surface.refusal(last, self.request_id, self._fit_hint(last, price))
 
     def _fit_hint(self, refused: Decision, price: Price | None) -> str:
         """For a request held at its own max_tokens, refused by a token window or a budget:
@@ -177,7 +191,7 @@ class Call:
             return ""
         limit = refused.refused
         if not isinstance(limit, Budget) and not (
-            isinstance(limit, SlidingWindow) and limit.measure == "tokens"
+            isinstance(limit, SlidingWindow) and limit.measure in TOKEN_MEASURES
         ):
             return ""
         room = completion_room(refused.states, self.prompt, price, self.choices)
@@ -211,7 +225,8 @@ class Call:
         bounded = replace(
             resolved,
             tokens=self.prompt + most,
-            cost=estimated_cost(price, self.prompt, most),
+            output_tokens=most,
+            cost=estimated_cost(price, self.prompt, most, writes_cache=self.writes_cache),
         )
         return self._limits(bounded)
 
@@ -266,8 +281,8 @@ class Call:
             "user_id": key.get("user_id"),
             "team_id": key.get("team_id"),
             "organization_id": (caller.organization or {}).get("organization_id"),
-            "end_user": _end_user(self.body),
-            "stream": bool(self.body.get("stream")),
+            "end_user": self.end_user,
+            "stream": self.surface.streams(self.body),
             "charged": self.charged,
             "duration_ms": round((time.perf_counter() - self.started) * 1000, 1),
         }
@@ -281,7 +296,7 @@ class Call:
             "user_id": key.get("user_id"),
             "team_id": key.get("team_id"),
             "organization_id": (caller.organization or {}).get("organization_id"),
-            "end_user": _end_user(self.body),
+            "end_user": self.end_user,
             "model": deployment.model_name,
             "deployment": deployment.deployment_id,
             "route": self.kind,
@@ -330,7 +345,7 @@ class Call:
         if self.finished or self.deployment is None:
             return
         if self.sent:
-            await self.settle(self.actuals(self.deployment, self.stream_usage, self.streamed_chars))
+            await self.settle(self.stream_actuals(self.deployment))
         else:
             await self.release()
 
@@ -350,45 +365,51 @@ class Call:
         if self.reservation is not None:
             await self.engine.renew(self.reservation)
 
-    @property
-    def wants_usage(self) -> bool:
-        options = self.body.get("stream_options")
-        return isinstance(options, dict) and options.get("include_usage") is True
-
     def upstream_body(self, deployment: Deployment) -> dict[str, Any]:
-        body = {**self.body, "model": deployment.model.split("/", 1)[-1]}
-        if self.max_tokens is not None:
-            # max_tokens, not max_completion_tokens: every OpenAI-compatible server honours
-            # it, where one that does not know max_completion_tokens would ignore the bound
-            body["max_tokens"] = self.max_tokens
-        if body.get("stream"):
-            options = body.get("stream_options")
-            body["stream_options"] = {
-                **(options if isinstance(options, dict) else {}),
-                "include_usage": True,
-            }
-        return body
+        return self.surface.upstream_body(self.body, deployment, self.max_tokens)
+
+    def stream_actuals(self, deployment: Deployment) -> dict[str, int]:
+        """What to charge for a stream, finished or cut short: the usage its events carried,
+        with output at least the characters streamed / 4 when it did not reach its end."""
+        tally = self.tally
+        usage = reported_usage(tally.usage, self.surface.flavor)
+        if usage is not None and not tally.complete:
+            usage = usage._replace(output=max(usage.output, -(-tally.chars // 4)))
+            if usage.prompt == 0:
+                usage = usage._replace(input=self.prompt)
+        return self.actuals(deployment, usage, tally.chars)
 
     def actuals(
-        self, deployment: Deployment, usage: Any, generated_chars: int = 0
+        self, deployment: Deployment, usage: Usage | None, generated_chars: int = 0
     ) -> dict[str, int]:
         """What to charge: the upstream's usage when it is sane, else the prompt estimate
-        and the characters it generated / 4."""
-        reported = reported_tokens(usage)
-        if reported is not None:
-            prompt, completion = reported
-        else:
-            prompt, completion = self.prompt, -(-generated_chars // 4)
-        spend = min(cost_nano(deployment.price, prompt, completion), MAX_AMOUNT)
+        and the characters it generated / 4. Cached input is priced at its own rate; what the
+        token windows count of it is ratelimiter_settings.tpm_counts."""
+        reported = usage is not None
+        if usage is None:
+            usage = Usage(input=self.prompt, output=-(-generated_chars // 4))
+        price = deployment.price
+        spend = min(price.cost(usage) if price is not None else 0, MAX_AMOUNT)
         self.usage = {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "usage_reported": reported is not None,
+            "prompt_tokens": usage.prompt,
+            "completion_tokens": usage.output,
+            "cache_read_input_tokens": usage.cache_read,
+            "cache_creation_input_tokens": usage.cache_write,
+            "reasoning_tokens": usage.reasoning,
+            "usage_reported": reported,
         }
         if self.response_id is not None:
             self.usage["response_id"] = self.response_id
         self.app[METRICS].spend.labels(deployment.label).inc(dollars(spend))
-        return {"tokens": prompt + completion, "spend": spend}
+        tokens = usage.total
+        if self.settings.tpm_counts == "uncached":
+            tokens -= usage.cache_read
+        return {
+            "tokens": min(tokens, MAX_AMOUNT),
+            "input_tokens": min(tokens - usage.output, MAX_AMOUNT),
+            "output_tokens": min(usage.output, MAX_AMOUNT),
+            "spend": spend,
+        }
 
 
 MAX_RESPONSE_ID = 200  # characters of an upstream's response id kept in the ledger
@@ -407,29 +428,10 @@ def response_id(value: Any) -> str | None:
     return None
 
 
-# Usage past this is not a real request's (and would not fit the engine): a broken upstream.
-MAX_REPORTED_TOKENS = 2**31
-
-
-def reported_tokens(usage: Any) -> tuple[int, int] | None:
-    """(prompt, completion) tokens from an upstream's ``usage``, or None when it is absent or
-    malformed (not an object, not whole numbers, negative, absurd). Embeddings report no
-    completion tokens."""
-    if not isinstance(usage, dict):
-        return None
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
-    for value in (prompt, completion):
-        if isinstance(value, bool) or not isinstance(value, int):
-            return None
-        if not 0 <= value <= MAX_REPORTED_TOKENS:
-            return None
-    return prompt, completion
-
-
-def generated_chars(payload: Any) -> int:
-    """Characters of what a non-streamed answer generated (see pricing.choice_chars)."""
-    choices = payload.get("choices") if isinstance(payload, dict) else None
-    return sum(map(choice_chars, choices)) if isinstance(choices, list) else 0
+def reported_usage(usage: Any, flavor: str = "openai") -> Usage | None:
+    """An upstream's ``usage`` as billed buckets, or None when it is absent or malformed (not
+    an object, not whole numbers, negative, absurd): see pricing.read_usage."""
+    return read_usage(usage, flavor)
 
 
 UNPRICED_WARNED = web.AppKey("unpriced_warned", set)
@@ -477,26 +479,7 @@ async def _run_deferred(app: web.Application) -> AsyncIterator[None]:
         log.error("%d deferred Redis updates were never made (Redis stayed down)", deferred.pending)
 
 
-def _positive(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _bounds_itself(body: dict[str, Any]) -> bool:
-    """Whether the request caps its own completion, as the estimate reads it (pricing)."""
-    return _positive(body.get("max_tokens")) or _positive(body.get("max_completion_tokens"))
-
-
-def _choices(body: dict[str, Any]) -> int:
-    """Completions generated and billed: n, or best_of when larger (as the estimate counts)."""
-    return max((body[f] for f in ("n", "best_of") if _positive(body.get(f))), default=1)
-
-
-def _end_user(body: dict[str, Any]) -> str | None:
-    user = body.get("user")
-    return user if isinstance(user, str) and user else None
-
-
-async def _read_body(request: web.Request, kind: str) -> dict[str, Any]:
+async def _read_body(request: web.Request, surface: Surface) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise EntityError(400, f"send the body as application/json, not {request.content_type!r}")
     try:
@@ -504,7 +487,7 @@ async def _read_body(request: web.Request, kind: str) -> dict[str, Any]:
     except web.HTTPRequestEntityTooLarge:
         raise EntityError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes") from None
     try:
-        return check_body(orjson.loads(raw), kind)
+        return surface.check(orjson.loads(raw))
     except orjson.JSONDecodeError as exc:
         raise EntityError(400, f"the body is not valid JSON: {exc}") from None
 
@@ -524,44 +507,54 @@ async def _admission_deadline(app: web.Application, deadline: float) -> AsyncIte
         ) from None
 
 
-def proxy_route(kind: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def proxy_route(surface: Surface) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
-        settings = request.app[SETTINGS]
-        deadline = asyncio.get_running_loop().time() + settings.redis_timeout_s
-        # Who is calling first: a caller with no valid key costs no body parsing or estimate.
-        async with _admission_deadline(request.app, deadline):
-            caller = await authenticate(request.app[STORE], settings, bearer(request))
-        call = Call(request, kind, await _read_body(request, kind), deadline)
-        admitted = await call.admit(caller)
-        if isinstance(admitted, web.Response):
-            return admitted
-        deployment, decision = admitted
-        request.app[METRICS].in_flight.inc()
-        status = 499  # the client went away before an answer was made
         try:
-            # Leases and the hold are renewed for as long as the upstream takes, streamed or
-            # not: a slow answer must not free its parallel slot while it still runs.
-            async with _renewing(call):
-                response = await forward(call, deployment, decision)
-            status = response.status
-            return response
-        finally:
-            try:
-                await asyncio.shield(call.finish())
-            finally:
-                request.app[METRICS].in_flight.dec()
-                log.info("proxied", extra=call.log_fields(deployment, status, caller))
+            return await _proxied(request, surface)
+        except (asyncio.CancelledError, web.HTTPException):
+            raise
+        except Exception as exc:  # in the surface's own error envelope
+            return surface.envelope(error_answer(request, exc))
 
     return handler
 
 
+async def _proxied(request: web.Request, surface: Surface) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    deadline = asyncio.get_running_loop().time() + settings.redis_timeout_s
+    # Who is calling first: a caller with no valid key costs no body parsing or estimate.
+    async with _admission_deadline(request.app, deadline):
+        caller = await authenticate(request.app[STORE], settings, bearer(request))
+    call = Call(request, surface, await _read_body(request, surface), deadline)
+    admitted = await call.admit(caller)
+    if isinstance(admitted, web.Response):
+        return admitted
+    deployment, decision = admitted
+    request.app[METRICS].in_flight.inc()
+    status = 499  # the client went away before an answer was made
+    try:
+        # Leases and the hold are renewed for as long as the upstream takes, streamed or
+        # not: a slow answer must not free its parallel slot while it still runs.
+        async with _renewing(call):
+            response = await forward(call, deployment, decision)
+        status = response.status
+        return response
+    finally:
+        try:
+            await asyncio.shield(call.finish())
+        finally:
+            request.app[METRICS].in_flight.dec()
+            log.info("proxied", extra=call.log_fields(deployment, status, caller))
+            answer = call.tally.extra.get("id")
+            if answer and status < 400:
+                await _remember_answer(call, caller, deployment, answer)
+
+
 async def forward(call: Call, deployment: Deployment, decision: Decision) -> web.StreamResponse:
-    path = next(p for p, k in ROUTES.items() if k == call.kind)
-    url = f"{(deployment.api_base or 'https://api.openai.com/v1').rstrip('/')}/{path}"
-    headers = {"Content-Type": "application/json"}
-    if deployment.api_key:
-        headers["Authorization"] = f"Bearer {deployment.api_key}"
-    failure = rate_headers(decision, call.request_id)
+    surface = call.surface
+    url = surface.upstream_url(deployment)
+    headers = surface.upstream_headers(call.request, deployment)
+    failure = surface.rate_headers(decision, call.request_id)
     payload = orjson.dumps(call.upstream_body(deployment))
     try:
         with timer(call.app[METRICS].upstream_seconds):
@@ -570,7 +563,7 @@ async def forward(call: Call, deployment: Deployment, decision: Decision) -> web
         async with upstream:
             if upstream.status >= 400:
                 return await _upstream_error(call, deployment, upstream, decision)
-            if call.body.get("stream"):
+            if surface.streams(call.body):
                 return await _stream(call, deployment, decision, upstream)
             raw = await upstream.read()
     except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
@@ -578,14 +571,14 @@ async def forward(call: Call, deployment: Deployment, decision: Decision) -> web
             await call.release()
         # else the upstream had the request and may bill it: finish() charges the prompt
         if isinstance(exc, TimeoutError):
-            return error_response(
+            return surface.error(
                 504,
                 f"the upstream for {deployment.model_name!r} did not answer "
                 f"within {call.settings.upstream_timeout_s:g}s",
                 "upstream_timeout",
                 headers=failure,
             )
-        return error_response(
+        return surface.error(
             502,
             f"the upstream for {deployment.model_name!r} could not be "
             f"reached: {type(exc).__name__}",
@@ -596,13 +589,13 @@ async def forward(call: Call, deployment: Deployment, decision: Decision) -> web
         answer = orjson.loads(raw)
     except orjson.JSONDecodeError:
         answer = None
-    usage = answer.get("usage") if isinstance(answer, dict) else None
     if isinstance(answer, dict):
         call.response_id = response_id(answer.get("id"))
     # With no sane usage, what came back is charged: its text, or the whole body when it
-    # is not a completion at all.
-    generated = generated_chars(answer) if answer is not None else len(raw)
-    await call.settle(call.actuals(deployment, usage, generated))
+    # is not an answer at all.
+    generated = surface.generated_chars(answer) if answer is not None else len(raw)
+    await call.settle(call.actuals(deployment, surface.usage(answer), generated))
+    call.tally.extra["id"] = surface.answer_id(answer)
     return web.Response(
         body=raw, status=upstream.status, content_type="application/json", headers=failure
     )
@@ -617,20 +610,21 @@ async def _upstream_error(
     except orjson.JSONDecodeError:
         payload = None
     payload = payload if isinstance(payload, dict) else {}
-    error, usage = payload.get("error"), payload.get("usage")
-    if reported_tokens(usage) is not None:  # it consumed tokens even though it failed
+    error = payload.get("error")
+    usage = call.surface.error_usage(payload)
+    if usage is not None:  # it consumed tokens even though it failed
         await call.settle(call.actuals(deployment, usage))
     else:
         await call.release()
     message = error.get("message") if isinstance(error, dict) else None
     kind = error.get("type") if isinstance(error, dict) else None
-    return error_response(
+    return call.surface.error(
         upstream.status,
         message
         if isinstance(message, str) and message
         else raw.decode(errors="replace")[:500] or f"upstream answered {upstream.status}",
         kind if isinstance(kind, str) and kind else "upstream_error",
-        headers=rate_headers(decision, call.request_id),
+        headers=call.surface.rate_headers(decision, call.request_id),
     )
 
 
@@ -663,11 +657,12 @@ async def _stream(
 ) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={
-            **rate_headers(decision, call.request_id),
+            **call.surface.rate_headers(decision, call.request_id),
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache",
         }
     )
+    wanted = call.surface.wants_usage(call.body)
     try:
         await response.prepare(call.request)
         # Whatever arrived is parsed line by line but written back in one piece: a write
@@ -675,7 +670,7 @@ async def _stream(
         partial = b""
         async for data in upstream.content.iter_any():
             *lines, partial = (partial + data).split(b"\n")
-            out = [line for line in lines if _read_sse_line(call, line)]
+            out = [line for line in lines if _read_sse_line(call, line, wanted)]
             if out:
                 await response.write(b"\n".join(out) + b"\n")
         if partial:
@@ -685,33 +680,31 @@ async def _stream(
         # the caller's finish() charges what was streamed.
         upstream.close()
         return response
-    await call.settle(call.actuals(deployment, call.stream_usage, call.streamed_chars))
+    await call.settle(call.stream_actuals(deployment))
     with contextlib.suppress(aiohttp.ClientError, OSError):
         await response.write_eof()
     return response
 
 
-def _read_sse_line(call: Call, line: bytes) -> bool:
-    """Take usage and generated characters from one SSE line; False to keep it from the
-    client (the usage chunk it did not ask for). A line that is not valid JSON is passed on
-    and counted whole."""
-    if not line.startswith(b"data: {"):
+def _read_sse_line(call: Call, line: bytes, wanted: bool) -> bool:
+    """Take usage and generated characters from one SSE line (its surface reads the event);
+    False to keep it from the client. A data line that is not valid JSON is passed on and
+    counted whole."""
+    if not line.startswith(b"data:"):
+        return True
+    data = line[5:].lstrip(b" ")
+    if not data.startswith(b"{"):
         return True
     try:
-        chunk = orjson.loads(line[6:])
+        event = orjson.loads(data)
     except orjson.JSONDecodeError:
-        call.streamed_chars += len(line) - 6
+        call.tally.chars += len(data)
         return True
-    if call.response_id is None and isinstance(chunk, dict):
-        call.response_id = response_id(chunk.get("id"))
-    choices = chunk.get("choices")
-    if chunk.get("usage"):
-        call.stream_usage = chunk["usage"]
-        if not call.wants_usage and not choices:
-            return False
-    if isinstance(choices, list):
-        call.streamed_chars += sum(map(choice_chars, choices))
-    return True
+    if not isinstance(event, dict):
+        return True
+    if call.response_id is None:
+        call.response_id = response_id(call.surface.event_id(event))
+    return call.surface.stream_event(call.tally, event, wanted)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -749,7 +742,11 @@ def add_proxy_routes(app: web.Application) -> None:
     app[UNPRICED_WARNED] = set()
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_run_deferred)
-    for prefix in ("/v1", ""):
-        for path, kind in ROUTES.items():
-            app.router.add_post(f"{prefix}/{path}", proxy_route(kind))
-        app.router.add_get(f"{prefix}/models", list_models)
+    for prefix in ("/v1", "", "/anthropic/v1"):
+        for path, surface in SURFACES.items():
+            if prefix == "/anthropic/v1" and surface.kind != "messages":
+                continue  # LiteLLM's Anthropic pass-through prefix serves Messages only
+            app.router.add_post(f"{prefix}/{path}", proxy_route(surface))
+        add_side_routes(app, prefix)
+        if prefix != "/anthropic/v1":
+            app.router.add_get(f"{prefix}/models", list_models)

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..pricing import PRICES, model_provider
+from ..pricing import provider_models
 from .config import Deployment, Settings
 
 __all__ = [
@@ -157,7 +157,7 @@ def aliases_of(*owners: Mapping[str, Any] | None) -> dict[str, str]:
 
 def listed_names(settings: Settings, *, wildcard_routes: bool = False) -> list[str]:
     """What /v1/models lists, before access checks, as LiteLLM lists it: every model_name;
-    for a wildcard ``provider/*`` entry, the models the price table knows of its provider
+    for a wildcard ``provider/*`` entry, the models genai-prices knows of its provider
     that it would serve (``openai/gpt-4o``), not the pattern itself unless ``wildcard_routes``
     (LiteLLM's ``return_wildcard_routes``). A bare ``*`` names no provider: only the route."""
     names: dict[str, None] = {}
@@ -180,4 +180,4 @@ def listed_names(settings: Settings, *, wildcard_routes: bool = False) -> list[s
 
 
 def _known(provider: str) -> Iterable[str]:
-    return sorted(m for m in PRICES if model_provider(m) == provider)
+    return provider_models(provider)

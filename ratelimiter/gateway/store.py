@@ -310,6 +310,9 @@ LIMITS: dict[str, Callable[[str, Any], Any]] = {
     "budget_duration": duration,
     "tpm_limit": count,
     "rpm_limit": count,
+    # input and output tokens per minute, as separate windows (Anthropic's ITPM/OTPM)
+    "input_tpm_limit": count,
+    "output_tpm_limit": count,
     "max_parallel_requests": count,
     "model_max_budget": model_budgets,
 }

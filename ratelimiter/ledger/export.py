@@ -28,13 +28,20 @@ _META = (
     "key_alias",
     "user_id",
     "team_id",
+    "organization_id",
     "end_user",
     "model",
     "deployment",
     "route",
     "client_request_id",
 )
-_COUNTS = ("prompt_tokens", "completion_tokens")
+_COUNTS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+    "reasoning_tokens",
+)
 CSV_FIELDS = (
     "request_id",
     "response_id",
@@ -46,6 +53,8 @@ CSV_FIELDS = (
     "usage_reported",
     "estimated_tokens",
     "tokens",
+    "input_tokens",
+    "output_tokens",
     "estimated_spend",
     "spend",
     "stream_id",
@@ -55,6 +64,8 @@ CSV_FIELDS = (
 _AMOUNTS = (
     ("estimated_tokens", "reserved", "tokens", int),
     ("tokens", "charged", "tokens", int),
+    ("input_tokens", "charged", "input_tokens", int),  # the input/output token windows'
+    ("output_tokens", "charged", "output_tokens", int),
     ("estimated_spend", "reserved", "spend", "dollars"),
     ("spend", "charged", "spend", "dollars"),
 )

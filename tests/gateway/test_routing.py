@@ -291,7 +291,7 @@ def test_routing_order_is_litellms() -> None:
     (filled,) = route(settings, "openai/o3-mini")
     assert (filled.model_name, filled.pattern) == ("openai/o3-mini", "openai/*")
     assert filled.model == "openai/o3-mini"
-    assert filled.price == (1.1e-6, 4.4e-6)  # the filled model's, from the table
+    assert filled.price[:2] == (1.1e-6, 4.4e-6)  # the filled model's, from genai-prices
     assert route(Settings(master_key=MASTER_KEY, models=models[1:]), "x/openai/gpt-4") == []
     assert "openai/gpt-4o" in listed_names(settings)
 

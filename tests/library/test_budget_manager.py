@@ -29,8 +29,9 @@ from ..conftest import MASTER_KEY, running_sidecar, running_upstream
 
 THREADS, PROCESSES, UPDATES = 8, 4, 10
 INPUT, OUTPUT = "hello world", "it's a sunny day in san francisco"
-# gpt-3.5-turbo: 3 prompt tokens at $0.5/M, 9 completion tokens at $1.5/M (chars / 4)
-TEXT_COST = 3 * 0.5e-6 + 9 * 1.5e-6
+# gpt-3.5-turbo (genai-prices): 3 prompt tokens at $0.5/M, 9 completion tokens at $1.5/M
+# (chars / 4), in whole nano-dollars as every cost is counted
+TEXT_COST = round((3 * 0.5e-6 + 9 * 1.5e-6) * 1e9) / 1e9
 
 
 def at(*args: int) -> float:

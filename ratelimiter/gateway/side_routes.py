@@ -1,0 +1,166 @@
+"""Routes beside the metered path that still reach an upstream: Anthropic's
+``/v1/messages/count_tokens`` and the Responses API's retrieve, delete, cancel and input items.
+None of them generates tokens, so none is admitted or charged; each authenticates, checks the
+key may use the model (or made the response), and passes the upstream's answer through.
+
+Who made which response is kept in Redis (``<prefix>response:<id>``: the deployment and the
+key, for 30 days, as long as OpenAI keeps a stored response), so a response is reached only
+through the deployment that made it and only by the key that made it (or the master key).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import aiohttp
+import msgpack
+import orjson
+from aiohttp import web
+
+from ..errors import EntityError
+from ..responses import anthropic_error
+from .config import Deployment
+from .http import HTTP, SETTINGS, STORE, bearer, error_answer
+from .resolver import Caller, authenticate, check_model_access
+from .routing import route
+from .surfaces import SURFACES
+
+__all__ = ["add_side_routes"]
+
+log = logging.getLogger("ratelimiter.proxy")
+
+KEEP_ANSWER_S = 30 * 24 * 3600
+MESSAGES = SURFACES["messages"]
+RESPONSES = SURFACES["responses"]
+
+
+def _answer_key(app: web.Application, answer_id: str) -> str:
+    return f"{app[SETTINGS].key_prefix}response:{answer_id}"
+
+
+def _owner(caller: Caller) -> str:
+    return "master" if caller.master else caller.token or ""
+
+
+async def _remember_answer(call: Any, caller: Caller, deployment: Deployment, answer: str) -> None:
+    """Who made response ``answer`` and where it lives; a failure costs only its retrieval."""
+    record = msgpack.packb([deployment.index, deployment.model, _owner(caller)])
+    try:
+        await call.app[STORE].redis.set(_answer_key(call.app, answer), record, ex=KEEP_ANSWER_S)
+    except Exception as exc:  # the answer is given; only retrieving it later needs this
+        log.warning("could not record who made response %s: %s", answer, exc)
+
+
+async def count_tokens(request: web.Request) -> web.StreamResponse:
+    try:
+        settings = request.app[SETTINGS]
+        caller = await authenticate(request.app[STORE], settings, bearer(request))
+        try:
+            raw = await request.read()
+            body = _checked(raw)
+        except orjson.JSONDecodeError as exc:
+            raise EntityError(400, f"the body is not valid JSON: {exc}") from None
+        found = route(settings, body["model"])
+        if not found:
+            raise EntityError(404, f"model {body['model']!r} is not served here", "model")
+        for deployment in found:
+            check_model_access(caller, deployment, settings)
+        anthropic = [d for d in found if d.speaks_anthropic]
+        if not anthropic:
+            return anthropic_error(
+                501,
+                f"count_tokens is not available for {body['model']!r}: it is served by an "
+                "OpenAI-format upstream, which has no token-counting endpoint, and the rate "
+                "limiter does not guess a count",
+            )
+        deployment = anthropic[0]
+        forwarded = {**body, "model": deployment.model.split("/", 1)[-1]}
+        url = f"{deployment.base_url}/messages/count_tokens"
+        headers = MESSAGES.upstream_headers(request, deployment)
+        return await _pass(request, "POST", url, headers, orjson.dumps(forwarded), anthropic=True)
+    except Exception as exc:
+        return MESSAGES.envelope(error_answer(request, exc))
+
+
+def _checked(raw: bytes) -> dict[str, Any]:
+    from .bodies import check_body
+
+    return check_body(orjson.loads(raw), "count_tokens")
+
+
+async def stored_response(request: web.Request) -> web.StreamResponse:
+    """GET/DELETE /v1/responses/{id}, GET …/input_items, POST …/cancel."""
+    settings = request.app[SETTINGS]
+    caller = await authenticate(request.app[STORE], settings, bearer(request))
+    answer = request.match_info["response_id"]
+    raw = await request.app[STORE].redis.get(_answer_key(request.app, answer))
+    record = msgpack.unpackb(raw) if raw else None
+    if record is None or (not caller.master and record[2] != _owner(caller)):
+        raise EntityError(
+            404,
+            f"no response {answer!r} made through this rate limiter with this key "
+            "(responses are kept for 30 days)",
+            "response_id",
+        )
+    index, model, _ = record
+    deployment = next((d for d in settings.models if d.index == index), None)
+    if deployment is None:
+        raise EntityError(404, f"the deployment that made response {answer!r} is gone")
+    deployment = Deployment(
+        deployment.model_name, model, deployment.api_base, deployment.api_key, index=index
+    )
+    check_model_access(caller, deployment, settings)
+    tail = request.match_info.get("tail", "")
+    url = f"{deployment.base_url}/responses/{answer}{tail}"
+    headers = RESPONSES.upstream_headers(request, deployment)
+    body = await request.read() if request.method == "POST" else None
+    response = await _pass(request, request.method, url, headers, body, query=request.query_string)
+    if request.method == "DELETE" and response.status < 300:
+        await request.app[STORE].redis.delete(_answer_key(request.app, answer))
+    return response
+
+
+async def _pass(
+    request: web.Request,
+    method: str,
+    url: str,
+    headers: dict[str, str],
+    body: bytes | None,
+    *,
+    query: str = "",
+    anthropic: bool = False,
+) -> web.StreamResponse:
+    """The upstream's answer, passed through as it comes (a stream included)."""
+    if query:
+        url = f"{url}?{query}"
+    try:
+        async with request.app[HTTP].request(method, url, data=body, headers=headers) as upstream:
+            kind = upstream.headers.get("Content-Type", "application/json")
+            if "text/event-stream" not in kind:
+                raw = await upstream.read()
+                return web.Response(
+                    body=raw, status=upstream.status, headers={"Content-Type": kind}
+                )
+            response = web.StreamResponse(status=upstream.status, headers={"Content-Type": kind})
+            await response.prepare(request)
+            async for data in upstream.content.iter_any():
+                await response.write(data)
+            await response.write_eof()
+            return response
+    except (aiohttp.ClientError, OSError) as exc:
+        message = f"the upstream could not be reached: {type(exc).__name__}"
+        if anthropic:
+            return anthropic_error(502, message)
+        raise EntityError(502, message) from None
+
+
+def add_side_routes(app: web.Application, prefix: str) -> None:
+    app.router.add_post(f"{prefix}/messages/count_tokens", count_tokens)
+    if prefix == "/anthropic/v1":
+        return
+    one = f"{prefix}/responses/{{response_id}}"
+    app.router.add_get(one, stored_response)
+    app.router.add_delete(one, stored_response)
+    app.router.add_get(one + "{tail:/input_items}", stored_response)
+    app.router.add_post(one + "{tail:/cancel}", stored_response)

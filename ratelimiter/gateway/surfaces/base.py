@@ -1,0 +1,158 @@
+"""What every surface answers (see the package's docstring), with OpenAI's answers as the
+defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from ...engine import Decision
+from ...errors import EntityError
+from ...pricing import Usage, estimate_tokens, read_usage
+from ...responses import error_response, rate_headers, refusal
+from ..bodies import check_body
+from ..config import Deployment
+
+__all__ = ["StreamTally", "Surface"]
+
+
+@dataclass
+class StreamTally:
+    """What a stream has shown so far: the usage objects its events carried (merged, later
+    fields replacing earlier ones), the characters generated, and whether it reached its end
+    (then its usage is final; before that, output is at least what was streamed)."""
+
+    usage: dict[str, Any] | None = None
+    chars: int = 0
+    complete: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def add_usage(self, usage: Any) -> None:
+        if isinstance(usage, dict):
+            self.usage = {**(self.usage or {}), **usage}
+
+
+class Surface:
+    """One API's shape. ``kind``: the route name in the ledger and logs (and the body rules
+    of bodies.py); ``path``: the upstream path after the deployment's base URL; ``flavor``:
+    how its usage reads (pricing.read_usage)."""
+
+    kind = "chat"
+    path = "chat/completions"
+    flavor = "openai"
+    # the body field that bounds the completion, and the one strict enforcement sets
+    bound_fields: tuple[str, ...] = ("max_completion_tokens", "max_tokens")
+    strict_field = "max_tokens"
+
+    # -- reading the request ----------------------------------------------------------
+
+    def check(self, body: Any) -> dict[str, Any]:
+        return check_body(body, self.kind)
+
+    def estimate(self, body: dict[str, Any], default_max_tokens: int, mode: str) -> tuple[int, int]:
+        """(prompt tokens, most completion tokens)."""
+        return estimate_tokens(body, default_max_tokens, embedding=False, mode=mode)
+
+    def bounds_itself(self, body: dict[str, Any]) -> bool:
+        return any(_positive(body.get(f)) for f in self.bound_fields)
+
+    def choices(self, body: dict[str, Any]) -> int:
+        return 1
+
+    def writes_cache(self, body: dict[str, Any]) -> bool:
+        """Whether the request may be billed cache writes (priced above plain input)."""
+        return False
+
+    def end_user(self, body: dict[str, Any]) -> str | None:
+        user = body.get("user")
+        return user if isinstance(user, str) and user else None
+
+    def check_deployment(self, deployment: Deployment) -> None:
+        """An EntityError when this surface cannot reach ``deployment`` (another format)."""
+        if deployment.speaks_anthropic:
+            raise EntityError(
+                400,
+                f"model {deployment.model_name!r} is served by an Anthropic-format upstream; "
+                f"/v1/{self.path} reaches only OpenAI-format deployments: call /v1/messages",
+                "model",
+            )
+
+    def answer_id(self, answer: Any) -> str | None:
+        """The id of an answer the upstream keeps (for retrieving it later), if any."""
+        return None
+
+    def event_id(self, event: dict[str, Any]) -> Any:
+        """The answer's id as a stream tells it (the ledger finds an entry by it)."""
+        return event.get("id")
+
+    def streams(self, body: dict[str, Any]) -> bool:
+        return body.get("stream") is True
+
+    # -- the upstream -------------------------------------------------------------------
+
+    def upstream_body(
+        self, body: dict[str, Any], deployment: Deployment, max_tokens: int | None
+    ) -> dict[str, Any]:
+        forwarded = {**body, "model": deployment.model.split("/", 1)[-1]}
+        if max_tokens is not None:
+            forwarded[self.strict_field] = max_tokens
+        return forwarded
+
+    def upstream_url(self, deployment: Deployment) -> str:
+        return f"{deployment.base_url}/{self.path}"
+
+    def upstream_headers(self, request: web.Request, deployment: Deployment) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if deployment.api_key:
+            headers["Authorization"] = f"Bearer {deployment.api_key}"
+        return headers
+
+    def wants_usage(self, body: dict[str, Any]) -> bool:
+        """Whether the client asked for the usage events (else added ones are dropped)."""
+        return True
+
+    # -- usage ------------------------------------------------------------------------
+
+    def usage(self, answer: Any) -> Usage | None:
+        return read_usage(answer.get("usage") if isinstance(answer, dict) else None, self.flavor)
+
+    def generated_chars(self, answer: Any) -> int:
+        return 0
+
+    def stream_event(self, tally: StreamTally, event: dict[str, Any], wanted: bool) -> bool:
+        """Take usage and generated characters from one SSE event's JSON data; False to keep
+        the event from the client."""
+        return True
+
+    def error_usage(self, payload: dict[str, Any]) -> Usage | None:
+        """Usage an upstream's error answer reports (it consumed tokens even though it failed)."""
+        return read_usage(payload.get("usage"), self.flavor)
+
+    # -- answers in the API's own form --------------------------------------------------
+
+    def rate_headers(self, decision: Decision, request_id: str) -> dict[str, str]:
+        return rate_headers(decision, request_id)
+
+    def refusal(self, decision: Decision, request_id: str, hint: str = "") -> web.Response:
+        return refusal(decision, request_id, hint)
+
+    def error(
+        self,
+        status: int,
+        message: str,
+        kind: str,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
+    ) -> web.Response:
+        return error_response(status, message, kind, param, headers=headers)
+
+    def envelope(self, response: web.Response) -> web.Response:
+        """An error answer made in OpenAI's envelope (by the edge or the refusal code),
+        rewritten in this API's own; OpenAI's surfaces keep it."""
+        return response
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0

@@ -1,0 +1,418 @@
+"""Anthropic's Messages and OpenAI's Responses through the one request path, driven by the
+official ``anthropic`` and ``openai`` SDKs over real HTTP, real Redis and the fake upstream
+(issue 18): usage with cache reads and writes and reasoning tokens, charged at genai-prices'
+or the config's cache-aware prices; streams, a client leaving mid-stream, upstream errors,
+refusals in each API's own envelope and headers; the ledger equal to the counters."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import anthropic
+import openai
+import pytest
+
+from ratelimiter import Engine
+from ratelimiter.gateway.config import Deployment, Settings
+from ratelimiter.gateway.reconcile import check
+from ratelimiter.testing.fake_upstream import FakeUpstream
+
+from ..conftest import MASTER_KEY, Admin, running_sidecar, running_upstream
+
+SYSTEM = "s" * 400  # 100 tokens
+ASK = [{"role": "user", "content": "x" * 40}]  # 10 tokens
+# genai-prices' Claude Sonnet 4.5 (dollars per token)
+SONNET = {"input": 3e-6, "output": 15e-6, "read": 0.3e-6, "write": 3.75e-6, "write_1h": 6e-6}
+
+
+@dataclass
+class Surfaces:
+    base: str
+    admin: Admin
+    fake: FakeUpstream
+    engine: Engine
+    settings: Settings
+    closers: list
+
+    def claude(self, key: str, retries: int = 0, bearer: bool = False) -> anthropic.AsyncAnthropic:
+        auth = {"auth_token": key} if bearer else {"api_key": key}
+        client = anthropic.AsyncAnthropic(base_url=self.base, max_retries=retries, **auth)
+        self.closers.append(client)
+        return client
+
+    def openai(self, key: str, retries: int = 0) -> openai.AsyncOpenAI:
+        client = openai.AsyncOpenAI(base_url=f"{self.base}/v1", api_key=key, max_retries=retries)
+        self.closers.append(client)
+        return client
+
+    async def key(self, **fields: object) -> str:
+        return (await self.admin.post("/key/generate", fields))["key"]
+
+    async def spend(self, key: str) -> float:
+        return (await self.admin.get("/key/info", key=key))["info"]["spend"]
+
+    async def balanced(self) -> None:
+        assert await check(self.engine, self.settings) == []
+
+
+@pytest.fixture
+async def surfaces(ns: str, redis_url: str) -> AsyncIterator[Surfaces]:
+    fake = FakeUpstream(seed=3)
+    async with running_upstream(fake) as upstream:
+        settings = Settings(
+            master_key=MASTER_KEY,
+            key_prefix=f"t:{ns}:",
+            default_max_tokens=16,
+            upstream_timeout_s=2,
+            models=(
+                Deployment(
+                    "claude", "anthropic/claude-sonnet-4-5", api_base=upstream, api_key="sk-ant-up"
+                ),
+                Deployment(
+                    "claude-own",
+                    "anthropic/claude-haiku-4-5",
+                    api_base=upstream,
+                    input_cost_per_token=1e-6,
+                    output_cost_per_token=2e-6,
+                    cache_read_input_token_cost=0.1e-6,
+                    cache_creation_input_token_cost=1.25e-6,
+                    index=1,
+                ),
+                Deployment("gpt", "openai/gpt-4o", api_base=upstream, api_key="sk-up", index=2),
+                Deployment("o3-mini", "openai/o3-mini", api_base=upstream, index=3),
+            ),
+        )
+        async with (
+            running_sidecar(settings, redis_url) as base,
+            aiohttp.ClientSession() as session,
+            await Engine.connect(redis_url, prefix=settings.key_prefix) as engine,
+        ):
+            stack = Surfaces(base, Admin(session, base), fake, engine, settings, [])
+            yield stack
+            for client in stack.closers:
+                await client.close()
+
+
+def sonnet(usage: dict[str, int]) -> float:
+    return (
+        usage.get("input", 0) * SONNET["input"]
+        + usage.get("output", 0) * SONNET["output"]
+        + usage.get("read", 0) * SONNET["read"]
+        + usage.get("write", 0) * SONNET["write"]
+        + usage.get("write_1h", 0) * SONNET["write_1h"]
+    )
+
+
+# -- Anthropic Messages ------------------------------------------------------------------
+
+
+async def test_messages_with_the_anthropic_sdk_charge_cache_writes_and_reads(
+    surfaces: Surfaces,
+) -> None:
+    key = await surfaces.key(max_budget=1)
+    client = surfaces.claude(key)
+    system = [{"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral"}}]
+    raw = await client.messages.with_raw_response.create(
+        model="claude", max_tokens=5, system=system, messages=ASK
+    )
+    first = await raw.parse()
+    assert first.content[0].text == "lorem lorem lorem lorem lorem"
+    assert first.usage.cache_creation_input_tokens == 100
+    assert first.usage.input_tokens == 10
+    # Anthropic's own headers, RFC 3339 resets; our id
+    assert raw.headers["request-id"].startswith("req-")
+    # the upstream got its own key as x-api-key, and the client's anthropic-version
+    sent = surfaces.fake.last_headers or {}
+    assert sent["x-api-key"] == "sk-ant-up" and sent["anthropic-version"]
+    assert key not in str(sent)
+    spent = sonnet({"input": 10, "write": 100, "output": 5})
+    assert await surfaces.spend(key) == pytest.approx(spent)
+    second = await client.messages.create(model="claude", max_tokens=5, system=system, messages=ASK)
+    assert second.usage.cache_read_input_tokens == 100
+    spent += sonnet({"input": 10, "read": 100, "output": 5})
+    assert await surfaces.spend(key) == pytest.approx(spent)
+    await surfaces.balanced()
+
+
+async def test_a_one_hour_cache_write_and_config_prices(surfaces: Surfaces) -> None:
+    key = await surfaces.key(max_budget=10)
+    client = surfaces.claude(key)
+    block = {"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral", "ttl": "1h"}}
+    await client.messages.create(model="claude", max_tokens=1, system=[block], messages=ASK)
+    assert await surfaces.spend(key) == pytest.approx(
+        sonnet({"input": 10, "write_1h": 100, "output": 1})
+    )
+    own = await surfaces.key(max_budget=10)
+    other = surfaces.claude(own)
+    marked = [{**block, "text": "t" * 400, "cache_control": {"type": "ephemeral"}}]
+    for _ in range(2):
+        await other.messages.create(model="claude-own", max_tokens=2, system=marked, messages=ASK)
+    # config prices: write 1.25e-6, then read 0.1e-6; input 1e-6, output 2e-6
+    expected = (10 * 1e-6 + 100 * 1.25e-6 + 2 * 2e-6) + (10 * 1e-6 + 100 * 0.1e-6 + 2 * 2e-6)
+    assert await surfaces.spend(own) == pytest.approx(expected)
+
+
+async def test_streamed_messages_are_charged_from_anthropics_events(surfaces: Surfaces) -> None:
+    key = await surfaces.key(rpm_limit=10, tpm_limit=100_000, max_budget=10)
+    client = surfaces.claude(key, bearer=True)  # Claude Code's ANTHROPIC_AUTH_TOKEN
+    system = [{"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral"}}]
+    async with client.messages.stream(
+        model="claude", max_tokens=7, system=system, messages=ASK
+    ) as stream:
+        text = "".join([t async for t in stream.text_stream])
+        final = await stream.get_final_message()
+    assert text == " ".join(["lorem"] * 7)
+    assert final.usage.output_tokens == 7 and final.usage.cache_creation_input_tokens == 100
+    assert await surfaces.spend(key) == pytest.approx(
+        sonnet({"input": 10, "write": 100, "output": 7})
+    )
+    # headers before the first streamed byte, in Anthropic's family
+    async with surfaces.admin.session.post(
+        f"{surfaces.base}/anthropic/v1/messages",
+        json={"model": "claude", "max_tokens": 3, "messages": ASK, "stream": True},
+        headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+    ) as response:
+        assert response.status == 200
+        assert response.headers["anthropic-ratelimit-requests-limit"] == "10"
+        assert int(response.headers["anthropic-ratelimit-requests-remaining"]) == 8
+        assert response.headers["anthropic-ratelimit-tokens-reset"].endswith("Z")
+        assert "x-ratelimit-limit-requests" not in response.headers
+        body = await response.text()
+    assert "event: message_stop" in body
+    await surfaces.balanced()
+
+
+async def test_a_client_leaving_a_messages_stream_pays_what_was_streamed(
+    surfaces: Surfaces,
+) -> None:
+    key = await surfaces.key(max_parallel_requests=1, max_budget=1)
+    surfaces.fake.chunk_delay_ms = 50
+    async with surfaces.admin.session.post(
+        f"{surfaces.base}/v1/messages",
+        json={"model": "claude", "max_tokens": 400, "messages": ASK, "stream": True},
+        headers={"x-api-key": key},
+    ) as response:
+        assert response.status == 200
+        seen = b""
+        while b"content_block_delta" not in seen:
+            seen += await response.content.readline()
+    client = surfaces.claude(key)
+    for _ in range(100):  # the lease comes back once the sidecar notices
+        try:
+            await client.messages.create(model="claude", max_tokens=1, messages=ASK)
+            break
+        except anthropic.RateLimitError:
+            await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the lease of the abandoned stream was not freed")
+    for _ in range(40):
+        if surfaces.fake.cancelled:
+            break
+        await asyncio.sleep(0.05)
+    assert surfaces.fake.cancelled == 1
+    # input from message_start, output at least what was streamed, far below the 400 held
+    left = await surfaces.spend(key) - sonnet({"input": 10, "output": 1})
+    assert sonnet({"input": 10, "output": 1}) <= left < sonnet({"input": 10, "output": 60})
+    await surfaces.balanced()
+
+
+async def test_messages_refusals_are_anthropic_errors(surfaces: Surfaces) -> None:
+    key = await surfaces.key(rpm_limit=1)
+    client = surfaces.claude(key)
+    await client.messages.create(model="claude", max_tokens=1, messages=ASK)
+    with pytest.raises(anthropic.RateLimitError) as raised:
+        await client.messages.create(model="claude", max_tokens=1, messages=ASK)
+    body = raised.value.body
+    assert body["type"] == "error" and body["error"]["type"] == "rate_limit_error"
+    assert body["error"]["message"].startswith("Rate limit exceeded for api_key")
+    headers = raised.value.response.headers
+    assert 0 < int(headers["retry-after"]) <= 61
+    assert headers["anthropic-ratelimit-requests-remaining"] == "0"
+    # a spent budget: x-should-retry false, so the SDK does not retry it (max_retries=3)
+    poor = await surfaces.key(max_budget=0.000001)
+    retrying = surfaces.claude(poor, retries=3)
+    before = surfaces.fake.requests
+    started = time.monotonic()
+    with pytest.raises(anthropic.RateLimitError) as budget:
+        await retrying.messages.create(model="claude", max_tokens=100, messages=ASK)
+    assert time.monotonic() - started < 1
+    assert budget.value.response.headers["x-should-retry"] == "false"
+    assert budget.value.body["error"]["message"].startswith("Budget has been exceeded!")
+    assert surfaces.fake.requests == before
+    assert await surfaces.spend(poor) == 0  # refused requests consume nothing
+    # errors before admission are Anthropic's too
+    with pytest.raises(anthropic.AuthenticationError) as bad:
+        await surfaces.claude("sk-nope").messages.create(model="claude", max_tokens=1, messages=ASK)
+    assert bad.value.body["error"]["type"] == "authentication_error"
+    with pytest.raises(anthropic.BadRequestError) as missing:
+        await client.messages.create(model="gpt", max_tokens=1, messages=ASK)
+    assert "OpenAI-format upstream" in missing.value.body["error"]["message"]
+    await surfaces.balanced()
+
+
+async def test_an_anthropic_retry_after_is_honoured(surfaces: Surfaces) -> None:
+    key = await surfaces.key(rpm_limit=1)
+    await surfaces.claude(key).messages.create(model="claude", max_tokens=1, messages=ASK)
+    # the SDK waits what retry-after says (up to a minute here): with one retry it gets a
+    # second refusal only if it came back too early; it must not pass the limit
+    client = surfaces.claude(key, retries=0)
+    with pytest.raises(anthropic.RateLimitError) as raised:
+        await client.messages.create(model="claude", max_tokens=1, messages=ASK)
+    wait_ms = int(raised.value.response.headers["retry-after-ms"])
+    assert 0 < wait_ms <= 61_000
+
+
+async def test_messages_upstream_error_releases_and_count_tokens(surfaces: Surfaces) -> None:
+    key = await surfaces.key(max_budget=1)
+    client = surfaces.claude(key)
+    surfaces.fake.error_rate = 1.0
+    with pytest.raises(anthropic.InternalServerError) as failed:
+        await client.messages.create(model="claude", max_tokens=3, messages=ASK)
+    assert failed.value.body["type"] == "error"
+    surfaces.fake.error_rate = 0.0
+    assert await surfaces.spend(key) == 0
+    counted = await client.messages.count_tokens(model="claude", messages=ASK, system=SYSTEM)
+    assert counted.input_tokens == 110  # the upstream's own count, passed through
+    assert await surfaces.spend(key) == 0  # counting is free
+    async with surfaces.admin.session.post(
+        f"{surfaces.base}/v1/messages/count_tokens",
+        json={"model": "gpt", "messages": ASK},
+        headers={"x-api-key": key},
+    ) as response:
+        assert response.status == 501
+        payload = await response.json()
+    assert payload["type"] == "error"
+    assert "no token-counting endpoint" in payload["error"]["message"]
+    await surfaces.balanced()
+
+
+# -- OpenAI Responses ---------------------------------------------------------------------
+
+
+async def test_responses_create_stream_retrieve_delete(surfaces: Surfaces) -> None:
+    key = await surfaces.key(max_budget=1)
+    client = surfaces.openai(key)
+    created = await client.responses.create(model="gpt", input="x" * 40, max_output_tokens=4)
+    assert created.output_text == "lorem lorem lorem lorem"
+    assert created.usage.input_tokens == 10
+    # gpt-4o from genai-prices: $2.5/M input, $1.25/M cached, $10/M output
+    spent = 10 * 2.5e-6 + 4 * 10e-6
+    assert await surfaces.spend(key) == pytest.approx(spent)
+    again = await client.responses.create(model="gpt", input="x" * 40, max_output_tokens=4)
+    assert again.usage.input_tokens_details.cached_tokens == 9
+    spent += 1 * 2.5e-6 + 9 * 1.25e-6 + 4 * 10e-6
+    assert await surfaces.spend(key) == pytest.approx(spent)
+    stream = await client.responses.create(
+        model="gpt", input="y" * 40, max_output_tokens=3, stream=True
+    )
+    events = [event async for event in stream]
+    assert events[-1].type == "response.completed"
+    spent += 10 * 2.5e-6 + 3 * 10e-6
+    assert await surfaces.spend(key) == pytest.approx(spent)
+    fetched = await client.responses.retrieve(created.id)
+    assert fetched.id == created.id and fetched.output_text == created.output_text
+    items = await client.responses.input_items.list(created.id)
+    assert items.data
+    # another key cannot reach it
+    with pytest.raises(openai.NotFoundError):
+        await surfaces.openai(await surfaces.key()).responses.retrieve(created.id)
+    await client.responses.delete(created.id)
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(created.id)
+    streamed_id = events[0].response.id
+    assert (await client.responses.retrieve(streamed_id)).status == "completed"
+    await surfaces.balanced()
+
+
+async def test_responses_reasoning_tokens_and_refusals(surfaces: Surfaces) -> None:
+    key = await surfaces.key(rpm_limit=1, max_budget=10)
+    client = surfaces.openai(key)
+    answer = await client.responses.create(
+        model="o3-mini", input="x" * 40, max_output_tokens=12, reasoning={"effort": "low"}
+    )
+    assert answer.usage.output_tokens_details.reasoning_tokens == 8
+    # o3-mini: $1.1/M input, $4.4/M output, reasoning billed as output
+    assert await surfaces.spend(key) == pytest.approx(10 * 1.1e-6 + 12 * 4.4e-6)
+    with pytest.raises(openai.RateLimitError) as raised:
+        await client.responses.create(model="o3-mini", input="x", max_output_tokens=2)
+    assert raised.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+    with pytest.raises(openai.BadRequestError, match="background"):
+        await surfaces.openai(await surfaces.key()).responses.create(
+            model="gpt", input="x", background=True
+        )
+    with pytest.raises(openai.BadRequestError, match="Anthropic-format"):
+        await surfaces.openai(await surfaces.key()).responses.create(model="claude", input="x")
+    await surfaces.balanced()
+
+
+async def test_a_client_leaving_a_responses_stream_frees_its_lease(surfaces: Surfaces) -> None:
+    key = await surfaces.key(max_parallel_requests=1, max_budget=1)
+    surfaces.fake.chunk_delay_ms = 50
+    async with surfaces.admin.session.post(
+        f"{surfaces.base}/v1/responses",
+        json={"model": "gpt", "input": "x" * 40, "max_output_tokens": 400, "stream": True},
+        headers={"Authorization": f"Bearer {key}"},
+    ) as response:
+        assert response.status == 200
+        seen = b""
+        while b"output_text.delta" not in seen:
+            seen += await response.content.readline()
+    client = surfaces.openai(key)
+    for _ in range(100):
+        try:
+            await client.responses.create(model="gpt", input="x" * 40, max_output_tokens=1)
+            break
+        except openai.RateLimitError:
+            await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the lease of the abandoned stream was not freed")
+    # the cut stream: its prompt estimate and what was streamed, not the 400 held
+    spent = await surfaces.spend(key)
+    assert spent < 2 * 10 * 2.5e-6 + 60 * 10e-6
+    await surfaces.balanced()
+
+
+# -- cache-aware token windows -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("counts", "third_admitted"), [("all", False), ("uncached", True)])
+async def test_what_token_windows_count_of_cache_reads(
+    surfaces: Surfaces, redis_url: str, counts: str, third_admitted: bool
+) -> None:
+    """Two calls that write then read a 100-token cached system prompt (115 tokens each):
+    counting everything leaves 30 of 260, too little for a third (about 119 held); leaving
+    cache reads out (as providers' own limits do) counted the second as 15."""
+    settings = dataclasses.replace(surfaces.settings, tpm_counts=counts)
+    async with running_sidecar(settings, redis_url) as base:
+        admin = Admin(surfaces.admin.session, base)
+        key = (await admin.post("/key/generate", {"tpm_limit": 260}))["key"]
+        client = anthropic.AsyncAnthropic(base_url=base, api_key=key, max_retries=0)
+        system = [{"type": "text", "text": "c" * 400, "cache_control": {"type": "ephemeral"}}]
+        for _ in range(2):
+            await client.messages.create(model="claude", max_tokens=5, system=system, messages=ASK)
+        try:
+            await client.messages.create(model="claude", max_tokens=5, system=system, messages=ASK)
+            admitted = True
+        except anthropic.RateLimitError:
+            admitted = False
+        await client.close()
+    assert admitted is third_admitted
+
+
+async def test_input_and_output_token_windows(surfaces: Surfaces) -> None:
+    key = await surfaces.key(output_tpm_limit=10, input_tpm_limit=1000)
+    client = surfaces.claude(key)
+    raw = await client.messages.with_raw_response.create(model="claude", max_tokens=8, messages=ASK)
+    assert raw.headers["anthropic-ratelimit-output-tokens-limit"] == "10"
+    assert raw.headers["anthropic-ratelimit-input-tokens-limit"] == "1000"
+    with pytest.raises(anthropic.RateLimitError) as raised:
+        await client.messages.create(model="claude", max_tokens=8, messages=ASK)
+    message = raised.value.body["error"]["message"]
+    assert "Limit type: tokens" in message and "10 output tokens per minute" in message
+    assert "The largest max_tokens that fits now is 2" in message
+    await client.messages.create(model="claude", max_tokens=2, messages=ASK)
