@@ -76,7 +76,7 @@ QUERIES: dict[str, dict[str, dict[str, Any]]] = {
         "limit": {"type": "integer", "minimum": 1, "maximum": 1_000_000, "default": 10}
     },
 }
-# The one query parameter each info route cannot do without.
+# The one query parameter each info route cannot do without (elsewhere the same names filter).
 _REQUIRED = {"key", "user_id", "team_id", "end_user_id", "budget_id", "organization_id"}
 # The methods whose body is a model of REQUESTS (LiteLLM updates organizations with PATCH and
 # deletes them with DELETE; this API also takes POST for both).
@@ -109,6 +109,10 @@ def _answers() -> dict[str, Any]:
     }
 
 
+def _required(path: str, name: str) -> bool:
+    return path.endswith("/info") and name in _REQUIRED
+
+
 def _operation(method: str, path: str, schemas: dict[str, Any]) -> dict[str, Any]:
     operation: dict[str, Any] = {
         "operationId": f"{method}{path.replace('/', '_')}",
@@ -130,7 +134,7 @@ def _operation(method: str, path: str, schemas: dict[str, Any]) -> dict[str, Any
         }
     else:
         operation["parameters"] = in_path + [
-            {"name": name, "in": "query", "required": name in _REQUIRED, "schema": schema}
+            {"name": name, "in": "query", "required": _required(path, name), "schema": schema}
             for name, schema in QUERIES[path].items()
         ]
     return operation

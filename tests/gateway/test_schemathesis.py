@@ -53,7 +53,7 @@ async def test_every_operation_survives_schemathesis(admin: Admin, tmp_path: Pat
         "--seed",
         "15",
         "--workers",
-        "2",
+        "1",  # with two threads, CPython 3.11's parser can fail inside Hypothesis (SystemError)
         "--no-shrink",
         "--request-timeout",
         "10",
