@@ -147,7 +147,8 @@ def _ready_line(settings: Settings, url: str, args: argparse.Namespace) -> str:
     workers = f", {args.workers} workers" if args.workers > 1 else ""
     return (
         f"ratelimiter ready on {base} (listening on {args.host}:{args.port}{workers}); "
-        f"admin UI {base}/ui; Redis {redis}{RedisSettings.from_url(url).address}"
+        f"admin UI {base}/ui; API docs {base}/docs; "
+        f"Redis {redis}{RedisSettings.from_url(url).address}"
     )
 
 

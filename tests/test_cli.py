@@ -107,7 +107,8 @@ def test_serve_with_the_example_config(tmp_path: Path) -> None:
     assert process.returncode == 0, output
     assert f"data in {tmp_path / '.ratelimiter' / 'redis'}" in output
     ready = f"ratelimiter ready on http://127.0.0.1:{port} (listening on 127.0.0.1:{port}); "
-    assert ready + f"admin UI http://127.0.0.1:{port}/ui; Redis embedded, " in output
+    docs = f"API docs http://127.0.0.1:{port}/docs; "
+    assert ready + f"admin UI http://127.0.0.1:{port}/ui; {docs}Redis embedded, " in output
     assert KEY not in output and virtual not in output  # no secret in logs
     assert "SECRET-PROMPT" not in output  # nor prompt text
     lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
