@@ -198,9 +198,11 @@ async def key_info(request: web.Request) -> Caller:
         return caller
     raw = request.query.get("key")
     if not raw:
-        return caller  # the handler says the parameter is required
+        return caller  # a key asks about itself; the master key must name one
     key = await request.app[STORE].get("key", key_token(raw))
-    if key is None or not await _manages(request.app[STORE], caller, key):
+    # A key that does not exist is a 404 to anyone, as in LiteLLM: a secret is 190 random
+    # bits, so saying a guessed one does not exist tells nothing.
+    if key is not None and not await _manages(request.app[STORE], caller, key):
         raise _not_yours(caller, "You are not allowed to access this key's info")
     return caller
 

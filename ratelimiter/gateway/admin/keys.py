@@ -132,8 +132,12 @@ async def key_regenerate(request: web.Request) -> web.Response:
 
 
 async def key_info(request: web.Request) -> web.Response:
-    await access.key_info(request)
-    token = key_token(query(request, "key"))
+    """A key's record and spend; with no ``key``, the calling key's own (as LiteLLM)."""
+    caller = await access.key_info(request)
+    if not request.query.get("key") and not caller.master and caller.key is not None:
+        token = caller.key["token"]
+    else:
+        token = key_token(query(request, "key"))
     entity = await load(request.app[STORE], "key", token)
     info = await entity_info(request, "key", token, entity)
     return json_response({"key": token, "info": present("key", info)})

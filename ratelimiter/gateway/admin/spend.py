@@ -124,6 +124,7 @@ def _log(entry: Entry) -> dict[str, Any]:
             "user_api_key_alias": meta.get("key_alias"),
             "user_api_key_user_id": meta.get("user_id"),
             "user_api_key_team_id": meta.get("team_id"),
+            "user_api_key_org_id": meta.get("organization_id"),
             "client_request_id": meta.get("client_request_id"),
             "usage_reported": info.get("usage_reported"),
         },
