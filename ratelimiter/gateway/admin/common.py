@@ -244,7 +244,7 @@ MAX_PAGE = 1_000_000  # pages of a listing
 
 
 def whole(request: web.Request, name: str, default: int, most: int) -> int:
-    """A query parameter that is a whole number from 1 to ``most``."""
+    """A query parameter that is a whole number from 1 to ``most``, else ``default``."""
     raw = request.query.get(name)
     if raw is None:
         return default
