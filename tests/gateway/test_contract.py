@@ -118,7 +118,7 @@ async def test_user_info_and_team_info_have_litellms_nesting(admin: Admin) -> No
     assert set(info) == {"team_id", "team_info", "keys", "team_memberships"}
     assert [k["token"] for k in info["keys"]] == [team_key["token"]]
     assert info["team_memberships"] == [
-        {"team_id": "t-nest", "user_id": "nest", "litellm_budget_table": None}
+        {"team_id": "t-nest", "user_id": "nest", "spend": 0.0, "litellm_budget_table": None}
     ]
     customer = await admin.post("/customer/new", {"user_id": "c-nest", "max_budget": 3})
     info = await admin.get("/customer/info", end_user_id=customer["user_id"])
@@ -263,3 +263,24 @@ async def test_user_update_makes_a_user_it_does_not_know(admin: Admin) -> None:
     updated = await admin.post("/user/update", {"user_id": "litellm-proxy-budget", "spend": 0})
     assert updated["user_id"] == "litellm-proxy-budget"
     assert (await admin.get("/user/info", user_id="litellm-proxy-budget"))["user_id"]
+
+
+async def test_a_members_budget_in_its_team_is_shown_and_enforced(stack: Stack) -> None:
+    """LiteLLM's flow: a user made with team_id gets a key of that team; a budget set with
+    /team/member_update holds, and /user/info shows the member's spend against it."""
+    admin = stack.admin
+    await admin.post("/team/new", {"team_id": "t-budget"})
+    user = await admin.post("/user/new", {"user_id": "spender", "team_id": "t-budget"})
+    assert (await admin.get("/key/info", key=user["key"]))["info"]["team_id"] == "t-budget"
+    await admin.post(
+        "/team/member_update",
+        {"team_id": "t-budget", "user_id": "spender", "max_budget_in_team": 0.0000001},
+    )
+    # no max_tokens: admitted while the budget has anything left (DESIGN, "Budgets and estimates")
+    assert (await chat(stack, user["key"], max_tokens=None))[0] == 200
+    status, body = await chat(stack, user["key"], max_tokens=None)
+    assert status == 429 and "member" in body["error"]["message"], body
+    (team,) = (await admin.get("/user/info", user_id="spender"))["teams"]
+    (membership,) = team["team_memberships"]
+    assert membership["spend"] > 0.0000001
+    assert membership["litellm_budget_table"]["max_budget"] == 0.0000001

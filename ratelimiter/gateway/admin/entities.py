@@ -12,7 +12,7 @@ from ...errors import EntityError
 from ...responses import json_response
 from ..http import ENGINE, STORE
 from ..models import validate
-from ..policy import LIMIT_FIELDS
+from ..policy import LIMIT_FIELDS, Scope
 from ..store import MAX_LIST, REFERENCES, Store, members
 from . import access
 from .common import (
@@ -30,6 +30,7 @@ from .common import (
     required,
     scope_id,
     set_spend,
+    spend_windows,
     take_spend,
     update,
 )
@@ -60,8 +61,10 @@ async def user_new(request: web.Request) -> web.Response:
         await _add_members(request, teams[team_id], [{**member, "user_id": user_id}])
     answer = present("user", {**user, "created_at": now, "updated_at": now})
     if auto_create_key:
+        # LiteLLM's older team_id makes the user's key a key of that team as well
+        team = {"team_id": user["team_id"]} if user.get("team_id") else {}
         key = await create_key(
-            request, {"user_id": user_id, "models": user.get("models") or [], **for_key}
+            request, {"user_id": user_id, "models": user.get("models") or [], **for_key, **team}
         )
         answer |= {n: key[n] for n in ("key", "key_name", "token_id", "expires")}
     return json_response(answer)
@@ -190,14 +193,26 @@ def info_route(kind: str, *params: str) -> Callable[[web.Request], Awaitable[web
                 "user_id": entity_id,
                 "user_info": info,
                 "keys": await _user_keys(request, "user_id", entity_id),
-                "teams": [present("team", t) for t in teams],
+                "teams": [
+                    {
+                        **present("team", t),
+                        "team_memberships": [
+                            await _membership(request, t, m)
+                            for m in t.get("members") or []
+                            if m["user_id"] == entity_id
+                        ],
+                    }
+                    for t in teams
+                ],
             }
         elif kind == "team":
             body = {
                 "team_id": entity_id,
                 "team_info": info,
                 "keys": await _user_keys(request, "team_id", entity_id),
-                "team_memberships": [_membership(entity, m) for m in entity.get("members") or []],
+                "team_memberships": [
+                    await _membership(request, entity, m) for m in entity.get("members") or []
+                ],
             }
         else:
             body = {**info, "litellm_budget_table": _budget_table(info)}
@@ -210,14 +225,20 @@ def _member(team: dict[str, Any], user_id: str) -> bool:
     return any(m["user_id"] == user_id for m in team.get("members") or [])
 
 
-def _membership(team: dict[str, Any], member: dict[str, Any]) -> dict[str, Any]:
+async def _membership(
+    request: web.Request, team: dict[str, Any], member: dict[str, Any]
+) -> dict[str, Any]:
+    """LiteLLM's TeamMembership: a member's budget in the team and its spend against it (the
+    member scope's current window: what ``max_budget_in_team`` is enforced on)."""
     budget = member.get("max_budget_in_team")
+    window = {"max_budget": budget, "budget_duration": team.get("budget_duration")}
+    scope = Scope("member", f"{team['team_id']}:{member['user_id']}", window)
+    spent = await spend_windows(request, scope) if budget is not None else []
     return {
         "team_id": team["team_id"],
         "user_id": member["user_id"],
-        "litellm_budget_table": None
-        if budget is None
-        else {"max_budget": budget, "budget_duration": team.get("budget_duration")},
+        "spend": spent[0]["spend"] if spent else 0.0,
+        "litellm_budget_table": None if budget is None else window,
     }
 
 
