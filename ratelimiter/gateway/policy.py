@@ -130,19 +130,23 @@ def scope_budgets(scope: Scope, prefix: str, cost: int = 0) -> Iterator[Budget]:
         )
 
 
+RATE_WINDOW = "1m"
+"""The window of every rpm/tpm limit (LiteLLM's are per minute; tests shorten it)."""
+
+
 def _rates(
     scope: Scope, prefix: str, rpm: Any, tpm: Any, what: str = ""
 ) -> Iterator[tuple[Limit, str | None]]:
     if rpm is not None:
         requests = SlidingWindow(
-            scope.key(prefix, f"rpm{what}"), rpm, "1m", name=f"{scope.kind}:requests"
+            scope.key(prefix, f"rpm{what}"), rpm, RATE_WINDOW, name=f"{scope.kind}:requests"
         )
         yield requests, None
     if tpm is not None:
         tokens = SlidingWindow(
             scope.key(prefix, f"tpm{what}"),
             tpm,
-            "1m",
+            RATE_WINDOW,
             0,
             measure="tokens",
             name=f"{scope.kind}:tokens",
@@ -243,7 +247,7 @@ def _build(
             window = SlidingWindow(
                 scope.key(prefix, f"{part}_tpm"),
                 f[f"{part}_tpm_limit"],
-                "1m",
+                RATE_WINDOW,
                 0,
                 measure=f"{part}_tokens",
                 name=f"{scope.kind}:{part}_tokens",

@@ -11,6 +11,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import anthropic
@@ -18,6 +19,7 @@ import openai
 import pytest
 
 from ratelimiter import Engine
+from ratelimiter.gateway import policy
 from ratelimiter.gateway.config import Deployment, Settings
 from ratelimiter.gateway.reconcile import check
 from ratelimiter.testing.fake_upstream import FakeUpstream
@@ -255,16 +257,90 @@ async def test_messages_refusals_are_anthropic_errors(surfaces: Surfaces) -> Non
     await surfaces.balanced()
 
 
-async def test_an_anthropic_retry_after_is_honoured(surfaces: Surfaces) -> None:
+class Seen:
+    """The statuses an SDK's HTTP client got, every retry included."""
+
+    def __init__(self) -> None:
+        self.statuses: list[int] = []
+        self.waits: list[float] = []  # retry-after-ms of each refusal, in seconds
+
+    async def __call__(self, response: Any) -> None:  # the SDK's own httpx response
+        self.statuses.append(response.status_code)
+        if "retry-after-ms" in response.headers:
+            self.waits.append(int(response.headers["retry-after-ms"]) / 1000)
+
+
+@pytest.fixture
+def short_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """rpm/tpm windows of 2 s, so a refusal's retry-after is about a second."""
+    monkeypatch.setattr(policy, "RATE_WINDOW", "2s")
+
+
+@pytest.mark.usefixtures("short_windows")
+async def test_the_anthropic_sdk_honours_retry_after_and_not_a_spent_budget(
+    surfaces: Surfaces,
+) -> None:
     key = await surfaces.key(rpm_limit=1)
     await surfaces.claude(key).messages.create(model="claude", max_tokens=1, messages=ASK)
-    # the SDK waits what retry-after says (up to a minute here): with one retry it gets a
-    # second refusal only if it came back too early; it must not pass the limit
-    client = surfaces.claude(key, retries=0)
-    with pytest.raises(anthropic.RateLimitError) as raised:
-        await client.messages.create(model="claude", max_tokens=1, messages=ASK)
-    wait_ms = int(raised.value.response.headers["retry-after-ms"])
-    assert 0 < wait_ms <= 61_000
+    seen = Seen()
+    http = anthropic.DefaultAsyncHttpxClient(event_hooks={"response": [seen]})
+    client = anthropic.AsyncAnthropic(
+        base_url=surfaces.base, api_key=key, max_retries=3, http_client=http
+    )
+    surfaces.closers.append(client)
+    before = surfaces.fake.requests
+    started = time.monotonic()
+    answer = await client.messages.create(model="claude", max_tokens=1, messages=ASK)
+    took = time.monotonic() - started
+    assert answer.usage.output_tokens == 1
+    # refused, waited what retry-after said (about a second), then admitted: never early,
+    # since coming back before the window has room would be refused again
+    assert seen.statuses[0] == 429 and seen.statuses[-1] == 200
+    assert 0 < seen.waits[0] <= 2
+    assert took >= seen.waits[0] * 0.9
+    assert len(seen.statuses) <= 3
+    assert surfaces.fake.requests == before + 1
+    # a spent budget says x-should-retry: false, so the SDK does not retry it
+    poor = await surfaces.key(max_budget=0.000001)
+    seen = Seen()
+    http = anthropic.DefaultAsyncHttpxClient(event_hooks={"response": [seen]})
+    client = anthropic.AsyncAnthropic(
+        base_url=surfaces.base, api_key=poor, max_retries=3, http_client=http
+    )
+    surfaces.closers.append(client)
+    with pytest.raises(anthropic.RateLimitError):
+        await client.messages.create(model="claude", max_tokens=100, messages=ASK)
+    assert seen.statuses == [429]
+    await surfaces.balanced()
+
+
+@pytest.mark.usefixtures("short_windows")
+async def test_the_openai_sdk_honours_retry_after_on_responses(surfaces: Surfaces) -> None:
+    key = await surfaces.key(rpm_limit=1)
+    await surfaces.openai(key).responses.create(model="gpt", input="x", max_output_tokens=1)
+    seen = Seen()
+    http = openai.DefaultAsyncHttpxClient(event_hooks={"response": [seen]})
+    client = openai.AsyncOpenAI(
+        base_url=f"{surfaces.base}/v1", api_key=key, max_retries=3, http_client=http
+    )
+    surfaces.closers.append(client)
+    started = time.monotonic()
+    answer = await client.responses.create(model="gpt", input="x", max_output_tokens=1)
+    took = time.monotonic() - started
+    assert answer.usage.output_tokens == 1
+    assert seen.statuses[0] == 429 and seen.statuses[-1] == 200
+    assert 0 < seen.waits[0] <= 2 and took >= seen.waits[0] * 0.9
+    poor = await surfaces.key(max_budget=0.000001)
+    seen = Seen()
+    http = openai.DefaultAsyncHttpxClient(event_hooks={"response": [seen]})
+    client = openai.AsyncOpenAI(
+        base_url=f"{surfaces.base}/v1", api_key=poor, max_retries=3, http_client=http
+    )
+    surfaces.closers.append(client)
+    with pytest.raises(openai.RateLimitError):
+        await client.responses.create(model="gpt", input="x", max_output_tokens=100)
+    assert seen.statuses == [429]
+    await surfaces.balanced()
 
 
 async def test_messages_upstream_error_releases_and_count_tokens(surfaces: Surfaces) -> None:
