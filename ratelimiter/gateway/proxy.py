@@ -127,7 +127,7 @@ class Call:
             check_model_access(caller, deployment, self.settings)
             self.surface.check_deployment(deployment)
             price = deployment.price
-            if price is None and not self._unpriced_ok(deployment):
+            if price is None and not self.surface.free and not self._unpriced_ok(deployment):
                 raise EntityError(
                     400,
                     f"model {deployment.model_name!r} has no price: set "
@@ -203,7 +203,8 @@ class Call:
 
     def _limits(self, resolved: Resolved, capped: bool = False) -> list[Limit]:
         ttl_ms = round(self.settings.lease_ttl_s * 1000)
-        return limits_for(resolved, self.settings.key_prefix, ttl_ms, capped=capped)
+        limits = limits_for(resolved, self.settings.key_prefix, ttl_ms, capped=capped)
+        return [limit for limit in limits if self.surface.counts(limit)]
 
     async def _bound(
         self, resolved: Resolved, price: Price | None, limits: list[Limit]
@@ -744,7 +745,7 @@ def add_proxy_routes(app: web.Application) -> None:
     app.cleanup_ctx.append(_run_deferred)
     for prefix in ("/v1", "", "/anthropic/v1"):
         for path, surface in SURFACES.items():
-            if prefix == "/anthropic/v1" and surface.kind != "messages":
+            if prefix == "/anthropic/v1" and surface.flavor != "anthropic":
                 continue  # LiteLLM's Anthropic pass-through prefix serves Messages only
             app.router.add_post(f"{prefix}/{path}", proxy_route(surface))
         add_side_routes(app, prefix)

@@ -1,7 +1,9 @@
-"""Routes beside the metered path that still reach an upstream: Anthropic's
-``/v1/messages/count_tokens`` and the Responses API's retrieve, delete, cancel and input items.
-None of them generates tokens, so none is admitted or charged; each authenticates, checks the
-key may use the model (or made the response), and passes the upstream's answer through.
+"""Routes beside the metered path that still reach an upstream: the Responses API's retrieve,
+delete, cancel and input items. None of them generates tokens, so none is admitted or charged;
+each authenticates, checks the key made the response (and may still use its model), and passes
+the upstream's answer through. (Anthropic's ``/v1/messages/count_tokens`` generates nothing
+either, but Anthropic limits its requests: it takes the metered path as a surface of its own,
+surfaces/messages.py.)
 
 Who made which response is kept in Redis (``<prefix>response:<id>``: the deployment and the
 key, for 30 days, as long as OpenAI keeps a stored response), so a response is reached only
@@ -15,15 +17,12 @@ from typing import Any
 
 import aiohttp
 import msgpack
-import orjson
 from aiohttp import web
 
 from ..errors import EntityError
-from ..responses import anthropic_error
 from .config import Deployment
-from .http import HTTP, SETTINGS, STORE, bearer, error_answer
+from .http import HTTP, SETTINGS, STORE, bearer
 from .resolver import Caller, authenticate, check_model_access
-from .routing import route
 from .surfaces import SURFACES
 
 __all__ = ["add_side_routes"]
@@ -31,7 +30,6 @@ __all__ = ["add_side_routes"]
 log = logging.getLogger("ratelimiter.proxy")
 
 KEEP_ANSWER_S = 30 * 24 * 3600
-MESSAGES = SURFACES["messages"]
 RESPONSES = SURFACES["responses"]
 
 
@@ -50,43 +48,6 @@ async def _remember_answer(call: Any, caller: Caller, deployment: Deployment, an
         await call.app[STORE].redis.set(_answer_key(call.app, answer), record, ex=KEEP_ANSWER_S)
     except Exception as exc:  # the answer is given; only retrieving it later needs this
         log.warning("could not record who made response %s: %s", answer, exc)
-
-
-async def count_tokens(request: web.Request) -> web.StreamResponse:
-    try:
-        settings = request.app[SETTINGS]
-        caller = await authenticate(request.app[STORE], settings, bearer(request))
-        try:
-            raw = await request.read()
-            body = _checked(raw)
-        except orjson.JSONDecodeError as exc:
-            raise EntityError(400, f"the body is not valid JSON: {exc}") from None
-        found = route(settings, body["model"])
-        if not found:
-            raise EntityError(404, f"model {body['model']!r} is not served here", "model")
-        for deployment in found:
-            check_model_access(caller, deployment, settings)
-        anthropic = [d for d in found if d.speaks_anthropic]
-        if not anthropic:
-            return anthropic_error(
-                501,
-                f"count_tokens is not available for {body['model']!r}: it is served by an "
-                "OpenAI-format upstream, which has no token-counting endpoint, and the rate "
-                "limiter does not guess a count",
-            )
-        deployment = anthropic[0]
-        forwarded = {**body, "model": deployment.model.split("/", 1)[-1]}
-        url = f"{deployment.base_url}/messages/count_tokens"
-        headers = MESSAGES.upstream_headers(request, deployment)
-        return await _pass(request, "POST", url, headers, orjson.dumps(forwarded), anthropic=True)
-    except Exception as exc:
-        return MESSAGES.envelope(error_answer(request, exc))
-
-
-def _checked(raw: bytes) -> dict[str, Any]:
-    from .bodies import check_body
-
-    return check_body(orjson.loads(raw), "count_tokens")
 
 
 async def stored_response(request: web.Request) -> web.StreamResponse:
@@ -129,7 +90,6 @@ async def _pass(
     body: bytes | None,
     *,
     query: str = "",
-    anthropic: bool = False,
 ) -> web.StreamResponse:
     """The upstream's answer, passed through as it comes (a stream included)."""
     if query:
@@ -150,13 +110,10 @@ async def _pass(
             return response
     except (aiohttp.ClientError, OSError) as exc:
         message = f"the upstream could not be reached: {type(exc).__name__}"
-        if anthropic:
-            return anthropic_error(502, message)
         raise EntityError(502, message) from None
 
 
 def add_side_routes(app: web.Application, prefix: str) -> None:
-    app.router.add_post(f"{prefix}/messages/count_tokens", count_tokens)
     if prefix == "/anthropic/v1":
         return
     one = f"{prefix}/responses/{{response_id}}"

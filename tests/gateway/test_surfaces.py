@@ -367,6 +367,34 @@ async def test_messages_upstream_error_releases_and_count_tokens(surfaces: Surfa
     await surfaces.balanced()
 
 
+async def test_count_tokens_takes_a_request_and_nothing_else(surfaces: Surfaces) -> None:
+    """Anthropic bills no tokens for counting but limits its requests: here a count takes a
+    place in the caller's request windows and parallel limits, and nothing of its token
+    windows or budgets; its ledger entry is $0."""
+    key = await surfaces.key(rpm_limit=2, tpm_limit=50, max_budget=0.000001)
+    client = surfaces.claude(key)
+    raw = await client.messages.with_raw_response.count_tokens(
+        model="claude", messages=ASK, system=SYSTEM
+    )
+    assert (await raw.parse()).input_tokens == 110  # more than the tpm_limit: not held
+    assert raw.headers["anthropic-ratelimit-requests-remaining"] == "1"
+    assert "anthropic-ratelimit-tokens-remaining" not in raw.headers  # not met at all
+    await client.messages.count_tokens(model="claude", messages=ASK)
+    with pytest.raises(anthropic.RateLimitError) as raised:
+        await client.messages.count_tokens(model="claude", messages=ASK)
+    assert raised.value.body["error"]["message"].startswith("Rate limit exceeded for api_key")
+    assert int(raised.value.response.headers["retry-after"]) > 0
+    assert await surfaces.spend(key) == 0
+    # blocked keys are refused a count too
+    blocked = await surfaces.key()
+    await surfaces.admin.post("/key/block", {"key": blocked})
+    with pytest.raises(anthropic.PermissionDeniedError):
+        await surfaces.claude(blocked).messages.count_tokens(model="claude", messages=ASK)
+    logs = await surfaces.admin.get("/spend/logs", api_key=key)
+    assert [entry["call_type"] for entry in logs] == ["count_tokens"] * 2
+    await surfaces.balanced()
+
+
 # -- OpenAI Responses ---------------------------------------------------------------------
 
 

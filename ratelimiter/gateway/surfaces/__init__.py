@@ -11,7 +11,7 @@ every surface; adding a surface adds a module here, never a second copy of that 
 from __future__ import annotations
 
 from .base import StreamTally, Surface
-from .messages import MESSAGES
+from .messages import COUNT_TOKENS, MESSAGES
 from .openai import CHAT, COMPLETION, EMBEDDING
 from .responses import RESPONSES
 
@@ -24,4 +24,5 @@ SURFACES: dict[str, Surface] = {
     "embeddings": EMBEDDING,
     "responses": RESPONSES,
     "messages": MESSAGES,
+    "messages/count_tokens": COUNT_TOKENS,
 }

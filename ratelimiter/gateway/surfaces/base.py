@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from ...engine import Decision
+from ...engine.limits import Limit
 from ...errors import EntityError
 from ...pricing import Usage, estimate_tokens, read_usage
 from ...responses import error_response, rate_headers, refusal
@@ -45,6 +46,8 @@ class Surface:
     # the body field that bounds the completion, and the one strict enforcement sets
     bound_fields: tuple[str, ...] = ("max_completion_tokens", "max_tokens")
     strict_field = "max_tokens"
+    # a request that costs nothing (token counting): no price needed, no tokens or spend held
+    free = False
 
     # -- reading the request ----------------------------------------------------------
 
@@ -68,6 +71,11 @@ class Surface:
     def end_user(self, body: dict[str, Any]) -> str | None:
         user = body.get("user")
         return user if isinstance(user, str) and user else None
+
+    def counts(self, limit: Limit) -> bool:
+        """Whether a request of this surface meets ``limit`` (every limit, but for one that
+        takes only requests)."""
+        return True
 
     def check_deployment(self, deployment: Deployment) -> None:
         """An EntityError when this surface cannot reach ``deployment`` (another format)."""

@@ -20,13 +20,14 @@ import orjson
 from aiohttp import web
 
 from ...engine import Decision
+from ...engine.limits import Concurrency, Gate, Limit, SlidingWindow
 from ...errors import EntityError
-from ...pricing import content_pieces, measure
+from ...pricing import Usage, content_pieces, measure
 from ...responses import anthropic_error, anthropic_rate_headers, refusal
 from ..config import Deployment
 from .base import StreamTally, Surface
 
-__all__ = ["ANTHROPIC_VERSION", "MESSAGES"]
+__all__ = ["ANTHROPIC_VERSION", "COUNT_TOKENS", "MESSAGES"]
 
 ANTHROPIC_VERSION = "2023-06-01"
 # Anthropic adds a system prompt of its own when tools are given: 346 tokens for "auto" or
@@ -156,3 +157,57 @@ def _block_chars(block: Any) -> int:
 
 
 MESSAGES = Messages()
+
+
+class CountTokens(Messages):
+    """``/v1/messages/count_tokens``: the upstream's own count, passed through. Anthropic
+    bills no tokens for it but limits its requests per minute, so here it is admitted like
+    any request but takes only requests: it counts in the caller's request windows
+    (``rpm_limit`` of the key, user, team, organization...) and parallel limits and meets
+    their blocks, takes nothing of token windows or budgets, and is settled at 0 tokens and
+    $0 (a ledger entry with route ``count_tokens``). The deployment's own rpm/tpm are left
+    alone: Anthropic limits token counting apart from message creation."""
+
+    kind = "count_tokens"
+    path = "messages/count_tokens"
+    free = True
+
+    def estimate(self, body: dict[str, Any], default_max_tokens: int, mode: str) -> tuple[int, int]:
+        return 0, 0
+
+    def bounds_itself(self, body: dict[str, Any]) -> bool:
+        return True  # it generates nothing: held at exactly 0 tokens
+
+    def writes_cache(self, body: dict[str, Any]) -> bool:
+        return False
+
+    def streams(self, body: dict[str, Any]) -> bool:
+        return False
+
+    def counts(self, limit: Limit) -> bool:
+        if (limit.name or "").startswith("deployment:"):
+            return False
+        if isinstance(limit, SlidingWindow):
+            return limit.measure is None
+        return isinstance(limit, (Concurrency, Gate))
+
+    def check_deployment(self, deployment: Deployment) -> None:
+        if not deployment.speaks_anthropic:
+            raise EntityError(
+                501,
+                f"count_tokens is not available for {deployment.model_name!r}: it is served by "
+                "an OpenAI-format upstream, which has no token-counting endpoint, and the rate "
+                "limiter does not guess a count",
+            )
+
+    def usage(self, answer: Any) -> Usage | None:
+        return Usage()  # a count is free: its input_tokens is the answer, not usage
+
+    def error_usage(self, payload: dict[str, Any]) -> Usage | None:
+        return None
+
+    def generated_chars(self, answer: Any) -> int:
+        return 0
+
+
+COUNT_TOKENS = CountTokens()
