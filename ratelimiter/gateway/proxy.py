@@ -54,7 +54,7 @@ from .metrics import METRICS, timer
 from .policy import STRICT_MIN_TOKENS, Resolved, Scope, completion_room, limits_for
 from .resolver import Caller, authenticate, check_model_access, resolve
 from .routing import aliases_of, listed_names, route
-from .side_routes import _remember_answer, add_side_routes
+from .side_routes import _remember_answer, add_side_routes, carried_tokens
 from .surfaces import SURFACES, StreamTally, Surface
 
 __all__ = ["HTTP", "add_proxy_routes"]
@@ -527,6 +527,10 @@ async def _proxied(request: web.Request, surface: Surface) -> web.StreamResponse
     async with _admission_deadline(request.app, deadline):
         caller = await authenticate(request.app[STORE], settings, bearer(request))
     call = Call(request, surface, await _read_body(request, surface), deadline)
+    previous = surface.continues(call.body)
+    if previous is not None:  # the earlier turns are billed again as input: held too
+        async with _admission_deadline(request.app, deadline):
+            call.prompt += await carried_tokens(request.app, caller, previous)
     admitted = await call.admit(caller)
     if isinstance(admitted, web.Response):
         return admitted

@@ -25,7 +25,7 @@ from .http import HTTP, SETTINGS, STORE, bearer
 from .resolver import Caller, authenticate, check_model_access
 from .surfaces import SURFACES
 
-__all__ = ["add_side_routes"]
+__all__ = ["add_side_routes", "carried_tokens"]
 
 log = logging.getLogger("ratelimiter.proxy")
 
@@ -42,12 +42,34 @@ def _owner(caller: Caller) -> str:
 
 
 async def _remember_answer(call: Any, caller: Caller, deployment: Deployment, answer: str) -> None:
-    """Who made response ``answer`` and where it lives; a failure costs only its retrieval."""
-    record = msgpack.packb([deployment.index, deployment.model, _owner(caller)])
+    """Who made response ``answer``, where it lives and the tokens it carries into a turn that
+    continues it (its input and output); a failure costs only its retrieval."""
+    usage = call.usage
+    carried = int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
+    record = msgpack.packb([deployment.index, deployment.model, _owner(caller), carried])
     try:
         await call.app[STORE].redis.set(_answer_key(call.app, answer), record, ex=KEEP_ANSWER_S)
     except Exception as exc:  # the answer is given; only retrieving it later needs this
         log.warning("could not record who made response %s: %s", answer, exc)
+
+
+async def carried_tokens(app: web.Application, caller: Caller, answer: str) -> int:
+    """The tokens a request continuing response ``answer`` (``previous_response_id``) carries
+    from it: its recorded input and output, which the upstream bills again as input. An
+    EntityError when the response was not made through this rate limiter by this key: its
+    size is unknown, so the request could not be held soundly."""
+    raw = await app[STORE].redis.get(_answer_key(app, answer))
+    record = msgpack.unpackb(raw) if raw else None
+    if record is None or (not caller.master and record[2] != _owner(caller)):
+        raise EntityError(
+            400,
+            f"previous_response_id {answer!r} is not a response made through this rate "
+            "limiter with this key (responses are kept for 30 days): the tokens it carries "
+            "could not be held",
+            "previous_response_id",
+        )
+    # a record made before the size was kept has 3 fields
+    return int(record[3]) if len(record) > 3 else 0
 
 
 async def stored_response(request: web.Request) -> web.StreamResponse:
@@ -64,7 +86,7 @@ async def stored_response(request: web.Request) -> web.StreamResponse:
             "(responses are kept for 30 days)",
             "response_id",
         )
-    index, model, _ = record
+    index, model = record[0], record[1]
     deployment = next((d for d in settings.models if d.index == index), None)
     if deployment is None:
         raise EntityError(404, f"the deployment that made response {answer!r} is gone")

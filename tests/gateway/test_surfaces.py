@@ -454,6 +454,37 @@ async def test_responses_reasoning_tokens_and_refusals(surfaces: Surfaces) -> No
     await surfaces.balanced()
 
 
+async def test_a_continued_response_holds_the_turns_it_carries(surfaces: Surfaces) -> None:
+    """previous_response_id: the upstream bills the earlier turns again as input, so the
+    estimate holds them too (the stored response's recorded input and output)."""
+    key = await surfaces.key(tpm_limit=1000, max_budget=1)
+    client = surfaces.openai(key)
+    first = await client.responses.create(model="gpt", input="x" * 40, max_output_tokens=4)
+    assert first.usage.total_tokens == 14
+    raw = await client.responses.with_raw_response.create(
+        model="gpt", input="y" * 40, max_output_tokens=4, previous_response_id=first.id
+    )
+    second = raw.parse()
+    # held: 14 carried + 10 of new input + 4 of output, next to the 14 the first took
+    assert raw.headers["x-ratelimit-remaining-tokens"] == str(1000 - 14 - (14 + 10 + 4))
+    # a third turn carries the second's whole input and output
+    raw = await client.responses.with_raw_response.create(
+        model="gpt", input="z" * 40, max_output_tokens=4, previous_response_id=second.id
+    )
+    carried = second.usage.input_tokens + second.usage.output_tokens
+    used = 14 + second.usage.total_tokens
+    assert raw.headers["x-ratelimit-remaining-tokens"] == str(1000 - used - (carried + 14))
+    # a response this key did not make through us has no known size: refused, not guessed
+    other = surfaces.openai(await surfaces.key())
+    for unknown in (first.id, "resp_made_elsewhere"):
+        with pytest.raises(openai.BadRequestError, match="previous_response_id") as refused:
+            await other.responses.create(
+                model="gpt", input="x", max_output_tokens=1, previous_response_id=unknown
+            )
+        assert refused.value.body["param"] == "previous_response_id"
+    await surfaces.balanced()
+
+
 async def test_a_client_leaving_a_responses_stream_frees_its_lease(surfaces: Surfaces) -> None:
     key = await surfaces.key(max_parallel_requests=1, max_budget=1)
     surfaces.fake.chunk_delay_ms = 50

@@ -87,6 +87,11 @@ class Surface:
                 "model",
             )
 
+    def continues(self, body: dict[str, Any]) -> str | None:
+        """The id of a stored answer this request continues (its tokens are billed again as
+        input, so they are held too), if any."""
+        return None
+
     def answer_id(self, answer: Any) -> str | None:
         """The id of an answer the upstream keeps (for retrieving it later), if any."""
         return None

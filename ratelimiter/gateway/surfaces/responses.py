@@ -68,6 +68,10 @@ class Responses(Surface):
         output = answer.get("output") if isinstance(answer, dict) else None
         return _chars(output)
 
+    def continues(self, body: dict[str, Any]) -> str | None:
+        previous = body.get("previous_response_id")
+        return previous if isinstance(previous, str) and previous else None
+
     def answer_id(self, answer: Any) -> str | None:
         value = answer.get("id") if isinstance(answer, dict) else None
         return value if isinstance(value, str) and value else None
