@@ -43,6 +43,7 @@ class FakeUpstream:
 
     latency_ms: float = 0.0
     error_rate: float = 0.0
+    error_usage: dict[str, Any] | None = None  # usage an error answer reports, as it is
     chunk_delay_ms: float = 0.0
     seed: int | None = None
     requests: int = 0
@@ -74,11 +75,13 @@ def _prompt_tokens(body: dict[str, Any], field: str) -> int:
     return max(1, -(-len(text) // 4))
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response(
-        {"error": {"message": message, "type": "upstream_error", "param": None, "code": None}},
-        status=status,
-    )
+def _error(status: int, message: str, usage: dict[str, Any] | None = None) -> web.Response:
+    payload: dict[str, Any] = {
+        "error": {"message": message, "type": "upstream_error", "param": None, "code": None}
+    }
+    if usage is not None:
+        payload["usage"] = usage
+    return web.json_response(payload, status=status)
 
 
 async def _prelude(request: web.Request) -> tuple[FakeUpstream, dict[str, Any]] | web.Response:
@@ -92,7 +95,7 @@ async def _prelude(request: web.Request) -> tuple[FakeUpstream, dict[str, Any]] 
     if fake.latency_ms:
         await asyncio.sleep(fake.latency_ms / 1000)
     if fake.error_rate and fake.random.random() < fake.error_rate:
-        return _error(500, "the fake upstream failed on purpose")
+        return _error(500, "the fake upstream failed on purpose", fake.error_usage)
     return fake, body
 
 

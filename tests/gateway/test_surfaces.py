@@ -485,6 +485,33 @@ async def test_a_continued_response_holds_the_turns_it_carries(surfaces: Surface
     await surfaces.balanced()
 
 
+async def test_a_responses_upstream_error_releases_its_hold(surfaces: Surfaces) -> None:
+    """An upstream error on /v1/responses: the SDK's own error type, the hold and the lease
+    released, nothing charged; an error that reports usage is charged that usage, no more."""
+    key = await surfaces.key(max_parallel_requests=1, tpm_limit=1000, max_budget=1)
+    client = surfaces.openai(key)
+    surfaces.fake.error_rate = 1.0
+    for stream in (False, True):
+        with pytest.raises(openai.InternalServerError) as failed:
+            await client.responses.create(
+                model="gpt", input="x" * 40, max_output_tokens=400, stream=stream
+            )
+        assert "failed on purpose" in failed.value.message
+    assert await surfaces.spend(key) == 0
+    # it reported what it used before it failed: that is charged, not the 400 held
+    surfaces.fake.error_usage = {"input_tokens": 10, "output_tokens": 2, "total_tokens": 12}
+    with pytest.raises(openai.InternalServerError):
+        await client.responses.create(model="gpt", input="x" * 40, max_output_tokens=400)
+    assert await surfaces.spend(key) == pytest.approx(10 * 2.5e-6 + 2 * 10e-6)
+    surfaces.fake.error_rate, surfaces.fake.error_usage = 0.0, None
+    # the lease came back and the token window holds only the 12 reported
+    raw = await client.responses.with_raw_response.create(
+        model="gpt", input="x" * 40, max_output_tokens=4
+    )
+    assert raw.headers["x-ratelimit-remaining-tokens"] == str(1000 - 12 - 14)
+    await surfaces.balanced()
+
+
 async def test_a_client_leaving_a_responses_stream_frees_its_lease(surfaces: Surfaces) -> None:
     key = await surfaces.key(max_parallel_requests=1, max_budget=1)
     surfaces.fake.chunk_delay_ms = 50
