@@ -61,6 +61,8 @@ async def test_regenerate_stops_the_old_secret_and_keeps_limits_and_spend(stack:
     info = (await admin.get("/key/info", key=new["key"]))["info"]
     (window,) = info["budget_windows"]
     assert window["spend"] > 0  # the old secret's spend is the key's
+    # its history is found by its new secret, the old one's requests included
+    assert len(await admin.get("/spend/logs", api_key=new["key"])) == 2
 
 
 async def test_regenerate_by_path_with_a_chosen_secret_and_a_grace_period(stack: Stack) -> None:

@@ -21,9 +21,8 @@ from ...pricing import dollars
 from ...responses import json_response
 from ..http import ENGINE, SETTINGS, STORE
 from ..models import check_request
-from ..store import hash_key
 from . import access
-from .common import MAX_PAGE, iso, read_object, whole
+from .common import MAX_PAGE, iso, key_token, read_object, scope_id, whole
 
 MAX_PAGE_SIZE = 1_000  # /spend/logs rows per page
 FIRST_DAY, LAST_DAY = date(1970, 1, 1), date(9999, 12, 30)  # LAST_DAY + 1 still exists
@@ -66,6 +65,14 @@ def _date(request: web.Request, name: str, default: date) -> date:
             name,
         )
     return day
+
+
+async def _ledger_key(request: web.Request, given: str) -> str:
+    """The id the ledger knows a key by, from its plain secret or its hash: its ``key_id``,
+    which stays the same when /key/regenerate gives the key a new secret."""
+    token = key_token(given)
+    key = await request.app[STORE].get("key", token)
+    return scope_id("key", token, key) if key else token
 
 
 def _dates(request: web.Request) -> tuple[date, date]:
@@ -177,8 +184,8 @@ async def spend_logs(request: web.Request) -> web.Response:
     summarize = _summarize(request, *given)
     wanted = {meta: request.query[q] for q, meta in LOG_FILTERS.items() if request.query.get(q)}
     wanted.update(own)
-    if wanted.get("key_hash", "").startswith("sk-"):  # a plain key: look it up by its hash
-        wanted["key_hash"] = hash_key(wanted["key_hash"])
+    if "key_hash" in wanted:
+        wanted["key_hash"] = await _ledger_key(request, wanted["key_hash"])
     request_id = request.query.get("request_id")
     page = whole(request, "page", 1, MAX_PAGE)
     size = whole(request, "page_size", MAX_PAGE_SIZE, MAX_PAGE_SIZE)
@@ -244,8 +251,8 @@ async def global_spend_report(request: web.Request) -> web.Response:
         )
         if request.query.get(q)
     }
-    if filters.get("key_hash", "").startswith("sk-"):
-        filters["key_hash"] = hash_key(filters["key_hash"])
+    if "key_hash" in filters:
+        filters["key_hash"] = await _ledger_key(request, filters["key_hash"])
     if "key_hash" in filters or "user_id" in filters:
         group = "api_key"
     entries = await _entries(
@@ -418,8 +425,8 @@ async def global_spend_end_users(request: web.Request) -> web.Response:
     if until < since:
         raise EntityError(400, "endTime must be on or after startTime", "endTime")
     api_key = body.api_key  # type: ignore[attr-defined]
-    if api_key and api_key.startswith("sk-"):
-        api_key = hash_key(api_key)
+    if api_key:
+        api_key = await _ledger_key(request, api_key)
     since_ms, until_ms = int(since.timestamp() * 1000), int(until.timestamp() * 1000)
 
     def keep(entry: Entry) -> bool:
