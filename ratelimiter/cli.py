@@ -26,6 +26,7 @@ from .gateway.config import ConfigError, Settings, load_config
 from .gateway.logs import configure_logging
 from .gateway.reconcile import check
 from .ledger.export import export
+from .ledger.sink import TABLE, PostgresSink
 from .testing.fake_upstream import FakeUpstream, create_fake_upstream
 
 __all__ = ["main"]
@@ -64,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accept a short or published master key (throwaway setups only)",
     )
-    ledger = commands.add_parser("ledger", help="export or check the spend ledger")
+    ledger = commands.add_parser(
+        "ledger", help="export or check the spend ledger, or migrate its sink"
+    )
     ledger_commands = ledger.add_subparsers(dest="ledger_command", required=True)
     export = ledger_commands.add_parser("export", help="write ledger entries as JSONL or CSV")
     export.add_argument("--config", help="the sidecar's config.yaml (Redis URL, key prefix)")
@@ -77,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     check = ledger_commands.add_parser("check", help="reconcile the ledger with the counters")
     check.add_argument("--config", help="the sidecar's config.yaml (Redis URL, key prefix)")
+    migrate = ledger_commands.add_parser(
+        "migrate", help="create or upgrade the ledger sink's PostgreSQL table"
+    )
+    migrate.add_argument("--config", help="the sidecar's config.yaml (ledger_sink)")
+    migrate.add_argument(
+        "--sink", help="postgresql:// URL (default: RATELIMITER_LEDGER_SINK, then the config)"
+    )
     key = commands.add_parser(
         "key", help="print the master key (saved under the data folder on first serve)"
     )
@@ -86,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     fake.add_argument("--port", type=int, default=8000)
     fake.add_argument("--latency-ms", type=float, default=0.0, help="delay before answering")
     fake.add_argument("--error-rate", type=float, default=0.0, help="share of 500 answers, 0-1")
-    for command in (serve, export, check, key, fake):
+    for command in (serve, export, check, migrate, key, fake):
         _log_format(command, None)
     return parser
 
@@ -234,7 +244,32 @@ def print_key(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _migrate(args: argparse.Namespace) -> int:
+    """``ratelimiter ledger migrate``: the sink's table created or upgraded, its version
+    printed. Needs PostgreSQL only, not Redis."""
+    settings = load_config(args.config, allow_weak_master_key=True, master_key="optional")
+    url = args.sink or settings.ledger_sink
+    if not url:
+        raise SystemExit(
+            "no ledger sink: give --sink postgresql://…, set RATELIMITER_LEDGER_SINK, or set "
+            "ratelimiter_settings.ledger_sink in the config"
+        )
+    sink = PostgresSink(url, schema=settings.ledger_sink_schema)
+    try:
+        before, after = await sink.migrate()
+    finally:
+        await sink.close()
+    table = f"{sink.schema}.{TABLE}"
+    if before == after:
+        print(f"{table} is at schema version {after}, the latest")
+    else:
+        print(f"{table} upgraded from schema version {before} to {after}")
+    return 0
+
+
 async def _ledger(args: argparse.Namespace) -> int:
+    if args.ledger_command == "migrate":
+        return await _migrate(args)
     settings = load_config(args.config, allow_weak_master_key=True, master_key="optional")
     server = None
     url = settings.redis_url

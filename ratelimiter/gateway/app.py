@@ -5,6 +5,8 @@ traceback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 
@@ -12,13 +14,14 @@ from aiohttp import web
 
 from ..engine import Engine
 from ..ledger import collect_expired_holds
+from ..ledger.sink import PostgresSink, Shipper, read_lag
 from .admin import add_admin_routes
 from .alerts import add_alerts
 from .config import Settings
 from .health import add_health_routes, redis_health_warnings
 from .hosted_budgets import add_hosted_budget_routes
-from .http import ENGINE, MAX_BODY_BYTES, SETTINGS, STORE, edge_middleware, tag_response
-from .metrics import add_metrics
+from .http import ENGINE, MAX_BODY_BYTES, SETTINGS, SINK, STORE, edge_middleware, tag_response
+from .metrics import SINK_LAG, add_metrics
 from .proxy import add_proxy_routes
 from .store import Store
 from .ui import add_ui_routes
@@ -38,6 +41,8 @@ def create_app(settings: Settings, engine: Engine) -> web.Application:
     app.cleanup_ctx.append(_lifecycle)
     add_health_routes(app)
     add_metrics(app)
+    if settings.ledger_sink:
+        app[SINK_LAG] = functools.partial(read_lag, engine)
     add_admin_routes(app)
     add_hosted_budget_routes(app)
     add_proxy_routes(app)
@@ -50,13 +55,33 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     for warning in await redis_health_warnings(app[ENGINE]):
         log.warning(warning)
 
+    settings, shipper = app[SETTINGS], None
+    if settings.ledger_sink:
+        sink = app[SINK] = PostgresSink(settings.ledger_sink, schema=settings.ledger_sink_schema)
+        shipper = Shipper(app[ENGINE], sink)
+        try:  # create or upgrade the table now; if PostgreSQL is down, the shipper will
+            before, after = await asyncio.wait_for(sink.migrate(), sink.timeout_s)
+            shipper.migrated = True
+            log.info(
+                "ledger sink: PostgreSQL schema %s at version %d%s",
+                sink.schema,
+                after,
+                "" if before == after else f" (was {before})",
+            )
+        except Exception as exc:
+            log.warning("ledger sink: PostgreSQL not ready (%s); entries wait in Redis", exc)
     tasks = [
         asyncio.create_task(app[STORE].listen()),
-        asyncio.create_task(collect_expired_holds(app[ENGINE], app[SETTINGS].collect_interval_s)),
+        asyncio.create_task(
+            collect_expired_holds(app[ENGINE], settings.collect_interval_s, shipper)
+        ),
     ]
     yield
     for task in tasks:
         task.cancel()
     # bounded: a connection torn down mid-read must not hold the shutdown
     await asyncio.wait(tasks, timeout=2)
+    if SINK in app:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(app[SINK].close(), 5)
     await asyncio.wait_for(app[ENGINE].close(), 5)

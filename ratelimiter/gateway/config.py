@@ -148,6 +148,10 @@ class Settings:
     max_unchecked_requests: int = 10_000
     collect_interval_s: float = 5.0
     alert_webhook_url: str | None = None
+    # where shipped ledger entries go (postgresql://…), and the PostgreSQL schema of the table;
+    # None: the ledger stays in Redis until `ratelimiter ledger export --ack`
+    ledger_sink: str | None = None
+    ledger_sink_schema: str = "ratelimiter"
     source: str = "<defaults>"
     extra_warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -478,6 +482,8 @@ _OURS = {
     "hold_ttl",
     "max_unchecked_requests",
     "alert_webhook_url",
+    "ledger_sink",
+    "ledger_sink_schema",
 }
 _PARAMS = {
     "model",
@@ -491,6 +497,17 @@ _PARAMS = {
     "cache_creation_input_token_cost",
     "cache_creation_input_token_cost_above_1hr",
 }
+
+
+def _sink_url(reader: _Reader, env: Mapping[str, str], ours: dict[str, Any]) -> str | None:
+    """The ledger sink's URL: ``RATELIMITER_LEDGER_SINK``, else the config's; PostgreSQL only."""
+    path = "ratelimiter_settings.ledger_sink"
+    url = env.get("RATELIMITER_LEDGER_SINK") or reader.string(path, ours.get("ledger_sink"))
+    if not url:
+        return None
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise reader.fail(path, "must be a postgresql:// URL (the only sink so far)")
+    return url
 
 
 def _check_wildcards(
@@ -737,6 +754,11 @@ def load_config(
         alert_webhook_url=reader.string(
             "ratelimiter_settings.alert_webhook_url", ours.get("alert_webhook_url")
         ),
+        ledger_sink=_sink_url(reader, env, ours),
+        ledger_sink_schema=reader.string(
+            "ratelimiter_settings.ledger_sink_schema", ours.get("ledger_sink_schema")
+        )
+        or "ratelimiter",
         source=source,
         extra_warnings=tuple(reader.warnings),
     )

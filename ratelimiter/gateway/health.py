@@ -8,8 +8,9 @@ import logging
 from aiohttp import web
 
 from ..engine import Engine
+from ..ledger.sink import read_lag
 from ..responses import json_response
-from .http import ENGINE, is_master
+from .http import ENGINE, SETTINGS, is_master
 
 __all__ = ["add_health_routes", "redis_health_warnings"]
 
@@ -30,7 +31,29 @@ async def health_readiness(request: web.Request) -> web.Response:
         if is_master(request):  # operators may see where and why
             body["detail"] = f"Redis at {engine.address}: {exc or 'timeout'}"
         return json_response(body, 503)
-    return json_response({"status": "healthy", "redis": "connected"})
+    body = {"status": "healthy", "redis": "connected"}
+    if request.app[SETTINGS].ledger_sink:
+        body["ledger_sink"] = await _sink_detail(engine, is_master(request))
+    return json_response(body)
+
+
+async def _sink_detail(engine: Engine, master: bool) -> dict[str, object]:
+    """The shipper's last round: what waits in Redis for PostgreSQL, and the last error. A
+    sink behind does not make the sidecar unready (traffic is unaffected; entries wait).
+    Only the master key sees the error's text (it may name the database's host)."""
+    try:
+        lag = await asyncio.wait_for(read_lag(engine), 2)
+    except Exception as exc:
+        return {"status": "unknown", "last_error": (str(exc) or "timeout") if master else None}
+    if lag is None:
+        return {"status": "starting", "lag_entries": None, "lag_seconds": None}
+    return {
+        "status": "error" if lag.error else "shipping",
+        "lag_entries": lag.entries,
+        "lag_seconds": round(lag.seconds, 3),
+        "last_round_shipped": lag.shipped,
+        "last_error": (lag.error or None) if master else None,
+    }
 
 
 async def redis_health_warnings(engine: Engine) -> list[str]:

@@ -18,6 +18,7 @@ from aiohttp import web
 from ..engine import Engine
 from ..engine.connections import as_unavailable, refusing_errors, unavailable_errors
 from ..errors import EntityError, RedisUnavailable
+from ..ledger.sink import PostgresSink
 from ..responses import error_response
 from .config import Settings
 from .metrics import METRICS
@@ -45,6 +46,8 @@ SETTINGS = web.AppKey("settings", Settings)
 HTTP = web.AppKey("http", aiohttp.ClientSession)  # the upstreams' client session
 ENGINE = web.AppKey("engine", Engine)
 STORE = web.AppKey("store", Store)
+# the ledger sink, when one is configured (ratelimiter_settings.ledger_sink)
+SINK = web.AppKey("ledger_sink", PostgresSink)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 CLIENT_REQUEST_ID = web.RequestKey("client_request_id", str | None)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import (
@@ -31,6 +34,8 @@ class Metrics:
     in_flight: Gauge
     spend: Counter
     redis_errors: Counter
+    sink_lag_entries: Gauge
+    sink_lag_seconds: Gauge
 
     @classmethod
     def create(cls) -> Metrics:
@@ -61,14 +66,34 @@ class Metrics:
             in_flight=Gauge("ratelimiter_in_flight", "Proxied requests in flight", registry=r),
             spend=Counter("ratelimiter_spend_dollars", "Settled spend", ["model"], registry=r),
             redis_errors=Counter("ratelimiter_redis_errors", "Redis calls that failed", registry=r),
+            sink_lag_entries=Gauge(
+                "ratelimiter_ledger_sink_lag_entries",
+                "Ledger entries waiting in Redis for the sink (the shipper's last round)",
+                registry=r,
+            ),
+            sink_lag_seconds=Gauge(
+                "ratelimiter_ledger_sink_lag_seconds",
+                "Age of the oldest ledger entry waiting for the sink",
+                registry=r,
+            ),
         )
 
 
 METRICS = web.AppKey("metrics", Metrics)
 
 
+SINK_LAG = web.AppKey("sink_lag", Callable[[], Awaitable[Any]])
+
+
 async def _metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS].registry)
+    metrics = request.app[METRICS]
+    if SINK_LAG in request.app:  # the shipper's last round, as it wrote it to Redis
+        with contextlib.suppress(Exception):
+            lag = await request.app[SINK_LAG]()
+            if lag is not None:
+                metrics.sink_lag_entries.set(lag.entries)
+                metrics.sink_lag_seconds.set(lag.seconds)
+    body = generate_latest(metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

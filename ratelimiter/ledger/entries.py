@@ -11,6 +11,7 @@ module turns them into plain dictionaries for the HTTP edge.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import uuid
@@ -18,12 +19,15 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from ..engine import Engine
 from ..engine.connections import translate_errors
+
+if TYPE_CHECKING:
+    from .sink import Shipper
 
 __all__ = ["DAY_MS", "Entry", "Ledger", "collect_expired_holds", "day_number", "ledger_dims"]
 
@@ -260,26 +264,38 @@ class Ledger:
                 await self.engine.redis.hincrby(bases[0] + LIFETIME, dim, amount)
 
 
-async def collect_expired_holds(engine: Engine, interval_s: float = 5.0) -> None:
-    """Finalise holds whose sidecar died, in one sidecar at a time, until cancelled.
+async def collect_expired_holds(
+    engine: Engine, interval_s: float = 5.0, shipper: Shipper | None = None
+) -> None:
+    """Finalise holds whose sidecar died, and ship the ledger to its sink when one is
+    configured, in one sidecar at a time, until cancelled.
 
-    A short lease in Redis elects the collector: whoever holds it renews it each round; when
-    it dies, another takes over within three intervals. (The expire script is atomic, so two
-    collectors could not double-charge anyway; the lease keeps the others from scanning.)
+    A short lease in Redis elects the collector: whoever holds it renews it each round (and
+    between the shipper's batches); when it dies, another takes over within three intervals.
+    (The expire script is atomic and the sink's keys ignore an entry sent twice, so two
+    collectors could not double-charge or double-ship anyway; the lease keeps the others
+    from scanning.)
     """
-    me = uuid.uuid4().hex
+    me = uuid.uuid4().hex.encode()
     lease, ttl_ms = f"{engine.prefix}collector", int(interval_s * 3000)
+
+    async def still_mine() -> bool:
+        if await engine.redis.get(lease) != me:
+            return False
+        await engine.redis.pexpire(lease, ttl_ms)
+        return True
+
     while True:
         try:
-            holder = await engine.redis.get(lease)
-            mine = holder == me.encode()
-            if mine:
-                await engine.redis.pexpire(lease, ttl_ms)
-            elif holder is None:
+            mine = await still_mine()
+            if not mine and await engine.redis.get(lease) is None:
                 mine = bool(await engine.redis.set(lease, me, nx=True, px=ttl_ms))
             if mine:
                 while len(await engine.collect_expired()) > 0:
                     pass  # a full batch may mean more are due
+                if shipper is not None:
+                    with contextlib.suppress(Exception):  # logged; entries wait in Redis
+                        await shipper.ship(still_mine)
         except Exception as exc:
             log.warning("collecting expired holds failed: %s", exc)
         await asyncio.sleep(interval_s)

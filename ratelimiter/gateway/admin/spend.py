@@ -17,12 +17,13 @@ from aiohttp import web
 from ...engine.durations import shown
 from ...errors import EntityError
 from ...ledger import Entry, Ledger, utc_ms
+from ...ledger.spendlog import spend_log
 from ...pricing import dollars
 from ...responses import json_response
 from ..http import ENGINE, SETTINGS, STORE
 from ..models import check_request
 from . import access
-from .common import MAX_PAGE, iso, key_token, read_object, scope_id, whole
+from .common import MAX_PAGE, key_token, read_object, scope_id, whole
 
 MAX_PAGE_SIZE = 1_000  # /spend/logs rows per page
 FIRST_DAY, LAST_DAY = date(1970, 1, 1), date(9999, 12, 30)  # LAST_DAY + 1 still exists
@@ -84,51 +85,6 @@ def _dates(request: web.Request) -> tuple[date, date]:
             400, "end_date must be on or after start_date, at most 366 days on", "end_date"
         )
     return start, end
-
-
-def _log(entry: Entry) -> dict[str, Any]:
-    """One entry as a row of LiteLLM's SpendLogs: ``request_id`` is the upstream's id of its
-    answer (``chatcmpl-…``) when it gave one, else the sidecar's; the sidecar's own id is
-    ``sidecar_request_id`` (the ``x-request-id`` it answered with)."""
-    meta, info = entry.meta, entry.info
-    spend = dollars(entry.charged.get("spend", 0))
-    estimated = dollars(entry.reserved.get("spend", 0))
-    return {
-        "request_id": info.get("response_id") or entry.request_id,
-        "sidecar_request_id": entry.request_id,
-        "call_type": meta.get("route"),
-        "api_key": meta.get("key_hash"),
-        "spend": spend,
-        "total_tokens": entry.charged.get("tokens", 0),
-        "prompt_tokens": info.get("prompt_tokens", 0),
-        "completion_tokens": info.get("completion_tokens", 0),
-        "startTime": iso(entry.started_ms),
-        "endTime": iso(entry.finished_ms),
-        "model": meta.get("model"),
-        "model_group": meta.get("model"),
-        "model_id": meta.get("deployment"),
-        "user": meta.get("user_id"),
-        "team_id": meta.get("team_id"),
-        "organization_id": meta.get("organization_id"),
-        "end_user": meta.get("end_user"),
-        "metadata": {
-            "user_api_key": meta.get("key_hash"),
-            "user_api_key_alias": meta.get("key_alias"),
-            "user_api_key_user_id": meta.get("user_id"),
-            "user_api_key_team_id": meta.get("team_id"),
-            "user_api_key_org_id": meta.get("organization_id"),
-            "client_request_id": meta.get("client_request_id"),
-            "usage_reported": info.get("usage_reported"),
-        },
-        "status": {"settled": "success", "released": "failure"}.get(entry.status, entry.status),
-        # ours, kept beside LiteLLM's fields
-        "key_alias": meta.get("key_alias"),
-        "deployment": meta.get("deployment"),
-        "client_request_id": meta.get("client_request_id"),
-        "duration_ms": entry.finished_ms - entry.started_ms,
-        "estimated_spend": estimated,
-        "ledger_status": entry.status,
-    }
 
 
 def _summarize(request: web.Request, start: date | None, end: date | None) -> bool:
@@ -199,7 +155,7 @@ async def spend_logs(request: web.Request) -> web.Response:
     if summarize:
         return json_response(_by_day(matched, start, end))
     matched.sort(key=lambda e: e.finished_ms, reverse=True)
-    return json_response([_log(e) for e in matched[(page - 1) * size : page * size]])
+    return json_response([spend_log(e) for e in matched[(page - 1) * size : page * size]])
 
 
 async def global_spend(request: web.Request) -> web.Response:
