@@ -214,5 +214,5 @@ async def export(
     if ack:
         for key, stream_id in last.items():
             ms, _, seq = stream_id.partition("-")
-            await engine.redis.xtrim(key, minid=f"{ms}-{int(seq) + 1}")
+            await engine.redis.xtrim(key, minid=f"{ms}-{int(seq) + 1}", approximate=False)
     return count

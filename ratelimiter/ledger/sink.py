@@ -117,48 +117,52 @@ MIGRATIONS: dict[int, list[str]] = {
 }
 LATEST_VERSION = max(MIGRATIONS)
 
+# (column, type): the row's columns in order, typed for jsonb_to_recordset
 _COLUMNS = (
-    "request_id",
-    "call_type",
-    "api_key",
-    "spend",
-    "total_tokens",
-    "prompt_tokens",
-    "completion_tokens",
-    '"startTime"',
-    '"endTime"',
-    "request_duration_ms",
-    "model",
-    "model_id",
-    "model_group",
-    '"user"',
-    "metadata",
-    "request_tags",
-    "cache_hit",
-    "team_id",
-    "organization_id",
-    "end_user",
-    "status",
-    "sidecar_request_id",
-    "spend_nano",
-    "estimated_spend",
-    "estimated_spend_nano",
-    "ledger_status",
-    "deployment",
-    "client_request_id",
-    "key_alias",
-    "cache_read_input_tokens",
-    "cache_creation_input_tokens",
-    "reasoning_tokens",
-    "input_tokens",
-    "output_tokens",
-    "ledger_stream_id",
+    ("request_id", "text"),
+    ("call_type", "text"),
+    ("api_key", "text"),
+    ("spend", "double precision"),
+    ("total_tokens", "integer"),
+    ("prompt_tokens", "integer"),
+    ("completion_tokens", "integer"),
+    ('"startTime"', "timestamp(3)"),
+    ('"endTime"', "timestamp(3)"),
+    ("request_duration_ms", "integer"),
+    ("model", "text"),
+    ("model_id", "text"),
+    ("model_group", "text"),
+    ('"user"', "text"),
+    ("metadata", "jsonb"),
+    ("request_tags", "jsonb"),
+    ("cache_hit", "text"),
+    ("team_id", "text"),
+    ("organization_id", "text"),
+    ("end_user", "text"),
+    ("status", "text"),
+    ("sidecar_request_id", "text"),
+    ("spend_nano", "bigint"),
+    ("estimated_spend", "double precision"),
+    ("estimated_spend_nano", "bigint"),
+    ("ledger_status", "text"),
+    ("deployment", "text"),
+    ("client_request_id", "text"),
+    ("key_alias", "text"),
+    ("cache_read_input_tokens", "bigint"),
+    ("cache_creation_input_tokens", "bigint"),
+    ("reasoning_tokens", "bigint"),
+    ("input_tokens", "bigint"),
+    ("output_tokens", "bigint"),
+    ("ledger_stream_id", "text"),
 )
 
 
-def _naive(ms: int) -> datetime:
+_KEYS = tuple(name.strip('"') for name, _ in _COLUMNS)
+
+
+def _naive(ms: int) -> str:
     # Prisma's DateTime is TIMESTAMP(3) without a zone, in UTC
-    return datetime.fromtimestamp(ms / 1000, UTC).replace(tzinfo=None)
+    return datetime.fromtimestamp(ms / 1000, UTC).replace(tzinfo=None).isoformat()
 
 
 def _int(value: Any) -> int:
@@ -199,8 +203,8 @@ def row(entry: Entry, request_id: str | None = None) -> tuple[Any, ...]:
         _text(meta.get("deployment")) or "",
         _text(meta.get("model")) or "",
         _text(meta.get("user_id")) or "",
-        orjson.dumps(metadata).decode(),
-        orjson.dumps(list(tags) if isinstance(tags, list | tuple) else []).decode(),
+        metadata,
+        list(tags) if isinstance(tags, list | tuple) else [],
         "True" if _int(info.get("cache_read_input_tokens")) else "False",
         _text(meta.get("team_id")),
         _text(meta.get("organization_id")),
@@ -300,9 +304,13 @@ class PostgresSink:
         own id, so no entry is ever dropped for a key it does not own."""
         if not entries:
             return
-        placeholders = ", ".join(f"${i}" for i in range(1, len(_COLUMNS) + 1))
+        names = ", ".join(name for name, _ in _COLUMNS)
+        typed = ", ".join(f"{name} {kind}" for name, kind in _COLUMNS)
+        # One statement for the whole batch (one round trip): the rows travel as one JSON
+        # array, typed by jsonb_to_recordset.
         insert = (
-            f"INSERT INTO {self.table} ({', '.join(_COLUMNS)}) VALUES ({placeholders}) "
+            f"INSERT INTO {self.table} ({names}) "
+            f"SELECT {names} FROM jsonb_to_recordset($1::jsonb) AS r({typed}) "
             "ON CONFLICT DO NOTHING"
         )
         wanted = [log_request_id(e) for e in entries]
@@ -310,8 +318,8 @@ class PostgresSink:
             owners = dict(
                 await conn.fetch(
                     f"SELECT request_id, sidecar_request_id FROM {self.table} "
-                    "WHERE request_id = ANY($1::text[])",
-                    wanted,
+                    "WHERE request_id IN (SELECT jsonb_array_elements_text($1::jsonb))",
+                    orjson.dumps(wanted).decode(),
                 )
             )
             rows = []
@@ -320,8 +328,8 @@ class PostgresSink:
                 if owner is not None and owner != entry.request_id:
                     rid = entry.request_id  # the answer id is another request's
                 owners.setdefault(rid, entry.request_id)
-                rows.append(row(entry, rid))
-            await conn.executemany(insert, rows)
+                rows.append(dict(zip(_KEYS, row(entry, rid), strict=True)))
+            await conn.execute(insert, orjson.dumps(rows).decode())
 
     async def totals(self) -> tuple[int, int]:
         """(rows, spend in nano-dollars) of the whole table."""
@@ -379,7 +387,8 @@ class Shipper:
         """Remove the stream's entries up to ``last`` (committed to the sink)."""
         ms, _, seq = last.partition("-")
         with translate_errors(self.engine.address):
-            await self.engine.redis.xtrim(key, minid=f"{ms}-{int(seq) + 1}")
+            # exact: the default (approximate, "~") trims only whole radix-tree nodes
+            await self.engine.redis.xtrim(key, minid=f"{ms}-{int(seq) + 1}", approximate=False)
 
     async def ship(self, still_mine: Callable[[], Awaitable[bool]] | None = None) -> int:
         """One round: ship every stream's entries, batch by batch, each committed before it
