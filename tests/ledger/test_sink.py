@@ -246,3 +246,26 @@ async def test_a_sidecar_with_a_sink_ships_what_it_serves(
                     metrics = await response.text()
                 assert "ratelimiter_ledger_sink_lag_entries 0.0" in metrics
                 assert "ratelimiter_ledger_sink_lag_seconds" in metrics
+
+
+def test_the_sink_url_comes_from_the_environment_or_the_config(tmp_path):
+    from ratelimiter.gateway.config import ConfigError, load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "general_settings:\n  master_key: sk-a-long-enough-master-key-1234\n"
+        "ratelimiter_settings:\n  ledger_sink: postgresql://db/spend\n"
+        "  ledger_sink_schema: finance\n"
+    )
+    settings = load_config(path, env={})
+    assert settings.ledger_sink == "postgresql://db/spend"
+    assert settings.ledger_sink_schema == "finance"
+    env = {"RATELIMITER_LEDGER_SINK": "postgresql://other/db"}
+    assert load_config(path, env=env).ledger_sink == "postgresql://other/db"
+    path.write_text(
+        "general_settings:\n  master_key: sk-a-long-enough-master-key-1234\n"
+        "ratelimiter_settings:\n  ledger_sink: mysql://db/spend\n"
+    )
+    with pytest.raises(ConfigError, match="postgresql://"):
+        load_config(path, env={})
+    assert load_config(None, env={}, master_key="optional").ledger_sink is None
