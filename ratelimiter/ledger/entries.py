@@ -16,18 +16,15 @@ import logging
 import re
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgpack
 
 from ..engine import Engine
 from ..engine.connections import translate_errors
-
-if TYPE_CHECKING:
-    from .sink import Shipper
 
 __all__ = ["DAY_MS", "Entry", "Ledger", "collect_expired_holds", "day_number", "ledger_dims"]
 
@@ -264,8 +261,15 @@ class Ledger:
                 await self.engine.redis.hincrby(bases[0] + LIFETIME, dim, amount)
 
 
+class _Shipper(Protocol):
+    """What the collector needs of ``sink.Shipper`` (named here so neither imports the
+    other)."""
+
+    async def ship(self, still_mine: Callable[[], Awaitable[bool]] | None = None) -> int: ...
+
+
 async def collect_expired_holds(
-    engine: Engine, interval_s: float = 5.0, shipper: Shipper | None = None
+    engine: Engine, interval_s: float = 5.0, shipper: _Shipper | None = None
 ) -> None:
     """Finalise holds whose sidecar died, and ship the ledger to its sink when one is
     configured, in one sidecar at a time, until cancelled.
