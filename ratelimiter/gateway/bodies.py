@@ -29,6 +29,7 @@ __all__ = [
 
 MAX_MODEL_CHARS = 256
 MAX_END_USER_CHARS = 256
+MAX_RESPONSE_ID_CHARS = 256  # an upstream's response id, as a client sends it back
 MAX_OUTPUT_TOKENS = 2**31
 MAX_CHOICES = 128
 MAX_BEST_OF = 20
@@ -274,6 +275,7 @@ RULES: dict[str, dict[str, Check]] = {
         "messages": _anthropic_messages,
         "system": _system,
         "tools": _objects,
+        "metadata": _metadata,  # its user_id is the end user, as on /v1/messages
     },
     # OpenAI's Responses: input is a string or a list of items
     "responses": {
@@ -283,7 +285,11 @@ RULES: dict[str, dict[str, Check]] = {
         "tools": _objects,
         "max_output_tokens": _output_tokens,
         "background": _boolean,
-        "previous_response_id": _text,
+        "previous_response_id": _string(
+            MAX_RESPONSE_ID_CHARS, "the id of an earlier response", name=True
+        ),
+        # the end user when ``user`` is not given (surfaces/responses.py)
+        "safety_identifier": COMMON["user"],
     },
 }
 REQUIRED: dict[str, tuple[str, ...]] = {

@@ -56,6 +56,7 @@ from .resolver import Caller, authenticate, check_model_access, resolve
 from .routing import aliases_of, listed_names, route
 from .side_routes import _remember_answer, add_side_routes, carried_tokens
 from .surfaces import SURFACES, StreamTally, Surface
+from .surfaces.base import response_id
 
 __all__ = ["HTTP", "add_proxy_routes"]
 
@@ -411,22 +412,6 @@ class Call:
             "output_tokens": min(usage.output, MAX_AMOUNT),
             "spend": spend,
         }
-
-
-MAX_RESPONSE_ID = 200  # characters of an upstream's response id kept in the ledger
-
-
-def response_id(value: Any) -> str | None:
-    """The upstream's id of its answer (``chatcmpl-…``), which /spend/logs finds entries by,
-    or None: the upstream chooses it, so only a short printable ASCII string is kept."""
-    if (
-        isinstance(value, str)
-        and 0 < len(value) <= MAX_RESPONSE_ID
-        and value.isascii()
-        and value.isprintable()
-    ):
-        return value
-    return None
 
 
 def reported_usage(usage: Any, flavor: str = "openai") -> Usage | None:

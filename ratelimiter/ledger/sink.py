@@ -114,6 +114,15 @@ MIGRATIONS: dict[int, list[str]] = {
         "  ADD COLUMN IF NOT EXISTS output_tokens BIGINT NOT NULL DEFAULT 0, "
         "  ADD COLUMN IF NOT EXISTS ledger_stream_id TEXT",
     ],
+    # Counts as large as the engine takes (2**53-1): an INTEGER column refused the whole batch
+    # for one absurd upstream report, and shipping stalled behind it.
+    3: [
+        'ALTER TABLE {s}."LiteLLM_SpendLogs" '
+        "  ALTER COLUMN total_tokens TYPE BIGINT, "
+        "  ALTER COLUMN prompt_tokens TYPE BIGINT, "
+        "  ALTER COLUMN completion_tokens TYPE BIGINT, "
+        "  ALTER COLUMN request_duration_ms TYPE BIGINT",
+    ],
 }
 LATEST_VERSION = max(MIGRATIONS)
 
@@ -123,12 +132,12 @@ _COLUMNS = (
     ("call_type", "text"),
     ("api_key", "text"),
     ("spend", "double precision"),
-    ("total_tokens", "integer"),
-    ("prompt_tokens", "integer"),
-    ("completion_tokens", "integer"),
+    ("total_tokens", "bigint"),
+    ("prompt_tokens", "bigint"),
+    ("completion_tokens", "bigint"),
     ('"startTime"', "timestamp(3)"),
     ('"endTime"', "timestamp(3)"),
-    ("request_duration_ms", "integer"),
+    ("request_duration_ms", "bigint"),
     ("model", "text"),
     ("model_id", "text"),
     ("model_group", "text"),
@@ -170,7 +179,8 @@ def _int(value: Any) -> int:
 
 
 def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
+    # PostgreSQL's text and jsonb refuse NUL, and one refused row would stall the stream
+    return value.replace("\x00", "") if isinstance(value, str) else None
 
 
 def row(entry: Entry, request_id: str | None = None) -> tuple[Any, ...]:
@@ -179,14 +189,14 @@ def row(entry: Entry, request_id: str | None = None) -> tuple[Any, ...]:
     spend, estimated = _int(entry.charged.get("spend")), _int(entry.reserved.get("spend"))
     tags = meta.get("tags")
     metadata = {
-        "user_api_key": meta.get("key_hash"),
-        "user_api_key_alias": meta.get("key_alias"),
-        "user_api_key_user_id": meta.get("user_id"),
-        "user_api_key_team_id": meta.get("team_id"),
-        "user_api_key_org_id": meta.get("organization_id"),
-        "client_request_id": meta.get("client_request_id"),
-        "usage_reported": info.get("usage_reported"),
-        "response_id": info.get("response_id"),
+        "user_api_key": _text(meta.get("key_hash")),
+        "user_api_key_alias": _text(meta.get("key_alias")),
+        "user_api_key_user_id": _text(meta.get("user_id")),
+        "user_api_key_team_id": _text(meta.get("team_id")),
+        "user_api_key_org_id": _text(meta.get("organization_id")),
+        "client_request_id": _text(meta.get("client_request_id")),
+        "usage_reported": info.get("usage_reported") is True,
+        "response_id": _text(info.get("response_id")),
     }
     return (
         request_id or log_request_id(entry),
@@ -204,7 +214,7 @@ def row(entry: Entry, request_id: str | None = None) -> tuple[Any, ...]:
         _text(meta.get("model")) or "",
         _text(meta.get("user_id")) or "",
         metadata,
-        list(tags) if isinstance(tags, list | tuple) else [],
+        [_text(t) for t in tags if isinstance(t, str)] if isinstance(tags, list | tuple) else [],
         "True" if _int(info.get("cache_read_input_tokens")) else "False",
         _text(meta.get("team_id")),
         _text(meta.get("organization_id")),

@@ -332,3 +332,20 @@ async def test_a_blocked_or_expired_key_gets_nothing(world: World) -> None:
         assert status == 401 and "expired" in message
     status, _ = await refused(world.as_key("sk-made-up"), "GET", "/key/list")
     assert status == 401
+
+
+async def test_an_internal_user_sets_no_alias_or_organization_on_its_keys(world: World) -> None:
+    """An alias reaches its target past a models list naming the alias, and a key of no team
+    is under the organization it names: a user could reach any model or leave its
+    organization's budget by setting either on its own keys."""
+    for body in ({"aliases": {"gpt-4o": "gpt-4o-mini"}}, {"organization_id": "elsewhere"}):
+        status, message = await refused(world.ana, "POST", "/key/generate", body)
+        field = next(iter(body))
+        assert status == 403 and message.startswith(f"{field}: only an admin"), message
+        status, _ = await refused(
+            world.carl, "POST", "/key/update", {"key": world.carl.key, **body}
+        )
+        assert status == 403
+    # the empty values LiteLLM's clients send are no change
+    made = await world.ana.post("/key/generate", {"aliases": {}, "organization_id": None})
+    assert made["user_id"] == world.ana_user_id

@@ -578,3 +578,29 @@ async def test_input_and_output_token_windows(surfaces: Surfaces) -> None:
     assert "Limit type: tokens" in message and "10 output tokens per minute" in message
     assert "The largest max_tokens that fits now is 2" in message
     await client.messages.create(model="claude", max_tokens=2, messages=ASK)
+
+
+async def test_end_user_and_response_ids_are_bounded_on_every_surface(
+    surfaces: Surfaces,
+) -> None:
+    """The end user of a Responses request (``safety_identifier``) or of a count (its
+    ``metadata.user_id``), and a ``previous_response_id``, become Redis keys and ledger
+    fields: each is refused past 256 characters or with a control character."""
+    key = await surfaces.key(max_budget=1)
+    headers = {"Authorization": f"Bearer {key}"}
+    cases = [
+        ("/v1/responses", {"model": "gpt", "input": "hi", "safety_identifier": "a\x00b"}),
+        ("/v1/responses", {"model": "gpt", "input": "hi", "safety_identifier": "u" * 300}),
+        ("/v1/responses", {"model": "gpt", "input": "hi", "previous_response_id": "r" * 300}),
+        ("/v1/responses", {"model": "gpt", "input": "hi", "previous_response_id": "r\nx"}),
+        (
+            "/v1/messages/count_tokens",
+            {"model": "claude", "messages": ASK, "metadata": {"user_id": "x" * 300}},
+        ),
+    ]
+    for path, body in cases:
+        async with surfaces.admin.session.post(
+            surfaces.base + path, json=body, headers=headers
+        ) as response:
+            assert response.status == 400, (path, body, await response.text())
+    await surfaces.balanced()

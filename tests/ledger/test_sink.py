@@ -269,3 +269,22 @@ def test_the_sink_url_comes_from_the_environment_or_the_config(tmp_path):
     with pytest.raises(ConfigError, match="postgresql://"):
         load_config(path, env={})
     assert load_config(None, env={}, master_key="optional").ledger_sink is None
+
+
+async def test_an_absurd_entry_ships_instead_of_stalling_its_stream(
+    engine: Engine, sink: PostgresSink
+) -> None:
+    """Counts past INTEGER and a NUL in a name once made PostgreSQL refuse the batch, and
+    every later entry of the stream waited behind it for ever."""
+    meta = {"key_hash": "k" * 64, "model": "m", "route": "chat", "key_alias": "a\x00b"}
+    decision = await engine.acquire(None, [], meta=msgpack.packb(meta), ledger=["proxy:all"])
+    huge = 2**31 * 3
+    info = {"prompt_tokens": huge, "completion_tokens": huge, "reasoning_tokens": huge}
+    await engine.settle(
+        decision.reservation, {"spend": 7, "tokens": 2**53 - 1}, info=msgpack.packb(info)
+    )
+    await settle(engine, 2)
+    assert await Shipper(engine, sink).ship() == 3
+    await assert_exact(engine, sink, 3)
+    (odd,) = [r for r in await rows(sink) if r["prompt_tokens"] == huge]
+    assert odd["total_tokens"] == 2**53 - 1 and odd["key_alias"] == "ab"

@@ -74,8 +74,17 @@ GUARDED_ON_UPDATE = frozenset(
         "model_tpm_limit",
         "models",
         "duration",
+        "input_tpm_limit",
+        "output_tpm_limit",
+        # an alias reaches its target past a models list that names the alias, and a key of
+        # no team is under the organization it names: only an admin sets either
+        "aliases",
+        "organization_id",
     }
 )
+# What a non-admin may not set on a key it generates (LiteLLM's clients send every field,
+# often empty: only a value counts).
+ADMIN_ONLY_ON_GENERATE = ("aliases", "organization_id")
 
 CALLER = web.RequestKey("caller", Caller)
 
@@ -285,6 +294,14 @@ async def key_generate(request: web.Request) -> dict[str, Any]:
         raise _refuse_role(request, caller)
     body = await read_object(request)
     _own_user_id(caller, body)
+    for field in ADMIN_ONLY_ON_GENERATE:
+        if body.get(field) not in (None, {}, ""):
+            raise EntityError(
+                403,
+                f"{field}: only an admin sets a key's {field} (it could reach models or "
+                "escape limits the caller's own keys are held to)",
+                field,
+            )
     if body.get("team_id") is not None:
         await _check_team(request, caller, body["team_id"])
     _ceiling(caller, body)

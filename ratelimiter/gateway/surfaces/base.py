@@ -19,6 +19,22 @@ from ..config import Deployment
 __all__ = ["StreamTally", "Surface"]
 
 
+MAX_RESPONSE_ID = 200  # characters of an upstream's response id kept in the ledger
+
+
+def response_id(value: Any) -> str | None:
+    """The upstream's id of its answer (``chatcmpl-…``), which /spend/logs finds entries by,
+    or None: the upstream chooses it, so only a short printable ASCII string is kept."""
+    if (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_RESPONSE_ID
+        and value.isascii()
+        and value.isprintable()
+    ):
+        return value
+    return None
+
+
 @dataclass
 class StreamTally:
     """What a stream has shown so far: the usage objects its events carried (merged, later

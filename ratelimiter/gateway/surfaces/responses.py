@@ -19,7 +19,7 @@ from typing import Any
 
 from ...errors import EntityError
 from ...pricing import content_pieces, measure
-from .base import StreamTally, Surface
+from .base import StreamTally, Surface, response_id
 
 __all__ = ["RESPONSES"]
 
@@ -73,8 +73,8 @@ class Responses(Surface):
         return previous if isinstance(previous, str) and previous else None
 
     def answer_id(self, answer: Any) -> str | None:
-        value = answer.get("id") if isinstance(answer, dict) else None
-        return value if isinstance(value, str) and value else None
+        # kept in Redis for retrieval: the upstream's choice, so bounded like any id of its
+        return response_id(answer.get("id")) if isinstance(answer, dict) else None
 
     def event_id(self, event: dict[str, Any]) -> Any:
         response = event.get("response") if event.get("type") == "response.created" else None
