@@ -263,10 +263,8 @@ NOT_SERVED = (
     "/key/aliases",
     "/key/{key_id}/reset_spend",
     "/key/service-account/generate",
-    "/user/list",
     "/user/bulk_update",
     "/user/daily/activity",
-    "/team/list",
     "/v2/team/list",
     "/team/block",
     "/team/unblock",
@@ -277,7 +275,6 @@ NOT_SERVED = (
     "/organization/member_update",
     "/organization/daily/activity",
     "/v2/organization/{organization_id}",
-    "/customer/list",
     "/budget/settings",
     "/spend/keys",
     "/spend/users",
@@ -286,7 +283,7 @@ NOT_SERVED = (
     "/global/spend/logs",
     "/global/spend/tags",
     "/global/spend/provider",
-    "/model/new|update|delete|info",
+    "/model/new|update|delete",
 )
 # The request bodies whose fields the table lists, with LiteLLM's name for each model.
 _TABLE = (
@@ -334,6 +331,8 @@ def compatibility_table() -> str:
             "| --- | --- | --- | --- |",
             *rows,
             "",
+            "`/user/list`, `/team/list`, `/customer/list` and `/model/info` are served too "
+            "(the admin UI reads them), without a schema in `/openapi.json`. "
             "`password` is accepted and never stored; `key` on `/key/generate` only as null (the "
             "limiter always generates the key), `new_master_key` on `/key/regenerate` only as "
             "null; on info, `spend` (lifetime spend, from the ledger) and `budget_reset_at` show "
