@@ -102,8 +102,11 @@ async def test_cache_invalidation_reaches_another_sidecar_on_a_cluster(
         await asyncio.sleep(0.3)  # its listener is subscribed
         await one.post("/key/update", {"key": key, "rpm_limit": 99})
         started = time.monotonic()
+        # Well inside the 5 s cache TTL, so only pub/sub can have done it; not tighter: on a
+        # Cluster each /key/info reads lifetime spend from every slot group (seconds on a
+        # loaded machine), which is what this loop waits on.
         while (await two.get("/key/info", key=key))["info"]["rpm_limit"] != 99:
-            assert time.monotonic() - started < 1.0, "no invalidation through Cluster pub/sub"
+            assert time.monotonic() - started < 3.5, "no invalidation through Cluster pub/sub"
             await asyncio.sleep(0.02)
 
 
