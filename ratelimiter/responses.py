@@ -78,16 +78,24 @@ def _scope_header(name: str) -> str:
     return "x-ratelimit-remaining-" + name.replace(":", "-").replace("_", "-")
 
 
-def rate_headers(decision: Decision, request_id: str) -> dict[str, str]:
-    headers = {"x-request-id": request_id}
+def _tightest(decision: Decision) -> dict[str | None, LimitState]:
+    """The sliding window with the least left, per measure (requests: None, tokens...)."""
     tightest: dict[str | None, LimitState] = {}
-    detail: dict[str, str] = {}
     for state in decision.states:
         limit = state.limit
         if isinstance(limit, SlidingWindow):
             best = tightest.get(limit.measure)
             if best is None or state.remaining < best.remaining:
                 tightest[limit.measure] = state
+    return tightest
+
+
+def rate_headers(decision: Decision, request_id: str) -> dict[str, str]:
+    headers = {"x-request-id": request_id}
+    tightest = _tightest(decision)
+    detail: dict[str, str] = {}
+    for state in decision.states:
+        limit = state.limit
         if isinstance(limit, Gate) or not limit.name:
             continue
         value = dollars(state.remaining) if isinstance(limit, Budget) else state.remaining
@@ -117,13 +125,7 @@ def anthropic_rate_headers(decision: Decision, request_id: str) -> dict[str, str
     input-tokens,output-tokens}-{limit,remaining,reset}`` for the tightest window of each,
     the reset as an RFC 3339 time; with our id and the per-scope detail headers."""
     headers = {"request-id": request_id}
-    tightest: dict[str | None, LimitState] = {}
-    for state in decision.states:
-        limit = state.limit
-        if isinstance(limit, SlidingWindow):
-            best = tightest.get(limit.measure)
-            if best is None or state.remaining < best.remaining:
-                tightest[limit.measure] = state
+    tightest = _tightest(decision)
     now = datetime.now(UTC)
     for family, measure in _ANTHROPIC_FAMILIES:
         state = tightest.get(measure)
