@@ -6,12 +6,13 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY ratelimiter ratelimiter
 COPY lua lua
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# with the postgres extra: the same image ships the ledger to PostgreSQL when a sink is set
+RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[postgres]'
 
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --no-create-home ratelimiter
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+RUN pip install --no-cache-dir --no-index --find-links /wheels 'ratelimiter[postgres]' && rm -rf /wheels
 COPY deploy/config.yaml /etc/ratelimiter/config.yaml
 USER ratelimiter
 EXPOSE 4000

@@ -38,7 +38,12 @@ CHART = DEPLOY / "helm" / "ratelimiter"
 SIDECAR_PORT = 4000
 STRONG_KEY = "sk-Vx3qL9pT2mZ8rW4nB7yK1cF6hJ0dS5aG"
 CHAT_SERVED = r'ratelimiter_requests_total\{route="/v1/chat/completions",status="200"\} (\S+)'
-ENV_READ = {"REDIS_URL", "RATELIMITER_MASTER_KEY", "RATELIMITER_END_USER_BUDGET_ID"}
+ENV_READ = {
+    "REDIS_URL",
+    "RATELIMITER_MASTER_KEY",
+    "RATELIMITER_END_USER_BUDGET_ID",
+    "RATELIMITER_LEDGER_SINK",
+}
 
 
 def parse_cli(args: list[str]) -> Any:
@@ -103,6 +108,25 @@ def test_compose_stack_has_redis_sidecars_nginx_and_upstream_that_agree() -> Non
     config = yaml.safe_load((DEPLOY / "config.yaml").read_text())
     api_base = config["model_list"][0]["litellm_params"]["api_base"]
     assert api_base == f"http://upstream:{upstream.port}/v1"
+    # The optional PostgreSQL: only with its profile, and the URL .env.example gives (with its
+    # COMPOSE_PROFILES line) names that service, its user, database and default password.
+    postgres = services["postgres"]
+    assert postgres["profiles"] == ["ledger"] and "ports" not in postgres
+    example = (DEPLOY / ".env.example").read_text()
+    assert "# COMPOSE_PROFILES=ledger" in example
+    url = re.search(r"^# RATELIMITER_LEDGER_SINK=(\S+)$", example, re.MULTILINE).group(1)
+    pg = postgres["environment"]
+    password = re.fullmatch(r"\$\{POSTGRES_PASSWORD:-(\w+)\}", pg["POSTGRES_PASSWORD"]).group(1)
+    assert url == f"postgresql://{pg['POSTGRES_USER']}:{password}@postgres:5432/{pg['POSTGRES_DB']}"
+    for name in sidecars:
+        assert services[name]["environment"]["RATELIMITER_LEDGER_SINK"] == (
+            "${RATELIMITER_LEDGER_SINK:-}"
+        )
+        assert "postgres" not in services[name]["depends_on"]  # it starts without the profile
+    env = {"REDIS_URL": "redis://redis:6379/0", "RATELIMITER_MASTER_KEY": STRONG_KEY}
+    assert load_config(DEPLOY / "config.yaml", env=env).ledger_sink is None
+    with_sink = load_config(DEPLOY / "config.yaml", env={**env, "RATELIMITER_LEDGER_SINK": url})
+    assert with_sink.ledger_sink == url
     published = services["nginx"]["ports"][0].split(":")
     assert int(published[-1]) == int(
         re.search(r"listen (\d+);", (DEPLOY / "nginx.conf").read_text()).group(1)
@@ -153,6 +177,7 @@ API_VERSIONS = {
     "Service": "v1",
     "Deployment": "apps/v1",
     "HorizontalPodAutoscaler": "autoscaling/v2",
+    "StatefulSet": "apps/v1",
 }
 
 
@@ -168,15 +193,18 @@ def render_chart(values: dict[str, Any] | None = None) -> dict[str, str]:
 
 
 def manifests(rendered: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """The rendered objects by kind (the chart makes at most one of each)."""
+    """The rendered objects: the sidecar's by kind (at most one of each), the optional
+    PostgreSQL's as ``postgresql/<kind>``."""
     objects: dict[str, dict[str, Any]] = {}
     for path, text in rendered.items():
         if not path.endswith(".yaml"):
             continue
         for document in yaml.safe_load_all(text):
             if document:
-                assert document["kind"] not in objects, f"two {document['kind']}s"
-                objects[document["kind"]] = document
+                kind, name = document["kind"], document["metadata"]["name"]
+                label = kind if name == FULLNAME else f"{name.removeprefix(FULLNAME + '-')}/{kind}"
+                assert label not in objects, f"two {label}s"
+                objects[label] = document
     return objects
 
 
@@ -185,9 +213,10 @@ def _secret_value(
 ) -> str:
     """What a secretKeyRef gives the pod: a Secret the chart makes, or one the docs tell the
     user to make (``outside``); any other reference leaves the pod unable to start."""
-    made = objects.get("Secret")
-    if made and made["metadata"]["name"] == ref["name"]:
-        data = made["stringData"]
+    made = [o for o in objects.values() if o["kind"] == "Secret"]
+    named = [o for o in made if o["metadata"]["name"] == ref["name"]]
+    if named:
+        data = named[0]["stringData"]
     else:
         assert ref["name"] in outside, f"the pod reads Secret {ref['name']}, which nobody makes"
         data = outside[ref["name"]]
@@ -201,10 +230,10 @@ def check_objects(
     """Checks the objects' structure and that every reference between them resolves; returns
     the sidecar container and the environment it would start with."""
     outside = outside or {}
-    for kind, obj in objects.items():
-        assert obj["apiVersion"] == API_VERSIONS[kind], kind
-        assert obj["metadata"]["name"] == FULLNAME, kind
-        assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE, kind
+    for label, obj in objects.items():
+        assert obj["apiVersion"] == API_VERSIONS[obj["kind"]], label
+        assert obj["metadata"]["name"].startswith(FULLNAME), label
+        assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE, label
     deployment = objects["Deployment"]
     pod = deployment["spec"]["template"]
     pod_labels = pod["metadata"]["labels"]
@@ -258,9 +287,11 @@ def test_chart_names_what_an_install_must_set() -> None:
 
 def test_chart_passes_helm_lint() -> None:
     helm = pytest.importorskip("helm_python.chart", reason="helm-python-sdk is not installed")
-    report = helm.lint(str(CHART), REQUIRED, strict=True)
-    assert report["errors"] == [], report
-    assert [m for m in report["messages"] if m["severity"] >= 2] == [], report
+    with_database = {**REQUIRED, "postgresql": {"enabled": True, "password": PG_PASSWORD}}
+    for values in (REQUIRED, with_database):
+        report = helm.lint(str(CHART), values, strict=True)
+        assert report["errors"] == [], report
+        assert [m for m in report["messages"] if m["severity"] >= 2] == [], report
 
 
 def test_chart_defaults_render_pods_that_start(tmp_path: Path) -> None:
@@ -291,9 +322,9 @@ def documented_secrets() -> dict[str, dict[str, str]]:
 def test_chart_takes_provider_keys_from_the_documented_secret(tmp_path: Path) -> None:
     """The install docs/deployment.md gives: its Secrets, existingSecret, providerSecret."""
     outside = documented_secrets()
-    assert len(outside) == 2, outside
+    assert len(outside) == 3, outside
     (secret,) = [name for name, keys in outside.items() if "master-key" in keys]
-    (providers,) = [name for name in outside if name != secret]
+    (providers,) = [name for name, keys in outside.items() if "OPENAI_API_KEY" in keys]
     outside[secret]["redis-url"] = "redis://redis-master:6379/0"
     outside[secret]["master-key"] = STRONG_KEY
     docs = (ROOT / "docs" / "deployment.md").read_text()
@@ -316,6 +347,70 @@ def test_chart_takes_provider_keys_from_the_documented_secret(tmp_path: Path) ->
     container, env = check_objects(objects, {**outside, "o": {"k": "sk-from-extra-env"}})
     (model,) = load_pod_config(objects, container, env, tmp_path).models
     assert model.api_key == "sk-from-extra-env"
+
+
+PG_PASSWORD = "pg-Vx3qL9pT2mZ8rW4nB7yK1c"
+
+
+def test_chart_postgresql_is_what_the_sink_points_at(tmp_path: Path) -> None:
+    """postgresql.enabled: a StatefulSet, its headless Service and its Secret, and the pods'
+    RATELIMITER_LEDGER_SINK names that Service, port and password; the sidecar's own Service
+    never selects the database's pod."""
+    values = {**REQUIRED, "postgresql": {"enabled": True, "password": PG_PASSWORD}}
+    objects = manifests(render_chart(values))
+    assert {"postgresql/StatefulSet", "postgresql/Service", "postgresql/Secret"} <= set(objects)
+    container, env = check_objects(objects)
+    settings = load_pod_config(objects, container, env, tmp_path)
+    database, service = objects["postgresql/StatefulSet"], objects["postgresql/Service"]
+    host = service["metadata"]["name"]
+    assert settings.ledger_sink == f"postgresql://ratelimiter:{PG_PASSWORD}@{host}:5432/ratelimiter"
+    pod = database["spec"]["template"]
+    assert database["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    sidecar_selector = objects["Service"]["spec"]["selector"].items()
+    assert not sidecar_selector <= pod["metadata"]["labels"].items()
+    (postgres,) = pod["spec"]["containers"]
+    assert {p["name"]: p["containerPort"] for p in postgres["ports"]} == {"postgresql": 5432}
+    assert service["spec"]["ports"][0]["targetPort"] == "postgresql"
+    pg_env = {e["name"]: e for e in postgres["env"]}
+    assert pg_env["POSTGRES_USER"]["value"] == "ratelimiter" == pg_env["POSTGRES_DB"]["value"]
+    ref = pg_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert _secret_value(ref, objects, {}) == PG_PASSWORD
+    (claim,) = database["spec"]["volumeClaimTemplates"]
+    assert postgres["volumeMounts"][0]["name"] == claim["metadata"]["name"]
+
+
+def test_chart_ledger_sink_settings_are_checked() -> None:
+    helm = pytest.importorskip("helm_python.errors", reason="helm-python-sdk is not installed")
+    weak = {**REQUIRED, "postgresql": {"enabled": True, "password": "short"}}
+    with pytest.raises(helm.HelmRenderError, match=r"postgresql\.password: at least 16"):
+        render_chart(weak)
+    with pytest.raises(helm.HelmRenderError, match=r"postgresql\.password is required"):
+        render_chart({**REQUIRED, "postgresql": {"enabled": True}})
+    both = {
+        **REQUIRED,
+        "postgresql": {"enabled": True, "password": PG_PASSWORD},
+        "ledgerSink": {"existingSecret": "mine"},
+    }
+    with pytest.raises(helm.HelmRenderError, match="not both"):
+        render_chart(both)
+    (container,) = manifests(render_chart(REQUIRED))["Deployment"]["spec"]["template"]["spec"][
+        "containers"
+    ]
+    assert "RATELIMITER_LEDGER_SINK" not in {e["name"] for e in container["env"]}
+
+
+def test_chart_takes_the_sink_from_the_documented_secret(tmp_path: Path) -> None:
+    outside = documented_secrets()
+    (ledger,) = [name for name, keys in outside.items() if "ledger-sink" in keys]
+    docs = (ROOT / "docs" / "deployment.md").read_text()
+    assert f"ledgerSink.existingSecret={ledger}" in docs
+    outside[ledger]["ledger-sink"] = "postgresql://rl:pw@db.example:5432/spend"
+    objects = manifests(render_chart({**REQUIRED, "ledgerSink": {"existingSecret": ledger}}))
+    assert not any(label.startswith("postgresql/") for label in objects)
+    container, env = check_objects(objects, outside)
+    settings = load_pod_config(objects, container, env, tmp_path)
+    assert settings.ledger_sink == "postgresql://rl:pw@db.example:5432/spend"
 
 
 def test_chart_runs_the_cli_with_probes_and_secret_env() -> None:

@@ -13,6 +13,11 @@ app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{- define "ratelimiter.postgresqlSelector" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}-postgresql
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
 {{- define "ratelimiter.secretName" -}}
 {{- default (include "ratelimiter.fullname" .) .Values.existingSecret -}}
 {{- end -}}
@@ -35,4 +40,17 @@ providerSecret, so the config never names a variable the pod lacks.
 {{- end -}}
 {{- end -}}
 {{- $names | uniq | sortAlpha | join "," -}}
+{{- end -}}
+
+{{/*
+The Secret and key the pods read RATELIMITER_LEDGER_SINK from, as "name/key", or "" for no sink.
+*/}}
+{{- define "ratelimiter.ledgerSink" -}}
+{{- if and .Values.postgresql.enabled .Values.ledgerSink.existingSecret -}}
+{{- fail "set ledgerSink.existingSecret or postgresql.enabled, not both" -}}
+{{- else if .Values.postgresql.enabled -}}
+{{- printf "%s-postgresql/ledger-sink" (include "ratelimiter.fullname" .) -}}
+{{- else if .Values.ledgerSink.existingSecret -}}
+{{- printf "%s/ledger-sink" .Values.ledgerSink.existingSecret -}}
+{{- end -}}
 {{- end -}}
