@@ -7,7 +7,10 @@ Targets, each loaded with the same mix by the same load tool (``benchmarks.load`
 (``benchmarks.bare_proxy``); (3) the sidecar with full enforcement (proxy, key, user, team, end
 user and key x model scopes; requests, tokens, parallel and budgets; ledger on; Redis with AOF);
 (4) LiteLLM's proxy against the same upstream when ``litellm`` is installed (``pip install -e
-'.[litellm]'`` or ``LITELLM_BIN``): one worker and no database, so it enforces nothing.
+'.[litellm]'`` or ``LITELLM_BIN``): one worker and no database, so it enforces nothing;
+(5) with ``--baseline DIR``, the sidecar of another checkout (``git worktree add --detach
+/tmp/before <rev>``), on a Redis of its own, under the same load: a change's effect measured
+against the code before it in the same run.
 
 Runs are interleaved (1 2 3 4 1 2 3 4 ...) so drift of a shared machine touches all alike; each
 figure is the median of ``--runs``. Besides throughput and latency it reports the CPU time
@@ -34,7 +37,7 @@ import orjson
 
 from benchmarks import load, services
 
-TARGETS = ("upstream", "bare_proxy", "sidecar", "litellm")
+TARGETS = ("upstream", "bare_proxy", "sidecar", "baseline", "litellm")
 TARGET_RATIO_TO_BARE = 0.60
 TARGET_ADDED_P50_MS, TARGET_ADDED_P99_MS = 1.0, 3.0
 TARGET_LITELLM_MULTIPLE = 30.0
@@ -100,18 +103,43 @@ def stack(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
             "bare_proxy": (bare, ("unused",)),
             "sidecar": (sidecar, tuple(keys)),
         }
+        redises = {"sidecar": redis}
+        if args.baseline:
+            redises["baseline"] = ctx.enter_context(
+                services.redis_server(root, appendonly=True, name="redis-baseline")
+            )
+            before = ctx.enter_context(
+                services.sidecar(
+                    root,
+                    upstream.url,
+                    redises["baseline"].url,
+                    services.SidecarSetup(models),
+                    name="baseline",
+                    source=args.baseline,
+                )
+            )
+            before_keys = services.full_enforcement_keys(
+                before.url, before.master_key, args.keys, models
+            )
+            targets["baseline"] = (before, tuple(before_keys))
         binary = None if args.no_litellm else services.litellm_binary()
         if binary:
             litellm = ctx.enter_context(services.litellm_proxy(root, binary, upstream.url, models))
             targets["litellm"] = (litellm, (litellm.master_key,))
         elif not args.no_litellm:
             print("LiteLLM not installed: its row stays empty (pip install -e '.[litellm]')")
-        yield {"targets": targets, "redis": redis, "upstream": upstream}
+        yield {"targets": targets, "redis": redises, "upstream": upstream}
 
 
 def one_run(
-    name: str, target: Any, keys: Sequence[str], up: Any, args: argparse.Namespace, redis: Any
+    name: str,
+    target: Any,
+    keys: Sequence[str],
+    up: Any,
+    args: argparse.Namespace,
+    redis: Any | None,
 ) -> dict[str, Any]:
+    """One load run against one target; ``redis``: the target's own Redis, if it has one."""
     plan = load.Plan(
         url=target.url,
         mix=load.Mix(
@@ -129,9 +157,9 @@ def one_run(
     if target is not up:
         watched["upstream"] = up.process.pid
     before = {k: cpu_seconds(pid) for k, pid in watched.items()}
-    redis_before = redis_counters(redis.url) if name == "sidecar" else None
+    redis_before = redis_counters(redis.url) if redis is not None else None
     report, _ = load.run(plan, args.processes, progress=not args.quiet)
-    if name == "sidecar":
+    if redis is not None:
         await_settlements(redis.url)
     after = {k: cpu_seconds(pid) for k, pid in watched.items()}
     # Warm-up requests use CPU too: charge per request over every request sent.
@@ -187,11 +215,21 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         if "at_rate" in s and "at_rate" in b
     ]
     multiple = round(sidecar / litellm, 1) if sidecar and litellm else None
+    # Per run pair, then the median, like the added latency: pairs share the machine's state.
+    against_baseline = [
+        s["answered_rps"] / b["answered_rps"]
+        for s, b in zip(runs.get("sidecar", []), runs.get("baseline", []), strict=False)
+        if s.get("answered_rps") and b.get("answered_rps")
+    ]
     out = {
         "sidecar_rps": sidecar,
         "bare_proxy_rps": bare,
         "upstream_rps": rps.get("upstream"),
         "litellm_rps": litellm,
+        "baseline_rps": rps.get("baseline"),
+        "ratio_to_baseline": (
+            round(statistics.median(against_baseline), 3) if against_baseline else None
+        ),
         "ratio_to_bare_proxy": ratio,
         "ratio_to_litellm": multiple,
         "added_p50_ms": round(statistics.median(added50), 3) if added50 else None,
@@ -247,6 +285,8 @@ def print_summary(summary: dict[str, Any]) -> None:
             f"p99 {summary['p99_ms'][name]:8.2f}  CPU us/request: {cost}"
         )
     print(f"  Redis calls per request: {summary['redis_calls_per_request']}")
+    if summary["ratio_to_baseline"] is not None:
+        print(f"  sidecar / baseline sidecar: {summary['ratio_to_baseline']}x requests/s")
     if summary["added_p50_ms_at_rate"] is not None:
         print(
             f"  added latency at a steady {summary['rate']}/s: "
@@ -277,6 +317,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--rate-duration", type=float, default=5.0)
     p.add_argument("--no-litellm", action="store_true", help="skip LiteLLM even if installed")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="a checkout of an earlier version: its sidecar is measured too, on its own Redis",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/compare.json"))
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -288,7 +333,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     with stack(args) as started:
         for run in range(args.runs):
             for name, (target, keys) in started["targets"].items():
-                report = one_run(name, target, keys, started["upstream"], args, started["redis"])
+                redis = started["redis"].get(name)
+                report = one_run(name, target, keys, started["upstream"], args, redis)
                 runs.setdefault(name, []).append(report)
                 print(load.format_report(report, f"run {run + 1}/{args.runs}: {name}"))
     summary = summarise(runs) | {"rate": args.rate or None}

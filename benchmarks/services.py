@@ -109,9 +109,11 @@ def workdir() -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def redis_server(root: Path, appendonly: bool = False) -> Iterator[RedisServer]:
+def redis_server(
+    root: Path, appendonly: bool = False, name: str = "redis"
+) -> Iterator[RedisServer]:
     """A Redis on a free TCP port, so ``redis-cli`` and INFO work from outside too."""
-    server = RedisServer(root / "redis", port=free_port(), appendonly=appendonly).start()
+    server = RedisServer(root / name, port=free_port(), appendonly=appendonly).start()
     try:
         yield server
     finally:
@@ -208,8 +210,10 @@ def sidecar(
     workers: int = 1,
     master_key: str | None = None,
     name: str = "sidecar",
+    source: Path | None = None,
 ) -> Iterator[Service]:
-    """``ratelimiter serve`` on a free port; ``master_key`` is on the returned service's env."""
+    """``ratelimiter serve`` on a free port; ``master_key`` is on the returned service's env.
+    ``source``: run the code of that checkout (an earlier version, say) instead of this one."""
     setup = setup or SidecarSetup()
     config = root / f"{name}.yaml"
     config.write_text(yaml.safe_dump(sidecar_config(setup, upstream, redis_url)))
@@ -218,6 +222,8 @@ def sidecar(
     args = [sys.executable, "-m", "ratelimiter.cli", "serve", "--config", str(config)]
     args += ["--port", str(port), "--workers", str(workers)]
     env = {"RATELIMITER_MASTER_KEY": key}
+    if source is not None:
+        env["PYTHONPATH"] = str(source.resolve())
     url = f"http://127.0.0.1:{port}"
     with service(name, args, url, "/health/readiness", root, env=env) as running:
         running.url, running.master_key = f"{url}/v1", key

@@ -176,20 +176,22 @@ def test_comparison_reports_every_figure_the_readme_quotes(tmp_path: Path) -> No
     done = run_module(
         "benchmarks.compare",
         "--runs", "1", "--duration", "1.5", "--warmup", "0.3", "--no-litellm",
-        "--quiet", "--out", str(out),
+        "--quiet", "--out", str(out), "--baseline", str(ROOT),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
-    for name in ("sidecar_rps", "bare_proxy_rps", "upstream_rps", "ratio_to_bare_proxy"):
+    figures = ("sidecar_rps", "bare_proxy_rps", "upstream_rps", "ratio_to_bare_proxy")
+    for name in (*figures, "baseline_rps", "ratio_to_baseline"):
         assert result[name] > 0, name
     assert result["added_p50_ms"] is not None and result["added_p99_ms"] is not None
     assert result["litellm_rps"] is None and result["targets"]["ratio_to_litellm"] == "not measured"
     # One call to admit, one to settle; a few more from the sidecar's own housekeeping.
     assert 1.95 <= result["redis_calls_per_request"]["evalsha"] <= 2.1
-    for name in ("upstream", "bare_proxy", "sidecar"):
+    for name in ("upstream", "bare_proxy", "sidecar", "baseline"):
         (run,) = result["runs"][name]
         assert run["errors"] == 0 and run["refused"] == 0, (name, run)
-    assert set(result["cpu_us_per_request"]["sidecar"]) == {"server", "upstream", "redis"}
+    for name in ("sidecar", "baseline"):  # each on its own Redis, so each has its own cost
+        assert set(result["cpu_us_per_request"][name]) == {"server", "upstream", "redis"}
 
 
 def test_accuracy_many_sidecars_admit_exactly_each_limit(tmp_path: Path) -> None:
