@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 import redis
 
-from benchmarks import accuracy, load, scaling, services
+from benchmarks import accuracy, load, redis_cost, scaling, services
 from ratelimiter.testing.fake_upstream import FakeUpstream
 
 from .conftest import MASTER_KEY, one_model, running_sidecar, running_upstream
@@ -231,3 +231,14 @@ def test_bare_proxy_passes_streams_and_errors_through() -> None:
         )
         report, _ = load.run(plan, progress=False)
     assert report["answered"] == report["streams"] > 0
+
+
+@pytest.mark.skipif(not redis_cost.callgrind_available(), reason="valgrind is not installed")
+def test_redis_cost_counts_instructions_per_request(tmp_path: Path) -> None:
+    out = tmp_path / "cost.json"
+    done = run_module("benchmarks.redis_cost", "--requests", "20", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    per_op = json.loads(out.read_text())["current"]["instructions_per_op"]
+    # a whole enforced request (20 limits, ledger entry) costs more than its hot scope alone,
+    # which costs more than a script that only returns
+    assert per_op["enforced_request"] > per_op["hot_scope"] > per_op["trivial_evalsha"] > 0
