@@ -13,6 +13,7 @@ import functools
 import logging
 import math
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -152,6 +153,9 @@ class Settings:
     # None: the ledger stays in Redis until `ratelimiter ledger export --ack`
     ledger_sink: str | None = None
     ledger_sink_schema: str = "ratelimiter"
+    # headers naming the end user, after LiteLLM's standard two (general_settings'
+    # user_header_mappings with role customer, then user_header_name), lower-cased
+    end_user_headers: tuple[str, ...] = ()
     source: str = "<defaults>"
     extra_warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -318,7 +322,7 @@ def _closest(name: str, known: set[str]) -> str | None:
 
 
 _TOP = {"model_list", "general_settings", "litellm_settings", "ratelimiter_settings"}
-_GENERAL = {"master_key"}
+_GENERAL = {"master_key", "user_header_name", "user_header_mappings"}
 _LITELLM = {"max_budget", "budget_duration", "max_end_user_budget_id"}
 # What LiteLLM's config also has (not all of it): accepted with one warning each. The ones
 # spelt like a setting we read must be here, or they would be taken for its typo.
@@ -508,6 +512,48 @@ def _sink_url(reader: _Reader, env: Mapping[str, str], ours: dict[str, Any]) -> 
     if not url.startswith(("postgresql://", "postgres://")):
         raise reader.fail(path, "must be a postgresql:// URL (the only sink so far)")
     return url
+
+
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}$")  # an HTTP token
+
+
+def _end_user_headers(reader: _Reader, general: dict[str, Any]) -> tuple[str, ...]:
+    """The headers ``general_settings`` names for the end user, in LiteLLM's order:
+    ``user_header_mappings`` entries of role ``customer``, then ``user_header_name``. An
+    ``internal_user`` mapping is accepted and not used: here a key's user is the key's."""
+    names: list[str] = []
+    path = "general_settings.user_header_mappings"
+    mappings = general.get("user_header_mappings") or []
+    if not isinstance(mappings, list):
+        raise reader.fail(path, "must be a list of {header_name, litellm_user_role}")
+    for i, mapping in enumerate(mappings):
+        where = f"{path}[{i}]"
+        if not isinstance(mapping, dict):
+            raise reader.fail(where, "must be a mapping with header_name and litellm_user_role")
+        name = _header_name(reader, f"{where}.header_name", mapping.get("header_name"))
+        role = reader.string(f"{where}.litellm_user_role", mapping.get("litellm_user_role"))
+        if role == "customer":
+            names.append(name)
+        elif role == "internal_user":
+            reader.warnings.append(
+                f"{reader.source}: {where}: role internal_user is accepted, not used (a "
+                "request's user is its key's)"
+            )
+        else:
+            raise reader.fail(
+                f"{where}.litellm_user_role", f"must be customer or internal_user, got {role!r}"
+            )
+    single = general.get("user_header_name")
+    if single is not None:
+        names.append(_header_name(reader, "general_settings.user_header_name", single))
+    return tuple(dict.fromkeys(names))
+
+
+def _header_name(reader: _Reader, path: str, raw: Any) -> str:
+    name = reader.string(path, raw, required=True) or ""
+    if not _HEADER_NAME.match(name):
+        raise reader.fail(path, f"must be an HTTP header name, got {name!r}")
+    return name.lower()
 
 
 def _check_wildcards(
@@ -720,6 +766,7 @@ def load_config(
     except InvalidDuration as exc:
         raise reader.fail("ratelimiter_settings.timezone", str(exc)) from None
 
+    end_user_headers = _end_user_headers(reader, general)
     for message in reader.warnings:
         log.warning(message)
     return Settings(
@@ -755,6 +802,7 @@ def load_config(
             "ratelimiter_settings.alert_webhook_url", ours.get("alert_webhook_url")
         ),
         ledger_sink=_sink_url(reader, env, ours),
+        end_user_headers=end_user_headers,
         ledger_sink_schema=reader.string(
             "ratelimiter_settings.ledger_sink_schema", ours.get("ledger_sink_schema")
         )

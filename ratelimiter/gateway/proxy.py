@@ -109,7 +109,7 @@ class Call:
         self.strict = not self.bounded and self.settings.budget_enforcement == "strict"
         self.choices = surface.choices(body)
         self.writes_cache = surface.writes_cache(body)
-        self.end_user = surface.end_user(body)
+        self.end_user = surface.end_user_of(request.headers, body, self.settings.end_user_headers)
         self.max_tokens: int | None = None  # what strict enforcement sends upstream
 
     def admission_deadline(self) -> contextlib.AbstractAsyncContextManager[None]:

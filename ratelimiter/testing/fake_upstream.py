@@ -46,6 +46,9 @@ class FakeUpstream:
     error_usage: dict[str, Any] | None = None  # usage an error answer reports, as it is
     chunk_delay_ms: float = 0.0
     seed: int | None = None
+    # Messages: answer at most this many words, ending the turn ("end_turn") like a model
+    # that has said what it had to; None answers max_tokens words and stops on the limit
+    answer_words: int | None = None
     requests: int = 0
     cancelled: int = 0
     last_headers: dict[str, str] | None = None
@@ -288,6 +291,9 @@ async def messages(request: web.Request) -> web.StreamResponse:
             status=400,
         )
     n_words = body["max_tokens"]
+    stop = "max_tokens"
+    if fake.answer_words is not None and fake.answer_words < n_words:
+        n_words, stop = fake.answer_words, "end_turn"
     usage = _anthropic_usage(fake, body)
     message = {
         "id": f"msg_{uuid.uuid4().hex[:24]}",
@@ -303,7 +309,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     if not body.get("stream"):
         message.update(
             content=[{"type": "text", "text": text}],
-            stop_reason="max_tokens",
+            stop_reason=stop,
             usage={**usage, "output_tokens": n_words},
         )
         return web.json_response(message)
@@ -328,7 +334,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         await response.write(_sse("content_block_stop", {"type": "content_block_stop", "index": 0}))
         done = {
             "type": "message_delta",
-            "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+            "delta": {"stop_reason": stop, "stop_sequence": None},
             "usage": {"output_tokens": n_words},
         }
         await response.write(_sse("message_delta", done))

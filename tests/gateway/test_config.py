@@ -242,3 +242,39 @@ def test_a_weak_key_from_the_environment_is_named_as_such(tmp_path: Path) -> Non
     config = write(tmp_path, "general_settings:\n  master_key: sk-strong-and-long-4d8e2a\n")
     with pytest.raises(ConfigError, match=r"^RATELIMITER_MASTER_KEY: refused as weak"):
         load_config(config, env={"RATELIMITER_MASTER_KEY": "sk-1234"})
+
+
+def test_end_user_headers_in_litellms_order(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    general = f"""general_settings:
+  master_key: {MASTER}
+  user_header_name: X-Legacy-User
+  user_header_mappings:
+    - header_name: X-OpenWebUI-User-Id
+      litellm_user_role: internal_user
+    - header_name: X-OpenWebUI-User-Email
+      litellm_user_role: customer
+"""
+    text = GOOD.replace(f"general_settings:\n  master_key: {MASTER}\n", general)
+    with caplog.at_level(logging.WARNING, logger="ratelimiter"):
+        settings = load_config(write(tmp_path, text), env=ENV)
+    assert settings.end_user_headers == ("x-openwebui-user-email", "x-legacy-user")
+    assert "user_header_mappings[0]: role internal_user is accepted, not used" in caplog.text
+    assert load_config(write(tmp_path, GOOD), env=ENV).end_user_headers == ()
+
+
+@pytest.mark.parametrize(
+    ("mappings", "message"),
+    [
+        ("5", "user_header_mappings: must be a list"),
+        ("[{header_name: 'a b', litellm_user_role: customer}]", "must be an HTTP header name"),
+        ("[{litellm_user_role: customer}]", "header_name: is required"),
+        ("[{header_name: x, litellm_user_role: admin}]", "must be customer or internal_user"),
+    ],
+)
+def test_bad_end_user_headers_are_named(tmp_path: Path, mappings: str, message: str) -> None:
+    general = f"general_settings:\n  master_key: {MASTER}\n  user_header_mappings: {mappings}\n"
+    text = GOOD.replace(f"general_settings:\n  master_key: {MASTER}\n", general)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(write(tmp_path, text), env=ENV)

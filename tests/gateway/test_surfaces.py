@@ -604,3 +604,49 @@ async def test_end_user_and_response_ids_are_bounded_on_every_surface(
         ) as response:
             assert response.status == 400, (path, body, await response.text())
     await surfaces.balanced()
+
+
+async def test_the_end_user_comes_from_litellms_headers_first(
+    surfaces: Surfaces, redis_url: str
+) -> None:
+    """LiteLLM's order on every surface: ``x-litellm-customer-id``, ``x-litellm-end-user-id``,
+    the headers the config names, then the body's own field; a header's value is bounded
+    like the body's and refused before anything is taken."""
+    settings = dataclasses.replace(surfaces.settings, end_user_headers=("x-owui-user-email",))
+    chat = {"model": "gpt", "messages": ASK, "max_tokens": 2, "user": "body-user"}
+    message = {"model": "claude", "messages": ASK, "max_tokens": 2}
+    cases = [
+        ("/v1/chat/completions", chat, {"x-litellm-end-user-id": "eu"}, "eu"),
+        (
+            "/v1/chat/completions",
+            chat,
+            {"x-litellm-end-user-id": "eu", "x-litellm-customer-id": "cust"},
+            "cust",
+        ),
+        ("/v1/chat/completions", chat, {"x-litellm-end-user-id": ""}, "body-user"),
+        (
+            "/v1/messages",
+            {**message, "metadata": {"user_id": "meta"}},
+            {"x-owui-user-email": "ann@example.com"},
+            "ann@example.com",
+        ),
+        ("/v1/messages", {**message, "metadata": {"user_id": "meta"}}, {}, "meta"),
+        ("/v1/responses", {"model": "gpt", "input": "hi", "safety_identifier": "sid"}, {}, "sid"),
+    ]
+    key = await surfaces.key(max_budget=1)
+    async with running_sidecar(settings, redis_url) as base:
+        session = surfaces.admin.session
+        for path, body, extra, expected in cases:
+            headers = {"Authorization": f"Bearer {key}", **extra}
+            async with session.post(base + path, json=body, headers=headers) as response:
+                assert response.status == 200, (path, extra, await response.text())
+            logs = await surfaces.admin.get("/spend/logs", end_user=expected)
+            assert len(logs) >= 1 and {row["end_user"] for row in logs} == {expected}, expected
+        before = surfaces.fake.requests
+        headers = {"Authorization": f"Bearer {key}", "x-litellm-customer-id": "c" * 300}
+        async with session.post(base + "/v1/chat/completions", json=chat, headers=headers) as r:
+            assert r.status == 400
+            error = (await r.json())["error"]
+        assert error["param"] == "x-litellm-customer-id" and "256" in error["message"]
+        assert surfaces.fake.requests == before
+    await surfaces.balanced()

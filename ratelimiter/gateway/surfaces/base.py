@@ -3,6 +3,7 @@ defaults."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,13 +14,15 @@ from ...engine.limits import Limit
 from ...errors import EntityError
 from ...pricing import Usage, estimate_tokens, read_usage
 from ...responses import error_response, rate_headers, refusal
-from ..bodies import check_body
+from ..bodies import MAX_END_USER_CHARS, check_body
 from ..config import Deployment
 
 __all__ = ["StreamTally", "Surface"]
 
 
 MAX_RESPONSE_ID = 200  # characters of an upstream's response id kept in the ledger
+# LiteLLM's standard headers naming the end user (its "customer"); they win over the body
+END_USER_HEADERS = ("x-litellm-customer-id", "x-litellm-end-user-id")
 
 
 def response_id(value: Any) -> str | None:
@@ -87,6 +90,26 @@ class Surface:
     def end_user(self, body: dict[str, Any]) -> str | None:
         user = body.get("user")
         return user if isinstance(user, str) and user else None
+
+    def end_user_of(
+        self, headers: Mapping[str, str], body: dict[str, Any], configured: tuple[str, ...]
+    ) -> str | None:
+        """The end user, in LiteLLM's order: its standard headers, the headers the config
+        names, then the body (``end_user``). A header's value keys Redis, so it is checked
+        like the body's fields: an EntityError naming the header when it is unusable."""
+        for name in (*END_USER_HEADERS, *configured):
+            value = headers.get(name)
+            if not value:
+                continue
+            if len(value) > MAX_END_USER_CHARS or not value.isprintable():
+                raise EntityError(
+                    400,
+                    f"{name} must be 1 to {MAX_END_USER_CHARS} printable characters (an "
+                    f"end-user id), got {len(value)} characters",
+                    name,
+                )
+            return value
+        return self.end_user(body)
 
     def counts(self, limit: Limit) -> bool:
         """Whether a request of this surface meets ``limit`` (every limit, but for one that
