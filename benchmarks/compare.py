@@ -89,15 +89,17 @@ def await_settlements(redis_url: str, quiet_s: float = 0.2, limit_s: float = 3.0
 def stack(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     """Every target, started once and kept up for all runs."""
     models = ("bench-model",)
+    anthropic = (load.ANTHROPIC_MODEL,) if "messages" in dict(args.surfaces) else ()
+    setup = services.SidecarSetup(models, anthropic_models=anthropic)
     with contextlib.ExitStack() as ctx:
         root = ctx.enter_context(services.workdir())
         upstream = ctx.enter_context(services.fake_upstream(root))
         bare = ctx.enter_context(services.bare_proxy(root, upstream.url))
         redis = ctx.enter_context(services.redis_server(root, appendonly=True))
-        sidecar = ctx.enter_context(
-            services.sidecar(root, upstream.url, redis.url, services.SidecarSetup(models))
+        sidecar = ctx.enter_context(services.sidecar(root, upstream.url, redis.url, setup))
+        keys = services.full_enforcement_keys(
+            sidecar.url, sidecar.master_key, args.keys, models + anthropic
         )
-        keys = services.full_enforcement_keys(sidecar.url, sidecar.master_key, args.keys, models)
         targets: dict[str, Any] = {
             "upstream": (upstream, ("unused",)),
             "bare_proxy": (bare, ("unused",)),
@@ -113,17 +115,19 @@ def stack(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
                     root,
                     upstream.url,
                     redises["baseline"].url,
-                    services.SidecarSetup(models),
+                    setup,
                     name="baseline",
                     source=args.baseline,
                 )
             )
             before_keys = services.full_enforcement_keys(
-                before.url, before.master_key, args.keys, models
+                before.url, before.master_key, args.keys, models + anthropic
             )
             targets["baseline"] = (before, tuple(before_keys))
         binary = None if args.no_litellm else services.litellm_binary()
-        if binary:
+        if binary and anthropic:
+            print("LiteLLM skipped: its config here has no Anthropic-format deployment")
+        elif binary:
             litellm = ctx.enter_context(services.litellm_proxy(root, binary, upstream.url, models))
             targets["litellm"] = (litellm, (litellm.master_key,))
         elif not args.no_litellm:
@@ -148,6 +152,7 @@ def one_run(
             stream_share=args.stream_share,
             prompt_tokens=args.prompt_tokens,
             completion_tokens=args.completion_tokens,
+            surfaces=args.surfaces,
         ),
         duration_s=args.duration,
         concurrency=args.concurrency,
@@ -312,6 +317,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--stream-share", type=float, default=0.2)
     p.add_argument("--prompt-tokens", type=int, default=100)
     p.add_argument("--completion-tokens", type=int, default=16)
+    p.add_argument(
+        "--surfaces",
+        type=load.parse_surfaces,
+        default=(("chat", 1.0),),
+        help="the API surfaces to mix, with weights, as benchmarks.load takes them: "
+        "chat=2,responses=1,messages=1",
+    )
     p.add_argument(
         "--rate", type=float, default=200.0, help="also measure latency at this steady rate (0: no)"
     )

@@ -532,7 +532,7 @@ def own_sidecar(args: argparse.Namespace) -> Iterator[tuple[str, list[str]]]:
         yield sidecar.url, keys
 
 
-def _surfaces(text: str) -> tuple[tuple[str, float], ...]:
+def parse_surfaces(text: str) -> tuple[tuple[str, float], ...]:
     mix = []
     for part in text.split(","):
         name, _, weight = part.partition("=")
@@ -558,7 +558,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--stream-share", type=float, default=0.2, help="share of streaming requests")
     p.add_argument(
         "--surfaces",
-        type=_surfaces,
+        type=parse_surfaces,
         default=(("chat", 1.0),),
         help="the API surfaces to mix, with weights: chat=2,responses=1,messages=1 "
         f"(messages go to model {ANTHROPIC_MODEL}, an Anthropic-format deployment)",
