@@ -484,6 +484,7 @@ _OURS = {
     "redis_timeout",
     "lease_ttl",
     "hold_ttl",
+    "collect_interval",
     "max_unchecked_requests",
     "alert_webhook_url",
     "ledger_sink",
@@ -746,6 +747,15 @@ def load_config(
         )
     lease_ttl = reader.number("ratelimiter_settings.lease_ttl", ours.get("lease_ttl"))
     hold_ttl = reader.number("ratelimiter_settings.hold_ttl", ours.get("hold_ttl"))
+    collect_interval = reader.number(
+        "ratelimiter_settings.collect_interval", ours.get("collect_interval")
+    )
+    if collect_interval == 0:
+        raise reader.fail(
+            "ratelimiter_settings.collect_interval",
+            "must be more than 0 seconds: it is how often expired holds are collected and "
+            "the ledger shipped",
+        )
     max_unchecked = reader.number(
         "ratelimiter_settings.max_unchecked_requests",
         ours.get("max_unchecked_requests"),
@@ -797,6 +807,7 @@ def load_config(
         redis_timeout_s=float(redis_timeout or 2.0),
         lease_ttl_s=float(lease_ttl or 60.0),
         hold_ttl_s=float(hold_ttl or 600.0),
+        collect_interval_s=float(collect_interval or 5.0),
         max_unchecked_requests=10_000 if max_unchecked is None else int(max_unchecked),
         alert_webhook_url=reader.string(
             "ratelimiter_settings.alert_webhook_url", ours.get("alert_webhook_url")
