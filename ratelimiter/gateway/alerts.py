@@ -1,9 +1,12 @@
-"""Budget alerts: crossing ``soft_budget`` and exhausting ``max_budget`` emit an event, once per
-budget period across all sidecars, as a log line and a webhook POST.
+"""Alerts: crossing ``soft_budget`` and exhausting ``max_budget`` emit an event, once per
+budget period across all sidecars; the ledger sink falling behind by more than
+``ledger_sink_lag_alert`` seconds emits one when it starts and one when it is over. Each is a
+log line and a webhook POST, with a one-line ``text`` that Slack's incoming webhooks show.
 
 Nothing here runs on the request path: settled requests hand their scopes to a queue; a
 checker task reads the budgets (one peek) and claims each crossing with SET NX, so exactly one
-sidecar reports it; a sender task POSTs the events with retries and back-off.
+sidecar reports it; a watcher reads the shipper's lag as it wrote it to Redis; a sender task
+POSTs the events with retries and back-off.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from aiohttp import web
 from ..engine import Engine
 from ..engine.durations import period_bounds
 from ..engine.limits import Budget
+from ..ledger.sink import Lag, read_lag
 from ..pricing import dollars, nano
 from .config import Settings
 from .http import ENGINE, SETTINGS
@@ -88,8 +92,13 @@ class Alerts:
         if not await self.engine.redis.set(marker, 1, nx=True, px=end - now + 86_400_000):
             return
         scope, _, scope_id = budget.key.partition("{")[2].partition("}")[0].partition(":")
+        what = "exhausted" if kind == "budget_exceeded" else "passed its soft budget"
         self.emit(
             {
+                "text": (
+                    f"{scope} {scope_id}: {budget.name} {what}, ${dollars(used):.6g} of "
+                    f"${dollars(budget.capacity):.6g} this {budget.period} period"
+                ),
                 "event": kind,
                 "scope": scope,
                 "id": scope_id,
@@ -104,13 +113,7 @@ class Alerts:
         )
 
     def emit(self, event: dict[str, Any]) -> None:
-        log.warning(
-            "budget alert: %s for %s %s",
-            event["event"],
-            event["scope"],
-            event["id"],
-            extra={"alert": event},
-        )
+        log.warning("alert: %s", event["text"], extra={"alert": event})
         if self.settings.alert_webhook_url:
             with contextlib.suppress(asyncio.QueueFull):
                 self.events.put_nowait(event)
@@ -127,6 +130,27 @@ class Alerts:
             except Exception as exc:
                 log.warning("budget alert check failed: %s", exc)
 
+    async def watch_sink_lag(self) -> None:
+        """The ledger sink's lag against ``ledger_sink_lag_alert``: the first sidecar to see it
+        pass the threshold claims the incident (SET NX) and reports it; the first to see it
+        back under deletes the claim and reports that. A claim outlives no incident by more
+        than a day."""
+        threshold = self.settings.ledger_sink_lag_alert_s
+        marker = f"{self.settings.key_prefix}alert:ledger_sink_lagging"
+        while True:
+            await asyncio.sleep(self.settings.collect_interval_s)
+            try:
+                lag = await read_lag(self.engine)
+                if lag is None:
+                    continue
+                if lag.seconds > threshold:
+                    if await self.engine.redis.set(marker, 1, nx=True, px=86_400_000):
+                        self.emit(_lag_event("ledger_sink_lagging", lag, threshold))
+                elif await self.engine.redis.delete(marker):
+                    self.emit(_lag_event("ledger_sink_recovered", lag, threshold))
+            except Exception as exc:
+                log.warning("ledger sink lag check failed: %s", exc)
+
     async def run_sender(self, session: aiohttp.ClientSession) -> None:
         url = self.settings.alert_webhook_url
         while True:
@@ -142,12 +166,30 @@ class Alerts:
                 await asyncio.sleep(min(0.2 * 2**attempt, 10))
             else:
                 log.error(
-                    "budget alert webhook failed %d times (%s); event dropped: %s",
+                    "alert webhook failed %d times (%s); event dropped: %s",
                     ATTEMPTS,
                     reason,
                     event["event"],
                     extra={"alert": event},
                 )
+
+
+def _lag_event(kind: str, lag: Lag, threshold: float) -> dict[str, Any]:
+    if kind == "ledger_sink_lagging":
+        text = (
+            f"ledger sink behind by {lag.seconds:.0f} s ({lag.entries} entries waiting in "
+            f"Redis; alert at {threshold:g} s)" + (f": {lag.error}" if lag.error else "")
+        )
+    else:
+        text = f"ledger sink caught up: {lag.entries} entries waiting, {lag.seconds:.0f} s behind"
+    return {
+        "text": text,
+        "event": kind,
+        "lag_entries": lag.entries,
+        "lag_seconds": lag.seconds,
+        "threshold_seconds": threshold,
+        "error": lag.error,
+    }
 
 
 ALERTS = web.AppKey("alerts", Alerts)
@@ -160,6 +202,8 @@ async def _alerts(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(alerts.run_checks()),
         asyncio.create_task(alerts.run_sender(session)),
     ]
+    if app[SETTINGS].ledger_sink:
+        tasks.append(asyncio.create_task(alerts.watch_sink_lag()))
     yield
     for task in tasks:
         task.cancel()

@@ -153,6 +153,8 @@ class Settings:
     # None: the ledger stays in Redis until `ratelimiter ledger export --ack`
     ledger_sink: str | None = None
     ledger_sink_schema: str = "ratelimiter"
+    # seconds the sink may fall behind (the oldest entry waiting in Redis) before an alert
+    ledger_sink_lag_alert_s: float = 300.0
     # headers naming the end user, after LiteLLM's standard two (general_settings'
     # user_header_mappings with role customer, then user_header_name), lower-cased
     end_user_headers: tuple[str, ...] = ()
@@ -489,6 +491,7 @@ _OURS = {
     "alert_webhook_url",
     "ledger_sink",
     "ledger_sink_schema",
+    "ledger_sink_lag_alert",
 }
 _PARAMS = {
     "model",
@@ -777,6 +780,9 @@ def load_config(
         raise reader.fail("ratelimiter_settings.timezone", str(exc)) from None
 
     end_user_headers = _end_user_headers(reader, general)
+    lag_alert = reader.number(
+        "ratelimiter_settings.ledger_sink_lag_alert", ours.get("ledger_sink_lag_alert")
+    )
     for message in reader.warnings:
         log.warning(message)
     return Settings(
@@ -814,6 +820,7 @@ def load_config(
         ),
         ledger_sink=_sink_url(reader, env, ours),
         end_user_headers=end_user_headers,
+        ledger_sink_lag_alert_s=300.0 if lag_alert is None else float(lag_alert),
         ledger_sink_schema=reader.string(
             "ratelimiter_settings.ledger_sink_schema", ours.get("ledger_sink_schema")
         )

@@ -121,3 +121,52 @@ async def test_a_hanging_receiver_does_not_slow_requests(
     await client.close()
     await wait_for(lambda: receiver.calls >= 1)  # the alert is being delivered, slowly
     assert time.monotonic() - started < 3  # while requests went at full speed
+
+
+async def test_a_lagging_ledger_sink_alerts_once_and_once_more_when_caught_up(
+    receiver: Receiver, ns: str, redis_url: str
+) -> None:
+    """Two sidecars, their sink's PostgreSQL down: one ``ledger_sink_lagging`` event when the
+    oldest waiting entry is older than the threshold, one ``ledger_sink_recovered`` once the
+    database is up and the backlog shipped, each with Slack's ``text``."""
+    from ..postgres import PostgresServer
+
+    database = PostgresServer()  # made, not started: the sink's address refuses connections
+    try:
+        async with running_upstream() as upstream:
+            settings = Settings(
+                master_key=MASTER_KEY,
+                key_prefix=f"t:{ns}:",
+                alert_webhook_url=receiver.url,
+                models=(Deployment("m", "openai/m", api_base=upstream),),
+                ledger_sink=database.url,
+                ledger_sink_schema=f"lag_{ns}",
+                collect_interval_s=0.2,
+                ledger_sink_lag_alert_s=1.0,
+            )
+            async with (
+                running_sidecar(settings, redis_url) as a,
+                running_sidecar(settings, redis_url),
+            ):
+                client = openai.AsyncOpenAI(base_url=f"{a}/v1", api_key=MASTER_KEY, max_retries=0)
+                for _ in range(3):
+                    await client.chat.completions.create(model="m", messages=MESSAGES)
+                await client.close()
+
+                def events(kind: str) -> list[dict]:
+                    return [e for e in receiver.events if e["event"] == kind]
+
+                await wait_for(lambda: events("ledger_sink_lagging"), timeout=20)
+                await asyncio.sleep(1.0)  # more rounds of both sidecars: still one event
+                (lagging,) = events("ledger_sink_lagging")
+                assert lagging["lag_entries"] == 3 and lagging["lag_seconds"] > 1.0
+                assert lagging["threshold_seconds"] == 1.0 and lagging["error"]
+                assert lagging["text"].startswith("ledger sink behind by ")
+                database.start()
+                await wait_for(lambda: events("ledger_sink_recovered"), timeout=20)
+                await asyncio.sleep(1.0)
+                (recovered,) = events("ledger_sink_recovered")
+                assert recovered["lag_entries"] == 0 and "caught up" in recovered["text"]
+                assert len(events("ledger_sink_lagging")) == 1
+    finally:
+        database.remove()
