@@ -1,5 +1,7 @@
-"""Alerts: crossing ``soft_budget`` and exhausting ``max_budget`` emit an event, once per
-budget period across all sidecars; the ledger sink falling behind by more than
+"""Alerts: crossing ``soft_budget``, each of ``budget_alert_thresholds`` (fractions of
+``max_budget``) and exhausting ``max_budget`` emit an event, once per budget period and
+threshold across all sidecars, with a forecast of when the budget runs out at its period's
+rate; the ledger sink falling behind by more than
 ``ledger_sink_lag_alert`` seconds emits one when it starts and one when it is over. Each is a
 log line and a webhook POST, with a one-line ``text`` that Slack's incoming webhooks show.
 
@@ -14,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -82,22 +86,35 @@ class Alerts:
             soft = scope.fields.get("soft_budget")
             if soft is not None and budget.name.endswith(":budget") and used >= nano(soft):
                 await self._report("soft_budget_crossed", budget, nano(soft), used, now)
+            for fraction in self.settings.budget_alert_thresholds:
+                level = math.ceil(budget.capacity * fraction)
+                if budget.capacity > 0 and used >= level and fraction < 1:
+                    await self._report("budget_threshold_crossed", budget, level, used, now)
             if state.remaining == 0:
                 await self._report("budget_exceeded", budget, budget.capacity, used, now)
 
     async def _report(self, kind: str, budget: Budget, threshold: int, used: int, now: int) -> None:
-        """Emit once per budget period, whichever sidecar sees it first (SET NX)."""
+        """Emit once per budget period and threshold, whichever sidecar sees it first (SET NX)."""
         start, end = period_bounds(budget.period, now, self.engine.tz)  # type: ignore[arg-type]
         marker = f"{budget.key}:{start}:alert:{kind}"
+        if kind == "budget_threshold_crossed":
+            marker += f":{threshold}"
         if not await self.engine.redis.set(marker, 1, nx=True, px=end - now + 86_400_000):
             return
         scope, _, scope_id = budget.key.partition("{")[2].partition("}")[0].partition(":")
-        what = "exhausted" if kind == "budget_exceeded" else "passed its soft budget"
+        share = used / budget.capacity if budget.capacity else 1.0
+        what = {
+            "budget_exceeded": "exhausted",
+            "soft_budget_crossed": "passed its soft budget",
+        }.get(kind, f"passed {threshold / budget.capacity:.0%}" if budget.capacity else "")
+        runs_out = _runs_out_at(used, budget.capacity, start, end, now)
+        forecast = f"; at this period's rate it runs out on {_utc(runs_out)}" if runs_out else ""
         self.emit(
             {
                 "text": (
                     f"{scope} {scope_id}: {budget.name} {what}, ${dollars(used):.6g} of "
-                    f"${dollars(budget.capacity):.6g} this {budget.period} period"
+                    f"${dollars(budget.capacity):.6g} ({share:.0%}) this {budget.period} "
+                    f"period{forecast}"
                 ),
                 "event": kind,
                 "scope": scope,
@@ -106,9 +123,11 @@ class Alerts:
                 "budget_duration": str(budget.period),
                 "threshold": dollars(threshold),
                 "spend": dollars(used),
+                "spend_share": round(share, 4),
                 "max_budget": dollars(budget.capacity),
                 "period_start_ms": start,
                 "period_end_ms": end,
+                "runs_out_at_ms": runs_out,
             }
         )
 
@@ -172,6 +191,25 @@ class Alerts:
                     event["event"],
                     extra={"alert": event},
                 )
+
+
+# A budget that never resets spans 1970 to 2070: a rate over that says nothing.
+FORECAST_MAX_PERIOD_MS = 400 * 86_400_000
+
+
+def _runs_out_at(used: int, capacity: int, start: int, end: int, now: int) -> int | None:
+    """When the budget runs out if spending goes on at this period's rate so far (its own
+    period, not the calendar month); None if it lasts the period, is already spent, or the
+    period is too long for a rate to mean anything."""
+    elapsed = now - start
+    if used <= 0 or used >= capacity or elapsed <= 0 or end - start > FORECAST_MAX_PERIOD_MS:
+        return None
+    at = start + capacity * elapsed // used
+    return at if at < end else None
+
+
+def _utc(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _lag_event(kind: str, lag: Lag, threshold: float) -> dict[str, Any]:

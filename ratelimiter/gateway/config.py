@@ -149,6 +149,9 @@ class Settings:
     max_unchecked_requests: int = 10_000
     collect_interval_s: float = 5.0
     alert_webhook_url: str | None = None
+    # fractions of every max_budget at which to alert (0.5, 0.8, ...), besides soft_budget and
+    # exhaustion
+    budget_alert_thresholds: tuple[float, ...] = ()
     # where shipped ledger entries go (postgresql://…), and the PostgreSQL schema of the table;
     # None: the ledger stays in Redis until `ratelimiter ledger export --ack`
     ledger_sink: str | None = None
@@ -489,6 +492,7 @@ _OURS = {
     "collect_interval",
     "max_unchecked_requests",
     "alert_webhook_url",
+    "budget_alert_thresholds",
     "ledger_sink",
     "ledger_sink_schema",
     "ledger_sink_lag_alert",
@@ -519,6 +523,24 @@ def _sink_url(reader: _Reader, env: Mapping[str, str], ours: dict[str, Any]) -> 
 
 
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}$")  # an HTTP token
+
+
+def _alert_thresholds(reader: _Reader, raw: Any) -> tuple[float, ...]:
+    path = "ratelimiter_settings.budget_alert_thresholds"
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise reader.fail(path, "must be a list of fractions of max_budget, e.g. [0.5, 0.8, 0.95]")
+    fractions = []
+    for i, value in enumerate(raw):
+        number = reader.number(f"{path}[{i}]", value)
+        if not 0 < number <= 1:
+            raise reader.fail(
+                f"{path}[{i}]",
+                f"must be a fraction above 0 and at most 1 (0.8 for 80 %), got {value!r}",
+            )
+        fractions.append(float(number))
+    return tuple(sorted(set(fractions)))
 
 
 def _end_user_headers(reader: _Reader, general: dict[str, Any]) -> tuple[str, ...]:
@@ -780,6 +802,7 @@ def load_config(
         raise reader.fail("ratelimiter_settings.timezone", str(exc)) from None
 
     end_user_headers = _end_user_headers(reader, general)
+    thresholds = _alert_thresholds(reader, ours.get("budget_alert_thresholds"))
     lag_alert = reader.number(
         "ratelimiter_settings.ledger_sink_lag_alert", ours.get("ledger_sink_lag_alert")
     )
@@ -820,6 +843,7 @@ def load_config(
         ),
         ledger_sink=_sink_url(reader, env, ours),
         end_user_headers=end_user_headers,
+        budget_alert_thresholds=thresholds,
         ledger_sink_lag_alert_s=300.0 if lag_alert is None else float(lag_alert),
         ledger_sink_schema=reader.string(
             "ratelimiter_settings.ledger_sink_schema", ours.get("ledger_sink_schema")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -170,3 +171,54 @@ async def test_a_lagging_ledger_sink_alerts_once_and_once_more_when_caught_up(
                 assert len(events("ledger_sink_lagging")) == 1
     finally:
         database.remove()
+
+
+async def test_budget_thresholds_alert_once_each_with_a_forecast(
+    receiver: Receiver, ns: str, redis_url: str
+) -> None:
+    """``budget_alert_thresholds: [0.5, 0.8]`` on a key's budget: one event at each, then
+    the exhaustion, each once however many requests pass them; Slack's ``text`` says how far
+    the budget is spent."""
+    async with running_upstream() as upstream:
+        settings = Settings(
+            master_key=MASTER_KEY,
+            key_prefix=f"t:{ns}:",
+            alert_webhook_url=receiver.url,
+            budget_alert_thresholds=(0.5, 0.8),
+            models=(
+                Deployment(
+                    "m", "openai/m", api_base=upstream, input_cost_per_token=1e-6,
+                    output_cost_per_token=2e-6,
+                ),
+            ),
+        )  # fmt: skip
+        async with running_sidecar(settings, redis_url) as base, aiohttp.ClientSession() as s:
+            admin = Admin(s, base)
+            key = (await admin.post("/key/generate", {"max_budget": 0.0001}))["key"]
+            client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+            for _ in range(8):  # 18e-6 each: 50 % at the 3rd, 80 % at the 5th, spent at the 6th
+                with contextlib.suppress(openai.RateLimitError):
+                    await client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=4)
+            await client.close()
+            await wait_for(lambda: len(receiver.events) >= 3)
+            await asyncio.sleep(0.5)
+    crossed = [e for e in receiver.events if e["event"] == "budget_threshold_crossed"]
+    assert sorted(e["threshold"] for e in crossed) == [5e-05, 8e-05]
+    assert [e["event"] for e in receiver.events].count("budget_exceeded") == 1
+    assert len(receiver.events) == 3
+    half = min(crossed, key=lambda e: e["threshold"])
+    assert half["spend"] >= 5e-05 and half["spend_share"] >= 0.5
+    assert half["text"].startswith("key ") and "passed 50%" in half["text"]
+    assert "runs_out_at_ms" in half  # None: a budget that never resets has no forecast
+
+
+def test_the_forecast_is_the_periods_own_rate() -> None:
+    from ratelimiter.gateway.alerts import _runs_out_at
+
+    day = 86_400_000
+    # a 30-day period, 10 days in, 40 % spent: at that rate all of it is gone on day 25
+    assert _runs_out_at(40, 100, 0, 30 * day, 10 * day) == 25 * day
+    assert _runs_out_at(20, 100, 0, 30 * day, 10 * day) is None  # lasts the period
+    assert _runs_out_at(100, 100, 0, 30 * day, 10 * day) is None  # already spent
+    assert _runs_out_at(0, 100, 0, 30 * day, 10 * day) is None
+    assert _runs_out_at(90, 100, 0, 100 * 365 * day, 10 * day) is None  # never resets

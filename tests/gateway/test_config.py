@@ -278,3 +278,18 @@ def test_bad_end_user_headers_are_named(tmp_path: Path, mappings: str, message: 
     text = GOOD.replace(f"general_settings:\n  master_key: {MASTER}\n", general)
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(write(tmp_path, text), env=ENV)
+
+
+def test_budget_alert_thresholds(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        "  on_redis_error: allow\n",
+        "  on_redis_error: allow\n  budget_alert_thresholds: [0.8, 0.5, 0.8]\n",
+    )
+    assert load_config(write(tmp_path, text), env=ENV).budget_alert_thresholds == (0.5, 0.8)
+    for bad in ("[80]", "[0]", "0.5"):
+        text = GOOD.replace(
+            "  on_redis_error: allow\n",
+            f"  on_redis_error: allow\n  budget_alert_thresholds: {bad}\n",
+        )
+        with pytest.raises(ConfigError, match="budget_alert_thresholds"):
+            load_config(write(tmp_path, text), env=ENV)
