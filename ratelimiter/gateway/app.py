@@ -24,6 +24,7 @@ from .http import ENGINE, MAX_BODY_BYTES, SETTINGS, SINK, STORE, edge_middleware
 from .metrics import SINK_LAG, add_metrics
 from .proxy import add_proxy_routes
 from .store import Store
+from .tracing import add_tracing
 from .ui import add_ui_routes
 
 __all__ = ["create_app"]
@@ -48,6 +49,7 @@ def create_app(settings: Settings, engine: Engine) -> web.Application:
     add_proxy_routes(app)
     add_ui_routes(app)
     add_alerts(app)
+    add_tracing(app)
     return app
 
 

@@ -57,6 +57,7 @@ from .routing import aliases_of, listed_names, route
 from .side_routes import _remember_answer, add_side_routes, carried_tokens
 from .surfaces import SURFACES, StreamTally, Surface
 from .surfaces.base import response_id
+from .tracing import OPERATIONS, end_span, spend_usd, start_span, trace_call
 
 __all__ = ["HTTP", "add_proxy_routes"]
 
@@ -111,6 +112,10 @@ class Call:
         self.writes_cache = surface.writes_cache(body)
         self.end_user = surface.end_user_of(request.headers, body, self.settings.end_user_headers)
         self.max_tokens: int | None = None  # what strict enforcement sends upstream
+        # for the trace: the last decision, its estimate in nano-dollars, Redis time before it
+        self.decision: Decision | None = None
+        self.estimate_nano: int | None = None
+        self.admission_redis_s = 0.0
 
     def admission_deadline(self) -> contextlib.AbstractAsyncContextManager[None]:
         return _admission_deadline(self.app, self.deadline)
@@ -134,6 +139,9 @@ class Call:
                     f"model {deployment.model_name!r} has no price: set "
                     "input_cost_per_token/output_cost_per_token in model_list",
                 )
+            self.estimate_nano = estimated_cost(
+                price, self.prompt, self.most, writes_cache=self.writes_cache
+            )
             async with self.admission_deadline():
                 resolved = await resolve(
                     store,
@@ -142,7 +150,7 @@ class Call:
                     deployment,
                     self.end_user,
                     self.prompt + self.most,
-                    estimated_cost(price, self.prompt, self.most, writes_cache=self.writes_cache),
+                    self.estimate_nano,
                 )
             resolved = replace(resolved, input_tokens=self.prompt, output_tokens=self.most)
             self.scopes = resolved.scopes
@@ -150,6 +158,7 @@ class Call:
             metrics = self.app[METRICS]
             self.describe(caller, deployment)
             self.limits = limits
+            asked = time.perf_counter()
             try:
                 with timer(metrics.redis_seconds):
                     async with self.admission_deadline():
@@ -171,6 +180,8 @@ class Call:
                 log.warning("admitting %s unchecked: %s", self.request_id, exc)
                 self.deployment = deployment
                 return deployment, Decision(True, self.request_id, ())
+            self.admission_redis_s += time.perf_counter() - asked
+            self.decision = decision
             metrics.admissions.labels("admitted" if decision.allowed else "refused").inc()
             if decision.allowed:
                 self.reservation, self.deployment = decision.reservation, deployment
@@ -287,6 +298,35 @@ class Call:
             "stream": self.surface.streams(self.body),
             "charged": self.charged,
             "duration_ms": round((time.perf_counter() - self.started) * 1000, 1),
+        }
+
+    def trace_attributes(self) -> dict[str, Any]:
+        """The span's attributes (tracing.py): GenAI's semantic conventions, then ours."""
+        deployment, decision, usage = self.deployment, self.decision, self.usage
+        refused = decision.refused if decision is not None and not decision.allowed else None
+        return {
+            "gen_ai.operation.name": OPERATIONS.get(self.kind, self.kind),
+            "gen_ai.provider.name": self.surface.flavor,
+            "gen_ai.request.model": self.body.get("model"),
+            "gen_ai.request.max_tokens": self.most if self.bounded else None,
+            "gen_ai.response.id": self.response_id,
+            "gen_ai.usage.input_tokens": usage.get("prompt_tokens"),
+            "gen_ai.usage.output_tokens": usage.get("completion_tokens"),
+            "ratelimiter.route": self.kind,
+            "ratelimiter.request_id": self.request_id,
+            "ratelimiter.deployment": deployment.deployment_id if deployment else None,
+            "ratelimiter.scopes": [scope.kind for scope in self.scopes] or None,
+            "ratelimiter.decision": (
+                None if decision is None else "admitted" if decision.allowed else "refused"
+            ),
+            "ratelimiter.refused_by": refused.name if refused is not None else None,
+            "ratelimiter.refusal_reason": decision.reason if refused is not None else None,
+            "ratelimiter.estimate.input_tokens": self.prompt,
+            "ratelimiter.estimate.output_tokens": self.most,
+            "ratelimiter.estimate.spend_usd": spend_usd(self.estimate_nano),
+            "ratelimiter.charged.tokens": (self.charged or {}).get("tokens"),
+            "ratelimiter.charged.spend_usd": spend_usd((self.charged or {}).get("spend")),
+            "ratelimiter.redis.admission_ms": round(self.admission_redis_s * 1000, 3),
         }
 
     def describe(self, caller: Caller, deployment: Deployment) -> None:
@@ -495,14 +535,28 @@ async def _admission_deadline(app: web.Application, deadline: float) -> AsyncIte
 
 def proxy_route(surface: Surface) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
+        start_span(request, surface.kind)
         try:
-            return await _proxied(request, surface)
-        except (asyncio.CancelledError, web.HTTPException):
+            response = await _answered(request, surface)
+        except web.HTTPException as exc:
+            end_span(request, exc.status)
             raise
-        except Exception as exc:  # in the surface's own error envelope
-            return surface.envelope(error_answer(request, exc))
+        except BaseException:  # cancelled: the client went away
+            end_span(request, 499)
+            raise
+        end_span(request, response.status)
+        return response
 
     return handler
+
+
+async def _answered(request: web.Request, surface: Surface) -> web.StreamResponse:
+    try:
+        return await _proxied(request, surface)
+    except (asyncio.CancelledError, web.HTTPException):
+        raise
+    except Exception as exc:  # in the surface's own error envelope
+        return surface.envelope(error_answer(request, exc))
 
 
 async def _proxied(request: web.Request, surface: Surface) -> web.StreamResponse:
@@ -512,6 +566,7 @@ async def _proxied(request: web.Request, surface: Surface) -> web.StreamResponse
     async with _admission_deadline(request.app, deadline):
         caller = await authenticate(request.app[STORE], settings, bearer(request))
     call = Call(request, surface, await _read_body(request, surface), deadline)
+    trace_call(request, call)
     previous = surface.continues(call.body)
     if previous is not None:  # the earlier turns are billed again as input: held too
         async with _admission_deadline(request.app, deadline):
