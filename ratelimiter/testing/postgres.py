@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 __all__ = ["PostgresServer", "PostgresUnavailable"]
 
 EXTRA: list[str] = []
