@@ -242,3 +242,22 @@ def test_redis_cost_counts_instructions_per_request(tmp_path: Path) -> None:
     # a whole enforced request (20 limits, ledger entry) costs more than its hot scope alone,
     # which costs more than a script that only returns
     assert per_op["enforced_request"] > per_op["hot_scope"] > per_op["trivial_evalsha"] > 0
+
+
+def test_sink_benchmark_ships_everything_and_keeps_the_ledger_out_of_redis(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "sink.json"
+    done = run_module(
+        "benchmarks.sink",
+        "--rate", "40", "--duration", "2", "--outage", "0.5", "--collect-interval", "0.2",
+        "--out", str(out),
+    )  # fmt: skip
+    if "PostgreSQL binaries not found" in done.stderr:
+        pytest.skip("PostgreSQL binaries not found on this machine")
+    assert done.returncode == 0, done.stderr
+    with_sink, without = json.loads(out.read_text())["runs"]
+    assert with_sink["rows"] == with_sink["requests"] > 0
+    assert with_sink["waiting_at_end"] == 0 and with_sink["most_waiting"] > 0  # the outage
+    assert without["rows"] is None and without["waiting_at_end"] == without["requests"]
+    assert without["ledger_bytes_per_request"] > 100 > with_sink["ledger_bytes_per_request"]
