@@ -15,6 +15,8 @@ from ..engine import Engine
 from ..engine.durations import parse_duration, period_bounds
 from ..engine.limits import Budget
 from ..ledger import Entry, Ledger
+from ..ledger.history import history
+from ..ledger.sink import PostgresSink
 from .config import Settings
 from .policy import Scope, scope_budgets
 from .store import Store
@@ -57,7 +59,14 @@ async def check(engine: Engine, settings: Settings) -> list[str]:
         except Exception as exc:  # only the entity's own fields are at work here, no Redis
             problems.append(_unusable(dim, dim_id, scope.fields, exc))
     counters = await _counters(engine, tallies, now)
-    await _sum_ledger(Ledger(engine), tallies, now)
+    sink = None
+    if settings.ledger_sink:  # what has shipped counts too, read from PostgreSQL
+        sink = PostgresSink(settings.ledger_sink, schema=settings.ledger_sink_schema)
+    try:
+        await _sum_ledger(Ledger(engine), sink, tallies, now)
+    finally:
+        if sink is not None:
+            await sink.close()
     for tally, counted in zip(tallies, counters, strict=True):
         if counted != tally.recorded:
             problems.append(
@@ -123,14 +132,17 @@ def _short(text: str) -> str:
     return text if len(text) <= _SHOWN else text[:_SHOWN] + "…"
 
 
-async def _sum_ledger(ledger: Ledger, tallies: list[_Tally], now: int) -> None:
-    """Add each entry to the tallies of its entities whose period it was acquired in."""
+async def _sum_ledger(
+    ledger: Ledger, sink: PostgresSink | None, tallies: list[_Tally], now: int
+) -> None:
+    """Add each entry (in Redis, or shipped) to the tallies of its entities whose period it
+    was acquired in."""
     if not tallies:
         return
     by_owner: dict[str, list[_Tally]] = defaultdict(list)
     for tally in tallies:
         by_owner[tally.owner].append(tally)
-    async for entry in ledger.entries(min(t.start for t in tallies), now + 1):
+    async for entry in history(ledger, sink, min(t.start for t in tallies), now + 1):
         for owner in _owners(entry):
             for tally in by_owner.get(owner, ()):
                 if tally.start <= entry.started_ms < tally.end:

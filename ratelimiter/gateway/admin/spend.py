@@ -3,9 +3,10 @@
 /global/spend/end_users.
 
 Totals per day (keys, teams, models, the proxy) come from the daily rollups, which cost what
-the days hold; breakdowns that cross dimensions (a team's spend per model and key, one key's
-end users) read the entries themselves, so they see only entries not yet trimmed by
-``ratelimiter ledger export --ack``."""
+the days hold; /spend/logs and the breakdowns that cross dimensions (a team's spend per model
+and key, one key's end users) read the entries themselves: those still in Redis and, with a
+ledger sink, those shipped to PostgreSQL (``ledger.history``), so they see the whole history the
+database keeps; without one, what ``ratelimiter ledger export --ack`` has not trimmed."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from aiohttp import web
 from ...engine.durations import shown
 from ...errors import EntityError
 from ...ledger import Entry, Ledger, utc_ms
+from ...ledger.history import history
 from ...ledger.spendlog import spend_log
 from ...pricing import dollars
 from ...responses import json_response
-from ..http import ENGINE, SETTINGS, STORE
+from ..http import ENGINE, SETTINGS, SINK, STORE
 from ..models import check_request
 from . import access
 from .common import MAX_PAGE, key_token, read_object, scope_id, whole
@@ -121,9 +123,11 @@ def _by_day(entries: list[Entry], start: date, end: date) -> list[dict[str, Any]
 
 
 async def _entries(request: web.Request, start: date, end: date, keep: Any = None) -> list[Entry]:
-    ledger = Ledger(request.app[ENGINE])
+    """The entries finished from ``start`` to ``end`` (whole UTC days) that ``keep``: those in
+    Redis and, with a sink, those shipped to PostgreSQL, each once."""
+    ledger, sink = Ledger(request.app[ENGINE]), request.app.get(SINK)
     found = []
-    async for entry in ledger.entries(utc_ms(start), utc_ms(end + timedelta(days=1))):
+    async for entry in history(ledger, sink, utc_ms(start), utc_ms(end + timedelta(days=1))):
         if keep is None or keep(entry):
             found.append(entry)
     return found
