@@ -123,6 +123,11 @@ MIGRATIONS: dict[int, list[str]] = {
         "  ALTER COLUMN completion_tokens TYPE BIGINT, "
         "  ALTER COLUMN request_duration_ms TYPE BIGINT",
     ],
+    # The history's reads (ledger/history.py) go by finish time, page by page.
+    4: [
+        'CREATE INDEX IF NOT EXISTS "SpendLogs_endTime_sidecar_request_id_idx" '
+        '  ON {s}."LiteLLM_SpendLogs" ("endTime", sidecar_request_id)',
+    ],
 }
 LATEST_VERSION = max(MIGRATIONS)
 
