@@ -297,6 +297,12 @@ async def _ledger_command(args: argparse.Namespace, settings: Settings, url: str
                 print(problem)
             print("ledger and counters agree" if not problems else f"{len(problems)} difference(s)")
             return 1 if problems else 0
+        if args.ack and settings.ledger_sink:
+            raise RateLimiterError(
+                "--ack with a ledger sink configured would trim entries the sink has not "
+                "shipped yet: the sink's shipper trims what it has committed; export without "
+                "--ack (the entries shipped are in PostgreSQL)"
+            )
         until = args.until or datetime.now(UTC).date()
         out = args.out.open("w", newline="") if args.out else sys.stdout
         try:

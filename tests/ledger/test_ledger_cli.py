@@ -127,3 +127,22 @@ async def test_check_finds_no_difference_then_the_one_planted(
     result = await asyncio.to_thread(ledger_cli, tmp_path, redis_url, prefix, "check")
     assert result.returncode == 1
     assert f"key:budget key:{token}" in result.stdout and "1 difference(s)" in result.stdout
+
+
+def test_ack_is_refused_while_a_sink_ships(tmp_path: Path, redis_url: str, ns: str) -> None:
+    """With a sink, entries leave Redis once PostgreSQL has them; --ack would trim those it
+    has not shipped yet, so it is refused, and nothing is trimmed."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"ratelimiter_settings:\n  key_prefix: 't:{ns}:'\n"
+        "  ledger_sink: postgresql://rl@127.0.0.1:9/ledger\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "ratelimiter.cli", "ledger", "export", "--since", "2020-01-01",
+         "--ack", "--config", str(config)],
+        env={**os.environ, "REDIS_URL": redis_url, "RATELIMITER_MASTER_KEY": "sk-ledger-cli-4f1a9"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "--ack with a ledger sink configured would trim entries" in done.stderr
+    assert "Traceback" not in done.stderr
