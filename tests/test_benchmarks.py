@@ -261,3 +261,16 @@ def test_sink_benchmark_ships_everything_and_keeps_the_ledger_out_of_redis(
     assert with_sink["waiting_at_end"] == 0 and with_sink["most_waiting"] > 0  # the outage
     assert without["rows"] is None and without["waiting_at_end"] == without["requests"]
     assert without["ledger_bytes_per_request"] > 100 > with_sink["ledger_bytes_per_request"]
+
+
+def test_engine_benchmark_serves_a_hot_scope_from_blocks(tmp_path: Path) -> None:
+    """Counted, not timed: with capacity blocks a hot-scope request costs Redis a small
+    fraction of a call (a block per thousand requests or per bucket), without them two."""
+    out = tmp_path / "engine.json"
+    done = run_module(
+        "benchmarks.engine", "--duration", "0.5", "--runs", "1", "--quick", "--out", str(out)
+    )
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(out.read_text())["figures"]
+    assert figures["cycles_per_s_hot_scope"]["evalsha_calls_per_op"] == pytest.approx(2, abs=0.05)
+    assert figures["cycles_per_s_hot_scope_blocks"]["evalsha_calls_per_op"] < 0.1

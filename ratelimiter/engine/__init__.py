@@ -2,6 +2,7 @@
 (connections, the script cache, pipelining, slot groups on a Cluster, the embedded server).
 It knows nothing of keys, users or models, and imports nothing of ours above it."""
 
+from .blocks import Blocks, Grant
 from .engine import (
     BudgetUse,
     Decision,
@@ -15,10 +16,12 @@ from .engine import (
 )
 
 __all__ = [
+    "Blocks",
     "BudgetUse",
     "Decision",
     "Engine",
     "ExpiredHold",
+    "Grant",
     "LimitState",
     "Renewal",
     "Reservation",
