@@ -19,7 +19,7 @@ from ratelimiter.ledger.sink import PostgresSink, Shipper
 
 from ..conftest import MESSAGES, Admin, one_model, running_sidecar, running_upstream
 from ..postgres import PostgresServer
-from .test_sink import postgres, sink  # noqa: F401  (fixtures: a private server, a schema)
+from .test_sink import sink  # noqa: F401  (the fixture: a schema of its own)
 
 FOREVER = (0, 2**62)  # a window open at both ends
 
@@ -99,7 +99,7 @@ def _id(entry: Entry) -> str:
 
 
 async def test_spend_logs_and_the_check_read_what_shipped(
-    postgres: PostgresServer,  # noqa: F811
+    postgres: PostgresServer,
     redis_url: str,
     ns: str,
 ) -> None:

@@ -6,7 +6,7 @@ has left Redis."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 import asyncpg
@@ -26,13 +26,6 @@ from ratelimiter.ledger.sink import (
 
 from ..conftest import MASTER_KEY, MESSAGES, one_model, running_sidecar, running_upstream
 from ..postgres import PostgresServer
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer().start()
-    yield server
-    server.remove()
 
 
 @pytest.fixture

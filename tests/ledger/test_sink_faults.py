@@ -35,13 +35,6 @@ COLLECT_INTERVAL_S = 0.2
 LEASE_LAPSES_S = COLLECT_INTERVAL_S * 8
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer().start()
-    yield server
-    server.remove()
-
-
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[tuple[Path, str, str]]:
     """A private Redis (these tests pause it) and the fake upstream, as processes."""
