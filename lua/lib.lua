@@ -280,36 +280,19 @@ end
 -- A record acquired with a ledger base (rec.lg, '<prefix>{<anchor>}:') writes one stream
 -- entry when it is finished, in the same script, so counters and ledger never disagree:
 -- stream <lg>ledger:<UTC day number>, fields rid, t0, t1, s (status), est, out (msgpack
--- measure -> amount), meta (from acquire), info (from settle). The same step adds to the
--- day's rollup hash <lg>rollup:<day>: for each dimension d given at acquire, d|<status> and
--- d|<measure> for every charged measure (a day's requests are the sum of its statuses; rollups
--- written before this counted d|requests too, which readers ignore). The sorted set
--- <lg>ledger-days holds the day numbers written (member and score), so readers visit only days
--- that hold data instead of probing every day of a period (a budget that never resets spans
--- 1970-2070). The hash <lg>lifetime holds each dimension's lifetime spend (field d, in
--- nano-dollars, no TTL): the HINCRBY that d|requests cost before, so a settlement does as many
--- commands as it did; it outlives the rollups (400 days), and an admin's reset sets it.
+-- measure -> amount), meta (from acquire), info (from settle) and d (the rollup dimensions
+-- given at acquire, msgpack). The day joins the set <lg>rollup-due, and rollup.lua folds the
+-- entry into the day's rollup hash, the lifetime spend and the index of days, exactly once and
+-- seconds later (readers fold first, so they never see the lag); older versions added to those
+-- here, on every settlement: an eighth of a request's Redis instructions (benchmarks.settle_cost).
 local DAY_MS = 86400000
-local ROLLUP_TTL_MS = 400 * DAY_MS
 
 local function ledger_write(rec, rid, now, status, est, out, charged, info)
   local day = int(floor(now / DAY_MS))
   redis.call('XADD', rec.lg .. 'ledger:' .. day, '*', 'rid', rid, 't0', rec.t0, 't1', int(now),
-    's', status, 'est', est, 'out', out, 'meta', rec.meta or '', 'info', info or '')
-  redis.call('ZADD', rec.lg .. 'ledger-days', day, day)
-  local rollup, lifetime, spend = rec.lg .. 'rollup:' .. day, rec.lg .. 'lifetime', charged.spend
-  for _, d in ipairs(mp_unpack(rec.dims)) do
-    redis.call('HINCRBY', rollup, d .. '|' .. status, 1)
-    for measure, amount in pairs(charged) do
-      if amount ~= 0 then
-        redis.call('HINCRBY', rollup, d .. '|' .. measure, int(amount))
-      end
-    end
-    if spend and spend ~= 0 then
-      redis.call('HINCRBY', lifetime, d, int(spend))
-    end
-  end
-  redis.call('PEXPIRE', rollup, ROLLUP_TTL_MS)
+    's', status, 'est', est, 'out', out, 'meta', rec.meta or '', 'info', info or '',
+    'd', rec.dims)
+  redis.call('SADD', rec.lg .. 'rollup-due', day)
 end
 
 local function record_finish(rec, key, rid, now, mode, actuals, ttl, info)

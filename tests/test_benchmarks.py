@@ -274,3 +274,13 @@ def test_engine_benchmark_serves_a_hot_scope_from_blocks(tmp_path: Path) -> None
     figures = json.loads(out.read_text())["figures"]
     assert figures["cycles_per_s_hot_scope"]["evalsha_calls_per_op"] == pytest.approx(2, abs=0.05)
     assert figures["cycles_per_s_hot_scope_blocks"]["evalsha_calls_per_op"] < 0.1
+
+
+@pytest.mark.skipif(not redis_cost.callgrind_available(), reason="valgrind is not installed")
+def test_settle_cost_counts_settlement_and_rollups_apart() -> None:
+    done = run_module("benchmarks.settle_cost", "--requests", "20")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["requests"] == 20 and report["commands_per_request"] > 0
+    assert {"evalsha", "xadd", "sadd"} <= report["by_command"].keys()
+    assert report["instructions_per_request"]["acquire_and_settle"] > 0

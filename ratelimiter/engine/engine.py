@@ -270,9 +270,9 @@ class Engine:
         ``DuplicateRequest`` and takes nothing.
         ``force`` takes every limit even past its capacity: for usage that already happened.
         ``ledger``: rollup dimensions (e.g. ``"key:3f9a"``, ``"model:gpt-4o"``); when given,
-        finishing the request writes one ledger entry with ``meta`` and adds to those
-        dimensions' daily rollups, in the same atomic step (see ``ratelimiter.ledger``);
-        ``limits`` may then be empty.
+        finishing the request writes one ledger entry with ``meta`` and them, in the same
+        atomic step, which the rollup consumer adds to those dimensions' daily rollups (see
+        ``ratelimiter.ledger.rollups``); ``limits`` may then be empty.
         """
         request_id = _check_request_id(request_id)
         limits = validate_limits(limits, allow_empty=ledger is not None)

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from ..engine import Engine
 from ..ledger import collect_expired_holds
+from ..ledger.rollups import fold_forever
 from ..ledger.sink import PostgresSink, Shipper, read_lag
 from .admin import add_admin_routes
 from .alerts import add_alerts
@@ -40,6 +41,7 @@ def create_app(settings: Settings, engine: Engine) -> web.Application:
     app[ENGINE] = engine
     app[STORE] = Store(engine.redis, prefix=settings.key_prefix, address=engine.address)
     app.cleanup_ctx.append(_lifecycle)
+    app.cleanup_ctx.append(_fold_rollups)
     add_health_routes(app)
     add_metrics(app)
     if settings.ledger_sink:
@@ -51,6 +53,15 @@ def create_app(settings: Settings, engine: Engine) -> web.Application:
     add_alerts(app)
     add_tracing(app)
     return app
+
+
+async def _fold_rollups(app: web.Application) -> AsyncIterator[None]:
+    """The rollup consumer, in every sidecar (see ``ledger.rollups``); stopped before
+    ``_lifecycle`` closes the engine."""
+    task = asyncio.create_task(fold_forever(app[ENGINE]))
+    yield
+    task.cancel()
+    await asyncio.wait([task], timeout=2)
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:

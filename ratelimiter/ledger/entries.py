@@ -2,10 +2,11 @@
 
 Entries are written by the settle and expire scripts in the same atomic step as the counters
 (``lua/lib.lua``, ``ledger_write``): one Redis stream per slot group and UTC day, so no key
-grows without bound and a Cluster spreads them; rollups are one hash per slot group and day.
-The same step adds the day to the slot group's index (a sorted set), so reading a range costs
-commands per day that holds data, not per day of the range. Records inside are msgpack; this
-module turns them into plain dictionaries for the HTTP edge.
+grows without bound and a Cluster spreads them. The rollup consumer (``rollups``) derives from
+them one rollup hash per slot group and day, the lifetime spend and each slot group's index of
+days (a sorted set), so reading a range costs commands per day that holds data, not per day of
+the range; every read here folds first, so it is exact. Records inside are msgpack; this module
+turns them into plain dictionaries for the HTTP edge.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import msgpack
 
 from ..engine import Engine
 from ..engine.connections import translate_errors
+from .rollups import DAYS_INDEX, LIFETIME, Rollups
 
 __all__ = ["DAY_MS", "Entry", "Ledger", "collect_expired_holds", "day_number", "ledger_dims"]
 
@@ -95,11 +97,10 @@ def _glob_escape(text: str) -> str:
     return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
 
 
-DAYS_INDEX = "ledger-days"  # per slot group, written by lua/lib.lua's ledger_write
-LIFETIME = "lifetime"  # per slot group: dimension -> lifetime spend, written by ledger_write
 STATUSES = ("settled", "released", "expired")
 INDEXED_FLAG = "ledger-indexed"  # set once the streams written before the index are indexed
 _PAGE = 1000  # stream entries per XRANGE: a busy day's stream is never read in one reply
+_DIMS = 1000  # dimensions per lifetime read: the script gets them as arguments, bounded
 _DAY_KEY = re.compile(r"(?P<base>.*\}:)(?:ledger|rollup):(?P<day>\d+)")
 
 
@@ -109,6 +110,7 @@ class Ledger:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.consumer = Rollups(engine)
         self._indexed = False
 
     async def _days(self, kind: str, first: int, last: int) -> list[tuple[int, list[str]]]:
@@ -116,16 +118,15 @@ class Ledger:
         or rollup hashes ("rollup"), in order: one per slot group that wrote on that day.
 
         One Redis has one slot group. A Cluster has one per slot: their indexes are read in
-        one pipeline (a fixed 16,384 small reads, whatever the size of the keyspace)."""
+        one pipeline (a fixed 16,384 small reads, whatever the size of the keyspace); the few
+        with entries not folded yet are folded first and read by the same script."""
         await self._ensure_index()
-        bases = [self.engine.ledger_base(anchor) for anchor in self.engine.anchors()]
-        with translate_errors(self.engine.address):
-            pipe = self.engine.redis.pipeline(transaction=False)
-            for base in bases:
-                pipe.zrangebyscore(base + DAYS_INDEX, first, last)
-            replies = await pipe.execute()
+        by_base = await self.consumer.read(
+            lambda pipe, base: pipe.zrangebyscore(base + DAYS_INDEX, first, last),
+            ["days", first, last],
+        )
         found: dict[int, list[str]] = defaultdict(list)
-        for base, days in zip(bases, replies, strict=True):
+        for base, days in by_base.items():
             for day in map(int, days):
                 found[day].append(f"{base}{kind}:{day}")
         return sorted(found.items())
@@ -220,45 +221,37 @@ class Ledger:
         """The lifetime spend (nano-dollars) of each dimension (``key:3f9a…``, ``user:ann``,
         ``organization:acme``, any name the requests were rolled up under), for many at once.
 
-        Settlement adds each request's spend to its slot group's ``lifetime`` hash, which has
-        no TTL (the daily rollups expire after 400 days). One Redis has one such hash: one
-        HMGET. A Cluster has one per slot group: one HMGET per slot, in one pipeline."""
+        Each slot group's ``lifetime`` hash, which has no TTL (the daily rollups expire after
+        400 days), holds what the rollup consumer folded. One Redis has one such hash: one
+        HMGET. A Cluster has one per slot group: one HMGET per slot, in one pipeline. Groups
+        with entries not folded yet are folded first, so the answer counts every request
+        settled before the call."""
         wanted = list(dict.fromkeys(dims))
         totals = dict.fromkeys(wanted, 0)
-        if not wanted:
-            return totals
-        bases = [self.engine.ledger_base(anchor) for anchor in self.engine.anchors()]
-        for first in range(0, len(bases), _PAGE):
-            with translate_errors(self.engine.address):
-                pipe = self.engine.redis.pipeline(transaction=False)
-                for base in bases[first : first + _PAGE]:
-                    pipe.hmget(base + LIFETIME, wanted)
-                replies = await pipe.execute()
-            for values in replies:
-                for dim, value in zip(wanted, values, strict=True):
+        for first in range(0, len(wanted), _DIMS):
+            page = wanted[first : first + _DIMS]
+            found = await self.consumer.read(
+                lambda pipe, base, page=page: pipe.hmget(base + LIFETIME, page),
+                ["spend", *page],
+            )
+            for values in found.values():
+                for dim, value in zip(page, values, strict=True):
                     if value is not None:
                         totals[dim] += int(value)
         return totals
 
     async def set_lifetime_spend(self, dim: str, amount: int = 0) -> None:
-        """Make a dimension's lifetime spend ``amount`` (0: it starts again). Each slot
-        group's share is removed atomically, so a request settling meanwhile is counted
-        either before (and removed) or after, never twice; the ledger keeps its entries."""
-        bases = [self.engine.ledger_base(anchor) for anchor in self.engine.anchors()]
-        with translate_errors(self.engine.address):
-            if len(bases) == 1:
-                if amount:
-                    await self.engine.redis.hset(bases[0] + LIFETIME, dim, amount)
-                else:
-                    await self.engine.redis.hdel(bases[0] + LIFETIME, dim)
-                return
-            for first in range(0, len(bases), _PAGE):
-                pipe = self.engine.redis.pipeline(transaction=False)
-                for base in bases[first : first + _PAGE]:
-                    pipe.hdel(base + LIFETIME, dim)
-                await pipe.execute()
-            if amount:
-                await self.engine.redis.hincrby(bases[0] + LIFETIME, dim, amount)
+        """Make a dimension's lifetime spend ``amount`` (0: it starts again); the ledger keeps
+        its entries. In each slot group the reset runs in the script that folds the group's
+        last entries: every request settled before it is counted and then reset, none is
+        folded onto the new value later, and one settling meanwhile is counted either before
+        (and reset) or after, never twice. A Cluster clears every group, then sets one."""
+        first, *others = self.consumer.bases()
+        if others:
+            await self.consumer.read(
+                lambda pipe, base: pipe.hdel(base + LIFETIME, dim), ["set", dim, 0]
+            )
+        await self.consumer.fold([first], ["set", dim, amount])
 
 
 class _Shipper(Protocol):

@@ -399,11 +399,10 @@ class Shipper:
         return [Entry.from_stream(stream_id, fields) for stream_id, fields in rows]
 
     async def trim(self, key: str, last: str) -> None:
-        """Remove the stream's entries up to ``last`` (committed to the sink)."""
+        """Remove the stream's entries up to ``last`` (committed to the sink), in the script
+        that first folds them into the rollups: an entry is never trimmed before it counts."""
         ms, _, seq = last.partition("-")
-        with translate_errors(self.engine.address):
-            # exact: the default (approximate, "~") trims only whole radix-tree nodes
-            await self.engine.redis.xtrim(key, minid=f"{ms}-{int(seq) + 1}", approximate=False)
+        await self.ledger.consumer.trim(key, f"{ms}-{int(seq) + 1}")
 
     async def ship(self, still_mine: Callable[[], Awaitable[bool]] | None = None) -> int:
         """One round: ship every stream's entries, batch by batch, each committed before it
