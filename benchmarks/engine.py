@@ -29,10 +29,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Seque
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ratelimiter import Budget, Concurrency, Decision, Engine, Reservation, SlidingWindow, connect
-from ratelimiter.engine.blocks import Blocks
 from ratelimiter.engine.connections import RedisClient
 from ratelimiter.engine.embedded import RedisServer, free_port
 from ratelimiter.engine.limits import DEFAULT_BUCKETS, DEFAULT_BUDGET_RETENTION_MS, Limit
@@ -67,6 +66,9 @@ ENGINE_FIGURES = (
 )
 LIMITS_FIGURES = ("limits_moving_window_per_s", "limits_sliding_window_per_s")
 MEMORY_KEY = re.compile(r"^mem:\{(?P<scope>\w+):\d+\}:(?P<kind>rpm|tpm|lease|budget)(:\d+)?$")
+
+if TYPE_CHECKING:
+    from ratelimiter.engine.blocks import Blocks
 
 Work = Callable[[int], Awaitable[None]]
 T = TypeVar("T")
@@ -384,6 +386,8 @@ async def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
         # Memory first: its fake-clock keys then age out on Redis's clock during the rest.
         memory = await memory_report(url, args.scopes)
         sha = await redis.script_load(TRIVIAL_SCRIPT)
+        from ratelimiter.engine.blocks import Blocks  # here: redis_cost runs older engines too
+
         blocks = Blocks(engine, size=lambda limit: limit.amount * BLOCK_REQUESTS)
         async with limits_workloads(url) as (library_jobs, library_error):
             jobs = engine_workloads(engine, sha, args.scopes, blocks) | library_jobs
