@@ -8,7 +8,7 @@ import asyncio
 import hmac
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import aiohttp
@@ -31,12 +31,15 @@ __all__ = [
     "MAX_BODY_BYTES",
     "REQUEST_ID",
     "SETTINGS",
+    "SETTLING",
     "STORE",
+    "Settling",
     "bearer",
     "edge_middleware",
     "error_answer",
     "is_master",
     "read_json",
+    "settled_first",
     "tag_response",
 ]
 
@@ -49,10 +52,54 @@ STORE = web.AppKey("store", Store)
 # the ledger sink, when one is configured (ratelimiter_settings.ledger_sink)
 SINK = web.AppKey("ledger_sink", PostgresSink)
 
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Settling:
+    """Settlements and releases made after their responses were sent, each a task of its own
+    (the multiplexer pipelines their scripts).
+
+    A task's script is queued on the loop's next turn, before any request that arrives
+    after the response can reach Redis: on one Redis a client's next request meets the
+    settled state. Reads of spend on this sidecar wait for the tasks started before them
+    (``settled``), and shutdown waits for all (``drain``)."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, update: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(update)
+        self.tasks.add(task)  # a running task must be referenced, or it may be collected
+        task.add_done_callback(self.tasks.discard)
+
+    async def settled(self) -> None:
+        """Until every update started so far has been made (or deferred, Redis being gone)."""
+        if self.tasks:
+            await asyncio.wait(set(self.tasks))
+
+    async def drain(self) -> None:
+        while self.tasks:
+            await self.settled()
+
+
+SETTLING = web.AppKey("settling", Settling)
+
+
+def settled_first(handler: Handler) -> Handler:
+    """A read of spend on this sidecar sees every request it has answered: it waits for the
+    settlements those started after their responses."""
+
+    async def read(request: web.Request) -> web.StreamResponse:
+        await request.app[SETTLING].settled()
+        return await handler(request)
+
+    return read
+
+
 REQUEST_ID = web.RequestKey("request_id", str)
 CLIENT_REQUEST_ID = web.RequestKey("client_request_id", str | None)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_CLIENT_REQUEST_ID = 200
 

@@ -46,7 +46,9 @@ from .http import (
     MAX_BODY_BYTES,
     REQUEST_ID,
     SETTINGS,
+    SETTLING,
     STORE,
+    Settling,
     bearer,
     error_answer,
 )
@@ -100,6 +102,8 @@ class Call:
         self.deployment: Deployment | None = None
         self.sent = False  # the upstream may have the prompt: from here on it is billed
         self.finished = False  # settled or released: both happen once
+        # the settlement or release to make in Redis once the response is on its way
+        self.update: Callable[[], Awaitable[Any]] | None = None
         self.tally = StreamTally()  # what a stream has shown of its usage and output
         self.response_id: str | None = None  # the upstream's id (chatcmpl-…), for the ledger
         self.deadline = deadline
@@ -347,16 +351,15 @@ class Call:
         fields = {k: v for k, v in fields.items() if v is not None}
         self.meta, self.dims = msgpack.packb(fields), ledger_dims(fields)
 
-    async def settle(self, actuals: dict[str, int]) -> None:
+    def settle(self, actuals: dict[str, int]) -> None:
+        """Charge ``actuals``, once. Only the bookkeeping happens now; the Redis update is
+        made by ``finish`` when the request leaves the handler, off the client's latency."""
         if self.finished:
             return
         self.finished, self.charged = True, actuals
         info = msgpack.packb(self.usage)
         if self.reservation is not None:
-            await self._now_or_later(
-                functools.partial(self.engine.settle, self.reservation, actuals, info=info)
-            )
-            self.app[ALERTS].observe(self.scopes)
+            self.update = functools.partial(self._settle, self.reservation, actuals, info)
         elif self.limits is not None:
             charge = functools.partial(
                 self.engine.charge,
@@ -369,39 +372,49 @@ class Call:
             )
             self.app[DEFERRED].put(charge)
 
-    async def release(self) -> None:
+    async def _settle(self, reservation: Reservation, actuals: dict[str, int], info: bytes) -> None:
+        await self.engine.settle(reservation, actuals, info=info)
+        self.app[ALERTS].observe(self.scopes)
+
+    def release(self) -> None:
+        """Free everything held, once (the upstream never had the request); made by
+        ``finish`` as ``settle`` is."""
         if self.finished:
             return
         self.finished = True
         if self.reservation is not None:
-            await self._now_or_later(functools.partial(self.engine.release, self.reservation))
+            self.update = functools.partial(self.engine.release, self.reservation)
         elif self.limits is not None:  # admitted unchecked: its acquire may land late
             self.app[DEFERRED].put(
                 functools.partial(self.engine.abandon, self.request_id, self.limits)
             )
 
-    async def finish(self) -> None:
+    def finish(self) -> None:
         """The one exit every admitted request passes: whatever ended it (our bug, a bad
         upstream payload, a client gone, a shutdown), what the upstream may have billed is
-        charged, else everything is released; a request finished before is left alone."""
-        if self.finished or self.deployment is None:
-            return
-        if self.sent:
-            await self.settle(self.stream_actuals(self.deployment))
-        else:
-            await self.release()
+        charged, else everything is released. It never waits: the Redis update runs as a
+        task of its own (SETTLING), which shutdown waits for."""
+        if not self.finished and self.deployment is not None:
+            if self.sent:
+                self.settle(self.stream_actuals(self.deployment))
+            else:
+                self.release()
+        update, self.update = self.update, None
+        if update is not None:
+            self.app[SETTLING].start(self._now_or_later(update))
 
     async def _now_or_later(self, update: Callable[[], Awaitable[Any]]) -> None:
-        """A request the upstream answered is answered, whatever Redis does next: with Redis
-        gone its settlement waits in the deferred queue (settling is idempotent per request
-        id, so a retry after a lost reply cannot charge twice)."""
+        """The client has its answer, whatever Redis does next: with Redis gone the update
+        waits in the deferred queue (settling is idempotent per request id, so a retry after
+        a lost reply cannot charge twice)."""
         try:
-            # shielded: a cancel (a shutdown) after finished was set must not lose the update
-            await asyncio.shield(update())
+            await update()
         except RedisUnavailable as exc:
             self.app[METRICS].redis_errors.inc()
             log.warning("settling %s when Redis is back: %s", self.request_id, exc)
             self.app[DEFERRED].put(update)
+        except Exception:  # no handler is left to answer with it: the log is the only trace
+            log.exception("settling %s failed", self.request_id)
 
     async def renew(self) -> None:
         if self.reservation is not None:
@@ -496,6 +509,14 @@ class DeferredWork:
 DEFERRED = web.AppKey("deferred_redis_work", DeferredWork)
 
 
+async def _settling(app: web.Application) -> AsyncIterator[None]:
+    settling = app[SETTLING] = Settling()
+    yield
+    # Shutdown waits for every settlement, before the deferred queue stops and the engine
+    # closes (cleanup_ctx unwinds in reverse).
+    await settling.drain()
+
+
 async def _run_deferred(app: web.Application) -> AsyncIterator[None]:
     deferred = app[DEFERRED] = DeferredWork()
     task = asyncio.create_task(deferred.run())
@@ -586,7 +607,7 @@ async def _proxied(request: web.Request, surface: Surface) -> web.StreamResponse
         return response
     finally:
         try:
-            await asyncio.shield(call.finish())
+            call.finish()
         finally:
             request.app[METRICS].in_flight.dec()
             log.info("proxied", extra=call.log_fields(deployment, status, caller))
@@ -613,7 +634,7 @@ async def forward(call: Call, deployment: Deployment, decision: Decision) -> web
             raw = await upstream.read()
     except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
         if isinstance(exc, _NEVER_SENT):
-            await call.release()
+            call.release()
         # else the upstream had the request and may bill it: finish() charges the prompt
         if isinstance(exc, TimeoutError):
             return surface.error(
@@ -639,7 +660,7 @@ async def forward(call: Call, deployment: Deployment, decision: Decision) -> web
     # With no sane usage, what came back is charged: its text, or the whole body when it
     # is not an answer at all.
     generated = surface.generated_chars(answer) if answer is not None else len(raw)
-    await call.settle(call.actuals(deployment, surface.usage(answer), generated))
+    call.settle(call.actuals(deployment, surface.usage(answer), generated))
     call.tally.extra["id"] = surface.answer_id(answer)
     return web.Response(
         body=raw, status=upstream.status, content_type="application/json", headers=failure
@@ -658,9 +679,9 @@ async def _upstream_error(
     error = payload.get("error")
     usage = call.surface.error_usage(payload)
     if usage is not None:  # it consumed tokens even though it failed
-        await call.settle(call.actuals(deployment, usage))
+        call.settle(call.actuals(deployment, usage))
     else:
-        await call.release()
+        call.release()
     message = error.get("message") if isinstance(error, dict) else None
     kind = error.get("type") if isinstance(error, dict) else None
     return call.surface.error(
@@ -725,7 +746,7 @@ async def _stream(
         # the caller's finish() charges what was streamed.
         upstream.close()
         return response
-    await call.settle(call.stream_actuals(deployment))
+    call.settle(call.stream_actuals(deployment))
     with contextlib.suppress(aiohttp.ClientError, OSError):
         await response.write_eof()
     return response
@@ -787,6 +808,7 @@ def add_proxy_routes(app: web.Application) -> None:
     app[UNPRICED_WARNED] = set()
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_run_deferred)
+    app.cleanup_ctx.append(_settling)
     for prefix in ("/v1", "", "/anthropic/v1"):
         for path, surface in SURFACES.items():
             if prefix == "/anthropic/v1" and surface.flavor != "anthropic":
