@@ -52,6 +52,7 @@ from .http import (
     bearer,
     error_answer,
 )
+from .logs import info_line
 from .metrics import METRICS, timer
 from .policy import STRICT_MIN_TOKENS, Resolved, Scope, completion_room, limits_for
 from .resolver import Caller, authenticate, check_model_access, resolve
@@ -610,7 +611,7 @@ async def _proxied(request: web.Request, surface: Surface) -> web.StreamResponse
             call.finish()
         finally:
             request.app[METRICS].in_flight.dec()
-            log.info("proxied", extra=call.log_fields(deployment, status, caller))
+            info_line(log, "proxied", call.log_fields(deployment, status, caller))
             answer = call.tally.extra.get("id")
             if answer and status < 400:
                 await _remember_answer(call, caller, deployment, answer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from typing import Any
 
 import orjson
@@ -12,7 +13,7 @@ import pytest
 
 from ratelimiter.errors import EntityError
 from ratelimiter.gateway.bodies import check_body
-from ratelimiter.gateway.logs import JsonFormatter
+from ratelimiter.gateway.logs import JsonFormatter, info_line
 
 MODEL = {"model": "gpt-4o"}
 CHAT = {**MODEL, "messages": [{"role": "user", "content": "hi"}]}
@@ -273,3 +274,46 @@ def test_log_lines_cut_client_values() -> None:
 def test_log_lines_keep_short_messages_and_cut_long_ones() -> None:
     assert log_line("hello %(who)s", {"who": "ann"})["message"] == "hello ann"
     assert log_line("x" * 5_000)["message"].endswith("...[4000 more characters cut]")
+
+
+def test_the_request_line_is_the_line_the_formatter_writes() -> None:
+    """info_line writes the proxy's line without a LogRecord when the one root handler is
+    the JSON one: the same fields, cut the same way."""
+    huge = "u" * 1_000_000
+    fields = {
+        "request_id": "req-1",
+        "end_user": huge,
+        "charged": {"tokens": 14, "spend": 7},
+        "status": 200,
+        "stream": False,
+        "client_request_id": None,
+        "duration_ms": 1.5,
+    }
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    logger = logging.getLogger("test_bodies.line")
+    try:
+        info_line(logger, "proxied", fields)
+        logger.info("proxied", extra=fields)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    direct, formatted = (orjson.loads(line) for line in stream.getvalue().splitlines())
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", direct.pop("ts"))
+    formatted.pop("ts")
+    assert direct == formatted
+    assert direct["end_user"] == f"{'u' * 200}...[999800 more characters cut]"
+
+
+def test_the_request_line_is_a_record_for_any_other_handler(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO):
+        info_line(logging.getLogger("test_bodies.record"), "proxied", {"status": 201})
+    (record,) = [r for r in caplog.records if r.name == "test_bodies.record"]
+    assert record.getMessage() == "proxied" and record.status == 201  # type: ignore[attr-defined]
