@@ -167,7 +167,8 @@ def _count(request: web.Request, status: int) -> None:
     if METRICS in request.app:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
-        request.app[METRICS].requests.labels(route, str(status)).inc()
+        metrics = request.app[METRICS]
+        metrics.labelled(metrics.requests, route, str(status)).inc()
 
 
 async def tag_response(request: web.Request, response: web.StreamResponse) -> None:

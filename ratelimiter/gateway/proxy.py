@@ -181,20 +181,21 @@ class Call:
                 # The request goes through unchecked; its usage is charged to every limit
                 # once Redis answers again.
                 metrics.redis_errors.inc()
-                metrics.admissions.labels("unchecked").inc()
+                metrics.labelled(metrics.admissions, "unchecked").inc()
                 log.warning("admitting %s unchecked: %s", self.request_id, exc)
                 self.deployment = deployment
                 return deployment, Decision(True, self.request_id, ())
             self.admission_redis_s += time.perf_counter() - asked
             self.decision = decision
-            metrics.admissions.labels("admitted" if decision.allowed else "refused").inc()
+            outcome = "admitted" if decision.allowed else "refused"
+            metrics.labelled(metrics.admissions, outcome).inc()
             if decision.allowed:
                 self.reservation, self.deployment = decision.reservation, deployment
                 return deployment, decision
             if isinstance(decision.refused, Budget):
                 self.app[ALERTS].refused(decision.refused)
             refused = decision.refused.name if decision.refused else ""
-            metrics.refusals.labels(refused.split(":")[0], decision.reason or "").inc()
+            metrics.labelled(metrics.refusals, refused.split(":")[0], decision.reason or "").inc()
             last = decision
             if not (decision.refused and decision.refused.name.startswith("deployment:")):
                 break
@@ -456,7 +457,8 @@ class Call:
         }
         if self.response_id is not None:
             self.usage["response_id"] = self.response_id
-        self.app[METRICS].spend.labels(deployment.label).inc(dollars(spend))
+        metrics = self.app[METRICS]
+        metrics.labelled(metrics.spend, deployment.label).inc(dollars(spend))
         tokens = usage.total
         if self.settings.tpm_counts == "uncached":
             tokens -= usage.cache_read
