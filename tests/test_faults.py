@@ -16,6 +16,7 @@ import pytest
 
 from ratelimiter import Concurrency, DuplicateRequest, Engine, RedisServer, SlidingWindow
 from ratelimiter.engine.embedded import free_port
+from ratelimiter.errors import RedisUnavailable
 
 from .conftest import Admin, one_model, running_sidecar, running_upstream
 
@@ -140,3 +141,27 @@ async def abandon_either_way(engine: Engine, ns: str) -> None:
     assert released.status == "released"
     states = await engine.peek(limits)
     assert [s.remaining for s in states] == [5, 1]
+
+
+async def test_the_shared_connection_times_out_a_paused_redis_and_comes_back(
+    tmp_path: Path, ns: str
+) -> None:
+    """The multiplexer's connection has no per-reply timer: its watchdog fails the commands
+    in flight once no reply came for the socket timeout, and the next command connects again."""
+    server = RedisServer(tmp_path, port=free_port(), appendonly=False).start()
+    window = [SlidingWindow(f"t:{ns}:w", 100, "1m")]
+    try:
+        url = f"{server.url}?timeout={REDIS_TIMEOUT_S}"
+        async with await Engine.connect(url, prefix=f"t:{ns}:") as engine:
+            assert (await engine.peek(window))[0].remaining == 100
+            os.kill(server.process.pid, signal.SIGSTOP)
+            started = time.monotonic()
+            try:
+                with pytest.raises(RedisUnavailable):
+                    await engine.peek(window)
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            assert REDIS_TIMEOUT_S <= time.monotonic() - started < ANSWER_WITHIN_S
+            assert (await engine.peek(window))[0].remaining == 100
+    finally:
+        server.stop()

@@ -6,6 +6,11 @@ sidecar as the Lua itself costs Redis. Here every command issued in one event-lo
 out in a single write on one shared connection, and one reader hands the replies back in
 order. Each call is still its own atomic EVALSHA; only the transport is shared, so a hundred
 concurrent admissions cost one write and one read system call, not a hundred of each.
+
+The shared connection runs without redis-py's socket timeout, which costs a timer per reply
+and a task per write (``asyncio.wait_for``); one watchdog per connection gives the same bound
+instead: when commands are in flight and no reply has come for the timeout, the connection
+is dropped and every command in flight fails with redis-py's ``TimeoutError``.
 """
 
 from __future__ import annotations
@@ -42,6 +47,11 @@ class Multiplexer:
         self.reading: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
         self.connecting = asyncio.Lock()
+        # the socket timeout the connection came with, enforced by the watchdog instead
+        self.timeout: float | None = None
+        self.progress_at = 0.0  # loop time of the last reply, or of a wait's start
+        self.watchdog: asyncio.TimerHandle | None = None
+        self.dropping: asyncio.Task[None] | None = None  # the watchdog's drop, referenced
 
     async def execute(self, *command: Any) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -68,9 +78,27 @@ class Multiplexer:
     async def _connect(self) -> AbstractConnection:
         async with self.connecting:
             if self.connection is None:
-                self.connection = await self.client.connection_pool.get_connection()
-                self.reading = asyncio.ensure_future(self._read(self.connection))
+                connection = await self.client.connection_pool.get_connection()
+                self.timeout, connection.socket_timeout = connection.socket_timeout, None
+                self.connection = connection
+                self.reading = asyncio.ensure_future(self._read(connection))
+                if self.timeout:
+                    self.watchdog = asyncio.get_running_loop().call_later(self.timeout, self._watch)
             return self.connection
+
+    def _watch(self) -> None:
+        """Drop the connection when commands wait and no reply came for the timeout; else
+        look again when the oldest wait would reach it."""
+        assert self.timeout
+        loop = asyncio.get_running_loop()
+        late = loop.time() - self.progress_at
+        if self.in_flight and late >= self.timeout:
+            self.watchdog = None
+            error = redis_errors.TimeoutError(f"no reply from Redis within {self.timeout:g}s")
+            self.dropping = loop.create_task(self._drop(error))
+            return
+        wait = self.timeout - late if self.in_flight else self.timeout
+        self.watchdog = loop.call_later(wait, self._watch)
 
     async def _flush(self) -> None:
         # Runs one loop turn after the first command: everything queued by then goes together.
@@ -85,6 +113,8 @@ class Multiplexer:
         batch, self.outbox = [(c, f) for c, f in self.outbox if not f.done()], []
         try:
             if batch:
+                if not self.in_flight:  # the wait for a reply starts now
+                    self.progress_at = asyncio.get_running_loop().time()
                 self.in_flight.extend(future for _, future in batch)
                 self.ready.set()
                 packed = [command for command, _ in batch]
@@ -95,6 +125,7 @@ class Multiplexer:
             self.flushing = asyncio.ensure_future(self._flush()) if self.outbox else None
 
     async def _read(self, connection: AbstractConnection) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 if not self.in_flight:
@@ -104,6 +135,7 @@ class Multiplexer:
                     reply: Any = await connection.read_response()
                 except redis_errors.ResponseError as error:
                     reply = error
+                self.progress_at = loop.time()
                 future = self.in_flight.popleft()
                 if future.done():  # its caller gave up; the reply is simply dropped
                     continue
@@ -118,6 +150,9 @@ class Multiplexer:
 
     async def _drop(self, exc: BaseException, reading: bool = False) -> None:
         connection, self.connection = self.connection, None
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
         error = _as_redis_error(exc)
         while self.in_flight:
             future = self.in_flight.popleft()
@@ -127,6 +162,7 @@ class Multiplexer:
             self.reading.cancel()
         self.reading = None
         if connection is not None:
+            connection.socket_timeout = self.timeout  # as the pool lent it
             with contextlib.suppress(Exception):
                 await connection.disconnect()
             with contextlib.suppress(Exception):
