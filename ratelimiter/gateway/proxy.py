@@ -22,7 +22,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -512,6 +512,45 @@ class DeferredWork:
 DEFERRED = web.AppKey("deferred_redis_work", DeferredWork)
 
 
+class Renewals:
+    """The calls in flight, whose leases and hold one task renews for as long as the
+    upstream takes, streamed or not: a slow answer must not free its parallel slot while it
+    still runs. Each tick (a third of the lease TTL) renews the calls that have run a tick:
+    a call is first renewed between one and two ticks after it started, before its lease
+    (three ticks) lapses; the many that end sooner cost a set entry, not a task each."""
+
+    def __init__(self, tick_s: float) -> None:
+        self.tick_s = tick_s
+        self.calls: dict[Call, float] = {}  # call -> loop time it started
+
+    @contextlib.contextmanager
+    def renewing(self, call: Call) -> Iterator[None]:
+        self.calls[call] = asyncio.get_running_loop().time()
+        try:
+            yield
+        finally:
+            del self.calls[call]
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.tick_s)
+            due = loop.time() - self.tick_s
+            calls = [call for call, started in self.calls.items() if started <= due]
+            # one failed renewal is retried on the next tick; it must not stop the others
+            await asyncio.gather(*(call.renew() for call in calls), return_exceptions=True)
+
+
+RENEWALS = web.AppKey("renewals", Renewals)
+
+
+async def _renewals(app: web.Application) -> AsyncIterator[None]:
+    renewals = app[RENEWALS] = Renewals(app[SETTINGS].lease_ttl_s / 3)
+    task = asyncio.create_task(renewals.run())
+    yield
+    task.cancel()
+
+
 async def _settling(app: web.Application) -> AsyncIterator[None]:
     settling = app[SETTLING] = Settling()
     yield
@@ -604,7 +643,7 @@ async def _proxied(request: web.Request, surface: Surface) -> web.StreamResponse
     try:
         # Leases and the hold are renewed for as long as the upstream takes, streamed or
         # not: a slow answer must not free its parallel slot while it still runs.
-        async with _renewing(call):
+        with request.app[RENEWALS].renewing(call):
             response = await forward(call, deployment, decision)
         status = response.status
         return response
@@ -701,23 +740,6 @@ async def _upstream_error(
 _NEVER_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
-@contextlib.asynccontextmanager
-async def _renewing(call: Call) -> AsyncIterator[None]:
-    """Keep the leases and the hold alive while the upstream works."""
-
-    async def renew() -> None:
-        while True:
-            await asyncio.sleep(call.settings.lease_ttl_s / 3)
-            with contextlib.suppress(Exception):
-                await call.renew()
-
-    task = asyncio.create_task(renew())
-    try:
-        yield
-    finally:
-        task.cancel()
-
-
 async def _stream(
     call: Call,
     deployment: Deployment,
@@ -812,6 +834,7 @@ def add_proxy_routes(app: web.Application) -> None:
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_run_deferred)
     app.cleanup_ctx.append(_settling)
+    app.cleanup_ctx.append(_renewals)
     for prefix in ("/v1", "", "/anthropic/v1"):
         for path, surface in SURFACES.items():
             if prefix == "/anthropic/v1" and surface.flavor != "anthropic":
