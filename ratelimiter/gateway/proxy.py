@@ -156,8 +156,9 @@ class Call:
                     self.end_user,
                     self.prompt + self.most,
                     self.estimate_nano,
+                    input_tokens=self.prompt,
+                    output_tokens=self.most,
                 )
-            resolved = replace(resolved, input_tokens=self.prompt, output_tokens=self.most)
             self.scopes = resolved.scopes
             limits = self._limits(resolved, capped=not self.bounded and not self.strict)
             metrics = self.app[METRICS]

@@ -251,7 +251,12 @@ async def resolve(
     end_user: str | None,
     tokens: int,
     cost: int,
+    *,
+    input_tokens: int | None = None,
+    output_tokens: int | None = None,
 ) -> Resolved:
+    """Every scope the request belongs to, with its estimate: ``tokens`` in all, of which
+    ``input_tokens`` and ``output_tokens`` when known, and ``cost`` in nano-dollars."""
     check_model_access(caller, deployment, settings)
     scopes = []
     if settings.max_budget is not None:
@@ -307,4 +312,4 @@ async def resolve(
             {"rpm_limit": deployment.rpm, "tpm_limit": deployment.tpm},
         )
     )
-    return Resolved(tuple(scopes), deployment.model_name, tokens, cost)
+    return Resolved(tuple(scopes), deployment.model_name, tokens, cost, input_tokens, output_tokens)
