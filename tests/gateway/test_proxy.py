@@ -10,8 +10,12 @@ import time
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
+from ratelimiter import Engine
+from ratelimiter.gateway.app import create_app
 from ratelimiter.gateway.config import Deployment, Settings
+from ratelimiter.gateway.http import SETTLING
 from ratelimiter.testing.fake_upstream import FakeUpstream
 
 from ..conftest import (
@@ -346,3 +350,23 @@ async def test_the_openai_client_waits_as_long_as_retry_after_says(ns: str, redi
 async def _drain(stream: object) -> None:
     async for _ in stream:  # type: ignore[attr-defined]
         pass
+
+
+async def test_shutdown_waits_for_the_settlements_made_after_responses(
+    settings: Settings, redis_url: str
+) -> None:
+    """Settlements run after their responses; a graceful shutdown finishes them all before
+    the engine closes."""
+    engine = await Engine.connect(redis_url, prefix=settings.key_prefix)
+    app = create_app(settings, engine)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    made: list[bool] = []
+
+    async def settlement() -> None:
+        await asyncio.sleep(0.2)
+        made.append(await engine.redis.ping())  # Redis is still reachable through the engine
+
+    app[SETTLING].start(settlement())
+    await runner.cleanup()
+    assert len(made) == 1
