@@ -176,19 +176,38 @@ class Multiplexer:
 
 def pack(command: tuple[Any, ...]) -> bytes:
     """A command in RESP. redis-py's packer spends ~4 us per argument, and an admission has
-    dozens of arguments; this does the same for str, bytes and int in a fraction of that."""
-    parts = [b"*%d\r\n" % len(command)]
+    dozens of arguments; this does the same for str, bytes and int in a fraction of that: the
+    parts are joined by CRLF once, with the ``$<length>`` heads of short arguments made ahead."""
+    parts = [b"*%d" % len(command)]
     for arg in command:
-        if isinstance(arg, str):
+        kind = type(arg)
+        if kind is str:
             arg = arg.encode()
-        elif isinstance(arg, int):
+        elif kind is int:
             arg = b"%d" % arg
-        elif isinstance(arg, float):
-            arg = repr(arg).encode()
-        elif not isinstance(arg, bytes):
-            raise TypeError(f"cannot send {type(arg).__name__} to Redis: {arg!r}")
-        parts.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
-    return b"".join(parts)
+        elif kind is not bytes:
+            arg = _other(arg)
+        size = len(arg)
+        parts.append(_HEADS[size] if size < len(_HEADS) else b"$%d" % size)
+        parts.append(arg)
+    parts.append(b"")
+    return b"\r\n".join(parts)
+
+
+_HEADS = tuple(b"$%d" % size for size in range(1024))
+
+
+def _other(arg: Any) -> bytes:
+    """An argument that is not exactly a str, an int or bytes (a subclass, a float)."""
+    if isinstance(arg, str):
+        return arg.encode()
+    if isinstance(arg, int):
+        return b"%d" % arg
+    if isinstance(arg, float):
+        return repr(arg).encode()
+    if isinstance(arg, bytes):
+        return bytes(arg)
+    raise TypeError(f"cannot send {type(arg).__name__} to Redis: {arg!r}")
 
 
 def _as_redis_error(exc: BaseException) -> BaseException:
