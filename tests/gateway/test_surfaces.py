@@ -296,7 +296,7 @@ async def test_the_anthropic_sdk_honours_retry_after_and_not_a_spent_budget(
     # refused, waited what retry-after said (about a second), then admitted: never early,
     # since coming back before the window has room would be refused again
     assert seen.statuses[0] == 429 and seen.statuses[-1] == 200
-    assert 0 < seen.waits[0] <= 2
+    assert 0 < seen.waits[0] <= 2.1  # the 2 s window and at most one bucket more
     assert took >= seen.waits[0] * 0.9
     assert len(seen.statuses) <= 3
     assert surfaces.fake.requests == before + 1
