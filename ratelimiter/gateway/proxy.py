@@ -113,6 +113,14 @@ class Call:
         )
         self.bounded = surface.bounds_itself(body)
         self.strict = not self.bounded and self.settings.budget_enforcement == "strict"
+        if self.strict and surface.unsized_input(body):
+            raise EntityError(
+                400,
+                "budget_enforcement: strict cannot bound a request whose earlier turns are kept "
+                "upstream (conversation): their size is unknown here. Send the turns in input, "
+                "or continue with previous_response_id",
+                "conversation",
+            )
         self.choices = surface.choices(body)
         self.writes_cache = surface.writes_cache(body)
         self.end_user = surface.end_user_of(request.headers, body, self.settings.end_user_headers)

@@ -650,3 +650,31 @@ async def test_the_end_user_comes_from_litellms_headers_first(
         assert error["param"] == "x-litellm-customer-id" and "256" in error["message"]
         assert surfaces.fake.requests == before
     await surfaces.balanced()
+
+
+async def test_a_conversation_is_held_as_a_request_that_does_not_bound_itself(
+    surfaces: Surfaces, redis_url: str
+) -> None:
+    """Its earlier turns are billed as input of a size unknown here, so it holds what is left
+    of its limits (it passes a budget only alone, by its own excess); strict enforcement,
+    which promises no budget is ever passed, refuses it with a reason."""
+    key = await surfaces.key(max_budget=0.005)
+    client = surfaces.openai(key)
+    ask = {"model": "gpt", "input": "hi", "max_output_tokens": 1000}  # up to $0.01: too dear
+    with pytest.raises(openai.RateLimitError):
+        await client.responses.create(**ask)
+    answer = await client.responses.create(**ask, conversation="conv_1")
+    assert answer.usage.output_tokens == 1000  # admitted with what was left, and charged all
+    assert await surfaces.spend(key) > 0.005
+    with pytest.raises(openai.RateLimitError):  # the budget is spent: no second one
+        await client.responses.create(**ask, conversation="conv_1")
+    strict = dataclasses.replace(surfaces.settings, budget_enforcement="strict")
+    async with running_sidecar(strict, redis_url) as base:
+        other = openai.AsyncOpenAI(
+            base_url=f"{base}/v1", api_key=await surfaces.key(), max_retries=0
+        )
+        with pytest.raises(openai.BadRequestError) as refused:
+            await other.responses.create(model="gpt", input="hi", conversation="conv_1")
+        await other.close()
+    assert refused.value.body["param"] == "conversation"
+    await surfaces.balanced()

@@ -78,7 +78,14 @@ class Surface:
         return estimate_tokens(body, default_max_tokens, embedding=False, mode=mode)
 
     def bounds_itself(self, body: dict[str, Any]) -> bool:
-        return any(_positive(body.get(f)) for f in self.bound_fields)
+        return not self.unsized_input(body) and any(
+            _positive(body.get(f)) for f in self.bound_fields
+        )
+
+    def unsized_input(self, body: dict[str, Any]) -> bool:
+        """Whether the upstream bills input this request does not carry and the sidecar cannot
+        size (earlier turns it keeps itself): such a request cannot hold its full cost."""
+        return False
 
     def choices(self, body: dict[str, Any]) -> int:
         return 1

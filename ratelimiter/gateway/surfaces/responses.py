@@ -68,6 +68,12 @@ class Responses(Surface):
         output = answer.get("output") if isinstance(answer, dict) else None
         return _chars(output)
 
+    def unsized_input(self, body: dict[str, Any]) -> bool:
+        # a conversation's earlier turns, stored upstream, are billed again as input: held as
+        # a request that does not bound itself (capped at what is left, one at a time past a
+        # limit), since its size is unknown here
+        return body.get("conversation") is not None
+
     def continues(self, body: dict[str, Any]) -> str | None:
         previous = body.get("previous_response_id")
         return previous if isinstance(previous, str) and previous else None
