@@ -16,6 +16,11 @@ sooner); a budget's within its period and at most ``max_life_s``. A closed block
 once its last request has given its grant back. A process that dies holding a block has it
 charged in full when its hold expires (``Engine.collect_expired``), as any reservation.
 
+A block is asked for in a task of its own, so a caller that gives up waiting (a deadline)
+does not cancel it: the block still arrives and serves the next requests. A block whose
+answer never came (Redis timed out) is abandoned, retried on every sweep until Redis answers,
+so it takes nothing; a block held open by a long request is renewed (``renew``) like any hold.
+
 The price is under-admission, bounded: at any time each process holds at most one open block
 per limit plus the unused part of closed blocks whose requests are still running, each at most
 ``size`` units. With N processes, a limit refuses while up to about N x ``size`` of its capacity
@@ -31,7 +36,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .engine import Engine, Reservation
+from .engine import Engine, LimitState, Reservation
 from .limits import Budget, Limit, SlidingWindow
 
 __all__ = ["Block", "Blocks", "Grant"]
@@ -51,6 +56,8 @@ class Block:
     reservation: Reservation
     granted: int
     closes_at: float  # on the Blocks' clock: nothing is taken from it from then on
+    remaining: int  # what Redis said was left of the limit beyond the block, when granted
+    resets_at: float  # on the Blocks' clock: when Redis said the block's units free up
     used: int = 0
     in_flight: int = 0
     settled: bool = False
@@ -58,10 +65,11 @@ class Block:
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """What one request took from a block; give it back with what it used."""
+    """What one request took of ``limit`` from a block; give it back with what it used."""
 
     block: Block
     amount: int
+    limit: Limit
 
 
 @dataclass
@@ -80,8 +88,10 @@ class Blocks:
     clock: Callable[[], float] = time.monotonic
     _open: dict[str, Block] = field(default_factory=dict)
     _closed: set[Block] = field(default_factory=set)
-    _refills: dict[str, asyncio.Future[Block | None]] = field(default_factory=dict)
+    _refills: dict[str, asyncio.Task[Block | None]] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # blocks whose answer never came: abandoned until Redis confirms, so they take nothing
+    _lost: dict[str, Limit] = field(default_factory=dict)
     # per key: no block is asked for before then (a bucket about to end; Redis refused one)
     _quiet_until: dict[str, float] = field(default_factory=dict)
 
@@ -107,16 +117,29 @@ class Blocks:
                 return None
         block.used += limit.amount
         block.in_flight += 1
-        return Grant(block, limit.amount)
+        return Grant(block, limit.amount, limit)
+
+    def state(self, grant: Grant) -> LimitState:
+        """The limit as this process sees it after ``grant``, for rate-limit headers: what
+        Redis had left beyond the block when it was granted, plus the block's unused part.
+        Other processes may have taken some since; the limit itself is exact, this view not."""
+        block = grant.block
+        remaining = block.remaining + max(block.granted - block.used, 0)
+        reset_ms = max(round((block.resets_at - self.clock()) * 1000), 0)
+        return LimitState(grant.limit, remaining, reset_ms, grant.amount)
 
     async def give_back(self, grant: Grant, used: int) -> None:
         """The request is over and used ``used`` (its estimate was ``grant.amount``; 0 when
         it was refused elsewhere or never sent). The block's count follows, and a closed
         block whose last request this was is settled."""
-        block = grant.block
-        block.used += used - grant.amount
-        block.in_flight -= 1
+        self.put_back(grant, used)
         await self.sweep()
+
+    def put_back(self, grant: Grant, used: int) -> None:
+        """``give_back`` without settling a finished block now: for a caller that cannot
+        wait (the block is settled by the next give-back, or when its time is up)."""
+        grant.block.used += used - grant.amount
+        grant.block.in_flight -= 1
 
     async def sweep(self) -> None:
         """Close the blocks whose time is up and settle the closed ones no request holds.
@@ -124,15 +147,37 @@ class Blocks:
         now = self.clock()
         for block in [b for b in self._open.values() if now >= b.closes_at]:
             self._retire(block)
+        for block_id, limit in list(self._lost.items()):
+            try:
+                await self.engine.abandon(block_id, [limit])
+                del self._lost[block_id]
+            except Exception as exc:
+                log.warning("could not abandon capacity block %s: %s", block_id, exc)
         for block in [b for b in self._closed if b.in_flight == 0]:
             try:
                 await self._settle(block)
             except Exception as exc:  # Redis away: the next sweep tries again
                 log.warning("could not settle capacity block %s: %s", block.reservation, exc)
 
+    async def renew(self) -> None:
+        """Extend the hold of every unsettled block, as a long stream renews its own: a block
+        that a long request keeps from settling must not expire and be charged in full. A
+        block whose hold expired anyway was charged in full by the collector, once."""
+        for block in [*self._open.values(), *self._closed]:
+            if block.settled:
+                continue
+            renewal = await self.engine.renew(block.reservation)
+            if renewal.status != "held":
+                block.settled = True
+                self._retire(block)
+                self._closed.discard(block)
+
     async def close(self) -> None:
         """Stop taking and settle every block whose requests are done (on shutdown, after
-        the requests); the tasks that close blocks on time are cancelled."""
+        the requests); the tasks that close blocks on time are cancelled, and blocks still
+        being asked for are waited for, so that they are settled rather than left to expire."""
+        if self._refills:
+            await asyncio.wait(list(self._refills.values()), timeout=5)
         for block in list(self._open.values()):
             self._retire(block)
         for task in self._tasks:
@@ -173,22 +218,16 @@ class Blocks:
         task.add_done_callback(self._tasks.discard)
 
     async def _refill(self, limit: Limit) -> Block | None:
-        """One block per key at a time: concurrent takers wait for the same refill."""
-        pending = self._refills.get(limit.key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Block | None] = asyncio.get_running_loop().create_future()
-        self._refills[limit.key] = future
-        try:
-            block = await self._ask(limit)
-            future.set_result(block)
-            return block
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: a refill no one else waited for is not an error
-            raise
-        finally:
-            del self._refills[limit.key]
+        """One block per key at a time: concurrent takers wait for the same refill, which
+        runs as a task of its own so that no taker's cancellation cancels it."""
+        task = self._refills.get(limit.key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._ask(limit))
+            self._refills[limit.key] = task
+            task.add_done_callback(lambda _: self._refills.pop(limit.key, None))
+            # retrieved: a failed refill whose takers all gave up is not an unhandled error
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return await asyncio.shield(task)
 
     async def _ask(self, limit: Limit) -> Block | None:
         old = self._open.get(limit.key)
@@ -198,7 +237,13 @@ class Blocks:
         wanted = max(wanted, limit.amount)
         reserved = _as_block(limit, wanted)
         asked = self.clock()
-        decision = await self.engine.acquire(f"blk:{uuid.uuid4().hex}", [reserved])
+        block_id = f"blk:{uuid.uuid4().hex}"
+        try:
+            decision = await self.engine.acquire(block_id, [reserved])
+        except BaseException:
+            # it may have run in Redis: until abandoned, it would be charged in full
+            self._lost[block_id] = reserved
+            raise
         if not decision.allowed or decision.reservation is None:
             # nearly full: its requests go to Redis themselves for a while, and get exact
             # answers, instead of a refused block each
@@ -213,7 +258,14 @@ class Blocks:
             self._quiet_until[limit.key] = asked + ends_in
             await self.engine.release(decision.reservation)
             return None
-        block = Block(reserved, decision.reservation, granted, asked + ends_in - self.margin_s)
+        block = Block(
+            reserved,
+            decision.reservation,
+            granted,
+            asked + ends_in - self.margin_s,
+            remaining=state.remaining,
+            resets_at=asked + state.reset_ms / 1000,
+        )
         self._open[limit.key] = block
         self._sweep_at(block)
         return block

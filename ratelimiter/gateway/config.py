@@ -27,6 +27,7 @@ from ..engine.embedded import DEFAULT_DATA_DIR
 from ..errors import InvalidDuration, RateLimiterError
 from ..pricing import PRICE_FIELDS, Price, model_price, price_of
 from .bodies import MAX_OUTPUT_TOKENS
+from .policy import SCOPE_KINDS
 
 __all__ = ["ConfigError", "Deployment", "Settings", "load_config", "weak_master_key_reason"]
 
@@ -152,6 +153,9 @@ class Settings:
     # fractions of every max_budget at which to alert (0.5, 0.8, ...), besides soft_budget and
     # exhaustion
     budget_alert_thresholds: tuple[float, ...] = ()
+    # scope kind -> share: the windows and budgets of those scopes are admitted from blocks of
+    # 1/share of their capacity that this sidecar takes from Redis (engine/blocks.py)
+    capacity_blocks: Mapping[str, int] = field(default_factory=dict)
     # where shipped ledger entries go (postgresql://…), and the PostgreSQL schema of the table;
     # None: the ledger stays in Redis until `ratelimiter ledger export --ack`
     ledger_sink: str | None = None
@@ -493,6 +497,7 @@ _OURS = {
     "max_unchecked_requests",
     "alert_webhook_url",
     "budget_alert_thresholds",
+    "capacity_blocks",
     "ledger_sink",
     "ledger_sink_schema",
     "ledger_sink_lag_alert",
@@ -541,6 +546,36 @@ def _alert_thresholds(reader: _Reader, raw: Any) -> tuple[float, ...]:
             )
         fractions.append(float(number))
     return tuple(sorted(set(fractions)))
+
+
+BLOCK_SHARE = 64  # a block is 1/64 of a limit's capacity unless the config says otherwise
+
+
+def _capacity_blocks(reader: _Reader, raw: Any) -> dict[str, int]:
+    """``[proxy, deployment]`` or ``{proxy: 64, deployment: 32}``: scope kind -> share."""
+    path = "ratelimiter_settings.capacity_blocks"
+    if raw is None:
+        return {}
+    if isinstance(raw, list):
+        raw = dict.fromkeys(raw, BLOCK_SHARE)
+    if not isinstance(raw, dict):
+        raise reader.fail(
+            path, "must name scope kinds, e.g. [proxy, deployment] or {proxy: 64, deployment: 32}"
+        )
+    shares = {}
+    for kind, share in raw.items():
+        if kind not in SCOPE_KINDS:
+            raise reader.fail(
+                f"{path}.{kind}", f"is not a scope kind: use one of {', '.join(SCOPE_KINDS)}"
+            )
+        if isinstance(share, bool) or not isinstance(share, int) or not 2 <= share <= 1_000_000:
+            raise reader.fail(
+                f"{path}.{kind}",
+                "must be how many blocks a limit is cut into, an integer from 2 (64 takes 1/64 "
+                f"of a limit's capacity per block), got {share!r}",
+            )
+        shares[kind] = share
+    return shares
 
 
 def _end_user_headers(reader: _Reader, general: dict[str, Any]) -> tuple[str, ...]:
@@ -844,6 +879,7 @@ def load_config(
         ledger_sink=_sink_url(reader, env, ours),
         end_user_headers=end_user_headers,
         budget_alert_thresholds=thresholds,
+        capacity_blocks=_capacity_blocks(reader, ours.get("capacity_blocks")),
         ledger_sink_lag_alert_s=300.0 if lag_alert is None else float(lag_alert),
         ledger_sink_schema=reader.string(
             "ratelimiter_settings.ledger_sink_schema", ours.get("ledger_sink_schema")

@@ -27,6 +27,7 @@ from ..pricing import NANO, Price, cost_nano, nano
 
 __all__ = [
     "LIMIT_FIELDS",
+    "SCOPE_KINDS",
     "STRICT_MIN_TOKENS",
     "Resolved",
     "Scope",
@@ -40,6 +41,17 @@ __all__ = [
 PLANS = 16_384
 LEASE_TTL_MS = 60_000
 NEVER_RESETS = "100y"  # a budget without a duration: one period from 1970 to 2070
+# Every kind of scope a request can meet, in the order they are checked.
+SCOPE_KINDS = (
+    "proxy",
+    "organization",
+    "key",
+    "user",
+    "team",
+    "member",
+    "end_user",
+    "deployment",
+)
 # Scopes an admin can block: their gate is checked inside the atomic admission, so a block
 # holds from the moment the admin call returns, whatever any sidecar's cache says.
 GATED = ("key", "user", "team", "end_user")

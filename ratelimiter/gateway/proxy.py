@@ -31,13 +31,14 @@ import msgpack
 import orjson
 from aiohttp import web
 
-from ..engine import Decision, Reservation
+from ..engine import Decision, Grant, Reservation
 from ..engine.limits import MAX_AMOUNT, Budget, Limit, SlidingWindow
 from ..errors import EntityError, RedisUnavailable
 from ..ledger import ledger_dims
 from ..pricing import Price, Usage, dollars, estimated_cost, read_usage
 from ..responses import json_response
 from .alerts import ALERTS
+from .capacity import BLOCKS, add_capacity_blocks, give_back, take_blocks, with_block_states
 from .config import Deployment, Settings
 from .http import (
     CLIENT_REQUEST_ID,
@@ -100,6 +101,7 @@ class Call:
         self.charged: dict[str, int] | None = None
         self.reservation: Reservation | None = None
         self.limits: list[Limit] | None = None  # kept to charge later when Redis was down
+        self.grants: list[Grant] = []  # what it took from this sidecar's capacity blocks
         self.deployment: Deployment | None = None
         self.sent = False  # the upstream may have the prompt: from here on it is billed
         self.finished = False  # settled or released: both happen once
@@ -178,9 +180,7 @@ class Call:
                     async with self.admission_deadline():
                         if self.strict:
                             limits = self.limits = await self._bound(resolved, price, limits)
-                        decision = await self.engine.acquire(
-                            self.request_id, limits, meta=self.meta, ledger=self.dims
-                        )
+                        decision = await self._acquire(limits)
             except RedisUnavailable as exc:
                 refused = self._refuse_unchecked(exc, limits)
                 if refused is exc:
@@ -200,6 +200,8 @@ class Call:
             metrics.labelled(metrics.admissions, outcome).inc()
             if decision.allowed:
                 self.reservation, self.deployment = decision.reservation, deployment
+                if self.grants:
+                    decision = with_block_states(self.app[BLOCKS], decision, self.grants)
                 return deployment, decision
             if isinstance(decision.refused, Budget):
                 self.app[ALERTS].refused(decision.refused)
@@ -210,6 +212,27 @@ class Call:
                 break
         assert last is not None
         return self.surface.refusal(last, self.request_id, self._fit_hint(last, price))
+
+    async def _acquire(self, limits: list[Limit]) -> Decision:
+        """One atomic acquire of ``limits``, less those this sidecar's capacity blocks serve
+        (capacity.py); what the blocks granted goes back unused unless it is admitted."""
+        blocks = self.app.get(BLOCKS)
+        if blocks is not None and not self.strict:
+            limits, self.grants = await take_blocks(blocks, self.settings.capacity_blocks, limits)
+        try:
+            decision = await self.engine.acquire(
+                self.request_id, limits, meta=self.meta, ledger=self.dims
+            )
+        except BaseException:
+            self._give_back(None)
+            raise
+        if not decision.allowed:
+            self._give_back(None)
+        return decision
+
+    def _give_back(self, actuals: dict[str, int] | None) -> None:
+        grants, self.grants = self.grants, []
+        give_back(self.app, grants, actuals)
 
     def _fit_hint(self, refused: Decision, price: Price | None) -> str:
         """For a request held at its own max_tokens, refused by a token window or a budget:
@@ -413,6 +436,7 @@ class Call:
         update, self.update = self.update, None
         if update is not None:
             self.app[SETTLING].start(self._now_or_later(update))
+        self._give_back(self.charged)
 
     async def _now_or_later(self, update: Callable[[], Awaitable[Any]]) -> None:
         """The client has its answer, whatever Redis does next: with Redis gone the update
@@ -842,6 +866,7 @@ def add_proxy_routes(app: web.Application) -> None:
     app[UNPRICED_WARNED] = set()
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_run_deferred)
+    add_capacity_blocks(app)  # closed after the settling context drains
     app.cleanup_ctx.append(_settling)
     app.cleanup_ctx.append(_renewals)
     for prefix in ("/v1", "", "/anthropic/v1"):
