@@ -91,12 +91,16 @@ def stack(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     models = ("bench-model",)
     anthropic = (load.ANTHROPIC_MODEL,) if "messages" in dict(args.surfaces) else ()
     setup = services.SidecarSetup(models, anthropic_models=anthropic)
+    ours = setup
+    if args.capacity_blocks:  # the sidecar's own setting: a baseline before it has none
+        blocks = {"capacity_blocks": args.capacity_blocks.split(",")}
+        ours = dataclasses.replace(setup, extra_settings=blocks)
     with contextlib.ExitStack() as ctx:
         root = ctx.enter_context(services.workdir())
         upstream = ctx.enter_context(services.fake_upstream(root))
         bare = ctx.enter_context(services.bare_proxy(root, upstream.url))
         redis = ctx.enter_context(services.redis_server(root, appendonly=True))
-        sidecar = ctx.enter_context(services.sidecar(root, upstream.url, redis.url, setup))
+        sidecar = ctx.enter_context(services.sidecar(root, upstream.url, redis.url, ours))
         keys = services.full_enforcement_keys(
             sidecar.url, sidecar.master_key, args.keys, models + anthropic
         )
@@ -333,6 +337,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--baseline",
         type=Path,
         help="a checkout of an earlier version: its sidecar is measured too, on its own Redis",
+    )
+    p.add_argument(
+        "--capacity-blocks",
+        metavar="SCOPES",
+        help="the sidecar admits these scopes' limits from capacity blocks "
+        "(ratelimiter_settings.capacity_blocks), e.g. proxy,deployment",
     )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/compare.json"))
     p.add_argument("--quiet", action="store_true")
