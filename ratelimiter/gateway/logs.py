@@ -8,6 +8,8 @@ to ``TRACEBACK_CHARS``.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import functools
 import logging
 import time
@@ -94,8 +96,43 @@ def info_line(logger: logging.Logger, message: str, fields: Mapping[str, Any]) -
     for name, value in fields.items():
         entry[name] = _bounded(value)
     line = orjson.dumps(entry, default=lambda value: _cut(str(value))).decode()
+    _write_soon(handler, line + handler.terminator)
+
+
+# Lines written in one turn of the event loop, per handler: they go out in one write at the
+# end of the turn, where under load each request's line was a system call of its own.
+_PENDING: dict[logging.StreamHandler[Any], list[str]] = {}
+
+
+def _write_soon(handler: logging.StreamHandler[Any], line: str) -> None:
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        _write(handler, line)
+        return
+    lines = _PENDING.get(handler)
+    if lines is None:
+        lines = _PENDING[handler] = []
+        loop.call_soon(_flush, handler)
+    lines.append(line)
+
+
+def _flush(handler: logging.StreamHandler[Any]) -> None:
+    lines = _PENDING.pop(handler, None)
+    if lines:
+        _write(handler, "".join(lines))
+
+
+@atexit.register
+def _flush_all() -> None:
+    """A loop stopped before its last turn's lines went out: they go now."""
+    for handler in list(_PENDING):
+        _flush(handler)
+
+
+def _write(handler: logging.StreamHandler[Any], text: str) -> None:
     with handler.lock:  # type: ignore[union-attr]
-        handler.stream.write(line + handler.terminator)
+        handler.stream.write(text)
         handler.flush()
 
 

@@ -3,6 +3,7 @@ valid OpenAI bodies untouched), and log lines cut what clients send (issue 13, i
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import re
@@ -308,6 +309,33 @@ def test_the_request_line_is_the_line_the_formatter_writes() -> None:
     formatted.pop("ts")
     assert direct == formatted
     assert direct["end_user"] == f"{'u' * 200}...[999800 more characters cut]"
+
+
+async def test_request_lines_of_one_loop_turn_go_out_in_one_write() -> None:
+    class Counting(io.StringIO):
+        writes = 0
+
+        def write(self, text: str) -> int:
+            self.writes += 1
+            return super().write(text)
+
+    stream = Counting()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    try:
+        for n in range(3):
+            info_line(logging.getLogger("test_bodies.batch"), "proxied", {"n": n})
+        assert stream.getvalue() == ""
+        await asyncio.sleep(0)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert [orjson.loads(line)["n"] for line in stream.getvalue().splitlines()] == [0, 1, 2]
+    assert stream.writes == 1
 
 
 def test_the_request_line_is_a_record_for_any_other_handler(
