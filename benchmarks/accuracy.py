@@ -9,6 +9,10 @@ requests per minute, tokens per minute, parallel requests (against an upstream t
 Reported per limit: what it allows, what was asked, what was admitted or used, the
 over-admission (must be 0), and the under-admission share (capacity left unused although
 demand was ten times higher). Exit status 1 when anything was over-admitted.
+
+``--capacity-blocks SHARE`` puts the key's windows and budget on capacity blocks of 1/SHARE
+(``ratelimiter_settings.capacity_blocks: {key: SHARE}``): each row then also gives the stated
+bound of its under-admission, sidecars / SHARE of the limit (leases are never blocks).
 """
 
 from __future__ import annotations
@@ -140,6 +144,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             end_user_budget=False,
             model_upstreams={"slow-model": slow.url},
         )
+        if args.capacity_blocks:
+            setup.extra_settings = {"capacity_blocks": {"key": args.capacity_blocks}}
         master_key = None
         urls = []
         for n in range(args.sidecars):
@@ -166,6 +172,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=20, help="the parallel-requests limit")
     p.add_argument("--slow-ms", type=float, default=1000.0, help="the slow model's latency")
     p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument(
+        "--capacity-blocks",
+        type=int,
+        metavar="SHARE",
+        help="admit the key's windows and budget from capacity blocks of 1/SHARE",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy.json"))
     return p.parse_args(argv)
 
@@ -173,14 +185,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     rows = run(args)
+    if args.capacity_blocks:
+        for r in rows:
+            if r["limit"] != "parallel requests":
+                r["under_admission_bound"] = round(min(args.sidecars / args.capacity_blocks, 1), 4)
     print(f"{args.sidecars} sidecars on one Redis, demand {args.oversubscribe}x each limit:")
     for r in rows:
+        bound = r.get("under_admission_bound")
         print(
             f"  {r['limit']:20} allowed {r['allowed']:>10g} {r['unit']:8} "
             f"used {r['used']:>10g}  over-admitted {r['over_admitted']:g}  "
             f"under-admission {r['under_admission_share']:.2%}"
+            + ("" if bound is None else f" (blocks: at most {bound:.2%})")
         )
-    report = {"sidecars": args.sidecars, "oversubscribe": args.oversubscribe, "limits": rows}
+    report = {
+        "sidecars": args.sidecars,
+        "oversubscribe": args.oversubscribe,
+        "capacity_blocks": args.capacity_blocks,
+        "limits": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     over = [r["limit"] for r in rows if r["over_admitted"] > 0]
