@@ -4,9 +4,11 @@ valid OpenAI bodies untouched), and log lines cut what clients send (issue 13, i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -277,6 +279,22 @@ def test_log_lines_keep_short_messages_and_cut_long_ones() -> None:
     assert log_line("x" * 5_000)["message"].endswith("...[4000 more characters cut]")
 
 
+@contextlib.contextmanager
+def json_lines_to(stream: io.StringIO) -> Iterator[None]:
+    """The root logger set up as configure_logging does, writing JSON lines to ``stream``."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
 def test_the_request_line_is_the_line_the_formatter_writes() -> None:
     """info_line writes the proxy's line without a LogRecord when the one root handler is
     the JSON one: the same fields, cut the same way."""
@@ -291,19 +309,10 @@ def test_the_request_line_is_the_line_the_formatter_writes() -> None:
         "duration_ms": 1.5,
     }
     stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
     logger = logging.getLogger("test_bodies.line")
-    try:
+    with json_lines_to(stream):
         info_line(logger, "proxied", fields)
         logger.info("proxied", extra=fields)
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
     direct, formatted = (orjson.loads(line) for line in stream.getvalue().splitlines())
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", direct.pop("ts"))
     formatted.pop("ts")
@@ -320,20 +329,11 @@ async def test_request_lines_of_one_loop_turn_go_out_in_one_write() -> None:
             return super().write(text)
 
     stream = Counting()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    try:
+    with json_lines_to(stream):
         for n in range(3):
             info_line(logging.getLogger("test_bodies.batch"), "proxied", {"n": n})
         assert stream.getvalue() == ""
         await asyncio.sleep(0)
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
     assert [orjson.loads(line)["n"] for line in stream.getvalue().splitlines()] == [0, 1, 2]
     assert stream.writes == 1
 
