@@ -27,7 +27,9 @@
 --        the same keys and specs (a retry after a lost reply); 'conflict' when it is held for
 --        other limits; else the finished reservation's status. Nothing is changed.
 --
--- A refusal writes nothing that counts: only buckets that slid out and expired leases are purged.
+-- A refusal writes nothing that counts: only buckets that slid out and expired leases are purged,
+-- and a share ('p') within its own part that found its total full is marked waiting (lib.lua).
+-- A share is decided on the total as it stands before this call takes anything.
 
 local rid, now = ARGV[1], clock(ARGV[2])
 local specs = mp_unpack(ARGV[3])
@@ -70,6 +72,22 @@ for i, spec in ipairs(specs) do
       why = 'exceeds_capacity'
     elseif view.used + amount > cap then
       why, wait = 'window_full', window_retry(view, now, amount, cap)
+    end
+  elseif kind == 'p' then
+    local t = spec[7]
+    view = share_view(key, spec, KEYS[t + 2], specs[t], now)
+    local most = math.max(cap, math.min(spec[8], specs[t][3]))
+    if upto then
+      view.take = math.min(amount, math.max(view.room, 0))
+      if most < 1 then
+        why = 'exceeds_capacity'
+      elseif view.take < 1 then
+        why, wait = 'share_full', share_retry(view, now, 1, cap, view.level)
+      end
+    elseif amount > most then
+      why = 'exceeds_capacity'
+    elseif amount > view.room then
+      why, wait = 'share_full', share_retry(view, now, amount, cap, view.level)
     end
   elseif kind == 'g' then
     view.used = redis.call('EXISTS', key)
@@ -118,7 +136,11 @@ end
 if refused > 0 and ARGV[7] ~= '1' then
   for i, spec in ipairs(specs) do
     local view, reset = views[i], 0
-    if spec[1] == 'w' then
+    if spec[1] == 'p' then
+      local need = is_capped(spec) and math.min(spec[2], 1) or spec[2]
+      share_mark_waiting(view, KEYS[i + 2], spec, KEYS[spec[7] + 2], specs[spec[7]], now, need)
+    end
+    if spec[1] == 'w' or spec[1] == 'p' then
       reset = window_reset(view, now)
     elseif spec[1] == 'g' then
       reset = 0
@@ -145,7 +167,7 @@ for i, spec in ipairs(specs) do
     amount = view.take
   end
   took[i] = amount
-  if kind == 'w' then
+  if kind == 'w' or kind == 'p' then
     window_add(view, now, amount)
     reset = amount > 0 and window_frees_at(view, view.cur) - now or window_reset(view, now)
     at[i] = view.cur
@@ -168,7 +190,7 @@ for i, spec in ipairs(specs) do
     reset = view.stop - now
     at[i] = view.start
   end
-  if kind == 'w' or kind == 'b' then
+  if kind == 'w' or kind == 'b' or kind == 'p' then
     view.used = view.used + amount
   end
   states[#states + 1] = remaining(spec, view.used)

@@ -7,8 +7,11 @@
 --   kind 'l' lease semaphore: p1 = lease ttl ms
 --   kind 'b' spend budget:    p1, p2, p3 = period boundaries b0 < b1 < b2 (ms), p4 = retention ms
 --   kind 'g' gate:            refuses while its key exists (a block); capacity 1, amount 0
+--   kind 'p' share of a total: p1 = window ms, p2 = bucket ms, p3 = 1-based index of the total
+--                              window (a 'w' spec of the same call), p4 = saturation level;
+--                              capacity = the share (see "Share of a total window" below)
 -- A window or budget may be capped: its spec then ends with a 1 after its parameters
--- (spec[7] for a window, spec[9] for a budget). A capped limit takes "up to amount": it
+-- (spec[7] for a window, spec[9] for a budget or a share). A capped limit takes "up to amount": it
 -- admits while at least one unit is left and takes min(amount, what is left), so a request
 -- that does not bound itself can pass it only alone, by its own excess.
 -- All amounts are integers (requests, tokens, nano-dollars); all times are milliseconds
@@ -169,6 +172,60 @@ local function window_adjust(key, now, W, g, id, delta)
   window_write(w, {[field] = held + delta})
 end
 
+-- Share of a total window ('p') ----------------------------------------------------------
+-- A sliding window of its own (as 'w'; its capacity is the share) over a total window that
+-- another spec of the same call counts. It admits while its own window stays within the share,
+-- or, borrowing, while the total after the request stays at or below the saturation level and
+-- leaves room in the total for the unused shares of the other shares that are waiting. A share
+-- is waiting for one total window after a request within it was refused because the total was
+-- full: the hash <total key>:waiting keeps, per share key, 'until share window-ms bucket-ms'.
+-- Every share of one total lives in the total's slot (the same hash tag).
+
+-- The unused part of every waiting share of `total_key` but `own`.
+local function share_protected(total_key, own, now)
+  local flat = redis.call('HGETALL', total_key .. ':waiting')
+  local sum = 0
+  for i = 1, #flat, 2 do
+    local till, share, W, g = string.match(flat[i + 1], '^(%d+) (%d+) (%d+) (%d+)$')
+    if flat[i] ~= own and till and tonumber(till) > now then
+      local used = window_view(flat[i], now, tonumber(W), tonumber(g)).sum
+      sum = sum + math.max(tonumber(share) - used, 0)
+    end
+  end
+  return sum
+end
+
+-- Reads a share and its total (read-only views); room = the most the request may take now.
+local function share_view(key, spec, total_key, total_spec, now)
+  local view = window_view(key, now, spec[5], spec[6])
+  view.used = view.sum
+  view.total = window_view(total_key, now, total_spec[5], total_spec[6])
+  view.total_cap = total_spec[3]
+  view.level = math.min(spec[8], total_spec[3] - share_protected(total_key, key, now))
+  view.room = math.max(spec[3] - view.used, view.level - view.total.sum)
+  return view
+end
+
+-- Time until `amount` fits: in the share when it can, else under the saturation level.
+local function share_retry(view, now, amount, share, level)
+  if amount <= share then
+    return window_retry(view, now, amount, share)
+  end
+  return window_retry(view.total, now, amount, level)
+end
+
+-- After a refusal: a request within its share that found the total full marks the share as
+-- waiting, so that nobody borrows its unused part for one total window.
+local function share_mark_waiting(view, key, spec, total_key, total_spec, now, need)
+  if view.used + need > spec[3] or view.total.sum + need <= view.total_cap then
+    return
+  end
+  local W = total_spec[5]
+  redis.call('HSET', total_key .. ':waiting', key,
+    int(now + W) .. ' ' .. int(spec[3]) .. ' ' .. int(spec[5]) .. ' ' .. int(spec[6]))
+  redis.call('PEXPIRE', total_key .. ':waiting', int(W))
+end
+
 -- Lease semaphore -------------------------------------------------------------------
 -- A sorted set: member = request id, score = lease expiry. Expired leases are free.
 
@@ -255,7 +312,7 @@ local function record_limits(rec)
   local out = {}
   for i, spec in ipairs(specs) do
     local kind, amount, measure = spec[1], spec[2], spec[4]
-    if kind == 'w' then
+    if kind == 'w' or kind == 'p' then
       out[i] = {kind, keys[i], amount, measure, spec[5], spec[6], at[i]}
     elseif kind == 'l' or kind == 'g' then
       out[i] = {kind, keys[i], amount, '', spec[5]}
@@ -308,7 +365,7 @@ local function record_finish(rec, key, rid, now, mode, actuals, ttl, info)
     if measure ~= '' and charged[measure] == nil then
       reserved[measure], charged[measure] = amount, final
     end
-    if kind == 'w' then
+    if kind == 'w' or kind == 'p' then
       if final ~= amount then
         window_adjust(lkey, now, lim[5], lim[6], lim[7], final - amount)
       end

@@ -7,6 +7,7 @@
 --
 -- Returns a msgpack array {remaining_1, reset_ms_1, remaining_2, reset_ms_2, ...}:
 --   window: capacity minus what counts now; reset = until all of it has slid out
+--   share:  its share minus what counts in its own window (borrowing is not shown), as a window
 --   lease:  free slots; reset = until the first lease expires, 0 while a slot is free
 --   budget: capacity minus spent and held this period; reset = until the period ends
 --   gate:   1 while open, 0 while its key exists
@@ -17,7 +18,7 @@ local out = {}
 for i, spec in ipairs(specs) do
   local key, kind, cap = KEYS[i], spec[1], spec[3]
   local used, reset = 0, 0
-  if kind == 'w' then
+  if kind == 'w' or kind == 'p' then
     local w = window_view(key, now, spec[5], spec[6])
     used, reset = w.sum, window_reset(w, now)
   elseif kind == 'g' then

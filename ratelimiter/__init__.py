@@ -6,7 +6,7 @@ from .engine import Decision, Engine, ExpiredHold, LimitState, Renewal, Reservat
 from .engine.connections import RedisSettings, connect
 from .engine.durations import Duration, parse_duration
 from .engine.embedded import RedisServer
-from .engine.limits import Budget, Concurrency, Gate, Limit, SlidingWindow
+from .engine.limits import Budget, Concurrency, Gate, Limit, SharedWindow, SlidingWindow
 from .errors import (
     DuplicateRequest,
     InvalidDuration,
@@ -55,6 +55,7 @@ __all__ = [
     "Renewal",
     "Reservation",
     "Settlement",
+    "SharedWindow",
     "SlidingWindow",
     "UnknownModel",
     "UnknownUser",

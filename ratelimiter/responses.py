@@ -18,7 +18,7 @@ from aiohttp import web
 
 from .engine import Decision, LimitState
 from .engine.durations import MAX_COUNTS, Duration
-from .engine.limits import Budget, Concurrency, Gate, Limit, SlidingWindow
+from .engine.limits import Budget, Concurrency, Gate, Limit, SharedWindow, SlidingWindow
 from .pricing import NANO, dollars
 
 __all__ = [
@@ -83,7 +83,8 @@ def _tightest(decision: Decision) -> dict[str | None, LimitState]:
     tightest: dict[str | None, LimitState] = {}
     for state in decision.states:
         limit = state.limit
-        if isinstance(limit, SlidingWindow):
+        # a share can be borrowed past, so the hard windows are the ones to report
+        if isinstance(limit, SlidingWindow) and not isinstance(limit, SharedWindow):
             best = tightest.get(limit.measure)
             if best is None or state.remaining < best.remaining:
                 tightest[limit.measure] = state
@@ -203,9 +204,13 @@ def refusal(decision: Decision, request_id: str, hint: str = "") -> web.Response
         headers["x-should-retry"] = "false"
     kind = _rate_kind(limit)
     headers["rate_limit_type"] = kind  # LiteLLM's header naming the kind of limit
+    if isinstance(limit, SharedWindow):
+        message = _share_message(limit, kind, state, decision, retry)
+    else:
+        message = _rate_message(limit, kind, state, retry)
     return error_response(
         429,
-        _with(_rate_message(limit, kind, state, retry), hint),
+        _with(message, hint),
         kind,
         code="rate_limit_exceeded",
         headers=headers,
@@ -327,6 +332,29 @@ def _rate_message(
         f"Rate limit exceeded for {descriptor}: {ident}. Limit type: {kind}. "
         f"Current limit: {limit.capacity}, Remaining: {remaining}. "
         f"Limit resets at: {_at(reset)}. {detail}"
+    )
+
+
+def _share_message(
+    limit: SharedWindow, kind: str, state: LimitState | None, decision: Decision, retry: int | None
+) -> str:
+    """LiteLLM's priority refusal ("Priority-based rate limit exceeded. Priority: …, Rate limit
+    type: …, Remaining: …, Model saturation: …%"), then which deployment and when to retry."""
+    priority = limit.name.rpartition(":")[2] or "default"
+    total = next((s for s in decision.states if s.limit.key == limit.total_key), None)
+    saturation = 0.0
+    if total is not None and total.limit.capacity > 0:
+        saturation = (total.limit.capacity - total.remaining) / total.limit.capacity
+    remaining = max(state.remaining, 0) if state is not None else 0
+    _, deployment = _scope(limit)
+    detail = (
+        f"Deployment {deployment} reserves {limit.capacity} {kind} per {_per(limit.window)} for "
+        f"priority {priority}; past {limit.saturation} in all, each priority is held to its share"
+    )
+    detail += f"; retry in {retry / 1000:.1f}s." if retry is not None else "; it can never fit."
+    return (
+        f"Priority-based rate limit exceeded. Priority: {priority}, Rate limit type: {kind}, "
+        f"Remaining: {remaining}, Model saturation: {saturation:.1%}. {detail}"
     )
 
 

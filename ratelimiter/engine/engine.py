@@ -27,7 +27,16 @@ from ..errors import DuplicateRequest, InvalidLimit
 from .connections import RedisClient, RedisSettings, connect, translate_errors
 from .durations import Duration, parse_duration, period_bounds, time_zone
 from .embedded import DEFAULT_DATA_DIR, RedisServer
-from .limits import MAX_AMOUNT, Budget, Concurrency, Gate, Limit, SlidingWindow, validate_limits
+from .limits import (
+    MAX_AMOUNT,
+    Budget,
+    Concurrency,
+    Gate,
+    Limit,
+    SharedWindow,
+    SlidingWindow,
+    validate_limits,
+)
 from .multiplex import Multiplexer
 from .scripts import Script, load_scripts, run_script
 
@@ -648,7 +657,9 @@ class Engine:
     def _encode(self, limits: Sequence[Limit], now: int) -> bytes:
         specs: list[list[Any]] = []
         for limit in limits:
-            if isinstance(limit, SlidingWindow):
+            if isinstance(limit, SharedWindow):
+                specs.append(_share_spec(limit, limits))
+            elif isinstance(limit, SlidingWindow):
                 specs.append(
                     [
                         "w",
@@ -712,6 +723,27 @@ class Engine:
 # A capped limit's spec ends with a 1 (lib.lua); others are sent as before, so records held
 # by older scripts and repeated acquires compare equal.
 _CAPPED: dict[bool, tuple[int, ...]] = {False: (), True: (1,)}
+
+
+def _share_spec(limit: SharedWindow, group: Sequence[Limit]) -> list[Any]:
+    """A shared window's spec: its total is named by its place in the same slot group."""
+    place = next((n for n, other in enumerate(group, 1) if other.key == limit.total_key), None)
+    if place is None:
+        raise InvalidLimit(
+            f"shared window {limit.name or limit.key!r} and its total {limit.total_key!r} must "
+            "share a hash tag, so that one script sees both in Cluster mode"
+        )
+    return [
+        "p",
+        limit.amount,
+        limit.capacity,
+        limit.measure or "",
+        limit.window_ms,
+        limit.bucket_ms,
+        place,
+        limit.saturation,
+        *_CAPPED[limit.capped],
+    ]
 
 
 def _later(retry: int, other: int) -> bool:

@@ -16,7 +16,15 @@ from typing import Any
 from ..errors import InvalidLimit
 from .durations import Duration, parse_duration
 
-__all__ = ["Budget", "Concurrency", "Gate", "Limit", "SlidingWindow", "validate_limits"]
+__all__ = [
+    "Budget",
+    "Concurrency",
+    "Gate",
+    "Limit",
+    "SharedWindow",
+    "SlidingWindow",
+    "validate_limits",
+]
 
 # Integers above 2**53 lose precision in Lua's doubles.
 MAX_AMOUNT = 2**53 - 1
@@ -86,6 +94,35 @@ class SlidingWindow:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedWindow(SlidingWindow):
+    """A share of a total window: its own sliding window of ``capacity`` (the share) over the
+    ``SlidingWindow`` keyed ``total_key``, which the same request also meets.
+
+    It admits while its own window stays within the share, or, borrowing, while the total after
+    the request stays at or below ``saturation`` (units, at most the total's capacity) and leaves
+    room for the unused part of every other share of that total that is waiting: one whose
+    request within its share found the total full, in the last total window. So below the
+    saturation level anyone may use what is free; above it each share is held to its own; and
+    a waiting share's unused part is never borrowed. Settling adjusts it as a window.
+    Every share of one total must live in the total's Cluster slot (its hash tag).
+    """
+
+    total_key: str = ""
+    saturation: int = 0
+
+    def __post_init__(self) -> None:
+        SlidingWindow.__post_init__(self)
+        owner = f"shared window {self.name or self.key!r}"
+        _check_key(f"{owner}: total", self.total_key)
+        if self.total_key == self.key:
+            raise InvalidLimit(f"{owner}: total_key must name another window")
+        _check_int(owner, "saturation", self.saturation)
+
+    def with_amount(self, amount: int, capped: bool | None = None) -> SharedWindow:
+        return _with_amount(self, amount, capped)
+
+
+@dataclass(frozen=True, slots=True)
 class Concurrency:
     """At most ``capacity`` requests in flight; each holds a lease that lapses after ``ttl_ms``
     unless renewed, so a crashed holder frees its slot by itself."""
@@ -150,8 +187,9 @@ def _with_amount(limit: Any, amount: int, capped: bool | None) -> Any:
     # The policy layer builds limits on every request; copying skips re-validating the rest.
     _check_int(f"limit {limit.name or limit.key!r}", "amount", amount)
     clone = object.__new__(type(limit))
-    for name in type(limit).__slots__:
-        object.__setattr__(clone, name, getattr(limit, name))
+    for cls in type(limit).__mro__:  # a subclass's __slots__ lists only its own fields
+        for name in getattr(cls, "__slots__", ()):
+            object.__setattr__(clone, name, getattr(limit, name))
     object.__setattr__(clone, "amount", amount)
     if capped is not None:
         object.__setattr__(clone, "capped", capped)
@@ -195,4 +233,20 @@ def validate_limits(limits: Any, *, allow_empty: bool = False) -> tuple[Limit, .
         if limit.key in seen:
             raise InvalidLimit(f"key {limit.key!r} is used by two limits of one request")
         seen.add(limit.key)
+    _check_totals(limits)
     return limits
+
+
+def _check_totals(limits: tuple[Limit, ...]) -> None:
+    """Every shared window's total is a plain sliding window of the same request."""
+    windows = {
+        limit.key
+        for limit in limits
+        if isinstance(limit, SlidingWindow) and not isinstance(limit, SharedWindow)
+    }
+    for limit in limits:
+        if isinstance(limit, SharedWindow) and limit.total_key not in windows:
+            raise InvalidLimit(
+                f"shared window {limit.name or limit.key!r}: its total {limit.total_key!r} "
+                "must be a SlidingWindow of the same request"
+            )

@@ -28,6 +28,7 @@ from ..errors import InvalidDuration, RateLimiterError
 from ..pricing import PRICE_FIELDS, Price, model_price, price_of
 from .bodies import MAX_OUTPUT_TOKENS
 from .policy import SCOPE_KINDS
+from .priority import MAX_NAME, MAX_PRIORITIES, PriorityReservation
 
 __all__ = ["ConfigError", "Deployment", "Settings", "load_config", "weak_master_key_reason"]
 
@@ -165,6 +166,8 @@ class Settings:
     # headers naming the end user, after LiteLLM's standard two (general_settings'
     # user_header_mappings with role customer, then user_header_name), lower-cased
     end_user_headers: tuple[str, ...] = ()
+    # litellm_settings.priority_reservation(_settings): deployments' rpm/tpm split by priority
+    priority_reservation: PriorityReservation | None = None
     source: str = "<defaults>"
     extra_warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -332,7 +335,13 @@ def _closest(name: str, known: set[str]) -> str | None:
 
 _TOP = {"model_list", "general_settings", "litellm_settings", "ratelimiter_settings"}
 _GENERAL = {"master_key", "user_header_name", "user_header_mappings"}
-_LITELLM = {"max_budget", "budget_duration", "max_end_user_budget_id"}
+_LITELLM = {
+    "max_budget",
+    "budget_duration",
+    "max_end_user_budget_id",
+    "priority_reservation",
+    "priority_reservation_settings",
+}
 # What LiteLLM's config also has (not all of it): accepted with one warning each. The ones
 # spelt like a setting we read must be here, or they would be taken for its typo.
 _LITELLM_TOP = frozenset(
@@ -514,6 +523,71 @@ _PARAMS = {
     "cache_creation_input_token_cost",
     "cache_creation_input_token_cost_above_1hr",
 }
+
+
+_PRIORITY_SETTINGS = {"default_priority", "saturation_threshold", "saturation_check_cache_ttl"}
+_PRIORITY_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def _fraction(reader: _Reader, path: str, raw: Any) -> float | None:
+    value = reader.number(path, raw)
+    if value is not None and value > 1:
+        raise reader.fail(path, f"must be a fraction from 0 to 1, got {value!r}")
+    return None if value is None else float(value)
+
+
+def _priority_weight(reader: _Reader, path: str, raw: Any) -> tuple[str, float]:
+    """A priority's reservation: a fraction, or LiteLLM's {type: percent|rpm|tpm, value}."""
+    if not isinstance(raw, dict):
+        return "percent", _fraction(reader, path, raw) or 0.0
+    unknown = set(raw) - {"type", "value"}
+    if unknown:
+        raise reader.fail(f"{path}.{sorted(unknown)[0]}", "unknown setting; use type and value")
+    kind = reader.value(f"{path}.type", raw.get("type", "percent"))
+    if kind not in ("percent", "rpm", "tpm"):
+        raise reader.fail(f"{path}.type", f"must be percent, rpm or tpm, got {kind!r}")
+    value = reader.value(f"{path}.value", raw.get("value", 1.0))
+    if kind == "percent":
+        return kind, _fraction(reader, f"{path}.value", value) or 0.0
+    return kind, float(reader.number(f"{path}.value", value) or 0)
+
+
+def _priority_reservation(reader: _Reader, litellm: dict[str, Any]) -> PriorityReservation | None:
+    """LiteLLM's priority_reservation and priority_reservation_settings; None when the first is
+    not set, as LiteLLM then leaves every deployment unsplit."""
+    raw = litellm.get("priority_reservation")
+    path = "litellm_settings.priority_reservation"
+    options = reader.section(
+        "litellm_settings.priority_reservation_settings",
+        litellm.get("priority_reservation_settings"),
+        _PRIORITY_SETTINGS,
+        frozenset(),
+    )
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise reader.fail(path, f"must map priority names to shares, got {type(raw).__name__}")
+    if len(raw) > MAX_PRIORITIES:
+        raise reader.fail(path, f"has {len(raw)} priorities; at most {MAX_PRIORITIES}")
+    weights: dict[str, tuple[str, float]] = {}
+    for name, value in raw.items():
+        if not isinstance(name, str) or len(name) > MAX_NAME or not _PRIORITY_NAME.fullmatch(name):
+            raise reader.fail(
+                path,
+                f"priority name {name!r} must be 1 to {MAX_NAME} letters, digits, '_', '.' or '-'",
+            )
+        weights[name] = _priority_weight(reader, f"{path}.{name}", reader.value(path, value))
+    where = "litellm_settings.priority_reservation_settings"
+    default = _fraction(reader, f"{where}.default_priority", options.get("default_priority"))
+    threshold = _fraction(
+        reader, f"{where}.saturation_threshold", options.get("saturation_threshold")
+    )
+    reader.number(f"{where}.saturation_check_cache_ttl", options.get("saturation_check_cache_ttl"))
+    return PriorityReservation(
+        weights,
+        0.25 if default is None else default,
+        0.5 if threshold is None else threshold,
+    )
 
 
 def _sink_url(reader: _Reader, env: Mapping[str, str], ours: dict[str, Any]) -> str | None:
@@ -841,6 +915,7 @@ def load_config(
     lag_alert = reader.number(
         "ratelimiter_settings.ledger_sink_lag_alert", ours.get("ledger_sink_lag_alert")
     )
+    priorities = _priority_reservation(reader, litellm)
     for message in reader.warnings:
         log.warning(message)
     return Settings(
@@ -878,6 +953,7 @@ def load_config(
         ),
         ledger_sink=_sink_url(reader, env, ours),
         end_user_headers=end_user_headers,
+        priority_reservation=priorities,
         budget_alert_thresholds=thresholds,
         capacity_blocks=_capacity_blocks(reader, ours.get("capacity_blocks")),
         ledger_sink_lag_alert_s=300.0 if lag_alert is None else float(lag_alert),

@@ -24,6 +24,7 @@ import orjson
 from ..engine import LimitState
 from ..engine.limits import Budget, Concurrency, Gate, Limit, SlidingWindow
 from ..pricing import NANO, Price, cost_nano, nano
+from .priority import share_limits
 
 __all__ = [
     "LIMIT_FIELDS",
@@ -254,6 +255,8 @@ def _build(
     if scope.kind in GATED:
         yield Gate(scope.gate(prefix), name=f"{scope.kind}:blocked"), None
     yield from _rates(scope, prefix, f.get("rpm_limit"), f.get("tpm_limit"))
+    if scope.kind == "deployment":  # its rpm/tpm split by priority, when configured
+        yield from share_limits(f, lambda what: scope.key(prefix, what), RATE_WINDOW)
     for part in ("input", "output"):
         if f.get(f"{part}_tpm_limit") is not None:
             window = SlidingWindow(

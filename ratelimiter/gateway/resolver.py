@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import EntityError
 from .config import Deployment, Settings
 from .policy import Resolved, Scope, inherit
+from .priority import caller_priority
 from .routing import serves
 from .store import Store, hash_key
 
@@ -309,7 +310,24 @@ async def resolve(
         Scope(
             "deployment",
             deployment.deployment_id,
-            {"rpm_limit": deployment.rpm, "tpm_limit": deployment.tpm},
+            {
+                "rpm_limit": deployment.rpm,
+                "tpm_limit": deployment.tpm,
+                **_priority_fields(settings, caller, deployment),
+            },
         )
     )
     return Resolved(tuple(scopes), deployment.model_name, tokens, cost, input_tokens, output_tokens)
+
+
+def _priority_fields(settings: Settings, caller: Caller, deployment: Deployment) -> dict[str, Any]:
+    """The caller's pool on ``deployment`` and its share, when priorities are configured."""
+    reservation = settings.priority_reservation
+    if reservation is None or (deployment.rpm is None and deployment.tpm is None):
+        return {}
+    pool = reservation.pool(caller_priority(caller.team, caller.key))
+    return {
+        "priority": pool,
+        "priority_share": reservation.fractions(deployment.rpm, deployment.tpm)[pool],
+        "saturation_threshold": reservation.saturation_threshold,
+    }

@@ -153,3 +153,70 @@ class BudgetModel:
 
     def add(self, start: int, amount: int) -> None:
         self.used[start] = self.used.get(start, 0) + amount
+
+
+@dataclass
+class ShareModel:
+    """A share of a total window (``SharedWindow``): its own window held to its share, which it
+    may pass, borrowing, while the total after the request stays within the saturation level
+    less the unused part of every other waiting share. ``board`` is shared by all shares of one
+    total: share key -> (waiting until, share); ``peers`` their own windows by key."""
+
+    own: WindowModel
+    total: WindowModel
+    board: dict[str, tuple[int, int]]
+    peers: dict[str, WindowModel]
+
+    @property
+    def share(self) -> int:
+        return self.own.limit.capacity
+
+    def protected(self, now: int) -> int:
+        return sum(
+            max(share - self.peers[key].used(now), 0)
+            for key, (until, share) in self.board.items()
+            if key != self.own.limit.key and until > now
+        )
+
+    def level(self, now: int) -> int:
+        saturation = self.own.limit.saturation  # type: ignore[attr-defined]
+        return min(saturation, self.total.limit.capacity - self.protected(now))
+
+    def room(self, now: int) -> int:
+        return max(self.share - self.own.used(now), self.level(now) - self.total.used(now))
+
+    def most(self) -> int:
+        saturation = self.own.limit.saturation  # type: ignore[attr-defined]
+        return max(self.share, min(saturation, self.total.limit.capacity))
+
+    def retry(self, now: int, amount: int) -> int:
+        if amount <= self.share:
+            return self.own.check(now, amount)[1]  # type: ignore[return-value]
+        level, total = self.level(now), self.total
+        for t in sorted({total.frees_at(e.bucket) for e in total.counted(now)}):
+            if total.used(t) + amount <= level:
+                return t - now
+        return total.frees_at(now // total.g) - now
+
+    def check(self, now: int, amount: int) -> tuple[str | None, int | None]:
+        if amount > self.most():
+            return "exceeds_capacity", NEVER
+        if amount <= self.room(now):
+            return None, None
+        return "share_full", self.retry(now, amount)
+
+    def check_capped(self, now: int, amount: int) -> tuple[str | None, int | None, int]:
+        if amount == 0:
+            return (*self.check(now, 0), 0)
+        if self.most() < 1:
+            return "exceeds_capacity", NEVER, 0
+        take = min(amount, max(self.room(now), 0))
+        if take >= 1:
+            return None, None, take
+        return "share_full", self.retry(now, 1), 0
+
+    def mark_waiting(self, now: int, need: int) -> None:
+        """After a refusal: within its share, but the total was full."""
+        within = self.own.used(now) + need <= self.share
+        if within and self.total.used(now) + need > self.total.limit.capacity:
+            self.board[self.own.limit.key] = (now + self.total.w, self.share)

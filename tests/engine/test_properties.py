@@ -16,11 +16,11 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ratelimiter import Budget, Concurrency, Engine, SlidingWindow
+from ratelimiter import Budget, Concurrency, Engine, SharedWindow, SlidingWindow
 from ratelimiter.engine.durations import time_zone
 
 from ..conftest import ManualClock
-from .model import BudgetModel, LeaseModel, WindowModel
+from .model import BudgetModel, LeaseModel, ShareModel, WindowModel
 
 HOLD_TTL = 20_000
 # Long enough that Redis's own (real-time) key expiry never fires during an example.
@@ -315,3 +315,188 @@ def test_engine_agrees_with_the_model(
     redis_url: str, config: dict[str, Any], steps: list[tuple[Any, ...]]
 ) -> None:
     asyncio.run(run(redis_url, config, steps))
+
+
+# -- shares of a total window (SharedWindow) ------------------------------------------------
+
+share_configs = st.fixed_dictionaries(
+    {
+        "total": st.one_of(st.just(0), st.integers(40, 200)),
+        "window": st.sampled_from(WINDOWS),
+        "buckets": st.sampled_from([1, 4, 60]),
+        "share_buckets": st.sampled_from([1, 4, 60]),
+        "shares": st.lists(
+            st.one_of(st.sampled_from([0.1, 0.25, 0.5, 0.9]), st.floats(0, 1)),
+            min_size=2,
+            max_size=3,
+        ),
+        "saturation": st.one_of(st.sampled_from([0.3, 0.5, 0.8]), st.floats(0, 1)),
+        "capped": st.booleans(),
+        "start": st.integers(0, 86_400_000),
+    }
+)
+# small against the total, so that shares fill, borrow and wait within a few steps
+share_amounts = st.one_of(st.integers(1, 40), st.integers(1, 40), amounts)
+share_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("advance"), st.sampled_from([1_000, 4_000, 10_000])),
+        st.tuples(st.just("advance"), st.integers(0, 6_000)),
+        st.tuples(st.just("acquire"), st.integers(0, 2), share_amounts),
+        st.tuples(st.just("acquire"), st.integers(0, 2), share_amounts),
+        st.tuples(st.just("settle"), st.integers(0, 99), share_amounts),
+        st.tuples(st.just("release"), st.integers(0, 99)),
+        st.tuples(st.just("expire")),
+    ),
+    min_size=10,
+    max_size=60,
+)
+
+
+class ShareScenario:
+    """One total token window and two or three shares of it, each request meeting the total
+    and its own share, as a deployment's tpm split by priority does."""
+
+    def __init__(self, engine: Engine, clock: ManualClock, config: dict[str, Any]) -> None:
+        ns = uuid.uuid4().hex
+        self.engine, self.clock, self.capped = engine, clock, config["capped"]
+        window = f"{config['window'] // 1000}s"
+        total = config["total"]
+        self.total = WindowModel(
+            SlidingWindow(
+                f"{{{ns}}}:tpm", total, window, measure="tokens", buckets=config["buckets"]
+            )
+        )
+        board: dict[str, tuple[int, int]] = {}
+        peers: dict[str, WindowModel] = {}
+        self.shares: list[ShareModel] = []
+        for n, fraction in enumerate(config["shares"]):
+            limit = SharedWindow(
+                f"{{{ns}}}:tpm:p{n}",
+                int(total * fraction),
+                window,
+                measure="tokens",
+                buckets=config["share_buckets"],
+                total_key=self.total.limit.key,
+                saturation=int(total * config["saturation"]),
+            )
+            own = WindowModel(limit)
+            peers[limit.key] = own
+            self.shares.append(ShareModel(own, self.total, board, peers))
+        self.requests: list[Request] = []
+        self.owner: dict[str, ShareModel] = {}
+
+    def limits(self, share: ShareModel, tokens: int) -> list[Any]:
+        return [
+            self.total.limit.with_amount(tokens, self.capped),
+            share.own.limit.with_amount(tokens, self.capped),  # type: ignore[attr-defined]
+        ]
+
+    async def acquire(self, which: int, tokens: int) -> None:
+        now = self.clock.now
+        share = self.shares[which % len(self.shares)]
+        rid = f"r{len(self.requests)}"
+        decision = await self.engine.acquire(rid, self.limits(share, tokens))
+        if self.capped:
+            t_reason, t_retry, t_take = self.total.check_capped(now, tokens)
+            s_reason, s_retry, s_take = share.check_capped(now, tokens)
+        else:
+            (t_reason, t_retry), t_take = self.total.check(now, tokens), tokens
+            (s_reason, s_retry), s_take = share.check(now, tokens), tokens
+        refusals = [c for c in ((t_reason, t_retry), (s_reason, s_retry)) if c[0] is not None]
+        assert decision.allowed == (not refusals), (decision, refusals)
+        if refusals:
+            never = [c for c in refusals if c[1] is None]
+            expected = never[0] if never else max(refusals, key=lambda c: c[1] or 0)
+            assert (decision.reason, decision.retry_after_ms) == expected
+            assert all(s.taken is None for s in decision.states)  # refused takes nothing
+            self.expect_states(decision, share, now)
+            share.mark_waiting(now, min(tokens, 1) if self.capped else tokens)
+            return
+        # admitted past its share only below the saturation level, leaving the waiting room
+        if share.own.used(now) + s_take > share.share:
+            assert self.total.used(now) + s_take <= share.level(now)
+        assert self.total.exact_used(now) + t_take <= self.total.limit.capacity
+        self.total.take(rid, now, t_take)
+        share.own.take(rid, now, s_take)
+        self.owner[rid] = share
+        request = Request(rid, 0, tokens, 0, 0, now + HOLD_TTL)
+        request.took = {"tokens": t_take, "share": s_take}
+        request.final = dict(request.took)
+        self.requests.append(request)
+        assert [s.taken for s in decision.states] == [t_take, s_take]
+        self.expect_states(decision, share, now)
+
+    def expect_states(self, decision: Any, share: ShareModel, now: int) -> None:
+        got = [(s.remaining, s.reset_ms) for s in decision.states]
+        assert got == [
+            (max(self.total.limit.capacity - self.total.used(now), 0), self.total.reset(now)),
+            (max(share.share - share.own.used(now), 0), share.own.reset(now)),
+        ]
+
+    async def finish(self, index: int, mode: str, tokens: int = 0) -> None:
+        if not self.requests:
+            return
+        req = self.requests[index % len(self.requests)]
+        if mode == "release":
+            result = await self.engine.release(req.rid)
+        else:
+            result = await self.engine.settle(req.rid, {"tokens": tokens})
+        if req.status != "held":
+            assert (result.status, result.first) == (req.status, False)
+            return
+        final = 0 if mode == "release" else tokens
+        self.total.set_amount(req.rid, final)  # both counters take the actual, once
+        self.owner[req.rid].own.set_amount(req.rid, final)
+        req.final = {"tokens": final, "share": final}
+        req.status = "released" if mode == "release" else "settled"
+        assert (result.status, result.first) == (req.status, True)
+
+    async def expire(self) -> None:
+        now = self.clock.now
+        collected = await self.engine.collect_expired()
+        due = [r for r in self.requests if r.status == "held" and r.deadline <= now]
+        assert sorted(h.request_id for h in collected) == sorted(r.rid for r in due)
+        for req in due:
+            req.status = "expired"
+
+    async def check(self) -> None:
+        now = self.clock.now
+        for share in self.shares:
+            states = await self.engine.peek(self.limits(share, 0))
+            assert [s.remaining for s in states] == [
+                max(self.total.limit.capacity - self.total.used(now), 0),
+                max(share.share - share.own.used(now), 0),
+            ]
+        counted = {e.rid for e in self.total.counted(now)}
+        by_rid = {r.rid: r for r in self.requests}
+        excess = sum(by_rid[rid].excess("tokens") for rid in counted)
+        assert self.total.used(now) <= self.total.limit.capacity + excess
+
+
+async def run_shares(redis_url: str, config: dict[str, Any], steps: list[tuple[Any, ...]]) -> None:
+    clock = ManualClock(1_800_000_000_000 + config["start"])
+    engine = await Engine.connect(
+        redis_url, clock=clock, hold_ttl_ms=HOLD_TTL, prefix=f"p:{uuid.uuid4().hex}:"
+    )
+    try:
+        scenario = ShareScenario(engine, clock, config)
+        for op, *args in steps:
+            if op == "advance":
+                clock.advance(args[0])
+            elif op == "acquire":
+                await scenario.acquire(*args)
+            elif op in ("settle", "release"):
+                await scenario.finish(args[0], op, *args[1:])
+            else:
+                await scenario.expire()
+            await scenario.check()
+    finally:
+        await engine.close()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=share_configs, steps=share_ops)
+def test_shared_windows_agree_with_the_model(
+    redis_url: str, config: dict[str, Any], steps: list[tuple[Any, ...]]
+) -> None:
+    asyncio.run(run_shares(redis_url, config, steps))

@@ -1,0 +1,95 @@
+"""Shares of a total window (``SharedWindow``): borrowing below the saturation level, each share
+held to its own above it, and a waiting share's unused part kept for it."""
+
+from __future__ import annotations
+
+import pytest
+
+from ratelimiter import Engine, SharedWindow, SlidingWindow
+from ratelimiter.errors import InvalidLimit
+
+from ..conftest import ManualClock
+
+
+def deployment(ns: str) -> tuple[SlidingWindow, SharedWindow, SharedWindow]:
+    """100 tokens per 10 s, split prod 90 / dev 10, saturated at 60."""
+    total = SlidingWindow(f"{{{ns}}}:tpm", 100, "10s", measure="tokens", buckets=10)
+    prod, dev = (
+        SharedWindow(
+            f"{{{ns}}}:tpm:{name}",
+            share,
+            "10s",
+            measure="tokens",
+            buckets=10,
+            total_key=total.key,
+            saturation=60,
+        )
+        for name, share in (("prod", 90), ("dev", 10))
+    )
+    return total, prod, dev
+
+
+def ask(total: SlidingWindow, share: SharedWindow, tokens: int) -> list[SlidingWindow]:
+    return [total.with_amount(tokens), share.with_amount(tokens)]
+
+
+async def test_borrowing_stops_at_saturation_and_shares_hold_above_it(
+    clocked: Engine, ns: str
+) -> None:
+    total, prod, dev = deployment(ns)
+    assert (await clocked.acquire(None, ask(total, dev, 60))).allowed  # borrows up to 60
+    refused = await clocked.acquire(None, ask(total, dev, 1))
+    assert (refused.allowed, refused.reason) == (False, "share_full")
+    assert refused.refused == dev.with_amount(1)
+    assert (await clocked.acquire(None, ask(total, prod, 40))).allowed  # its own share
+    full = await clocked.acquire(None, ask(total, prod, 1))
+    assert (full.reason, full.refused) == ("window_full", total.with_amount(1))
+
+
+async def test_a_waiting_share_keeps_its_unused_part(clocked: Engine, clock: ManualClock, ns: str) -> None:
+    total, prod, dev = deployment(ns)
+    assert (await clocked.acquire(None, ask(total, dev, 60))).allowed
+    clock.advance(5_000)
+    assert (await clocked.acquire(None, ask(total, prod, 40))).allowed
+    # prod, within its share, finds the total full: it is waiting from now on
+    assert not (await clocked.acquire(None, ask(total, prod, 10))).allowed
+    clock.advance(6_000)  # dev's 60 slid out: the total holds prod's 40
+    # below saturation (40 + 20 <= 60), but prod's unused 50 is not dev's to borrow
+    borrowed = await clocked.acquire(None, ask(total, dev, 20))
+    assert (borrowed.allowed, borrowed.reason) == (False, "share_full")
+    assert (await clocked.acquire(None, ask(total, dev, 10))).allowed  # its own share
+    assert (await clocked.acquire(None, ask(total, prod, 50))).allowed  # prod's share whole
+    clock.advance(11_000)  # everything slid out, and prod waits no more: dev borrows again
+    assert (await clocked.acquire(None, ask(total, dev, 50))).allowed
+
+
+async def test_settling_adjusts_the_share_and_the_total_once(clocked: Engine, ns: str) -> None:
+    total, prod, _ = deployment(ns)
+    decision = await clocked.acquire("r1", ask(total, prod, 80))
+    assert decision.allowed
+    await clocked.settle("r1", {"tokens": 30})
+    await clocked.settle("r1", {"tokens": 5})  # changes nothing
+    states = await clocked.peek([total, prod])
+    assert [s.remaining for s in states] == [70, 60]
+
+
+async def test_retry_after_is_the_shares_own(clocked: Engine, clock: ManualClock, ns: str) -> None:
+    total, prod, dev = deployment(ns)
+    assert (await clocked.acquire(None, ask(total, prod, 70))).allowed
+    clock.advance(3_000)
+    assert (await clocked.acquire(None, ask(total, dev, 10))).allowed
+    refused = await clocked.acquire(None, ask(total, dev, 5))
+    # dev's own 10 frees when its bucket (1 s) has slid out of the 10 s window
+    assert (refused.reason, refused.retry_after_ms) == ("share_full", 11_000)
+    bigger = await clocked.acquire(None, ask(total, dev, 70))
+    assert (bigger.reason, bigger.retry_after_ms) == ("exceeds_capacity", None)
+
+
+async def test_a_share_needs_its_total_in_the_request(clocked: Engine, ns: str) -> None:
+    total, prod, _ = deployment(ns)
+    with pytest.raises(InvalidLimit, match="must be a SlidingWindow of the same request"):
+        await clocked.acquire(None, [prod])
+    with pytest.raises(InvalidLimit, match="another window"):
+        SharedWindow(total.key, 1, "1m", total_key=total.key)
+    with pytest.raises(InvalidLimit, match="saturation"):
+        SharedWindow(f"{total.key}:x", 1, "1m", total_key=total.key, saturation=-1)
