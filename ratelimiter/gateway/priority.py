@@ -52,7 +52,9 @@ class PriorityReservation:
         """Each priority's fraction of a deployment, scaled down to sum to 1 when they sum to
         more (LiteLLM's normalisation; the default pool is not part of it), with the default
         pool's own."""
-        found = {name: _fraction(kind, value, rpm, tpm) for name, (kind, value) in self.weights.items()}
+        found = {
+            name: _fraction(kind, value, rpm, tpm) for name, (kind, value) in self.weights.items()
+        }
         total = sum(found.values())
         if total > 1:
             found = {name: value / total for name, value in found.items()}

@@ -46,7 +46,9 @@ async def test_borrowing_stops_at_saturation_and_shares_hold_above_it(
     assert (full.reason, full.refused) == ("window_full", total.with_amount(1))
 
 
-async def test_a_waiting_share_keeps_its_unused_part(clocked: Engine, clock: ManualClock, ns: str) -> None:
+async def test_a_waiting_share_keeps_its_unused_part(
+    clocked: Engine, clock: ManualClock, ns: str
+) -> None:
     total, prod, dev = deployment(ns)
     assert (await clocked.acquire(None, ask(total, dev, 60))).allowed
     clock.advance(5_000)

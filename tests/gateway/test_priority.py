@@ -88,9 +88,7 @@ async def deployed(
 async def burst(side: Deployed, keys: dict[str, str], each: int) -> dict[str, int]:
     """``each`` concurrent requests per priority, spread over the sidecars: admitted by priority."""
     names = [name for name in keys for _ in range(each)]
-    answers = await asyncio.gather(
-        *(side.chat(keys[name], base=n) for n, name in enumerate(names))
-    )
+    answers = await asyncio.gather(*(side.chat(keys[name], base=n) for n, name in enumerate(names)))
     admitted = dict.fromkeys(keys, 0)
     for name, answer in zip(names, answers, strict=True):
         assert answer.status in (200, 429), answer.status
