@@ -27,6 +27,7 @@ __all__ = [
     "MAX_PRIORITIES",
     "PriorityReservation",
     "caller_priority",
+    "deployment_shares",
     "share_limits",
 ]
 
@@ -118,3 +119,22 @@ def share_limits(
             saturation=_units(threshold, capacity),
         )
         yield share, measure
+
+
+def deployment_shares(
+    reservation: PriorityReservation | None, rpm: int | None, tpm: int | None
+) -> dict[str, Any] | None:
+    """What /model/info shows of a deployment's split: each pool's fraction and the requests
+    and tokens per minute it is held to once the deployment is saturated."""
+    if reservation is None or (rpm is None and tpm is None):
+        return None
+    pools = [
+        {
+            "priority": name,
+            "share": fraction,
+            "rpm": None if rpm is None else _units(fraction, rpm),
+            "tpm": None if tpm is None else _units(fraction, tpm),
+        }
+        for name, fraction in reservation.fractions(rpm, tpm).items()
+    ]
+    return {"saturation_threshold": reservation.saturation_threshold, "priorities": pools}

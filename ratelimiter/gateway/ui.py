@@ -24,6 +24,7 @@ from .admin import access
 from .admin.common import lifetime_spends
 from .http import ENGINE, SETTINGS, STORE
 from .metrics import METRICS
+from .priority import deployment_shares
 from .resolver import may_call
 
 __all__ = ["add_ui_routes"]
@@ -126,7 +127,13 @@ async def model_info(request: web.Request) -> web.Response:
                 "input_cost_per_token": d.input_cost_per_token,
                 "output_cost_per_token": d.output_cost_per_token,
             },
-            "model_info": {"id": d.deployment_id, "access_groups": list(d.access_groups)},
+            "model_info": {
+                "id": d.deployment_id,
+                "access_groups": list(d.access_groups),
+                "priority_reservation": deployment_shares(
+                    settings.priority_reservation, d.rpm, d.tpm
+                ),
+            },
         }
         for d in settings.models
         if may_call(caller, d, settings)

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from ratelimiter.gateway.config import Deployment, Settings
+from ratelimiter.gateway.priority import PriorityReservation
 
 from ..conftest import MASTER_KEY, one_model, running_sidecar, running_upstream
 
@@ -509,3 +510,29 @@ async def test_live_counts_are_summed_over_sidecars(ns: str, redis_url: str) -> 
             assert len(live["rps"]) == 60 and 0 < sum(live["rps"]) <= 6, live
             assert live["recent_refused"] == {"window_full (key)": 2}, live
             assert live["recent_seconds"] == 10, live
+
+
+@needs_chromium
+async def test_models_page_shows_priority_shares(ns: str, redis_url: str, page: object) -> None:
+    async with running_upstream() as upstream:
+        settings = Settings(
+            master_key=MASTER_KEY,
+            key_prefix=f"t:{ns}:",
+            models=(Deployment("shared", "openai/shared", api_base=upstream, rpm=10, tpm=1000),),
+            priority_reservation=PriorityReservation(
+                {"prod": ("percent", 0.9), "dev": ("percent", 0.1)}, 0.25, 0.5
+            ),
+        )
+        async with running_sidecar(settings, redis_url) as base:
+            await sign_in(page, base)
+            await open_page(page, base, "models")
+            card = page.locator("section.card", has_text="Priority reservation")  # type: ignore[attr-defined]
+            await playwright_api.expect(card.locator("tr", has_text="prod")).to_contain_text("90%")
+            await playwright_api.expect(card.locator("tr", has_text="dev")).to_contain_text(
+                "1 / 100"
+            )
+            await playwright_api.expect(
+                card.locator("tr", has_text="default_pool")
+            ).to_contain_text("25%")
+            await assert_layout(page, "models with priority shares")
+            await shot(page, "models-priority")

@@ -454,7 +454,30 @@ async function modelsPage() {
       { title: "Output", num: true, value: (m) => price(m.litellm_params.output_cost_per_token) },
       { title: "Access groups", value: (m) => m.model_info.access_groups.join(", ") },
     ], models)),
+    ...priorityShares(models),
   ];
+}
+
+// A card with each split deployment's priority shares (litellm_settings.priority_reservation):
+// what each pool is held to once the deployment is past its saturation threshold.
+function priorityShares(models) {
+  const split = models.filter((m) => m.model_info.priority_reservation);
+  if (!split.length) return [];
+  const rows = split.flatMap((m) => m.model_info.priority_reservation.priorities.map((p) => ({
+    model: m.model_name, id: m.model_info.id, ...p,
+    saturation: m.model_info.priority_reservation.saturation_threshold,
+  })));
+  const percent = (v) => (v * 100).toFixed(v * 100 % 1 ? 1 : 0) + "%";
+  return [el("section", { class: "card" }, el("h2", { text: "Priority reservation" }),
+    el("p", { class: "muted", text: "Below its saturation threshold anyone may use a deployment's "
+      + "free capacity; past it each priority is held to its share." }),
+    table("Priority reservation", [
+    { cls: "id", title: "Deployment", value: (r) => r.id },
+    { cls: "id", title: "Priority", value: (r) => r.priority },
+    { title: "Share", num: true, value: (r) => percent(r.share) },
+    { title: "RPM / TPM held to", value: (r) => `${plain(r.rpm)} / ${plain(r.tpm)}` },
+    { title: "Saturation", num: true, value: (r) => percent(r.saturation) },
+  ], rows))];
 }
 
 // -- spend ---------------------------------------------------------------------------------
