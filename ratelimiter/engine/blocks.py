@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .engine import Engine, LimitState, Reservation
-from .limits import Budget, Limit, SlidingWindow
+from .limits import Budget, Limit, SharedWindow, SlidingWindow
 
 __all__ = ["Block", "Blocks", "Grant"]
 
@@ -97,7 +97,9 @@ class Blocks:
 
     @staticmethod
     def blockable(limit: Limit) -> bool:
-        return isinstance(limit, BLOCKABLE) and not limit.capped and limit.amount > 0
+        # a share is decided with its total and the other shares, in Redis, never locally
+        blockable = isinstance(limit, BLOCKABLE) and not isinstance(limit, SharedWindow)
+        return blockable and not limit.capped and limit.amount > 0
 
     async def take(self, limit: Limit) -> Grant | None:
         """``limit.amount`` of ``limit`` from this process's block, asking Redis for a new

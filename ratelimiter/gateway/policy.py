@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from ..engine import LimitState
-from ..engine.limits import Budget, Concurrency, Gate, Limit, SlidingWindow
+from ..engine.limits import Budget, Concurrency, Gate, Limit, SharedWindow, SlidingWindow
 from ..pricing import NANO, Price, cost_nano, nano
 from .priority import share_limits
 
@@ -193,6 +193,8 @@ def completion_room(
     room: int | None = None
     for state in states:
         limit = state.limit
+        if isinstance(limit, SharedWindow):
+            continue  # a share may be borrowed past: its total bounds the request
         if isinstance(limit, SlidingWindow) and limit.measure == "tokens":
             fits = (state.remaining - prompt) // choices
         elif isinstance(limit, SlidingWindow) and limit.measure == "output_tokens":

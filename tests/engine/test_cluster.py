@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 from redis.crc import key_slot
 
-from ratelimiter import Budget, Concurrency, DuplicateRequest, Engine, InvalidLimit, SlidingWindow
+from ratelimiter import (
+    Budget,
+    Concurrency,
+    DuplicateRequest,
+    Engine,
+    InvalidLimit,
+    SharedWindow,
+    SlidingWindow,
+)
 from ratelimiter.engine import slot_tags
 
 
@@ -89,3 +97,30 @@ async def test_scripts_reload_after_a_flush_on_every_node(cluster_engine: Engine
     assert (await cluster_engine.acquire(None, limits)).allowed
     await cluster_engine.redis.script_flush()
     assert (await cluster_engine.acquire(None, limits)).allowed
+
+
+async def test_shares_of_a_deployment_live_in_its_slot(cluster_engine: Engine, ns: str) -> None:
+    """A deployment's window and its priorities' shares are one slot group among the request's
+    others; a share outside its total's slot is refused before anything reaches Redis."""
+    total = SlidingWindow(f"{{deployment{ns}}}:rpm", 4, "1m")
+    prod, dev = (
+        SharedWindow(f"{total.key}:{name}", share, "1m", total_key=total.key, saturation=2)
+        for name, share in (("prod", 3), ("dev", 1))
+    )
+    key = SlidingWindow(f"{{key{ns}}}:rpm", 100, "1m")
+    admitted = [(await cluster_engine.acquire(None, [key, total, dev])).allowed for _ in range(3)]
+    assert admitted == [True, True, False]  # dev borrows up to the saturation level, 2
+    assert [(await cluster_engine.acquire(None, [key, total, prod])).allowed for _ in range(3)] == [
+        True,
+        True,
+        False,
+    ]
+    assert [s.remaining for s in await cluster_engine.peek([key, total, prod, dev])] == [
+        96,
+        0,
+        1,
+        0,
+    ]
+    astray = SharedWindow(f"{{other{ns}}}:p", 1, "1m", total_key=total.key)
+    with pytest.raises(InvalidLimit, match="must share a hash tag"):
+        await cluster_engine.acquire(None, [total, astray])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ratelimiter import Engine, SharedWindow, SlidingWindow
+from ratelimiter.engine.blocks import Blocks
 from ratelimiter.errors import InvalidLimit
 
 from ..conftest import ManualClock
@@ -95,3 +96,9 @@ async def test_a_share_needs_its_total_in_the_request(clocked: Engine, ns: str) 
         SharedWindow(total.key, 1, "1m", total_key=total.key)
     with pytest.raises(InvalidLimit, match="saturation"):
         SharedWindow(f"{total.key}:x", 1, "1m", total_key=total.key, saturation=-1)
+
+
+def test_a_share_is_never_served_from_a_local_block(ns: str) -> None:
+    total, prod, _ = deployment(ns)
+    assert Blocks.blockable(total.with_amount(5))
+    assert not Blocks.blockable(prod.with_amount(5))
