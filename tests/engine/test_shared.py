@@ -3,6 +3,10 @@ held to its own above it, and a waiting share's unused part kept for it."""
 
 from __future__ import annotations
 
+import asyncio
+import multiprocessing
+from typing import Any
+
 import pytest
 
 from ratelimiter import Engine, SharedWindow, SlidingWindow
@@ -102,3 +106,46 @@ def test_a_share_is_never_served_from_a_local_block(ns: str) -> None:
     total, prod, _ = deployment(ns)
     assert Blocks.blockable(total.with_amount(5))
     assert not Blocks.blockable(prod.with_amount(5))
+
+
+async def _hammer(url: str, ns: str, name: str, barrier: Any) -> int:
+    """50 requests at once of one priority, against 40 requests per minute split prod 30 /
+    dev 10, saturated at 20."""
+    total = SlidingWindow(f"{{{ns}}}:rpm", 40, "1m")
+    share = SharedWindow(
+        f"{total.key}:{name}",
+        30 if name == "prod" else 10,
+        "1m",
+        total_key=total.key,
+        saturation=20,
+    )
+    async with await Engine.connect(url, prefix=f"t:{ns}:") as engine:
+        await engine.redis.ping()
+        barrier.wait()  # every process connected: start together
+        decisions = await asyncio.gather(*(engine.acquire(None, [total, share]) for _ in range(50)))
+        return sum(d.allowed for d in decisions)
+
+
+def _worker(url: str, ns: str, name: str, barrier: Any, out: Any) -> None:
+    out.put((name, asyncio.run(_hammer(url, ns, name, barrier))))
+
+
+def test_processes_share_a_total_exactly(redis_url: str, ns: str) -> None:
+    """Four processes, two per priority, each asking 50: the total admits exactly 40; dev takes
+    at most max(its 10, the saturation level 20), so prod at least 20; each at least its share
+    (the other cannot pass the total)."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, out = ctx.Barrier(4), ctx.Queue()
+    names = ["prod", "prod", "dev", "dev"]
+    procs = [ctx.Process(target=_worker, args=(redis_url, ns, n, barrier, out)) for n in names]
+    for proc in procs:
+        proc.start()
+    admitted = {"prod": 0, "dev": 0}
+    for _ in procs:
+        name, count = out.get(timeout=60)
+        admitted[name] += count
+    for proc in procs:
+        proc.join(10)
+        assert proc.exitcode == 0
+    assert admitted["prod"] + admitted["dev"] == 40, admitted
+    assert 10 <= admitted["dev"] <= 20 and 20 <= admitted["prod"] <= 30, admitted
