@@ -22,7 +22,7 @@ from dataclasses import replace
 from aiohttp import web
 
 from ..engine import Blocks, Decision, Grant
-from ..engine.limits import Limit
+from ..engine.limits import Limit, SharedWindow
 from .http import ENGINE, SETTINGS, SETTLING
 
 __all__ = ["BLOCKS", "add_capacity_blocks", "give_back", "take_blocks", "with_block_states"]
@@ -53,9 +53,12 @@ async def take_blocks(
     the limits left to check in Redis, and the grants to give back when the request ends."""
     checked: list[Limit] = []
     grants: list[Grant] = []
+    # a deployment's window split by priority is decided in Redis with its shares
+    totals = {limit.total_key for limit in limits if isinstance(limit, SharedWindow)}
     try:
         for limit in limits:
-            grant = await blocks.take(limit) if _served(shares, limit) else None
+            served = _served(shares, limit) and limit.key not in totals
+            grant = await blocks.take(limit) if served else None
             if grant is None:
                 checked.append(limit)
             else:

@@ -61,6 +61,7 @@ async def deployed(
     saturation: float = 0.5,
     default_priority: float = 0.25,
     count: int = 2,
+    **options: Any,
 ) -> AsyncIterator[Deployed]:
     """``count`` sidecars sharing one Redis and one clock, serving model ``shared``."""
     clock = ManualClock()
@@ -74,6 +75,7 @@ async def deployed(
             key_prefix=f"t:{ns}:",
             models=(Deployment("shared", "openai/shared", api_base=upstream, rpm=rpm, tpm=tpm),),
             priority_reservation=PriorityReservation(weights, default_priority, saturation),
+            **options,
         )
         async with contextlib.AsyncExitStack() as stack:
             bases = []
@@ -123,6 +125,20 @@ async def test_below_saturation_nobody_is_refused(ns: str, redis_url: str) -> No
         assert await burst(side, keys, 25) == {"prod": 25, "dev": 25}
         assert (await side.chat(keys["dev"])).status == 429  # now past 50: dev holds to 10
         assert (await side.chat(keys["prod"])).status == 200
+
+
+async def test_a_split_deployment_is_decided_in_redis_under_capacity_blocks(
+    ns: str, redis_url: str
+) -> None:
+    """With capacity_blocks for deployments, a deployment split by priority is still checked
+    in the atomic acquire with its shares (a block would leave the shares without their total):
+    rpm 64, dev 0.25 (16), saturated at 0, so dev is held to 16."""
+    async with deployed(
+        ns, redis_url, {"dev": 0.25}, rpm=64, saturation=0.0, capacity_blocks={"deployment": 8}
+    ) as side:
+        dev = await side.key("dev")
+        served = [(await side.chat(dev, base=n)).status for n in range(17)]
+        assert served == [200] * 16 + [429]
 
 
 async def test_a_tpm_only_deployment_is_split(ns: str, redis_url: str) -> None:
