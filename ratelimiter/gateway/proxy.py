@@ -32,7 +32,7 @@ import orjson
 from aiohttp import web
 
 from ..engine import Decision, Grant, Reservation
-from ..engine.limits import MAX_AMOUNT, Budget, Limit, SlidingWindow
+from ..engine.limits import MAX_AMOUNT, Budget, Limit, SharedWindow, SlidingWindow
 from ..errors import EntityError, RedisUnavailable
 from ..ledger import ledger_dims
 from ..pricing import Price, Usage, dollars, estimated_cost, read_usage
@@ -243,6 +243,8 @@ class Call:
         if not isinstance(limit, Budget) and not (
             isinstance(limit, SlidingWindow) and limit.measure in TOKEN_MEASURES
         ):
+            return ""
+        if isinstance(limit, SharedWindow):  # what fits depends on who borrows and who waits
             return ""
         room = completion_room(refused.states, self.prompt, price, self.choices)
         if room is None:

@@ -154,6 +154,7 @@ async def test_a_tpm_only_deployment_is_split(ns: str, redis_url: str) -> None:
         error = (await refused.json())["error"]
         assert error["message"].startswith("Priority-based rate limit exceeded. Priority: dev, ")
         assert "Rate limit type: tokens" in error["message"]
+        assert "largest max_tokens" not in error["message"]  # the total's room is not dev's
         assert error["type"] == "tokens"
         for _ in range(5):  # prod's own 800 is there
             assert (await side.chat(prod, **size)).status == 200
