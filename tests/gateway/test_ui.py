@@ -536,3 +536,5 @@ async def test_models_page_shows_priority_shares(ns: str, redis_url: str, page: 
             ).to_contain_text("25%")
             await assert_layout(page, "models with priority shares")
             await shot(page, "models-priority")
+            await page.set_viewport_size({"width": 375, "height": 800})  # type: ignore[attr-defined]
+            await assert_layout(page, "models with priority shares, phone")
