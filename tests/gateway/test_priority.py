@@ -202,6 +202,22 @@ async def test_team_priority_comes_first_and_others_share_the_default_pool(
         assert "Priority: default_pool" in body["error"]["message"]
 
 
+@pytest.mark.parametrize("priority", [123, ["prod"], {"prod": 1}, "", "prod" * 5_000, None])
+async def test_an_odd_metadata_priority_counts_in_the_default_pool(
+    ns: str, redis_url: str, priority: Any
+) -> None:
+    """Whatever a key's metadata.priority holds, it is served from default_pool (1 of rpm 10
+    here, saturated at 0), never an error."""
+    async with deployed(
+        ns, redis_url, {"prod": 0.5}, rpm=10, saturation=0.0, default_priority=0.1, count=1
+    ) as side:
+        key = (await side.admin.post("/key/generate", {"metadata": {"priority": priority}}))["key"]
+        assert (await side.chat(key)).status == 200
+        refused = await side.chat(key)
+        assert refused.status == 429
+        assert "Priority: default_pool" in (await refused.json())["error"]["message"]
+
+
 def write(tmp_path: Path, litellm: str) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(
