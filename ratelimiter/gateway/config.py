@@ -168,6 +168,9 @@ class Settings:
     end_user_headers: tuple[str, ...] = ()
     # litellm_settings.priority_reservation(_settings): deployments' rpm/tpm split by priority
     priority_reservation: PriorityReservation | None = None
+    # LiteLLM's general_settings switch: no tag from the client (header or body), only the
+    # key's own (gateway/tags.py)
+    reject_clientside_metadata_tags: bool = False
     source: str = "<defaults>"
     extra_warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -334,7 +337,12 @@ def _closest(name: str, known: set[str]) -> str | None:
 
 
 _TOP = {"model_list", "general_settings", "litellm_settings", "ratelimiter_settings"}
-_GENERAL = {"master_key", "user_header_name", "user_header_mappings"}
+_GENERAL = {
+    "master_key",
+    "user_header_name",
+    "user_header_mappings",
+    "reject_clientside_metadata_tags",
+}
 _LITELLM = {
     "max_budget",
     "budget_duration",
@@ -911,6 +919,12 @@ def load_config(
         raise reader.fail("ratelimiter_settings.timezone", str(exc)) from None
 
     end_user_headers = _end_user_headers(reader, general)
+    reject_tags = general.get("reject_clientside_metadata_tags")
+    if reject_tags is not None and not isinstance(reject_tags, bool):
+        raise reader.fail(
+            "general_settings.reject_clientside_metadata_tags",
+            f"must be true or false, got {reject_tags!r}",
+        )
     thresholds = _alert_thresholds(reader, ours.get("budget_alert_thresholds"))
     lag_alert = reader.number(
         "ratelimiter_settings.ledger_sink_lag_alert", ours.get("ledger_sink_lag_alert")
@@ -954,6 +968,7 @@ def load_config(
         ledger_sink=_sink_url(reader, env, ours),
         end_user_headers=end_user_headers,
         priority_reservation=priorities,
+        reject_clientside_metadata_tags=bool(reject_tags),
         budget_alert_thresholds=thresholds,
         capacity_blocks=_capacity_blocks(reader, ours.get("capacity_blocks")),
         ledger_sink_lag_alert_s=300.0 if lag_alert is None else float(lag_alert),

@@ -47,8 +47,10 @@ from .store import (
     money,
     names,
     role,
+    tag_name,
     text,
 )
+from .tags import MAX_REQUEST_TAGS, MAX_TAG_CHARS, tag_list
 
 __all__ = [
     "ACCEPTED_ONLY",
@@ -166,6 +168,17 @@ Aliases = _enforced(
     ),
 )
 Role = _enforced(role, _nullable({"enum": list(ROLES)}))
+_TAG = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_TAG_CHARS,
+    "pattern": r"^[^,{}]+$",
+    "description": "printable, without , { or }",
+}
+Tags = _enforced(
+    tag_list, _nullable({"type": "array", "items": _TAG, "maxItems": MAX_REQUEST_TAGS})
+)
+TagName = _enforced(tag_name, _TAG)
 
 # -- accepted, not enforced: LiteLLM's types, bounded ----------------------------------
 
@@ -260,6 +273,8 @@ class _KeyBase(_Limits):
     # a key with no team is under this organization's limits; a key in a team is under its
     # team's organization (a different one is refused)
     organization_id: Text = None
+    # every request of the key carries these tags, and may add no other tag entity
+    tags: Tags = None
     # accepted, not enforced
     spend: Dollars = None
     agent_id: Str = None
@@ -270,7 +285,6 @@ class _KeyBase(_Limits):
     policies: StrList = None
     prompts: StrList = None
     object_permission: ObjectPermission | None = None
-    tags: StrList = None
     enforced_params: StrList = None
     allowed_routes: AnyList = None
     allowed_passthrough_routes: AnyList = None
@@ -503,6 +517,23 @@ class UpdateOrganizationRequest(_OrganizationBudget):
     object_permission: ObjectPermission | None = None
 
 
+class TagNewRequest(_Limits):
+    """POST /tag/new: a tag whose budgets and limits every request carrying it meets"""
+
+    name: TagName
+    budget_id: Text = None
+    # accepted, not enforced: LiteLLM routes a tag's requests to these models
+    description: Str = None
+    models: StrList = None
+    model_info: dict[str, Annotated[str, StringConstraints(max_length=MAX_TEXT)]] | None = None
+
+
+class TagUpdateRequest(TagNewRequest):
+    """POST /tag/update: the fields sent change, the rest stay"""
+
+    spend: Dollars = None
+
+
 # The field of an update body that names the entity to update.
 UPDATED_BY = {
     "key": "key",
@@ -511,6 +542,7 @@ UPDATED_BY = {
     "customer": "user_id",
     "budget": "budget_id",
     "organization": "organization_id",
+    "tag": "name",
 }
 CREATE: dict[str, type[Request]] = {
     "key": GenerateKeyRequest,
@@ -519,6 +551,7 @@ CREATE: dict[str, type[Request]] = {
     "customer": NewCustomerRequest,
     "budget": BudgetNewRequest,
     "organization": NewOrganizationRequest,
+    "tag": TagNewRequest,
 }
 UPDATE: dict[str, type[Request]] = {
     "key": UpdateKeyRequest,
@@ -527,6 +560,7 @@ UPDATE: dict[str, type[Request]] = {
     "customer": UpdateCustomerRequest,
     "budget": BudgetUpdateRequest,
     "organization": UpdateOrganizationRequest,
+    "tag": TagUpdateRequest,
 }
 ENTITY_MODELS = frozenset({*CREATE.values(), *UPDATE.values(), RegenerateKeyRequest})
 # Fields that the admin routes act on themselves rather than the limiter: /user/new makes
@@ -680,6 +714,18 @@ class OrganizationMemberDeleteRequest(Request):
     user_email: Str = None
 
 
+class TagNames(Request):
+    """POST /tag/info"""
+
+    names: Annotated[list[Id], Field(min_length=1, max_length=1_000)]
+
+
+class TagRef(Request):
+    """POST /tag/delete"""
+
+    name: Id
+
+
 # Every POST route's body model, for the OpenAPI document.
 class GlobalEndUsersSpend(Request):
     """POST /global/spend/end_users (LiteLLM's GlobalEndUsersSpend): the top 100 end users by
@@ -729,6 +775,10 @@ REQUESTS: dict[str, type[Request]] = {
     "/organization/member_add": OrganizationMemberAddRequest,
     "/organization/member_delete": OrganizationMemberDeleteRequest,
     "/global/spend/end_users": GlobalEndUsersSpend,
+    "/tag/new": TagNewRequest,
+    "/tag/update": TagUpdateRequest,
+    "/tag/info": TagNames,
+    "/tag/delete": TagRef,
 }
 
 

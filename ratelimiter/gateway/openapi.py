@@ -72,6 +72,8 @@ QUERIES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "/global/spend/keys": {"limit": {"type": "integer", "minimum": 1, "maximum": 1_000_000}},
     "/global/spend/teams": {},
+    "/tag/list": {},
+    "/spend/tags": _DATES,
     "/global/spend/models": {
         "limit": {"type": "integer", "minimum": 1, "maximum": 1_000_000, "default": 10}
     },
@@ -278,7 +280,6 @@ NOT_SERVED = (
     "/budget/settings",
     "/spend/keys",
     "/spend/users",
-    "/spend/tags",
     "/spend/calculate",
     "/global/spend/logs",
     "/global/spend/tags",
@@ -300,6 +301,8 @@ _TABLE = (
     ("/budget/update", "BudgetNewRequest", "budget"),
     ("/organization/new", "NewOrganizationRequest", "organization"),
     ("/organization/update", "LiteLLM_OrganizationTableUpdate", "organization"),
+    ("/tag/new", "TagNewRequest", "tag"),
+    ("/tag/update", "TagUpdateRequest", "tag"),
 )
 
 

@@ -61,6 +61,7 @@ from .routing import aliases_of, listed_names, route
 from .side_routes import _remember_answer, add_side_routes, carried_tokens
 from .surfaces import SURFACES, StreamTally, Surface
 from .surfaces.base import response_id
+from .tags import client_tags, key_tags, request_tags, without_tags
 from .tracing import OPERATIONS, end_span, spend_usd, start_span, trace_call
 
 __all__ = ["HTTP", "add_proxy_routes"]
@@ -126,6 +127,9 @@ class Call:
         self.choices = surface.choices(body)
         self.writes_cache = surface.writes_cache(body)
         self.end_user = surface.end_user_of(request.headers, body, self.settings.end_user_headers)
+        self.client_tags = client_tags(
+            request.headers, body, self.settings.reject_clientside_metadata_tags
+        )
         self.max_tokens: int | None = None  # what strict enforcement sends upstream
         # for the trace: the last decision, its estimate in nano-dollars, Redis time before it
         self.decision: Decision | None = None
@@ -168,6 +172,7 @@ class Call:
                     self.estimate_nano,
                     input_tokens=self.prompt,
                     output_tokens=self.most,
+                    tags=self.client_tags,
                 )
             self.scopes = resolved.scopes
             limits = self._limits(resolved, capped=not self.bounded and not self.strict)
@@ -383,6 +388,7 @@ class Call:
             "deployment": deployment.deployment_id,
             "route": self.kind,
             "client_request_id": self.client_request_id,
+            "tags": list(request_tags(key_tags(caller.key), self.client_tags)) or None,
         }
         fields = {k: v for k, v in fields.items() if v is not None}
         self.meta, self.dims = msgpack.packb(fields), ledger_dims(fields)
@@ -458,7 +464,7 @@ class Call:
             await self.engine.renew(self.reservation)
 
     def upstream_body(self, deployment: Deployment) -> dict[str, Any]:
-        return self.surface.upstream_body(self.body, deployment, self.max_tokens)
+        return self.surface.upstream_body(without_tags(self.body), deployment, self.max_tokens)
 
     def stream_actuals(self, deployment: Deployment) -> dict[str, int]:
         """What to charge for a stream, finished or cut short: the usage its events carried,

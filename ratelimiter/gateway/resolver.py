@@ -20,6 +20,7 @@ from .policy import Resolved, Scope, inherit
 from .priority import caller_priority
 from .routing import serves
 from .store import Store, hash_key
+from .tags import MAX_TAG_SCOPES, NO_TAGS, ClientTags, key_tags, request_tags
 
 __all__ = [
     "Caller",
@@ -240,6 +241,40 @@ async def _customer(store: Store, settings: Settings, end_user: str) -> dict[str
     return customer
 
 
+async def tag_scopes(store: Store, caller: Caller, client: ClientTags) -> list[Scope]:
+    """A scope for each of the request's tags that is a tag entity (any other tag is a label,
+    in the ledger only). A key that carries tags may not add a tag entity it does not carry
+    (gateway/tags.py says why); more than MAX_TAG_SCOPES tag entities is a 400, never some
+    of them silently left out."""
+    own = key_tags(caller.key)
+    named = request_tags(own, client)
+    known = await store.known("tag") if named else frozenset()
+    scopes = []
+    for name in named:
+        tag = await store.get("tag", name) if name in known else None
+        if tag is None:
+            continue
+        if own and name not in own:
+            where = client.sources[name]
+            raise EntityError(
+                403,
+                f"tag {name!r} (from {where}) is not one of this API key's tags {list(own)}: "
+                "a key that carries tags may add only labels, not another tag's budget. An "
+                "admin can add the tag to the key with /key/update",
+                where,
+            )
+        fields = await effective_fields(store, f"tag {name!r}", tag)
+        scopes.append(Scope("tag", name, fields))
+    if len(scopes) > MAX_TAG_SCOPES:
+        raise EntityError(
+            400,
+            f"a request carries at most {MAX_TAG_SCOPES} tags that have budgets or limits, "
+            f"this one {len(scopes)}: {[s.id for s in scopes]}",
+            "tags",
+        )
+    return scopes
+
+
 def _member_limits(member: dict[str, Any]) -> bool:
     return any(member.get(n) is not None for n in ("max_budget_in_team", "rpm_limit", "tpm_limit"))
 
@@ -255,9 +290,11 @@ async def resolve(
     *,
     input_tokens: int | None = None,
     output_tokens: int | None = None,
+    tags: ClientTags = NO_TAGS,
 ) -> Resolved:
     """Every scope the request belongs to, with its estimate: ``tokens`` in all, of which
-    ``input_tokens`` and ``output_tokens`` when known, and ``cost`` in nano-dollars."""
+    ``input_tokens`` and ``output_tokens`` when known, and ``cost`` in nano-dollars;
+    ``tags``: those the client sent (the key's own are added here)."""
     check_model_access(caller, deployment, settings)
     scopes = []
     if settings.max_budget is not None:
@@ -306,6 +343,7 @@ async def resolve(
         customer = await _customer(store, settings, end_user)
         fields = await effective_fields(store, f"end user {end_user!r}", customer)
         scopes.append(Scope("end_user", end_user, fields))
+    scopes.extend(await tag_scopes(store, caller, tags))
     scopes.append(
         Scope(
             "deployment",

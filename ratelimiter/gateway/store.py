@@ -25,6 +25,7 @@ from ..engine.durations import parse_duration, shown
 from ..engine.limits import MAX_AMOUNT
 from ..errors import EntityError, InvalidDuration
 from ..pricing import NANO
+from .tags import check_tag, tag_list
 
 __all__ = [
     "KINDS",
@@ -38,7 +39,7 @@ __all__ = [
 
 log = logging.getLogger("ratelimiter.store")
 
-KINDS = ("budget", "key", "user", "team", "customer", "organization")
+KINDS = ("budget", "key", "user", "team", "customer", "organization", "tag")
 ID_FIELD = {
     "budget": "budget_id",
     "key": "token",
@@ -46,6 +47,7 @@ ID_FIELD = {
     "team": "team_id",
     "customer": "user_id",
     "organization": "organization_id",
+    "tag": "name",
 }
 
 
@@ -58,6 +60,7 @@ REFERENCES: dict[str, tuple[str, ...]] = {
     "team": ("budget_id", "organization_id"),
     "customer": ("budget_id",),
     "organization": ("budget_id",),
+    "tag": ("budget_id",),
 }
 # The engine counts exactly up to 2**53-1 units (limits.MAX_AMOUNT): nano-dollars for money.
 MAX_DOLLARS = MAX_AMOUNT / NANO
@@ -149,6 +152,10 @@ def flag(field: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise _fail(field, f"must be true or false, got {shown(value)}")
     return value
+
+
+def tag_name(field: str, value: Any) -> str | None:
+    return None if value is None else check_tag(value, field)
 
 
 def names(field: str, value: Any) -> list[str]:
@@ -336,6 +343,8 @@ SCHEMAS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "blocked": flag,
         "aliases": aliases,
         "organization_id": text,
+        # every request of the key carries them (gateway/tags.py)
+        "tags": tag_list,
     },
     "user": {
         **LIMITS,
@@ -383,6 +392,8 @@ SCHEMAS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "model_rpm_limit": model_counts,
         "model_tpm_limit": model_counts,
     },
+    # A request's tag (gateway/tags.py): its limits apply to every request that carries it.
+    "tag": {"name": tag_name, "budget_id": text, **LIMITS},
 }
 
 
@@ -407,6 +418,7 @@ class Store:
         self.cache_ttl_s = cache_ttl_s
         self.channel = f"{prefix}invalidate"
         self._cache: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
+        self._known: dict[str, tuple[float, frozenset[str]]] = {}  # kind -> cached ids
         self._references_indexed: set[str] = set()
 
     def _key(self, kind: str, entity_id: str) -> str:
@@ -424,6 +436,17 @@ class Store:
         entity = msgpack.unpackb(raw) if raw else None
         self._cache[(kind, entity_id)] = (time.monotonic() + self.cache_ttl_s, entity)
         return entity
+
+    async def known(self, kind: str) -> frozenset[str]:
+        """The ids of every entity of a kind, cached and invalidated as entities are: the
+        request path asks it before looking up names a client chose (tags), so that made-up
+        names cost no Redis call and grow no cache."""
+        cached = self._known.get(kind)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        ids = frozenset(await self.ids(kind))
+        self._known[kind] = (time.monotonic() + self.cache_ttl_s, ids)
+        return ids
 
     async def all(self, kind: str) -> list[dict[str, Any]]:
         """Every entity of a kind, read from Redis in batched MGETs (one kind is one slot, so
@@ -539,6 +562,7 @@ class Store:
 
     async def _changed(self, kind: str, entity_id: str) -> None:
         self._cache.pop((kind, entity_id), None)
+        self._known.pop(kind, None)
         with translate_errors(self.address):
             await self.redis.publish(self.channel, msgpack.packb([kind, entity_id]))
 
@@ -549,10 +573,12 @@ class Store:
             try:
                 await pubsub.subscribe(self.channel)
                 self._cache.clear()  # whatever changed while we were not listening
+                self._known.clear()
                 async for message in pubsub.listen():
                     if message["type"] == "message":
                         kind, entity_id = msgpack.unpackb(message["data"])
                         self._cache.pop((kind, entity_id), None)
+                        self._known.pop(kind, None)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -45,7 +45,7 @@ def _day(number: int) -> date:
 
 def ledger_dims(meta: dict[str, Any]) -> list[str]:
     """The rollup dimensions of a request: the proxy, its key, user, team, organization,
-    customer, model."""
+    customer, model, and each of its tags."""
     dims = ["proxy:all"]
     for dim, name in (
         ("key", "key_hash"),
@@ -57,6 +57,7 @@ def ledger_dims(meta: dict[str, Any]) -> list[str]:
     ):
         if meta.get(name):
             dims.append(f"{dim}:{meta[name]}")
+    dims.extend(f"tag:{tag}" for tag in meta.get("tags") or ())
     return dims
 
 

@@ -51,6 +51,7 @@ def spend_log(entry: Entry) -> dict[str, Any]:
         "team_id": meta.get("team_id"),
         "organization_id": meta.get("organization_id"),
         "end_user": meta.get("end_user"),
+        "request_tags": list(meta.get("tags") or []),
         "metadata": {
             "user_api_key": meta.get("key_hash"),
             "user_api_key_alias": meta.get("key_alias"),

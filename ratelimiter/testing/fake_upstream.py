@@ -52,6 +52,7 @@ class FakeUpstream:
     requests: int = 0
     cancelled: int = 0
     last_headers: dict[str, str] | None = None
+    last_body: Any = None  # what the last request sent, as the upstream read it
 
     def __post_init__(self) -> None:
         self.random = random.Random(self.seed)
@@ -95,6 +96,7 @@ async def _prelude(request: web.Request) -> tuple[FakeUpstream, dict[str, Any]] 
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError:
         return _error(400, "invalid JSON")
+    fake.last_body = body
     if fake.latency_ms:
         await asyncio.sleep(fake.latency_ms / 1000)
     if fake.error_rate and fake.random.random() < fake.error_rate:

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from ..http import Handler, settled_first
 from ..openapi import add_docs_routes
-from . import entities, keys, organizations, spend
+from . import entities, keys, organizations, spend, tags
 
 __all__ = ["add_admin_routes"]
 
@@ -73,4 +73,10 @@ def add_admin_routes(app: web.Application) -> None:
     read(r.add_get, "/global/spend/teams", spend.global_spend_teams)
     read(r.add_get, "/global/spend/models", spend.global_spend_models)
     read(r.add_post, "/global/spend/end_users", spend.global_spend_end_users)
+    r.add_post("/tag/new", tags.tag_new)
+    r.add_post("/tag/update", tags.tag_update)
+    r.add_post("/tag/delete", tags.tag_delete)
+    read(r.add_post, "/tag/info", tags.tag_info)
+    read(r.add_get, "/tag/list", tags.tag_list)
+    read(r.add_get, "/spend/tags", tags.spend_tags)
     add_docs_routes(app)  # the document describes the routes above

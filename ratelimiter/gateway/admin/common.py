@@ -30,6 +30,7 @@ SCOPE_KIND = {
     "team": "team",
     "customer": "end_user",
     "organization": "organization",
+    "tag": "tag",
 }
 MAX_IDS = 1_000  # ids in one delete, block or info call
 
