@@ -73,6 +73,10 @@ SAMPLES: dict[str, Any] = {
     "tpd_limit": 100000,
     "updated_by": "admin-x",
     "user_role": "internal_user",
+    # a tag's (accepted; LiteLLM routes by them)
+    "description": "the cost centre of engineering",
+    "model_info": {"model-1": "gpt-4o"},
+    "models": ["gpt-4o", "model-1"],
 }
 SECRET = {"password"}  # accepted, never stored
 # Accepted, but info shows the limiter's own value: the real spend, the window's next reset.
@@ -85,6 +89,7 @@ CREATE_ROUTE = {
     "customer": "/customer/new",
     "budget": "/budget/new",
     "organization": "/organization/new",
+    "tag": "/tag/new",
 }
 # Fields each create needs whatever else is sent: the id LiteLLM requires of customers and
 # budgets, and the info route's query.
@@ -92,6 +97,7 @@ NEEDS = {
     "customer": {"user_id": "c-models"},
     "budget": {"budget_id": "b-models"},
     "organization": {"organization_alias": "acme"},
+    "tag": {"name": "t-models"},
 }
 
 
@@ -106,6 +112,9 @@ async def _info(admin: Admin, kind: str, created: dict[str, Any]) -> dict[str, A
     if kind == "organization":  # LiteLLM nests the budget table's fields
         org = await admin.get("/organization/info", organization_id=created["organization_id"])
         return {**org, **org["litellm_budget_table"]}
+    if kind == "tag":  # LiteLLM answers {name: tag}
+        name = created["tag"]["name"]
+        return (await admin.post("/tag/info", {"names": [name]}))[name]
     id_field = "team_id" if kind == "team" else "user_id"
     return (await admin.get(f"/{kind}/info", **{id_field: created[id_field]}))[f"{kind}_info"]
 
@@ -146,7 +155,7 @@ async def test_every_litellm_field_may_be_null(admin: Admin, kind: str) -> None:
     info = await _info(admin, kind, created)
     assert not info.get("blocked")
     update = {name: None for name in UPDATE[kind].model_fields}
-    update[UPDATED_BY[kind]] = created[
+    update[UPDATED_BY[kind]] = created.get("tag", created)[
         "key" if kind == "key" else "team_id" if kind == "team" else UPDATED_BY[kind]
     ]
     path = "/end_user/update" if kind == "customer" else f"/{kind}/update"
@@ -174,8 +183,8 @@ async def test_key_update_stores_its_own_litellm_fields(admin: Admin) -> None:
             "did you mean models?",
         ),
         ("/user/new", {"user_role": "root"}, "user_role", "must be one of proxy_admin, "),
-        ("/key/generate", {"tags": "prod"}, "tags", "must be a list, got 'prod'"),
-        ("/key/generate", {"tags": ["x" * 300]}, "tags[0]", "at most 256"),
+        ("/key/generate", {"tags": "prod"}, "tags", "must be a list of tags, got 'prod'"),
+        ("/key/generate", {"tags": ["x" * 300]}, "tags[0]", "1 to 128 characters"),
         ("/team/new", {"team_member_rpm_limit": 2**60}, "team_member_rpm_limit", "at most"),
         ("/key/generate", {"spend": -1}, "spend", "at least 0"),
         ("/key/generate", {"key": "sk-mine-1234"}, "key", "the limiter generates every key"),
