@@ -154,8 +154,11 @@ def flag(field: str, value: Any) -> bool:
     return value
 
 
-def tag_name(field: str, value: Any) -> str | None:
-    return None if value is None else check_tag(value, field)
+def tag_name(field: str, value: Any) -> str:
+    """A tag's name, which its entity and its scope ({tag:<name>}) are keyed by: required."""
+    if value is None:
+        raise _fail(field, "is required: the tag's name")
+    return check_tag(value, field)
 
 
 def names(field: str, value: Any) -> list[str]:

@@ -89,6 +89,7 @@ async def test_tag_admin_refuses_hostile_bodies_and_non_admins(stack: Stack) -> 
     admin = stack.admin
     for body, param in [
         ({}, "name"),
+        ({"name": None}, "name"),
         ({"name": ""}, "name"),
         ({"name": "a{b}"}, "name"),
         ({"name": "a,b"}, "name"),
@@ -105,6 +106,9 @@ async def test_tag_admin_refuses_hostile_bodies_and_non_admins(stack: Stack) -> 
         assert status in (400, 404), (body, answer)
         assert answer["error"]["param"] == param, (body, answer)
     assert await admin.get("/tag/list") == []
+    for body in ({"name": None, "max_budget": 1}, {"max_budget": 1}, {"name": "never-made"}):
+        status, answer = await admin.call("POST", "/tag/update", body)
+        assert status in (400, 404) and answer["error"]["param"] == "name", (body, answer)
     key = await stack.key()
     outsider = Admin(admin.session, admin.base, key)
     status, answer = await outsider.call("POST", "/tag/new", {"name": "t"})
