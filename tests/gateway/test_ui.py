@@ -85,7 +85,7 @@ async def shot(page: object, name: str) -> None:
 
 PREVIEW = re.compile(r"^sk-\.\.\.[A-Za-z0-9_-]{4}$")  # LiteLLM's key_name
 SMALLEST_TEXT_PX = 12
-PAGES = ("budgets", "keys", "users", "teams", "customers", "models", "spend")
+PAGES = ("budgets", "keys", "users", "teams", "customers", "tags", "models", "spend")
 
 # Everything shown in the header, the page and an open dialog: inside the viewport and inside
 # its card (a button scrolled out of a table's card is cut off), no table container scrolling
@@ -151,13 +151,16 @@ async def open_page(p: object, base: str, name: str) -> None:
     await playwright_api.expect(p.locator("#page h1")).to_have_text(name.title())  # type: ignore[attr-defined]
 
 
-async def traffic(base: str, key: str, n: int = 1) -> None:
+async def traffic(base: str, key: str, n: int = 1, tags: str | None = None) -> None:
+    headers = {"Authorization": f"Bearer {key}"}
+    if tags is not None:
+        headers["x-litellm-tags"] = tags
     async with aiohttp.ClientSession() as session:
         for _ in range(n):
             async with session.post(
                 f"{base}/v1/chat/completions",
                 json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
-                headers={"Authorization": f"Bearer {key}"},
+                headers=headers,
             ) as response:
                 assert response.status == 200
 
@@ -415,6 +418,19 @@ async def seed(base: str, ns: str) -> None:
                 assert r.status == 200, await r.text()
                 key = (await r.json())["key"]
             await traffic(base, key)
+        tag = f"cost-centre-research-and-development-{ns}"
+        body = {
+            "name": tag,
+            "description": "Research and development",
+            "max_budget": 500,
+            "budget_duration": "monthly",
+            "rpm_limit": 10_000,
+            "tpm_limit": 1_000_000,
+            "max_parallel_requests": 64,
+        }
+        async with session.post(f"{base}/tag/new", json=body, headers=admin) as r:
+            assert r.status == 200, await r.text()
+        await traffic(base, key, tags=f"{tag},feature-summarisation-{ns}")
 
 
 @needs_chromium
@@ -443,6 +459,67 @@ async def test_every_page_fits_the_width(sidecar: str, page: object, ns: str, wi
     await p.locator("#page tr", has_text="research").locator("text=Edit").click()
     await assert_layout(p, f"the Edit budget dialog at {width} px")
     await shot(p, f"budget-edit-{width}")
+
+
+@needs_chromium
+async def test_tags_page_creates_edits_and_deletes_a_tag_and_shows_its_spend(
+    sidecar: str, page: object, ns: str
+) -> None:
+    p = page
+    await sign_in(p, sidecar)
+    await open_page(p, sidecar, "tags")
+    tag = f"eng-{ns}"
+    await p.click("#create-tag")
+    dialog = p.locator("#dialog")
+    assert await p.evaluate("document.activeElement.id") == "field-name"
+    await p.keyboard.type(tag)
+    await p.fill("#field-max_budget", "5")
+    await p.fill("#field-rpm_limit", "100")
+    await p.select_option("#field-budget_duration", "monthly")
+    await p.click("#dialog button[type=submit]")
+    await playwright_api.expect(dialog).to_be_hidden()
+    row = p.locator("tr", has_text=tag)
+    await playwright_api.expect(row).to_contain_text("$5.00")
+    await playwright_api.expect(row).to_contain_text("monthly")
+    await playwright_api.expect(row).to_contain_text("100 / — / —")
+
+    # The same name again: LiteLLM's refusal beside the field.
+    await p.click("#create-tag")
+    await p.fill("#field-name", tag)
+    await p.click("#dialog button[type=submit]")
+    await playwright_api.expect(p.locator("#field-name-error")).to_contain_text(
+        f"Tag {tag} already exists"
+    )
+    await p.keyboard.press("Escape")
+
+    # Traffic carrying the tag and a label: the tag's spend, and the label listed beside it.
+    key = await _key(sidecar)
+    await traffic(sidecar, key, n=2, tags=f"{tag},label-{ns}")
+    await p.reload()
+    await playwright_api.expect(row).not_to_contain_text("$0.000000")
+    label = p.locator("tr", has_text=f"label-{ns}")
+    await playwright_api.expect(label).to_contain_text("label")
+    await playwright_api.expect(label.locator("text=Set limits")).to_be_visible()
+    await shot(p, "tags")
+
+    await row.locator("text=Edit").click()
+    await playwright_api.expect(p.locator("#field-name")).to_have_text(tag)
+    await p.fill("#field-max_budget", "7")
+    await p.click("#dialog button[type=submit]")
+    await playwright_api.expect(row).to_contain_text("$7.00")
+    await row.locator("text=Delete").click()
+    # deleted, the tag is a label: its spend stays listed
+    await playwright_api.expect(row.locator("text=Set limits")).to_be_visible()
+
+
+async def _key(base: str) -> str:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{base}/key/generate", json={}, headers={"Authorization": f"Bearer {MASTER_KEY}"}
+        ) as r,
+    ):
+        return (await r.json())["key"]
 
 
 @needs_chromium

@@ -439,6 +439,46 @@ async function customersPage() {
   ];
 }
 
+// Tags: a tag with a budget or limits is a scope every request carrying it meets; tags that
+// requests carried without being one are listed too (labels), each with its recent spend.
+const TAG_FIELDS = [{ name: "description", label: "Description" }, ...LIMIT_FIELDS];
+
+function tagForm(title, tag, route, submitLabel) {
+  const named = tag && tag.name
+    ? [{ name: "name", label: "Tag", readonly: true, value: tag.name }]
+    : [{ name: "name", label: "Tag", required: true,
+      hint: "What clients send in x-litellm-tags or metadata.tags; no , { or }." }];
+  formDialog(title, [...named, ...withValues(TAG_FIELDS, tag && tag.created_at ? tag : null)],
+    async (values) => { await api("POST", route, values); render(); }, submitLabel);
+}
+
+async function tagsPage() {
+  const tags = await api("GET", "/tag/list");
+  const period = (t) => (t.budget_windows && t.budget_windows.length ? t.budget_windows[0] : null);
+  return [
+    header("Tags", el("button", { type: "button", id: "create-tag", onclick: () =>
+      tagForm("Create Tag", null, "/tag/new", "Create Tag") }, "+ Create Tag")),
+    el("section", { class: "card" }, table("Tags", [
+      { cls: "id", title: "Tag", value: (t) => t.name },
+      { title: "Kind", value: (t) => el("span", { class: "badge " + (t.created_at ? "good" : ""),
+        text: t.created_at ? "limits" : "label" }) },
+      { title: "Max budget", num: true, value: (t) => money(t.max_budget) },
+      { title: "Spend", num: true, value: (t) => money(t.spend) },
+      { title: "This period", num: true, value: (t) => (period(t) ? money(period(t).spend) : "—") },
+      { title: "Duration", value: (t) => durationName(t.budget_duration) },
+      { title: "Next reset", value: (t) => when(t.budget_reset_at) },
+      { title: "RPM / TPM / parallel", value: (t) =>
+        [t.rpm_limit, t.tpm_limit, t.max_parallel_requests].map(plain).join(" / ") },
+      { ...ACTIONS, value: (t) => (t.created_at ? actions(
+        button("Edit", () => tagForm("Edit tag " + t.name, t, "/tag/update")),
+        button("Delete", confirmThen(`Delete tag ${t.name}? Its requests keep their spend.`,
+          () => api("POST", "/tag/delete", { name: t.name })), "danger small"))
+        : actions(button("Set limits", () => tagForm("Limits of tag " + t.name, t, "/tag/new",
+          "Create Tag")))) },
+    ], tags)),
+  ];
+}
+
 async function modelsPage() {
   const models = (await api("GET", "/model/info")).data;
   const price = (v) => (v == null ? "—" : "$" + (v * 1e6).toFixed(2) + " / M");
@@ -617,7 +657,7 @@ function livePanel() {
 
 const PAGES = {
   budgets: budgetsPage, keys: keysPage, users: usersPage, teams: teamsPage,
-  customers: customersPage, models: modelsPage, spend: spendPage,
+  customers: customersPage, models: modelsPage, spend: spendPage, tags: tagsPage,
 };
 
 async function render() {
