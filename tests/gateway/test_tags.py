@@ -13,24 +13,31 @@ import aiohttp
 import openai
 import pytest
 
+from ratelimiter.gateway.config import Deployment, Settings
 from ratelimiter.gateway.tags import MAX_REQUEST_TAGS, MAX_TAG_SCOPES
+from ratelimiter.testing.fake_upstream import FakeUpstream
 
-from ..conftest import MASTER_KEY, MESSAGES, Admin, Stack, running_sidecar
+from ..conftest import MASTER_KEY, MESSAGES, Admin, Stack, running_sidecar, running_upstream
 
 BUDGET = "Budget has been exceeded! Tag="
 RATE = re.compile(r"^Rate limit exceeded for tag: (\S+)\. Limit type: (\w+)\. Current limit: (\d+)")
 
 
 async def chat(
-    stack: Stack, key: str = MASTER_KEY, header: str | None = None, **body: object
+    stack: Stack,
+    key: str = MASTER_KEY,
+    header: str | None = None,
+    base: str | None = None,
+    **body: object,
 ) -> tuple[int, dict]:
-    """One chat request over plain HTTP, so that headers and hostile bodies go as sent."""
+    """One chat request over plain HTTP, so that headers and hostile bodies go as sent (to
+    ``base``, another sidecar, when given)."""
     headers = {"Authorization": f"Bearer {key}"}
     if header is not None:
         headers["x-litellm-tags"] = header
     payload = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 4, **body}
     async with stack.admin.session.post(
-        f"{stack.base}/v1/chat/completions", json=payload, headers=headers
+        f"{base or stack.base}/v1/chat/completions", json=payload, headers=headers
     ) as response:
         return response.status, await response.json(content_type=None)
 
@@ -142,13 +149,27 @@ async def test_the_openapi_document_describes_the_tag_routes(stack: Stack) -> No
     assert "spend" in document["components"]["schemas"]["TagUpdateRequest"]["properties"]
 
 
-async def test_a_tag_budget_is_hard_under_concurrent_requests(stack: Stack) -> None:
+@pytest.fixture
+async def second(stack: Stack, redis_url: str) -> AsyncIterator[str]:
+    """Another sidecar on the same Redis and upstream, as a second replica."""
+    async with running_sidecar(stack.settings, redis_url) as base:
+        yield base
+
+
+async def test_a_tag_budget_is_hard_under_concurrent_requests_to_two_sidecars(
+    stack: Stack, second: str
+) -> None:
     # each request holds its estimate ($0.000025 with max_tokens=4), so $0.0001 admits 4 at
     # most while they are all in flight, and spends $0.000018 each
     await stack.admin.post("/tag/new", {"name": "eng", "max_budget": 0.0001})
     stack.fake.latency_ms = 300
-    key = await stack.key()
-    answers = await asyncio.gather(*(chat(stack, key, header="eng") for _ in range(12)))
+    keys = [await stack.key(), await stack.key()]  # two keys: only the tag is shared
+    answers = await asyncio.gather(
+        *(
+            chat(stack, keys[i % 2], header="eng", base=(stack.base, second)[i % 2])
+            for i in range(12)
+        )
+    )
     admitted = [body for status, body in answers if status == 200]
     refused = [body for status, body in answers if status != 200]
     assert 1 <= len(admitted) <= 4
@@ -319,3 +340,77 @@ async def test_reject_clientside_metadata_tags_refuses_every_client_tag(
         await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=4)
     logs = await stack.admin.get("/spend/logs")
     assert [row["request_tags"] for row in logs] == [["eng"]]
+
+
+@pytest.fixture
+async def every_surface(ns: str, redis_url: str) -> AsyncIterator[tuple[str, Admin, FakeUpstream]]:
+    """A sidecar serving an OpenAI-format and an Anthropic-format model, on a fake upstream."""
+    fake = FakeUpstream(seed=5)
+    async with running_upstream(fake) as upstream:
+        settings = Settings(
+            master_key=MASTER_KEY,
+            key_prefix=f"t:{ns}:",
+            default_max_tokens=16,
+            models=(
+                Deployment(
+                    "gpt-4o",
+                    "openai/gpt-4o",
+                    api_base=upstream,
+                    input_cost_per_token=1e-6,
+                    output_cost_per_token=2e-6,
+                ),
+                Deployment(
+                    "claude",
+                    "anthropic/claude-haiku-4-5",
+                    api_base=upstream,
+                    input_cost_per_token=1e-6,
+                    output_cost_per_token=2e-6,
+                    index=1,
+                ),
+            ),
+        )
+        async with running_sidecar(settings, redis_url) as base, aiohttp.ClientSession() as s:
+            yield base, Admin(s, base), fake
+
+
+SURFACE_CALLS = [
+    ("/v1/chat/completions", {"model": "gpt-4o", "messages": MESSAGES}),
+    ("/v1/completions", {"model": "gpt-4o", "prompt": "hello"}),
+    ("/v1/embeddings", {"model": "gpt-4o", "input": "hello"}),
+    ("/v1/responses", {"model": "gpt-4o", "input": "hello", "max_output_tokens": 4}),
+    ("/v1/messages", {"model": "claude", "messages": MESSAGES, "max_tokens": 4}),
+]
+
+
+async def test_every_surface_reads_the_tags_and_meets_the_tags_limits(
+    every_surface: tuple[str, Admin, FakeUpstream],
+) -> None:
+    base, admin, fake = every_surface
+    await admin.post("/tag/new", {"name": "eng", "rpm_limit": len(SURFACE_CALLS)})
+    key = (await admin.post("/key/generate", {}))["key"]
+    auth = {"Authorization": f"Bearer {key}"}
+    ways = [
+        ({"x-litellm-tags": "eng"}, {}),
+        ({}, {"tags": ["eng"]}),
+        ({}, {"metadata": {"tags": ["eng"], "user_id": "u-1"}}),
+    ]
+    for i, (path, body) in enumerate(SURFACE_CALLS):
+        headers, extra = ways[i % len(ways)]
+        async with admin.session.post(
+            base + path, json={**body, **extra}, headers={**auth, **headers}
+        ) as response:
+            assert response.status == 200, (path, await response.text())
+        assert "tags" not in fake.last_body and "tags" not in fake.last_body.get("metadata", {})
+    # every surface counted in the tag's window: the next request of any is refused, in the
+    # surface's own error form
+    async with admin.session.post(
+        base + "/v1/messages",
+        json={**SURFACE_CALLS[-1][1]},
+        headers={**auth, "x-litellm-tags": "eng"},
+    ) as response:
+        answer = await response.json()
+    assert response.status == 429 and answer["type"] == "error"
+    assert RATE.match(answer["error"]["message"])
+    logs = await admin.get("/spend/logs")
+    assert len(logs) == len(SURFACE_CALLS)
+    assert all(row["request_tags"] == ["eng"] for row in logs)
