@@ -414,3 +414,22 @@ async def test_every_surface_reads_the_tags_and_meets_the_tags_limits(
     logs = await admin.get("/spend/logs")
     assert len(logs) == len(SURFACE_CALLS)
     assert all(row["request_tags"] == ["eng"] for row in logs)
+
+
+async def test_only_an_admin_changes_a_keys_tags(stack: Stack) -> None:
+    await stack.admin.post("/user/new", {"user_id": "ann", "user_role": "internal_user"})
+    own = await stack.key(user_id="ann")
+    tagged = await stack.key(user_id="ann", tags=["eng"], metadata={"tags": ["eng-meta"]})
+    ann = Admin(stack.admin.session, stack.base, own)
+    for body, param in [
+        ({"tags": []}, "tags"),
+        ({"metadata": {}}, "metadata.tags"),
+        ({"metadata": {"tags": ["other"]}}, "metadata.tags"),
+    ]:
+        status, answer = await ann.call("POST", "/key/update", {"key": tagged, **body})
+        assert (status, answer["error"]["param"]) == (403, param), answer
+    # other metadata may change, its tags kept
+    status, _ = await ann.call(
+        "POST", "/key/update", {"key": tagged, "metadata": {"tags": ["eng-meta"], "note": "x"}}
+    )
+    assert status == 200

@@ -80,6 +80,8 @@ GUARDED_ON_UPDATE = frozenset(
         # no team is under the organization it names: only an admin sets either
         "aliases",
         "organization_id",
+        # every request of the key carries its tags, and meets their budgets
+        "tags",
     }
 )
 # What a non-admin may not set on a key it generates (LiteLLM's clients send every field,
@@ -328,7 +330,7 @@ async def key_update(request: web.Request) -> Caller:
         if team_id is not None:
             await _check_team(request, caller, team_id)
     team_admin = await _team_admin(store, caller, key.get("team_id"))
-    guarded = sorted(GUARDED_ON_UPDATE & set(body))
+    guarded = sorted(GUARDED_ON_UPDATE & set(body)) + _retagged(body, key)
     if guarded and not team_admin:
         raise EntityError(
             403,
@@ -340,6 +342,16 @@ async def key_update(request: web.Request) -> Caller:
     if body.get("blocked") is False and key.get("blocked"):
         raise EntityError(403, "only an admin can unblock a key, with /key/unblock", "blocked")
     return caller
+
+
+def _retagged(body: dict[str, Any], key: dict[str, Any]) -> list[str]:
+    """["metadata.tags"] when an update's metadata would change the key's tags there (a key's
+    metadata.tags are its tags, as in LiteLLM), else []."""
+    if "metadata" not in body:
+        return []
+    sent, kept = body.get("metadata"), key.get("metadata") or {}
+    tags = sent.get("tags") if isinstance(sent, dict) else None
+    return [] if tags == kept.get("tags") else ["metadata.tags"]
 
 
 async def key_delete(request: web.Request) -> Caller:
