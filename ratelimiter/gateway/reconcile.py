@@ -41,7 +41,7 @@ _SHOWN = 200  # characters of an entity's value or error quoted in a problem lin
 
 
 async def check(engine: Engine, settings: Settings) -> list[str]:
-    """Compare, for every budget of every key, user, team, customer and the proxy, the spend
+    """Compare, for every budget of every key, user, team, customer, tag and the proxy, the spend
     counter of the current period (without in-flight holds) with the sum of the ledger
     entries acquired in that period. Returns the differences, and a line for each entity
     whose budgets cannot be built (it is skipped); empty means they agree.
@@ -55,7 +55,8 @@ async def check(engine: Engine, settings: Settings) -> list[str]:
     store = Store(engine.redis, prefix=settings.key_prefix)
     for scope, dim, dim_id in await _scopes(store, settings, problems):
         try:
-            tallies += _periods(scope, f"{dim}:{dim_id}", settings.key_prefix, now, engine.tz)
+            periods = _periods(scope, f"{dim}:{dim_id}", settings.key_prefix, now, engine.tz)
+            tallies += _since_created(periods, scope) if dim == "tag" else periods
         except Exception as exc:  # only the entity's own fields are at work here, no Redis
             problems.append(_unusable(dim, dim_id, scope.fields, exc))
     counters = await _counters(engine, tallies, now)
@@ -94,6 +95,7 @@ async def _scopes(
         ("user", "user", "user"),
         ("team", "team", "team"),
         ("customer", "end_user", "customer"),
+        ("tag", "tag", "tag"),
     ):
         for entity_id in await store.ids(kind):
             try:
@@ -115,6 +117,16 @@ def _periods(scope: Scope, owner: str, prefix: str, now: int, tz: ZoneInfo) -> l
     for budget in scope_budgets(scope, prefix):
         start, end = period_bounds(parse_duration(budget.period), now, tz)
         tallies.append(_Tally(budget, owner, start, end))
+    return tallies
+
+
+def _since_created(tallies: list[_Tally], scope: Scope) -> list[_Tally]:
+    """A tag's requests before it was made (or made again) were labels, counted by no budget:
+    its periods are reconciled from its creation on."""
+    created = scope.fields.get("created_at")
+    if isinstance(created, int):
+        for tally in tallies:
+            tally.start = max(tally.start, created)
     return tallies
 
 
@@ -155,6 +167,10 @@ def _owners(entry: Entry) -> Iterator[str]:
         value = entry.meta.get(name)
         if isinstance(value, str) and value:
             yield f"{dim}:{value}"
+    tags = entry.meta.get("tags")
+    for tag in tags if isinstance(tags, list) else ():
+        if isinstance(tag, str):
+            yield f"tag:{tag}"
 
 
 async def _counters(engine: Engine, tallies: list[_Tally], now: int) -> list[int]:

@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from ratelimiter.gateway.config import Deployment, Settings
+from ratelimiter.gateway.reconcile import check
 from ratelimiter.gateway.tags import MAX_REQUEST_TAGS, MAX_TAG_SCOPES
 from ratelimiter.testing.fake_upstream import FakeUpstream
 
@@ -183,6 +184,7 @@ async def test_a_tag_budget_is_hard_under_concurrent_requests_to_two_sidecars(
     # the key's own spend is the same: the tag was one more scope of the same admission
     logs = await stack.admin.get("/spend/logs")
     assert sum(row["spend"] for row in logs) == pytest.approx(info["spend"])
+    assert await check(stack.engine, stack.settings) == []  # counters == ledger
 
 
 async def test_a_tags_rpm_is_shared_by_every_key_and_refused_as_litellm_words_it(
@@ -283,8 +285,9 @@ async def test_more_tag_entities_than_the_bound_is_a_400(stack: Stack) -> None:
 
 
 async def test_spend_per_tag_matches_the_ledger(stack: Stack) -> None:
-    await stack.admin.post("/tag/new", {"name": "eng", "max_budget": 5, "budget_duration": "1d"})
     key = await stack.key()
+    assert (await chat(stack, key, header="eng"))[0] == 200  # a label, before the tag is made
+    await stack.admin.post("/tag/new", {"name": "eng", "max_budget": 5, "budget_duration": "1d"})
     for tags in ("eng", "eng,adhoc", "adhoc", None):
         assert (await chat(stack, key, header=tags))[0] == 200
     logs = await stack.admin.get("/spend/logs")
@@ -293,10 +296,13 @@ async def test_spend_per_tag_matches_the_ledger(stack: Stack) -> None:
         for tag in row["request_tags"]:
             by_tag[tag] = by_tag.get(tag, 0.0) + row["spend"]
     info = (await stack.admin.post("/tag/info", {"names": ["eng"]}))["eng"]
+    # lifetime spend counts the label's request too; the budget only those since it was made
     assert info["spend"] == pytest.approx(by_tag["eng"])
-    assert info["budget_windows"][0]["spend"] == pytest.approx(by_tag["eng"])
+    first = logs[-1]["spend"]  # newest first: the label's request is the last row
+    assert info["budget_windows"][0]["spend"] == pytest.approx(by_tag["eng"] - first)
+    assert await check(stack.engine, stack.settings) == []
     spend_tags = {r["individual_request_tag"]: r for r in await stack.admin.get("/spend/tags")}
-    assert spend_tags["eng"]["log_count"] == 2 and spend_tags["adhoc"]["log_count"] == 2
+    assert spend_tags["eng"]["log_count"] == 3 and spend_tags["adhoc"]["log_count"] == 2
     assert spend_tags["adhoc"]["total_spend"] == pytest.approx(by_tag["adhoc"])
     listed = {t["name"]: t for t in await stack.admin.get("/tag/list")}
     assert listed["eng"]["spend"] == pytest.approx(by_tag["eng"])
