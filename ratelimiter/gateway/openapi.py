@@ -67,7 +67,7 @@ QUERIES: dict[str, dict[str, dict[str, Any]]] = {
     "/global/spend": _DATES,
     "/global/spend/report": {
         **_DATES,
-        "group_by": {"enum": ["team", "customer", "api_key", "end_user", "key"]},
+        "group_by": {"enum": ["team", "customer", "api_key", "end_user", "key", "tag"]},
         **dict.fromkeys(("api_key", "internal_user_id", "team_id", "customer_id"), _FILTER),
     },
     "/global/spend/keys": {"limit": {"type": "integer", "minimum": 1, "maximum": 1_000_000}},

@@ -439,3 +439,18 @@ async def test_only_an_admin_changes_a_keys_tags(stack: Stack) -> None:
         "POST", "/key/update", {"key": tagged, "metadata": {"tags": ["eng-meta"], "note": "x"}}
     )
     assert status == 200
+
+
+async def test_the_spend_report_groups_by_tag(stack: Stack) -> None:
+    key = await stack.key()
+    for header in ("eng,web", "eng", None):
+        assert (await chat(stack, key, header=header))[0] == 200
+    (day,) = await stack.admin.get("/global/spend/report", group_by="tag")
+    rows = {row["tag"]: row for row in day["tags"]}
+    assert set(rows) == {"eng", "web"}
+    each = 0.000018  # 10 prompt and 4 completion tokens
+    assert rows["eng"]["total_spend"] == pytest.approx(2 * each)
+    assert rows["web"]["total_spend"] == pytest.approx(each)
+    assert rows["eng"]["metadata"][0]["model"] == "gpt-4o"
+    status, body = await stack.admin.call("GET", "/global/spend/report", group_by="colour")
+    assert status == 400 and "tag" in body["error"]["message"]

@@ -39,6 +39,7 @@ GROUPS = {
     "end_user": "customer",
     "api_key": "api_key",
     "key": "api_key",
+    "tag": "tag",  # ours: a request counts under each of its tags
 }
 TOP_END_USERS = 100  # /global/spend/end_users, as LiteLLM
 MAX_LIMIT = 1_000_000  # /global/spend/keys and /models
@@ -188,15 +189,15 @@ def _tally(rows: dict[Any, dict[str, Any]], key: Any, **amounts: float) -> dict[
 async def global_spend_report(request: web.Request) -> web.Response:
     """LiteLLM's report. ``group_by=team`` (the default) and ``customer``: per day, each team
     (by alias; ``Unassigned Team`` for keys of none) or customer with its total and its spend
-    per model and key. ``group_by=api_key``, or ``api_key``/``internal_user_id`` given: per
-    key, its cost and tokens per model over the range. ``team_id``/``customer_id`` narrow any
-    of them."""
+    per model and key; ``tag`` (ours) the same per tag, a request under each of its tags.
+    ``group_by=api_key``, or ``api_key``/``internal_user_id`` given: per key, its cost and
+    tokens per model over the range. ``team_id``/``customer_id`` narrow any of them."""
     await access.view(request)
     group = request.query.get("group_by", "team")
     if group not in GROUPS:
         raise EntityError(
             400,
-            f"group_by must be one of team, customer, api_key, got {shown(group)}",
+            f"group_by must be one of team, customer, api_key, tag, got {shown(group)}",
             "group_by",
         )
     group = GROUPS[group]
@@ -231,18 +232,21 @@ async def global_spend_report(request: web.Request) -> web.Response:
         if group == "team":
             team_id = meta.get("team_id")
             name = aliases.get(team_id, team_id) if team_id else "Unassigned Team"
-            who = (name, team_id)
+            whos: list[Any] = [(name, team_id)]
+        elif group == "tag":
+            whos = list(meta.get("tags") or [])
         else:
-            who = meta.get("end_user")
+            whos = [meta.get("end_user")]
         spend, tokens = dollars(entry.charged.get("spend", 0)), entry.charged.get("tokens", 0)
-        row = days.setdefault(day, {}).setdefault(who, {"total_spend": 0.0, "metadata": {}})
-        row["total_spend"] += spend
-        _tally(
-            row["metadata"],
-            (meta.get("model"), meta.get("key_hash")),
-            spend=spend,
-            total_tokens=tokens,
-        )
+        for who in whos:
+            row = days.setdefault(day, {}).setdefault(who, {"total_spend": 0.0, "metadata": {}})
+            row["total_spend"] += spend
+            _tally(
+                row["metadata"],
+                (meta.get("model"), meta.get("key_hash")),
+                spend=spend,
+                total_tokens=tokens,
+            )
     report = []
     for day, rows in sorted(days.items()):
         items = []
@@ -251,12 +255,16 @@ async def global_spend_report(request: web.Request) -> web.Response:
                 {"model": model, "api_key": key, **amounts}
                 for (model, key), amounts in row["metadata"].items()
             ]
-            named = (
-                {"team_name": who[0], "team_id": who[1]} if group == "team" else {"customer": who}
-            )
+            if group == "team":
+                named = {"team_name": who[0], "team_id": who[1]}
+            else:
+                named = {"tag" if group == "tag" else "customer": who}
             items.append({**named, "total_spend": row["total_spend"], "metadata": metadata})
-        report.append({"group_by_day": day, "teams" if group == "team" else "customers": items})
+        report.append({"group_by_day": day, _REPORT_ROWS[group]: items})
     return json_response(report)
+
+
+_REPORT_ROWS = {"team": "teams", "customer": "customers", "tag": "tags"}
 
 
 def _per_key(entries: list[Entry]) -> list[dict[str, Any]]:
