@@ -32,12 +32,15 @@ __all__ = [
     "MAX_REQUEST_TAGS",
     "MAX_TAG_CHARS",
     "MAX_TAG_SCOPES",
+    "NO_TAGS",
     "TAG_HEADER",
     "ClientTags",
     "check_tag",
     "client_tags",
     "key_tags",
+    "request_tags",
     "tag_list",
+    "tag_problem",
     "without_tags",
 ]
 
