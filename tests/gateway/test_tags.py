@@ -15,6 +15,7 @@ import pytest
 
 from ratelimiter.gateway.config import Deployment, Settings
 from ratelimiter.gateway.reconcile import check
+from ratelimiter.gateway.store import Store
 from ratelimiter.gateway.tags import MAX_REQUEST_TAGS, MAX_TAG_SCOPES
 from ratelimiter.testing.fake_upstream import FakeUpstream
 
@@ -454,3 +455,33 @@ async def test_the_spend_report_groups_by_tag(stack: Stack) -> None:
     assert rows["eng"]["metadata"][0]["model"] == "gpt-4o"
     status, body = await stack.admin.call("GET", "/global/spend/report", group_by="colour")
     assert status == 400 and "tag" in body["error"]["message"]
+
+
+async def test_a_tag_made_through_one_sidecar_is_a_scope_on_the_others_at_once(
+    stack: Stack,
+) -> None:
+    """Another sidecar's set of tag entities, cached for a minute here, is invalidated by the
+    change's message: a made-up tag stays free of Redis calls, a new one is seen at once."""
+    watcher = Store(stack.engine.redis, prefix=stack.settings.key_prefix, cache_ttl_s=60)
+    before = await _listeners(watcher)
+    listening = asyncio.create_task(watcher.listen())
+    try:
+        async with asyncio.timeout(10):  # subscribed, so that what follows is the message's
+            while await _listeners(watcher) == before:
+                await asyncio.sleep(0.01)
+        assert await watcher.known("tag") == frozenset()
+        await stack.admin.post("/tag/new", {"name": "fresh"})
+        async with asyncio.timeout(10):  # far below the cache's minute
+            while "fresh" not in await watcher.known("tag"):
+                await asyncio.sleep(0.01)
+        await stack.admin.post("/tag/delete", {"name": "fresh"})
+        async with asyncio.timeout(10):
+            while "fresh" in await watcher.known("tag"):
+                await asyncio.sleep(0.01)
+    finally:
+        listening.cancel()
+
+
+async def _listeners(store: Store) -> int:
+    ((_, count),) = await store.redis.pubsub_numsub(store.channel)
+    return int(count)
