@@ -19,7 +19,7 @@ from ..engine import Engine
 from ..engine.connections import as_unavailable, refusing_errors, unavailable_errors
 from ..errors import EntityError, RedisUnavailable
 from ..ledger.sink import PostgresSink
-from ..responses import error_response
+from ..responses import anthropic_error, error_response
 from .config import Settings
 from .metrics import METRICS
 from .store import Store
@@ -127,6 +127,10 @@ def _client_request_id(request: web.Request) -> str | None:
     return value
 
 
+# Anthropic's Messages routes, whose clients read errors in Anthropic's envelope
+_ANTHROPIC_ROUTES = ("/messages", "/messages/count_tokens")
+
+
 @web.middleware
 async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every answer gets an id of ours, leaves in OpenAI's envelope instead of a traceback,
@@ -134,7 +138,14 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     # 96 random bits: unique across sidecars and unguessable, at a quarter of uuid4's cost
     request[REQUEST_ID] = "req-" + os.urandom(12).hex()
     try:
-        request[CLIENT_REQUEST_ID] = _client_request_id(request)
+        try:
+            request[CLIENT_REQUEST_ID] = _client_request_id(request)
+        except EntityError as exc:  # before any route: in the envelope its clients read
+            if request.path.endswith(_ANTHROPIC_ROUTES):
+                response = anthropic_error(exc.status, str(exc))
+                _count(request, response.status)
+                return response
+            raise
         response = await handler(request)
     except asyncio.CancelledError:
         _count(request, 499)  # the client went away
