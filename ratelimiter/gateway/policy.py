@@ -1,9 +1,9 @@
 """Which limits one request meets: the only place that knows scopes.
 
 A resolved request (proxy-wide budget, organization, key, user, team, team member, end user,
-model, deployment) becomes the complete list of engine limits: every scope's requests and tokens per
-minute, its parallel-request lease, each of its budget windows, model-specific budgets and
-model rpm/tpm. A new scope is a change here and nowhere else.
+tag, model, deployment) becomes the complete list of engine limits: every scope's requests
+and tokens per minute, its parallel-request lease, each of its budget windows, model-specific
+budgets and model rpm/tpm. A new scope is a change here and nowhere else.
 
 Every scope's keys share one hash tag (``rl:{key:3f9a…}:rpm``), so a scope is one Cluster slot.
 
@@ -88,7 +88,7 @@ def inherit(entity: Mapping[str, Any], budget: Mapping[str, Any]) -> dict[str, A
 class Scope:
     """One owner of limits: its kind and id, and the entity fields that set the limits."""
 
-    kind: str  # proxy, organization, key, user, team, member, end_user, deployment
+    kind: str  # proxy, organization, key, user, team, member, end_user, tag, deployment
     id: str
     fields: Mapping[str, Any] = field(default_factory=dict)
 
