@@ -72,7 +72,7 @@ QUERIES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "/global/spend/keys": {"limit": {"type": "integer", "minimum": 1, "maximum": 1_000_000}},
     "/global/spend/teams": {},
-    "/tag/list": {},
+    "/tag/list": _DATES,
     "/spend/tags": _DATES,
     "/global/spend/models": {
         "limit": {"type": "integer", "minimum": 1, "maximum": 1_000_000, "default": 10}
@@ -284,6 +284,7 @@ NOT_SERVED = (
     "/global/spend/logs",
     "/global/spend/tags",
     "/global/spend/provider",
+    "/tag/daily/activity",
     "/model/new|update|delete",
 )
 # The request bodies whose fields the table lists, with LiteLLM's name for each model.

@@ -485,3 +485,12 @@ async def test_a_tag_made_through_one_sidecar_is_a_scope_on_the_others_at_once(
 async def _listeners(store: Store) -> int:
     ((_, count),) = await store.redis.pubsub_numsub(store.channel)
     return int(count)
+
+
+async def test_tag_list_takes_litellms_date_window(stack: Stack) -> None:
+    assert (await chat(stack, header="seen-today"))[0] == 200
+    listed = await stack.admin.get("/tag/list", start_date="2000-01-01", end_date="2000-01-31")
+    assert listed == []  # nothing was carried then
+    assert [t["name"] for t in await stack.admin.get("/tag/list")] == ["seen-today"]
+    status, body = await stack.admin.call("GET", "/tag/list", start_date="yesterday")
+    assert (status, body["error"]["param"]) == (400, "start_date")

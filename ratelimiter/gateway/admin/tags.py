@@ -11,7 +11,6 @@ Writes need an admin (the master key or a proxy_admin); reads a proxy_admin_view
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -36,7 +35,6 @@ DYNAMIC = (
     "This is just a spend tag that was passed dynamically in a request. It does not control "
     "any LLM models."
 )
-RECENT_DAYS = 30  # /tag/list shows the tags requests carried in this many days
 
 
 def _not_found(name: str) -> EntityError:
@@ -140,9 +138,10 @@ async def tag_delete(request: web.Request) -> web.Response:
 
 
 async def _recent_spend(request: web.Request) -> dict[str, int]:
-    """Spend (nano-dollars) per tag requests carried over the last RECENT_DAYS days."""
-    today = datetime.now(UTC).date()
-    days = await Ledger(request.app[ENGINE]).rollups(today - timedelta(days=RECENT_DAYS), today)
+    """Spend (nano-dollars) per tag requests carried from ``start_date`` to ``end_date``
+    (LiteLLM's parameters of /tag/list), by default over the last 30 days."""
+    start, end = _dates(request)
+    days = await Ledger(request.app[ENGINE]).rollups(start, end)
     out: dict[str, int] = {}
     for totals in days.values():
         for dim, amounts in totals.items():
@@ -152,8 +151,9 @@ async def _recent_spend(request: web.Request) -> dict[str, int]:
 
 
 async def tag_list(request: web.Request) -> web.Response:
-    """Every tag entity, then (as LiteLLM) each tag requests carried in the last 30 days that
-    is not one, with LiteLLM's description of such a tag and its spend in those days."""
+    """Every tag entity, then (as LiteLLM) each tag requests carried from ``start_date`` to
+    ``end_date`` (the last 30 days by default) that is not one, with LiteLLM's description of
+    such a tag and its spend in those days."""
     await access.view(request)
     tags = sorted(await request.app[STORE].all("tag"), key=lambda t: t["name"])
     listed = [await _shown(request, tag) for tag in tags]
