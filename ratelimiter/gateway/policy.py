@@ -51,6 +51,7 @@ SCOPE_KINDS = (
     "team",
     "member",
     "end_user",
+    "tag",
     "deployment",
 )
 # Scopes an admin can block: their gate is checked inside the atomic admission, so a block
