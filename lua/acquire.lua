@@ -16,6 +16,11 @@
 --            dimensions
 -- ARGV[10]   the slot groups of the whole request (on a Cluster a request spans several), so
 --            a repeated id is matched against the request's limits in every group
+-- ARGV[11]   msgpack array of the 1-based indices of shadow limits, or '' (or absent) for none.
+--            A shadow limit is decided as any other but never refuses: when one would, the
+--            request is admitted by the others and takes nothing in any shadow limit (as a
+--            refusal would take nothing), so a shadow limit counts exactly what the same limit
+--            enforced would. A refusal by an enforced limit takes nothing anywhere, as before.
 --
 -- Returns a msgpack map:
 --   ok   1 admitted, 0 refused
@@ -23,6 +28,9 @@
 --   st   {remaining_1, reset_ms_1, remaining_2, reset_ms_2, ...}, one pair per limit
 --   i    (refused) 1-based index of the limit that frees last; why = its reason;
 --        ra = retry-after ms until every refusing limit has room, -1 if it never will
+--   sh   (admitted, a shadow limit would have refused) the same for the shadow limits:
+--        sh = index, shwhy = reason, shra = retry-after ms or -1; every shadow limit then
+--        took 0 (in took) and the record holds them as gates, which settlement leaves alone
 --   dup  (repeated request id) 'held' with the stored reply when the reservation is held for
 --        the same keys and specs (a retry after a lost reply); 'conflict' when it is held for
 --        other limits; else the finished reservation's status. Nothing is changed.
@@ -34,10 +42,18 @@
 local rid, now = ARGV[1], clock(ARGV[2])
 local specs = mp_unpack(ARGV[3])
 
-local existing = redis.call('HMGET', KEYS[1], 's', 'reply', 'spec', 'keys', 'grp', 'ask')
+local shadow_arg = ARGV[11] or ''
+local shadow = {}
+if shadow_arg ~= '' then
+  for _, i in ipairs(mp_unpack(shadow_arg)) do
+    shadow[i] = true
+  end
+end
+
+local existing = redis.call('HMGET', KEYS[1], 's', 'reply', 'spec', 'keys', 'grp', 'ask', 'shw')
 if existing[1] == 'held' then
   if (existing[6] or existing[3]) ~= ARGV[3] or existing[4] ~= table.concat(KEYS, '\0', 3)
-      or existing[5] ~= ARGV[10] then
+      or existing[5] ~= ARGV[10] or (existing[7] or '') ~= shadow_arg then
     return mp_pack({ok = 0, dup = 'conflict', st = {}})
   end
   local reply = mp_unpack(existing[2])
@@ -50,6 +66,12 @@ end
 local NEVER = -1
 local views, states = {}, {}
 local refused, reason, retry = 0, nil, 0
+local sh, shwhy, shra = 0, nil, 0  -- the shadow limit that would refuse, chosen alike
+
+-- Whether a refusal freeing after `wait` ms replaces one freeing after `than` (-1: never).
+local function later(wait, than)
+  return than ~= NEVER and (wait == NEVER or wait > than)
+end
 
 -- Pass 1: read every limit and decide.
 for i, spec in ipairs(specs) do
@@ -122,7 +144,11 @@ for i, spec in ipairs(specs) do
   end
   if why then
     wait = wait or NEVER
-    if refused == 0 or (retry ~= NEVER and (wait == NEVER or wait > retry)) then
+    if shadow[i] then
+      if sh == 0 or later(wait, shra) then
+        sh, shwhy, shra = i, why, wait
+      end
+    elseif refused == 0 or later(wait, retry) then
       refused, reason, retry = i, why, wait
     end
   end
@@ -133,35 +159,51 @@ local function remaining(spec, used)
   return math.max(spec[3] - used, 0)
 end
 
+-- Time to reset of a limit this request does not take.
+local function untaken_reset(i, spec, view)
+  if spec[1] == 'w' or spec[1] == 'p' then
+    return window_reset(view, now)
+  elseif spec[1] == 'l' then
+    if view.used >= spec[3] and view.used > 0 then
+      return math.max((lease_first_expiry(KEYS[i + 2]) or now) - now, 0)
+    end
+    return 0
+  elseif spec[1] == 'b' then
+    return view.stop - now
+  end
+  return 0
+end
+
+-- A share not taken: marked waiting when its total was full (lib.lua), taken or not by a
+-- refusal or a shadow limit's would-be refusal alike.
+local function untaken_share(i, spec, view)
+  if spec[1] == 'p' then
+    local need = is_capped(spec) and math.min(spec[2], 1) or spec[2]
+    share_mark_waiting(view, KEYS[i + 2], spec, KEYS[spec[7] + 2], specs[spec[7]], now, need)
+  end
+end
+
 if refused > 0 and ARGV[7] ~= '1' then
   for i, spec in ipairs(specs) do
-    local view, reset = views[i], 0
-    if spec[1] == 'p' then
-      local need = is_capped(spec) and math.min(spec[2], 1) or spec[2]
-      share_mark_waiting(view, KEYS[i + 2], spec, KEYS[spec[7] + 2], specs[spec[7]], now, need)
-    end
-    if spec[1] == 'w' or spec[1] == 'p' then
-      reset = window_reset(view, now)
-    elseif spec[1] == 'g' then
-      reset = 0
-    elseif spec[1] == 'l' then
-      if view.used >= spec[3] and view.used > 0 then
-        reset = math.max((lease_first_expiry(KEYS[i + 2]) or now) - now, 0)
-      end
-    else
-      reset = view.stop - now
-    end
-    states[#states + 1] = remaining(spec, view.used)
-    states[#states + 1] = reset
+    untaken_share(i, spec, views[i])
+    states[#states + 1] = remaining(spec, views[i].used)
+    states[#states + 1] = untaken_reset(i, spec, views[i])
   end
   return mp_pack({ok = 0, i = refused, why = reason, ra = retry, st = states})
 end
 
--- Pass 2: every limit has room; take it and remember where, for settle and release.
+-- Pass 2: every enforced limit has room; take it and remember where, for settle and release.
+-- When a shadow limit would refuse, no shadow limit is taken.
+local skip = sh > 0 and ARGV[7] ~= '1'
 local at, took, short = {}, {}, false
 for i, spec in ipairs(specs) do
   local key, kind, amount = KEYS[i + 2], spec[1], spec[2]
   local view, reset = views[i], 0
+  if skip and shadow[i] then
+    view.take, kind, short = 0, 'skipped', true
+    untaken_share(i, spec, view)
+    reset = untaken_reset(i, spec, view)
+  end
   if view.take then
     short = short or view.take < amount
     amount = view.take
@@ -171,7 +213,7 @@ for i, spec in ipairs(specs) do
     window_add(view, now, amount)
     reset = amount > 0 and window_frees_at(view, view.cur) - now or window_reset(view, now)
     at[i] = view.cur
-  elseif kind == 'g' then
+  elseif kind == 'g' or kind == 'skipped' then
     at[i] = 0
   elseif kind == 'l' then
     local ttl = spec[5]
@@ -199,11 +241,18 @@ end
 
 local hold_ttl, record_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local deadline = now + hold_ttl
-local reply = mp_pack({ok = 1, st = states, took = short and took or nil})
+local reply = {ok = 1, st = states, took = short and took or nil}
+if skip then
+  reply.sh, reply.shwhy, reply.shra = sh, shwhy, shra
+end
+reply = mp_pack(reply)
 local stored = ARGV[3]
 if short then  -- the record keeps the amounts taken, where every version reads them
   for i, spec in ipairs(specs) do
     spec[2] = took[i]
+    if skip and shadow[i] then  -- held as a gate: nothing to settle, renew or refund
+      specs[i] = {'g', 0, 1, ''}
+    end
   end
   stored = mp_pack(specs)
   redis.call('HSET', KEYS[1], 'ask', ARGV[3])
@@ -212,6 +261,9 @@ redis.call('HSET', KEYS[1], 's', 'held', 't0', int(now), 'dl', int(deadline), 's
   'keys', table.concat(KEYS, '\0', 3), 'at', mp_pack(at), 'meta', ARGV[6], 'reply', reply, 'grp', ARGV[10])
 if ARGV[8] ~= '' then
   redis.call('HSET', KEYS[1], 'lg', ARGV[8], 'dims', ARGV[9])
+end
+if shadow_arg ~= '' then  -- a repeated acquire must name the same shadow limits
+  redis.call('HSET', KEYS[1], 'shw', shadow_arg)
 end
 redis.call('PEXPIRE', KEYS[1], int(hold_ttl + record_ttl))
 redis.call('ZADD', KEYS[2], int(deadline), rid)

@@ -13,7 +13,7 @@ import contextlib
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -92,6 +92,7 @@ class LimitState:
     remaining: int
     reset_ms: int
     taken: int | None = None
+    shadow: bool = False  # the caller made it a shadow limit (see ``Engine.acquire``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,10 @@ class Decision:
 
     ``retry_after_ms`` (refusals only) is the time until every refusing limit has room for
     this request; ``None`` when it never will (it asks for more than a limit's capacity).
+
+    ``shadow_refused`` (admissions only): the shadow limit that would have refused, with
+    ``shadow_reason`` and ``shadow_retry_after_ms`` as an enforced refusal has them; the
+    request then took nothing in any shadow limit.
     """
 
     allowed: bool
@@ -109,6 +114,9 @@ class Decision:
     refused: Limit | None = None
     reason: str | None = None
     retry_after_ms: int | None = None
+    shadow_refused: Limit | None = None
+    shadow_reason: str | None = None
+    shadow_retry_after_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +278,7 @@ class Engine:
         meta: bytes = b"",
         force: bool = False,
         ledger: Sequence[str] | None = None,
+        shadow: Collection[str] = (),
     ) -> Decision:
         """Reserve every limit for one request, or none of them.
 
@@ -282,9 +291,16 @@ class Engine:
         finishing the request writes one ledger entry with ``meta`` and them, in the same
         atomic step, which the rollup consumer adds to those dimensions' daily rollups (see
         ``ratelimiter.ledger.rollups``); ``limits`` may then be empty.
+        ``shadow``: the keys of limits to evaluate and count without enforcing. A shadow limit
+        never refuses; when one would, the request is admitted by the enforced limits alone
+        and takes nothing in any shadow limit, as if refused there (so a shadow limit counts
+        exactly what it would enforced), and the decision names it in ``shadow_refused``. A
+        request refused by an enforced limit takes nothing anywhere. On a Cluster "any shadow
+        limit" means any of the same slot group: other groups' shadow limits still count it.
         """
         request_id = _check_request_id(request_id)
         limits = validate_limits(limits, allow_empty=ledger is not None)
+        shadow = _check_shadow(shadow, limits)
         if not isinstance(meta, bytes):
             raise InvalidLimit(f"meta must be bytes, got {type(meta).__name__}")
         now = await self._now_ms()
@@ -301,6 +317,7 @@ class Engine:
                 force,
                 dims if n == 0 else None,  # the first group keeps the request's ledger entry
                 spans,
+                [m + 1 for m, i in enumerate(indices) if limits[i].key in shadow],
             )
             for n, (anchor, indices) in enumerate(groups)
         )
@@ -317,19 +334,37 @@ class Engine:
             raise DuplicateRequest(request_id, reused)
         states: list[LimitState | None] = [None] * len(limits)
         refusal: tuple[int, str, int] | None = None
+        would: tuple[int, str, int] | None = None  # the shadow limit that would refuse
         for (_, indices), reply in zip(groups, replies, strict=True):
             flat, took = reply["st"], reply.get("took")
             for n, i in enumerate(indices):
                 taken = None
                 if reply["ok"]:
                     taken = took[n] if took else limits[i].amount
-                states[i] = LimitState(limits[i], flat[2 * n], flat[2 * n + 1], taken)
+                states[i] = LimitState(
+                    limits[i], flat[2 * n], flat[2 * n + 1], taken, limits[i].key in shadow
+                )
             if not reply["ok"]:
                 candidate = (indices[reply["i"] - 1], reply["why"], reply["ra"])
                 if refusal is None or _later(candidate[2], refusal[2]):
                     refusal = candidate
+            elif "sh" in reply:
+                candidate = (indices[reply["sh"] - 1], reply["shwhy"], reply["shra"])
+                if would is None or _later(candidate[2], would[2]):
+                    would = candidate
         final_states = tuple(s for s in states if s is not None)
         reservation = Reservation(request_id, tuple(anchor for anchor, _ in groups))
+        if refusal is None and would is not None:
+            index, reason, retry = would
+            return Decision(
+                True,
+                request_id,
+                final_states,
+                reservation,
+                shadow_refused=limits[index],
+                shadow_reason=reason,
+                shadow_retry_after_ms=None if retry < 0 else retry,
+            )
         if refusal is None:
             return Decision(True, request_id, final_states, reservation)
         admitted = [
@@ -584,6 +619,7 @@ class Engine:
         force: bool,
         ledger_dims: bytes | None,
         spans: str,
+        shadow: list[int],
     ) -> dict[str, Any]:
         keys = [*self._record_keys(anchor, rid), *(limit.key for limit in limits)]
         args = [
@@ -597,6 +633,7 @@ class Engine:
             "" if ledger_dims is None else self.ledger_base(anchor),
             ledger_dims or b"",
             spans,
+            msgpack.packb(shadow) if shadow else b"",
         ]
         return await self._run(self._scripts["acquire"], keys, args)
 
@@ -749,6 +786,18 @@ def _share_spec(limit: SharedWindow, group: Sequence[Limit]) -> list[Any]:
 def _later(retry: int, other: int) -> bool:
     """Whether ``retry`` frees later than ``other``; -1 means never."""
     return other >= 0 and (retry < 0 or retry > other)
+
+
+def _check_shadow(shadow: Any, limits: Sequence[Limit]) -> frozenset[str]:
+    """The shadow limits' keys, each the key of one of ``limits``."""
+    if isinstance(shadow, (str, bytes)) or not hasattr(shadow, "__iter__"):
+        raise InvalidLimit(f"shadow must be a collection of limit keys, got {shadow!r}")
+    keys = tuple(shadow)
+    known = {limit.key for limit in limits}
+    unknown = [key for key in keys if not isinstance(key, str) or key not in known]
+    if unknown:
+        raise InvalidLimit(f"shadow names keys that no limit of the request has: {unknown[:5]!r}")
+    return frozenset(keys)
 
 
 def _check_request_id(request_id: str | None) -> str:

@@ -47,7 +47,13 @@ amounts = st.one_of(st.sampled_from([0, 100, 250, 500]), st.integers(0, 600))
 ops = st.lists(
     st.one_of(
         st.tuples(st.just("advance"), st.integers(0, 12_000)),
-        st.tuples(st.just("acquire"), st.integers(1, 15), st.integers(0, 80), amounts),
+        st.tuples(
+            st.just("acquire"),
+            st.integers(1, 15),
+            st.integers(0, 80),
+            amounts,
+            st.one_of(st.just(0), st.integers(1, 15)),  # which limits are shadow
+        ),
         st.tuples(st.just("settle"), st.integers(0, 99), st.integers(0, 80), amounts),
         st.tuples(st.just("release"), st.integers(0, 99)),
         st.tuples(st.just("renew"), st.integers(0, 99)),
@@ -124,31 +130,48 @@ class Scenario:
             chosen.append(b.with_amount(spend))
         return chosen
 
-    async def acquire(self, mask: int, tokens: int, spend: int) -> None:
+    async def acquire(self, mask: int, tokens: int, spend: int, shadow: int = 0) -> None:
+        """``shadow``: the bits of the limits that are shadow. One that would refuse does
+        not: the request is admitted by the others and no shadow limit takes anything."""
         now = self.clock.now
         rid = f"r{len(self.requests)}"
-        decision = await self.engine.acquire(rid, self.limits(mask, tokens, spend))
+        limits = self.limits(mask, tokens, spend)
+        shadowed = [limit.key for limit in self.limits(mask & shadow, tokens, spend)]
+        decision = await self.engine.acquire(rid, limits, shadow=shadowed)
         if mask & 4:
             self.lease.purge(now)
-        checks: list[tuple[str | None, int | None]] = []
+        checks: dict[int, tuple[str | None, int | None]] = {}
         took: dict[str, int] = {}
         if mask & 1:
-            checks.append(self.rpm.check(now, 1))
+            checks[1] = self.rpm.check(now, 1)
         if mask & 2:
-            checks.append(self.window_check(now, tokens, took))
+            checks[2] = self.window_check(now, tokens, took)
         if mask & 4:
-            checks.append(self.lease.check(now))
+            checks[4] = self.lease.check(now)
         if mask & 8:
-            checks.append(self.budget_check(now, spend, took))
-        refusals = [c for c in checks if c[0] is not None]
+            checks[8] = self.budget_check(now, spend, took)
+        refusals = [c for bit, c in checks.items() if c[0] is not None and not bit & shadow]
+        would = [c for bit, c in checks.items() if c[0] is not None and bit & shadow]
         assert decision.allowed == (not refusals), (decision, checks)
+        assert [s.shadow for s in decision.states] == [bool(b & shadow) for b in checks]
         if refusals:
-            never = [c for c in refusals if c[1] is None]
-            reason, retry = never[0] if never else max(refusals, key=lambda c: c[1] or 0)
-            assert (decision.reason, decision.retry_after_ms) == (reason, retry)
+            assert (decision.reason, decision.retry_after_ms) == first_to_free(refusals)
+            assert decision.shadow_refused is None
             self.expect_states(decision, mask, now, taken=False)
             assert all(s.taken is None for s in decision.states)  # refused takes nothing
             return
+        got = (decision.shadow_reason, decision.shadow_retry_after_ms)
+        assert got == (first_to_free(would) if would else (None, None))
+        if would:  # as if refused there: the shadow limits take nothing
+            mask_taken = mask & ~shadow
+            took = {m: n for m, n in took.items() if mask_taken & {"tokens": 2, "spend": 8}[m]}
+            self.take(decision, Request(rid, mask_taken, tokens, spend, 0, 0), mask, took)
+            return
+        self.take(decision, Request(rid, mask, tokens, spend, 0, 0), mask, took)
+
+    def take(self, decision: Any, request: Request, asked: int, took: dict[str, int]) -> None:
+        """The model takes the limits in ``request.mask`` of the ``asked`` ones it met."""
+        now, rid, mask = self.clock.now, request.rid, request.mask
         if mask & 1:
             assert self.rpm.exact_used(now) + 1 <= self.rpm.limit.capacity
             self.rpm.take(rid, now, 1)
@@ -161,12 +184,12 @@ class Scenario:
         if mask & 8:
             assert self.budget.current(now) + took["spend"] <= self.budget.limit.capacity
             self.budget.add(start, took["spend"])
-        request = Request(rid, mask, tokens, spend, start, now + HOLD_TTL)
+        request.period_start, request.deadline = start, now + HOLD_TTL
         request.took, request.final = took, dict(took)
         self.requests.append(request)
-        self.expect_states(decision, mask, now, taken=True)
+        self.expect_states(decision, asked, now, taken=True)
         taken = {1: 1, 2: took.get("tokens"), 4: 1, 8: took.get("spend")}
-        expected = [taken[bit] for bit in (1, 2, 4, 8) if mask & bit]
+        expected = [taken[bit] if mask & bit else 0 for bit in (1, 2, 4, 8) if asked & bit]
         assert [s.taken for s in decision.states] == expected
 
     def window_check(self, now: int, tokens: int, took: dict[str, int]) -> tuple[Any, Any]:
@@ -283,6 +306,12 @@ class Scenario:
             max(self.lease.limit.capacity - self.lease.live(now), 0),
             max(self.budget.limit.capacity - self.budget.current(now), 0),
         ]
+
+
+def first_to_free(refusals: list[tuple[Any, Any]]) -> tuple[Any, Any]:
+    """The refusal a decision reports: one that never frees, else the one that frees last."""
+    never = [c for c in refusals if c[1] is None]
+    return never[0] if never else max(refusals, key=lambda c: c[1] or 0)
 
 
 async def run(redis_url: str, config: dict[str, Any], steps: list[tuple[Any, ...]]) -> None:
