@@ -23,6 +23,8 @@ from .pricing import NANO, dollars
 
 __all__ = [
     "ANTHROPIC_ERRORS",
+    "SHADOW_REASON",
+    "SHADOW_REFUSED",
     "anthropic_error",
     "anthropic_rate_headers",
     "error_response",
@@ -83,21 +85,35 @@ def _tightest(decision: Decision) -> dict[str | None, LimitState]:
     tightest: dict[str | None, LimitState] = {}
     for state in decision.states:
         limit = state.limit
-        # a share can be borrowed past, so the hard windows are the ones to report
-        if isinstance(limit, SlidingWindow) and not isinstance(limit, SharedWindow):
+        # a share can be borrowed past, so the hard windows are the ones to report; a shadow
+        # limit is not enforced, so not one to pace by
+        if (
+            isinstance(limit, SlidingWindow)
+            and not isinstance(limit, SharedWindow)
+            and not state.shadow
+        ):
             best = tightest.get(limit.measure)
             if best is None or state.remaining < best.remaining:
                 tightest[limit.measure] = state
     return tightest
 
 
+# A shadow limit that would have refused this (served) request: its name and reason. Shadow
+# limits are otherwise left out of the rate-limit headers, which clients pace themselves by.
+SHADOW_REFUSED = "x-ratelimit-shadow-refused"
+SHADOW_REASON = "x-ratelimit-shadow-reason"
+
+
 def rate_headers(decision: Decision, request_id: str) -> dict[str, str]:
     headers = {"x-request-id": request_id}
     tightest = _tightest(decision)
     detail: dict[str, str] = {}
+    if decision.shadow_refused is not None:
+        headers[SHADOW_REFUSED] = decision.shadow_refused.name or "unnamed"
+        headers[SHADOW_REASON] = decision.shadow_reason or ""
     for state in decision.states:
         limit = state.limit
-        if isinstance(limit, Gate) or not limit.name:
+        if isinstance(limit, Gate) or not limit.name or state.shadow:
             continue
         value = dollars(state.remaining) if isinstance(limit, Budget) else state.remaining
         detail.setdefault(_scope_header(limit.name), str(value))  # per-scope detail

@@ -141,6 +141,8 @@ class Settings:
     # have left (one such request at a time may pass a limit, by its own excess); "strict"
     # sends them with max_tokens set to what their limits afford, so none is ever passed
     budget_enforcement: str = "capped"
+    # every limit (but blocks) counted and reported, never enforced: shadow.py
+    shadow: bool = False
     upstream_timeout_s: float = 600.0
     # the most a request waits for Redis before it is admitted or refused (all calls together)
     redis_timeout_s: float = 2.0
@@ -301,6 +303,17 @@ class _Reader:
             return parse_duration(str(raw))
         except InvalidDuration as exc:
             raise self.fail(path, str(exc)) from None
+
+
+def _shadow(reader: _Reader, raw: Any) -> bool:
+    """ratelimiter_settings.shadow: true or false (also as text, from os.environ/NAME)."""
+    value = {"true": True, "false": False}.get(raw.lower(), raw) if isinstance(raw, str) else raw
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise reader.fail(
+        "ratelimiter_settings.shadow",
+        f"must be true (every limit is counted and reported, none enforced) or false, got {raw!r}",
+    )
 
 
 def _lines(text: str) -> dict[str, int]:
@@ -506,6 +519,7 @@ _OURS = {
     "unpriced_models",
     "tpm_counts",
     "budget_enforcement",
+    "shadow",
     "upstream_timeout",
     "redis_timeout",
     "lease_ttl",
@@ -956,6 +970,7 @@ def load_config(
         unpriced_models=unpriced or "free",
         tpm_counts=tpm_counts or "all",
         budget_enforcement=enforcement or "capped",
+        shadow=_shadow(reader, ours.get("shadow")),
         upstream_timeout_s=float(upstream_timeout or 600.0),
         redis_timeout_s=float(redis_timeout or 2.0),
         lease_ttl_s=float(lease_ttl or 60.0),

@@ -36,6 +36,7 @@ class Metrics:
     redis_errors: Counter
     sink_lag_entries: Gauge
     sink_lag_seconds: Gauge
+    shadow_refusals: Counter
     # (metric, label values) -> child: labels() checks and locks on every call (~4 us)
     children: dict[tuple[Any, tuple[str, ...]], Any] = field(default_factory=dict)
 
@@ -84,6 +85,12 @@ class Metrics:
             sink_lag_seconds=Gauge(
                 "ratelimiter_ledger_sink_lag_seconds",
                 "Age of the oldest ledger entry waiting for the sink",
+                registry=r,
+            ),
+            shadow_refusals=Counter(
+                "ratelimiter_shadow_refusals",
+                "Requests a shadow limit would have refused (served), by scope and reason",
+                ["scope", "reason"],
                 registry=r,
             ),
         )

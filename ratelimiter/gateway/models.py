@@ -28,6 +28,7 @@ from pydantic import (
 
 from ..engine.durations import shown
 from ..errors import EntityError
+from .shadow import SHADOWABLE, shadow_flag, shadow_names
 from .store import (
     MAX_DOLLARS,
     MAX_LIST,
@@ -179,6 +180,26 @@ Tags = _enforced(
     tag_list, _nullable({"type": "array", "items": _TAG, "maxItems": MAX_REQUEST_TAGS})
 )
 TagName = _enforced(tag_name, _TAG)
+# ours (shadow.py): LiteLLM has no shadow mode
+ShadowMode = _enforced(
+    shadow_flag,
+    {
+        "type": ["boolean", "null"],
+        "description": "ours: every limit of this entity is counted but not enforced "
+        "(would-be refusals are reported); null: its budget's setting",
+    },
+)
+ShadowLimits = _enforced(
+    shadow_names,
+    _nullable(
+        {
+            "type": "array",
+            "items": {"enum": list(SHADOWABLE)},
+            "maxItems": len(SHADOWABLE),
+            "description": "ours: these limits of this entity are counted but not enforced",
+        }
+    ),
+)
 
 # -- accepted, not enforced: LiteLLM's types, bounded ----------------------------------
 
@@ -253,6 +274,8 @@ class _Limits(Request):
     output_tpm_limit: Count = None
     max_parallel_requests: Count = None
     model_max_budget: ModelBudgets = None
+    shadow_mode: ShadowMode = None
+    shadow_limits: ShadowLimits = None
 
 
 class _KeyBase(_Limits):

@@ -25,6 +25,7 @@ from ..engine import LimitState
 from ..engine.limits import Budget, Concurrency, Gate, Limit, SharedWindow, SlidingWindow
 from ..pricing import NANO, Price, cost_nano, nano
 from .priority import share_limits
+from .shadow import SHADOW_FIELDS
 
 __all__ = [
     "LIMIT_FIELDS",
@@ -79,7 +80,7 @@ LIMIT_FIELDS = (
 def inherit(entity: Mapping[str, Any], budget: Mapping[str, Any]) -> dict[str, Any]:
     """An entity's own limits, with the gaps filled from its budget's."""
     merged = dict(entity)
-    for name in LIMIT_FIELDS:
+    for name in (*LIMIT_FIELDS, *SHADOW_FIELDS):
         if merged.get(name) is None and budget.get(name) is not None:
             merged[name] = budget[name]
     return merged

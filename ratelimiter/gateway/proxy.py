@@ -58,6 +58,7 @@ from .metrics import METRICS, timer
 from .policy import STRICT_MIN_TOKENS, Resolved, Scope, completion_room, limits_for
 from .resolver import Caller, authenticate, check_model_access, resolve
 from .routing import aliases_of, listed_names, route
+from .shadow import shadow_keys
 from .side_routes import _remember_answer, add_side_routes, carried_tokens
 from .surfaces import SURFACES, StreamTally, Surface
 from .surfaces.base import response_id
@@ -133,6 +134,7 @@ class Call:
         self.max_tokens: int | None = None  # what strict enforcement sends upstream
         # for the trace: the last decision, its estimate in nano-dollars, Redis time before it
         self.decision: Decision | None = None
+        self.shadow: frozenset[str] = frozenset()  # keys of the limits in shadow (shadow.py)
         self.estimate_nano: int | None = None
         self.admission_redis_s = 0.0
 
@@ -176,6 +178,9 @@ class Call:
                 )
             self.scopes = resolved.scopes
             limits = self._limits(resolved, capped=not self.bounded and not self.strict)
+            self.shadow = shadow_keys(
+                self.scopes, limits, self.settings.key_prefix, self.settings.shadow
+            )
             metrics = self.app[METRICS]
             self.describe(caller, deployment)
             self.limits = limits
@@ -207,6 +212,7 @@ class Call:
                 self.reservation, self.deployment = decision.reservation, deployment
                 if self.grants:
                     decision = with_block_states(self.app[BLOCKS], decision, self.grants)
+                self._count_shadow_refusal(decision)
                 return deployment, decision
             if isinstance(decision.refused, Budget):
                 self.app[ALERTS].refused(decision.refused)
@@ -223,10 +229,16 @@ class Call:
         (capacity.py); what the blocks granted goes back unused unless it is admitted."""
         blocks = self.app.get(BLOCKS)
         if blocks is not None and not self.strict:
-            limits, self.grants = await take_blocks(blocks, self.settings.capacity_blocks, limits)
+            # a shadow limit is always decided in the acquire, where its would-be refusal is
+            # counted exactly as the same limit enforced would be: never from a block
+            enforced = [limit for limit in limits if limit.key not in self.shadow]
+            served, self.grants = await take_blocks(
+                blocks, self.settings.capacity_blocks, enforced
+            )
+            limits = [*served, *(limit for limit in limits if limit.key in self.shadow)]
         try:
             decision = await self.engine.acquire(
-                self.request_id, limits, meta=self.meta, ledger=self.dims
+                self.request_id, limits, meta=self.meta, ledger=self.dims, shadow=self.shadow
             )
         except BaseException:
             self._give_back(None)
@@ -238,6 +250,23 @@ class Call:
     def _give_back(self, actuals: dict[str, int] | None) -> None:
         grants, self.grants = self.grants, []
         give_back(self.app, grants, actuals)
+
+    def _count_shadow_refusal(self, decision: Decision) -> None:
+        limit = decision.shadow_refused
+        if limit is not None:
+            metrics = self.app[METRICS]
+            scope = limit.name.split(":")[0]
+            metrics.labelled(metrics.shadow_refusals, scope, decision.shadow_reason or "").inc()
+
+    def shadow_fields(self) -> dict[str, Any]:
+        """What the log line and the ledger entry say of a shadow limit's would-be refusal."""
+        decision = self.decision
+        if decision is None or decision.shadow_refused is None:
+            return {}
+        return {
+            "shadow_refused": decision.shadow_refused.name,
+            "shadow_reason": decision.shadow_reason,
+        }
 
     def _fit_hint(self, refused: Decision, price: Price | None) -> str:
         """For a request held at its own max_tokens, refused by a token window or a budget:
@@ -269,7 +298,10 @@ class Call:
         """budget_enforcement: strict. The request's limits with the completion bounded to what
         they afford now (at most default_max_tokens), held in full. Between this peek and the
         acquire others may take the room: the acquire then refuses, it never over-admits."""
-        measured = [limit for limit in limits if limit.measure is not None]
+        # shadow limits must not change what is served: they do not bound the request
+        measured = [
+            limit for limit in limits if limit.measure is not None and limit.key not in self.shadow
+        ]
         room = None
         if measured:
             states = await self.engine.peek(measured)
@@ -343,6 +375,7 @@ class Call:
             "stream": self.surface.streams(self.body),
             "charged": self.charged,
             "duration_ms": round((time.perf_counter() - self.started) * 1000, 1),
+            **self.shadow_fields(),
         }
 
     def trace_attributes(self) -> dict[str, Any]:
@@ -366,6 +399,7 @@ class Call:
             ),
             "ratelimiter.refused_by": refused.name if refused is not None else None,
             "ratelimiter.refusal_reason": decision.reason if refused is not None else None,
+            "ratelimiter.shadow_refused_by": self.shadow_fields().get("shadow_refused"),
             "ratelimiter.estimate.input_tokens": self.prompt,
             "ratelimiter.estimate.output_tokens": self.most,
             "ratelimiter.estimate.spend_usd": spend_usd(self.estimate_nano),
@@ -399,7 +433,7 @@ class Call:
         if self.finished:
             return
         self.finished, self.charged = True, actuals
-        info = msgpack.packb(self.usage)
+        info = msgpack.packb({**self.usage, **self.shadow_fields()})
         if self.reservation is not None:
             self.update = functools.partial(self._settle, self.reservation, actuals, info)
         elif self.limits is not None:

@@ -26,6 +26,7 @@ from ..engine.limits import MAX_AMOUNT
 from ..errors import EntityError, InvalidDuration
 from ..pricing import NANO
 from .tags import check_tag, tag_list
+from .shadow import shadow_flag, shadow_names
 
 __all__ = [
     "KINDS",
@@ -325,6 +326,9 @@ LIMITS: dict[str, Callable[[str, Any], Any]] = {
     "output_tpm_limit": count,
     "max_parallel_requests": count,
     "model_max_budget": model_budgets,
+    # ours: the entity's limits (all, or those named) are counted but not enforced (shadow.py)
+    "shadow_mode": shadow_flag,
+    "shadow_limits": shadow_names,
 }
 
 # The fields the limiter acts on, per kind, each with its checker; models.py builds the

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from .entries import Entry, Ledger
-from .sink import PostgresSink
+from .sink import SHADOW_INFO, PostgresSink
 
 __all__ = ["FILTERS", "entry_of", "history", "shipped"]
 
@@ -119,6 +119,7 @@ def entry_of(row: Mapping[str, Any]) -> Entry:
         info["response_id"] = metadata["response_id"]
     if metadata.get("usage_reported"):
         info["usage_reported"] = True
+    info.update({name: metadata[name] for name in SHADOW_INFO if metadata.get(name)})
     charged = {"spend": row["spend_nano"]}
     for measure, column in (
         ("tokens", "total_tokens"),

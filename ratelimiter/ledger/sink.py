@@ -188,6 +188,10 @@ def _text(value: Any) -> str | None:
     return value.replace("\x00", "") if isinstance(value, str) else None
 
 
+# A shadow limit's would-be refusal (gateway/shadow.py), kept in the row's metadata.
+SHADOW_INFO = ("shadow_refused", "shadow_reason")
+
+
 def row(entry: Entry, request_id: str | None = None) -> tuple[Any, ...]:
     """The table's row for one entry (``_COLUMNS``' order)."""
     meta, info = entry.meta, entry.info
@@ -202,6 +206,7 @@ def row(entry: Entry, request_id: str | None = None) -> tuple[Any, ...]:
         "client_request_id": _text(meta.get("client_request_id")),
         "usage_reported": info.get("usage_reported") is True,
         "response_id": _text(info.get("response_id")),
+        **{name: _text(info[name]) for name in SHADOW_INFO if info.get(name)},
     }
     return (
         request_id or log_request_id(entry),

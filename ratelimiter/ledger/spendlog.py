@@ -69,4 +69,7 @@ def spend_log(entry: Entry) -> dict[str, Any]:
         "duration_ms": entry.finished_ms - entry.started_ms,
         "estimated_spend": estimated,
         "ledger_status": entry.status,
+        # the shadow limit that would have refused this (served) request, and why
+        "shadow_refused": info.get("shadow_refused"),
+        "shadow_reason": info.get("shadow_reason"),
     }
