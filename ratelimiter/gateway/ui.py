@@ -157,11 +157,20 @@ def _own_counts(app: web.Application) -> dict[str, Any]:
         for (route, _), v in _counter(metrics.requests).items()
         if route.endswith(("completions", "embeddings"))
     )
-    refused: dict[str, float] = {}
-    for (scope, reason), value in _counter(metrics.refusals).items():
+    return {
+        "requests": proxied,
+        "refused": _by_reason(metrics.refusals),
+        "shadow_refused": _by_reason(metrics.shadow_refusals),
+    }
+
+
+def _by_reason(metric: Any) -> dict[str, float]:
+    """A counter labelled by scope and reason, as ``reason (scope)`` -> count."""
+    counts: dict[str, float] = {}
+    for (scope, reason), value in _counter(metric).items():
         label = f"{reason} ({scope})"
-        refused[label] = refused.get(label, 0) + value
-    return {"requests": proxied, "refused": refused}
+        counts[label] = counts.get(label, 0) + value
+    return counts
 
 
 def _live_key(app: web.Application) -> str:
@@ -176,14 +185,18 @@ def _recent(snapshots: deque[dict[str, Any]]) -> dict[str, Any]:
         max(b["requests"] - a["requests"], 0) / max(b["at"] - a["at"], 0.001)
         for a, b in itertools.pairwise(shots)
     ]
-    refused: dict[str, float] = {}
+    recent: dict[str, dict[str, float]] = {"refused": {}, "shadow_refused": {}}
     if shots:
-        first = shots[max(len(shots) - 1 - LIVE_REFUSED_S, 0)]["refused"]
-        last = shots[-1]["refused"]
-        for reason, value in last.items():
-            if value > first.get(reason, 0):
-                refused[reason] = value - first.get(reason, 0)
-    return {"rates": rates, "recent_refused": refused}
+        first, last = shots[max(len(shots) - 1 - LIVE_REFUSED_S, 0)], shots[-1]
+        for what, grown in recent.items():
+            for reason, value in last[what].items():
+                if value > first[what].get(reason, 0):
+                    grown[reason] = value - first[what].get(reason, 0)
+    return {
+        "rates": rates,
+        "recent_refused": recent["refused"],
+        "recent_shadow_refused": recent["shadow_refused"],
+    }
 
 
 async def _publish_counts(app: web.Application) -> AsyncIterator[None]:
@@ -217,9 +230,10 @@ async def live(request: web.Request) -> web.Response:
     app, now = request.app, time.time()
     with translate_errors(app[ENGINE].address):
         published = await app[ENGINE].redis.hgetall(_live_key(app))
-    total: dict[str, Any] = {"requests": 0.0, "refused": {}}
+    total: dict[str, Any] = {"requests": 0.0, "refused": {}, "shadow_refused": {}}
     rps = [0.0] * LIVE_HISTORY
     recent: dict[str, float] = {}
+    recent_shadow: dict[str, float] = {}
     sidecars, stale = 0, []
     for sidecar, raw in published.items():
         counts = orjson.loads(raw)
@@ -235,6 +249,11 @@ async def live(request: web.Request) -> web.Response:
             rps[-1 - i] += rate
         for reason, value in counts.get("recent_refused", {}).items():
             recent[reason] = recent.get(reason, 0) + value
+        # a sidecar of a version before shadow mode publishes none
+        for reason, value in counts.get("shadow_refused", {}).items():
+            total["shadow_refused"][reason] = total["shadow_refused"].get(reason, 0) + value
+        for reason, value in counts.get("recent_shadow_refused", {}).items():
+            recent_shadow[reason] = recent_shadow.get(reason, 0) + value
     if stale:
         with translate_errors(app[ENGINE].address):
             await app[ENGINE].redis.hdel(_live_key(app), *stale)
@@ -245,6 +264,7 @@ async def live(request: web.Request) -> web.Response:
             **total,
             "rps": rps,
             "recent_refused": recent,
+            "recent_shadow_refused": recent_shadow,
             "recent_seconds": LIVE_REFUSED_S,
         }
     )

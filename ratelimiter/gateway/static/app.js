@@ -163,9 +163,11 @@ function formDialog(title, fields, submit, submitLabel = "Save") {
     for (const f of fields) {
       if (f.readonly) { values[f.name] = f.value; continue; }
       const raw = inputs[f.name].value.trim();
+      if (raw === "" && f.clearable) values[f.name] = []; // emptied: none any more
       if (raw === "") continue;
       values[f.name] = f.type === "number" ? Number(raw) : f.type === "list"
-        ? raw.split(",").map((s) => s.trim()).filter(Boolean) : raw;
+        ? raw.split(",").map((s) => s.trim()).filter(Boolean) : f.type === "boolean"
+          ? raw === "true" : raw;
     }
     try {
       await submit(values);
@@ -211,6 +213,26 @@ function header(title, ...buttons) {
   return el("div", { class: "bar" }, el("h1", { text: title }), el("div", {}, buttons));
 }
 
+// -- shadow mode: limits counted and reported, not enforced ------------------------------
+
+const SHADOW_LIMIT_NAMES = ["rpm_limit", "tpm_limit", "input_tpm_limit", "output_tpm_limit",
+  "max_parallel_requests", "max_budget", "model_max_budget", "model_rpm_limit", "model_tpm_limit"];
+const SHADOW_FIELDS = [
+  { name: "shadow_mode", label: "Shadow mode", type: "boolean", options: ["", "true", "false"],
+    hint: "true: every limit here is counted and its would-be 429s reported, none enforced." },
+  { name: "shadow_limits", label: "Shadow limits", type: "list", clearable: true,
+    hint: "Only these, comma-separated: " + SHADOW_LIMIT_NAMES.join(", ") },
+];
+
+// Which of an entity's limits are in shadow, as a badge (nothing when all are enforced).
+function shadowBadge(entity) {
+  const named = entity.shadow_limits || [];
+  if (!entity.shadow_mode && !named.length) return el("span", { class: "muted", text: "enforced" });
+  return el("span", { class: "badge shadow", title: "counted and reported, not enforced",
+    text: "shadow: " + (entity.shadow_mode ? "all limits" : named.join(", ")) });
+}
+const SHADOW_COLUMN = { title: "Shadow", value: shadowBadge };
+
 // -- pages -------------------------------------------------------------------------------
 
 const LIMIT_FIELDS = [
@@ -222,6 +244,7 @@ const LIMIT_FIELDS = [
   { name: "max_parallel_requests", label: "Max Parallel Requests", type: "number" },
   { name: "budget_duration", label: "Budget Duration", options: DURATIONS,
     hint: "When spend resets: daily at midnight, monthly on the 1st…" },
+  ...SHADOW_FIELDS,
 ];
 
 function withValues(fields, values) {
@@ -249,6 +272,7 @@ async function budgetsPage() {
       { title: "RPM / TPM / parallel", value: (b) =>
         [b.rpm_limit, b.tpm_limit, b.max_parallel_requests].map(plain).join(" / ") },
       { title: "Duration", value: (b) => durationName(b.budget_duration) },
+      SHADOW_COLUMN,
       { title: "Next reset", value: (b) => when(b.budget_reset_at) },
       { title: "Used by", value: (b) => `${plural(b.keys, "key")}, ${plural(b.customers, "customer")}` },
       { ...ACTIONS, value: (b) => actions(
@@ -307,6 +331,7 @@ async function keysPage() {
       { title: "RPM / TPM / parallel", value: (k) =>
         [k.info.rpm_limit, k.info.tpm_limit, k.info.max_parallel_requests].map(plain).join(" / ") },
       { title: "Spend", value: (k) => spend(k.info) },
+      { ...SHADOW_COLUMN, value: (k) => shadowBadge(k.info) },
       { title: "State", value: (k) => el("span", { class: "badge " + (k.info.blocked ? "bad" : "good"),
         text: k.info.blocked ? "blocked" : "active" }) },
       { ...ACTIONS, value: (k) => actions(
@@ -352,6 +377,7 @@ async function usersPage() {
       { title: "Spend", num: true, value: (u) => money(u.spend) },
       { title: "Duration", value: (u) => durationName(u.budget_duration) },
       { title: "RPM / TPM", value: (u) => `${plain(u.rpm_limit)} / ${plain(u.tpm_limit)}` },
+      SHADOW_COLUMN,
       { ...ACTIONS, value: (u) => actions(
         button("Edit", () => formDialog("Edit user " + u.user_id,
           withValues([{ name: "user_email", label: "Email" }, ...LIMIT_FIELDS], u),
@@ -389,6 +415,7 @@ async function teamsPage() {
       { title: "Alias", value: (t) => t.team_alias },
       { title: "Max budget", num: true, value: (t) => money(t.max_budget) },
       { title: "Spend", num: true, value: (t) => money(t.spend) },
+      SHADOW_COLUMN,
       { cls: "id", title: "Members", value: (t) => el("div", {}, (t.members || []).map((m) =>
         el("div", {}, `${m.user_id} (${m.role || "user"}) `,
           button("Remove", confirmThen(`Remove ${m.user_id} from ${t.team_id}?`,
@@ -647,10 +674,31 @@ function livePanel() {
     refusals.replaceChildren(rows.length
       ? el("ul", {}, rows.map(([reason, n]) => el("li", {}, `${reason}: ${n}`)))
       : el("p", { class: "muted", text: "none" }));
+    shadow.show(live);
   };
+  const shadow = shadowRefusals();
   const node = el("section", { class: "card", "aria-live": "polite" },
-    el("h2", { text: "Requests per second, last minute" }), rate, spark.node, recent, refusals);
+    el("h2", { text: "Requests per second, last minute" }), rate, spark.node, recent, refusals,
+    shadow.node);
   return { node, show };
+}
+
+// Would-be 429s of shadow limits (served all the same), by reason and scope: beside the real
+// 429s, so an operator sees what enforcing them would refuse before turning them on.
+function shadowRefusals() {
+  const title = el("h2", {});
+  const list = el("div", { id: "live-shadow-429" });
+  const show = (live) => {
+    title.textContent = `Shadow limits: would-be 429s, last ${live.recent_seconds} s`;
+    const recent = Object.entries(live.recent_shadow_refused || {});
+    const total = Object.entries(live.shadow_refused || {});
+    list.replaceChildren(recent.length
+      ? el("ul", {}, recent.map(([reason, n]) => el("li", {}, `${reason}: ${n}`)))
+      : el("p", { class: "muted", text: "none" }),
+    total.length ? el("p", { class: "muted", text: "since the sidecars started: " +
+      total.map(([reason, n]) => `${reason}: ${n}`).join(", ") }) : null);
+  };
+  return { node: el("div", {}, title, list), show };
 }
 
 // -- routing, sign-in ------------------------------------------------------------------------
