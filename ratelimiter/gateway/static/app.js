@@ -163,7 +163,8 @@ function formDialog(title, fields, submit, submitLabel = "Save") {
     for (const f of fields) {
       if (f.readonly) { values[f.name] = f.value; continue; }
       const raw = inputs[f.name].value.trim();
-      if (raw === "" && f.clearable) values[f.name] = []; // emptied: none any more
+      // emptied in an edit: none any more (left empty on create, it is not sent)
+      if (raw === "" && f.clearable && f.value && f.value.length) values[f.name] = [];
       if (raw === "") continue;
       values[f.name] = f.type === "number" ? Number(raw) : f.type === "list"
         ? raw.split(",").map((s) => s.trim()).filter(Boolean) : f.type === "boolean"
