@@ -232,9 +232,7 @@ class Call:
             # a shadow limit is always decided in the acquire, where its would-be refusal is
             # counted exactly as the same limit enforced would be: never from a block
             enforced = [limit for limit in limits if limit.key not in self.shadow]
-            served, self.grants = await take_blocks(
-                blocks, self.settings.capacity_blocks, enforced
-            )
+            served, self.grants = await take_blocks(blocks, self.settings.capacity_blocks, enforced)
             limits = [*served, *(limit for limit in limits if limit.key in self.shadow)]
         try:
             decision = await self.engine.acquire(
