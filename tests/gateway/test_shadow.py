@@ -27,6 +27,7 @@ from ..conftest import (
     running_sidecar,
     running_upstream,
 )
+from .test_capacity import settings_for
 
 # How an enforced refusal's error type names the limit that a shadow header names.
 REFUSED_AS = {"requests": "key:requests", "tokens": "key:tokens", "budget_exceeded": "key:budget"}
@@ -264,3 +265,28 @@ def test_a_bad_whole_sidecar_shadow_setting_is_a_config_error(tmp_path: Path, va
         f"general_settings:\n  master_key: {MASTER_KEY}\nratelimiter_settings:\n  shadow: true\n"
     )
     assert load_config(path, env={}).shadow is True
+
+
+async def test_a_shadow_limit_is_never_served_from_capacity_blocks(ns: str, redis_url: str) -> None:
+    """A deployment's rpm in shadow, its scope named in capacity_blocks: each request is
+    decided in Redis, so exactly the capacity is counted and the rest would be refused."""
+    async with running_upstream() as upstream:
+        settings = settings_for(
+            ns, upstream, rpm=16, capacity_blocks={"deployment": 2}, shadow=True
+        )
+        async with (
+            running_sidecar(settings, redis_url) as base,
+            aiohttp.ClientSession() as session,
+        ):
+            admin = Admin(session, base)
+            key = (await admin.post("/key/generate", {}))["key"]
+            would = []
+            for _ in range(20):
+                async with session.post(
+                    f"{base}/v1/chat/completions",
+                    json={"model": "m", "messages": MESSAGES, "max_tokens": 4},
+                    headers={"Authorization": f"Bearer {key}"},
+                ) as response:
+                    assert response.status == 200
+                    would.append(response.headers.get(SHADOW_REFUSED))
+    assert would == [None] * 16 + ["deployment:requests"] * 4
