@@ -59,6 +59,7 @@ from .policy import STRICT_MIN_TOKENS, Resolved, Scope, completion_room, limits_
 from .resolver import Caller, authenticate, check_model_access, resolve
 from .routing import aliases_of, listed_names, route
 from .shadow import shadow_keys
+from .shadow_counts import count_shadow_refusal
 from .side_routes import _remember_answer, add_side_routes, carried_tokens
 from .surfaces import SURFACES, StreamTally, Surface
 from .surfaces.base import response_id
@@ -255,6 +256,7 @@ class Call:
             metrics = self.app[METRICS]
             scope = limit.name.split(":")[0]
             metrics.labelled(metrics.shadow_refusals, scope, decision.shadow_reason or "").inc()
+            count_shadow_refusal(self.app, self.scopes, limit)
 
     def shadow_fields(self) -> dict[str, Any]:
         """What the log line and the ledger entry say of a shadow limit's would-be refusal."""

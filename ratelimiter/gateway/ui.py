@@ -26,6 +26,7 @@ from .http import ENGINE, SETTINGS, STORE
 from .metrics import METRICS
 from .priority import deployment_shares
 from .resolver import may_call
+from .shadow_counts import shadow_refusals_today
 
 __all__ = ["add_ui_routes"]
 
@@ -270,6 +271,12 @@ async def live(request: web.Request) -> web.Response:
     )
 
 
+async def shadow_refusals(request: web.Request) -> web.Response:
+    """Today's would-be refusals of shadow limits, per entity and limit (shadow_counts.py)."""
+    await access.view(request)
+    return json_response(await shadow_refusals_today(request.app))
+
+
 def add_ui_routes(app: web.Application) -> None:
     app.cleanup_ctx.append(_publish_counts)
     r = app.router
@@ -278,6 +285,7 @@ def add_ui_routes(app: web.Application) -> None:
     r.add_get("/ui/static/{name}", static)
     r.add_get("/ui/api/budgets", budgets)
     r.add_get("/ui/api/live", live)
+    r.add_get("/ui/api/shadow", shadow_refusals)
     r.add_get("/model/info", model_info)
     for kind in ("user", "team", "customer"):
         r.add_get(f"/{kind}/list", entities(kind))

@@ -16,6 +16,7 @@ import pytest
 from ratelimiter.engine.limits import Budget, SlidingWindow
 from ratelimiter.gateway.config import ConfigError, load_config
 from ratelimiter.gateway.policy import Scope
+from ratelimiter.gateway.store import hash_key
 from ratelimiter.responses import SHADOW_REASON, SHADOW_REFUSED
 
 from ..conftest import (
@@ -118,6 +119,20 @@ async def test_the_same_traffic_refused_by_an_enforced_copy_is_counted_by_a_shad
         rows = await spend_logs(stack, whole, len(TRAFFIC))
         assert sorted(filter(None, (row["shadow_refused"] for row in rows))) == sorted(expected)
         assert all(row["shadow_reason"] for row in rows if row["shadow_refused"])
+        # and the UI's count per entity and limit, summed over sidecars
+        counts = await today(stack.admin, f"key:{hash_key(whole)}", len(expected))
+        assert counts == {name: expected.count(name) for name in set(expected)}
+
+
+async def today(admin: Admin, entity: str, total: int) -> dict[str, int]:
+    """/ui/api/shadow's counts of one entity once they reach ``total`` (counted after the
+    response)."""
+    for _ in range(200):
+        counts = (await admin.get("/ui/api/shadow"))["entities"].get(entity, {})
+        if sum(counts.values()) >= total:
+            return counts
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{entity}: {counts}")
 
 
 async def test_switching_between_shadow_and_enforced_needs_no_restart(stack: Stack) -> None:

@@ -60,21 +60,23 @@ async def test_shadow_limits_and_their_would_be_refusals_are_shown(
     await sign_in(p, sidecar)
     await open_page(p, sidecar, "keys")
     row = p.locator("#page tr", has_text="trial")  # type: ignore[attr-defined]
-    await playwright_api.expect(row.locator("td[data-label=Shadow]")).to_have_text(
-        "shadow: rpm_limit"
-    )
+    cell = row.locator("td[data-label=Shadow]")
+    await playwright_api.expect(cell).to_have_text("shadow: rpm_limit2 would-be 429s today")
     await assert_layout(p, "keys with a shadow column")
+    await shot(p, "keys-shadow")
     # Enforced again from the Edit dialog: the badge says so.
     await row.locator("text=Edit").click()
     await p.fill("#field-shadow_limits", "")  # type: ignore[attr-defined]
     await p.select_option("#field-shadow_mode", "false")  # type: ignore[attr-defined]
     await p.keyboard.press("Enter")  # type: ignore[attr-defined]
-    await playwright_api.expect(row.locator("td[data-label=Shadow]")).to_have_text("enforced")
+    # today's would-be refusals stay in view once it is enforced
+    await playwright_api.expect(cell).to_have_text("enforced2 would-be 429s today")
     await open_page(p, sidecar, "teams")
     team = p.locator("#page tr", has_text="canary")  # type: ignore[attr-defined]
     await playwright_api.expect(team.locator("td[data-label=Shadow]")).to_have_text(
         "shadow: all limits"
     )
+    await assert_layout(p, "teams with a shadow column")
     await open_page(p, sidecar, "spend")
     panel = p.locator("#live-shadow-429")  # type: ignore[attr-defined]
     await playwright_api.expect(panel).to_contain_text("window_full (key): 2", timeout=10_000)

@@ -234,6 +234,19 @@ function shadowBadge(entity) {
 }
 const SHADOW_COLUMN = { title: "Shadow", value: shadowBadge };
 
+// The badge, and today's would-be 429s of the entity's shadow limits (from /ui/api/shadow,
+// summed over sidecars), also once they are enforced again.
+function shadowColumn(kind, entityOf, idOf, shadow) {
+  return { title: "Shadow", value: (row) => {
+    const counts = (shadow.entities || {})[`${kind}:${idOf(row)}`] || {};
+    const total = Object.values(counts).reduce((sum, n) => sum + n, 0);
+    return el("div", {}, shadowBadge(entityOf(row)), total ? el("div", { class: "muted shadow-count",
+      title: Object.entries(counts).map(([limit, n]) => `${limit}: ${n}`).join(", "),
+      text: `${plural(total, "would-be 429")} today` }) : null);
+  } };
+}
+const shadowToday = () => api("GET", "/ui/api/shadow");
+
 // -- pages -------------------------------------------------------------------------------
 
 const LIMIT_FIELDS = [
@@ -302,7 +315,8 @@ async function allKeys() {
 }
 
 async function keysPage() {
-  const [list, budgets] = await Promise.all([allKeys(), api("GET", "/budget/list")]);
+  const [list, budgets, shadow] = await Promise.all([allKeys(), api("GET", "/budget/list"),
+    shadowToday()]);
   // /key/list gives the keys' hashes (or, asked for full objects, the keys themselves).
   const ids = list.keys.map((k) => (typeof k === "string" ? k : k.token || k.token_id));
   const infos = await Promise.all(ids.map((k) => api("GET", "/key/info?key=" + encodeURIComponent(k))));
@@ -332,7 +346,7 @@ async function keysPage() {
       { title: "RPM / TPM / parallel", value: (k) =>
         [k.info.rpm_limit, k.info.tpm_limit, k.info.max_parallel_requests].map(plain).join(" / ") },
       { title: "Spend", value: (k) => spend(k.info) },
-      { ...SHADOW_COLUMN, value: (k) => shadowBadge(k.info) },
+      shadowColumn("key", (k) => k.info, (k) => k.info.key_id || k.key, shadow),
       { title: "State", value: (k) => el("span", { class: "badge " + (k.info.blocked ? "bad" : "good"),
         text: k.info.blocked ? "blocked" : "active" }) },
       { ...ACTIONS, value: (k) => actions(
@@ -365,7 +379,7 @@ function showKeyOnce(key) {
 }
 
 async function usersPage() {
-  const users = await api("GET", "/user/list");
+  const [users, shadow] = await Promise.all([api("GET", "/user/list"), shadowToday()]);
   return [
     header("Users", el("button", { type: "button", onclick: () => formDialog("Create User",
       [{ name: "user_id", label: "User ID", required: true }, { name: "user_email", label: "Email" },
@@ -378,7 +392,7 @@ async function usersPage() {
       { title: "Spend", num: true, value: (u) => money(u.spend) },
       { title: "Duration", value: (u) => durationName(u.budget_duration) },
       { title: "RPM / TPM", value: (u) => `${plain(u.rpm_limit)} / ${plain(u.tpm_limit)}` },
-      SHADOW_COLUMN,
+      shadowColumn("user", (u) => u, (u) => u.user_id, shadow),
       { ...ACTIONS, value: (u) => actions(
         button("Edit", () => formDialog("Edit user " + u.user_id,
           withValues([{ name: "user_email", label: "Email" }, ...LIMIT_FIELDS], u),
@@ -390,7 +404,7 @@ async function usersPage() {
 }
 
 async function teamsPage() {
-  const teams = await api("GET", "/team/list");
+  const [teams, shadow] = await Promise.all([api("GET", "/team/list"), shadowToday()]);
   const addMember = (t) => formDialog("Add a member to " + t.team_id, [
     { name: "user_id", label: "User ID", required: true },
     { name: "role", label: "Role", options: ["user", "admin"] },
@@ -416,7 +430,7 @@ async function teamsPage() {
       { title: "Alias", value: (t) => t.team_alias },
       { title: "Max budget", num: true, value: (t) => money(t.max_budget) },
       { title: "Spend", num: true, value: (t) => money(t.spend) },
-      SHADOW_COLUMN,
+      shadowColumn("team", (t) => t, (t) => t.team_id, shadow),
       { cls: "id", title: "Members", value: (t) => el("div", {}, (t.members || []).map((m) =>
         el("div", {}, `${m.user_id} (${m.role || "user"}) `,
           button("Remove", confirmThen(`Remove ${m.user_id} from ${t.team_id}?`,
