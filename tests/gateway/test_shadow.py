@@ -155,6 +155,25 @@ async def test_switching_between_shadow_and_enforced_needs_no_restart(stack: Sta
     assert info["info"]["shadow_mode"] is True and info["info"]["shadow_limits"] == []
 
 
+async def test_an_end_users_limit_is_switched_by_customer_update(stack: Stack) -> None:
+    await stack.admin.post("/customer/new", {"user_id": "bob", "rpm_limit": 1})
+    await stack.admin.post("/customer/update", {"user_id": "bob", "shadow_limits": ["rpm_limit"]})
+    key = await stack.key()
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 4, "user": "bob"}
+    url = f"{stack.base}/v1/chat/completions"
+    seen = []
+    for _ in range(2):
+        async with stack.admin.session.post(url, json=body, headers=headers) as response:
+            seen.append((response.status, response.headers.get(SHADOW_REFUSED)))
+    assert seen == [(200, None), (200, "end_user:requests")]
+    await stack.admin.post("/customer/update", {"user_id": "bob", "shadow_limits": None})
+    async with stack.admin.session.post(url, json=body, headers=headers) as response:
+        assert response.status == 429
+    info = await stack.admin.get("/customer/info", end_user_id="bob")
+    assert info["shadow_limits"] is None
+
+
 async def test_a_refusal_by_an_enforced_limit_takes_nothing_in_shadow_limits(
     stack: Stack,
 ) -> None:
