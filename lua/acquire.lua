@@ -21,6 +21,8 @@
 --            request is admitted by the others and takes nothing in any shadow limit (as a
 --            refusal would take nothing), so a shadow limit counts exactly what the same limit
 --            enforced would. A refusal by an enforced limit takes nothing anywhere, as before.
+-- ARGV[12]   '1' to take no shadow limit even if none of this group would refuse: one of
+--            another slot group of the request would (a Cluster), so none may count it
 --
 -- Returns a msgpack map:
 --   ok   1 admitted, 0 refused
@@ -31,6 +33,7 @@
 --   sh   (admitted, a shadow limit would have refused) the same for the shadow limits:
 --        sh = index, shwhy = reason, shra = retry-after ms or -1; every shadow limit then
 --        took 0 (in took) and the record holds them as gates, which settlement leaves alone
+--   sk   1 when the shadow limits were not taken (sh, or ARGV[12])
 --   dup  (repeated request id) 'held' with the stored reply when the reservation is held for
 --        the same keys and specs (a retry after a lost reply); 'conflict' when it is held for
 --        other limits; else the finished reservation's status. Nothing is changed.
@@ -194,7 +197,7 @@ end
 
 -- Pass 2: every enforced limit has room; take it and remember where, for settle and release.
 -- When a shadow limit would refuse, no shadow limit is taken.
-local skip = sh > 0 and ARGV[7] ~= '1'
+local skip = (sh > 0 or ARGV[12] == '1') and next(shadow) ~= nil and ARGV[7] ~= '1'
 local at, took, short = {}, {}, false
 for i, spec in ipairs(specs) do
   local key, kind, amount = KEYS[i + 2], spec[1], spec[2]
@@ -243,7 +246,10 @@ local hold_ttl, record_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local deadline = now + hold_ttl
 local reply = {ok = 1, st = states, took = short and took or nil}
 if skip then
-  reply.sh, reply.shwhy, reply.shra = sh, shwhy, shra
+  reply.sk = 1
+  if sh > 0 then
+    reply.sh, reply.shwhy, reply.shra = sh, shwhy, shra
+  end
 end
 reply = mp_pack(reply)
 local stored = ARGV[3]

@@ -295,8 +295,9 @@ class Engine:
         never refuses; when one would, the request is admitted by the enforced limits alone
         and takes nothing in any shadow limit, as if refused there (so a shadow limit counts
         exactly what it would enforced), and the decision names it in ``shadow_refused``. A
-        request refused by an enforced limit takes nothing anywhere. On a Cluster "any shadow
-        limit" means any of the same slot group: other groups' shadow limits still count it.
+        request refused by an enforced limit takes nothing anywhere. On a Cluster the slot
+        groups that took their shadow limits meanwhile are undone and taken again without
+        them (an instant of under-admission, as for a refusal; refused if their room went).
         """
         request_id = _check_request_id(request_id)
         limits = validate_limits(limits, allow_empty=ledger is not None)
@@ -332,27 +333,13 @@ class Engine:
             if taken:
                 await self._cancel(Reservation(request_id, tuple(taken)))
             raise DuplicateRequest(request_id, reused)
-        states: list[LimitState | None] = [None] * len(limits)
-        refusal: tuple[int, str, int] | None = None
-        would: tuple[int, str, int] | None = None  # the shadow limit that would refuse
-        for (_, indices), reply in zip(groups, replies, strict=True):
-            flat, took = reply["st"], reply.get("took")
-            for n, i in enumerate(indices):
-                taken = None
-                if reply["ok"]:
-                    taken = took[n] if took else limits[i].amount
-                states[i] = LimitState(
-                    limits[i], flat[2 * n], flat[2 * n + 1], taken, limits[i].key in shadow
-                )
-            if not reply["ok"]:
-                candidate = (indices[reply["i"] - 1], reply["why"], reply["ra"])
-                if refusal is None or _later(candidate[2], refusal[2]):
-                    refusal = candidate
-            elif "sh" in reply:
-                candidate = (indices[reply["sh"] - 1], reply["shwhy"], reply["shra"])
-                if would is None or _later(candidate[2], would[2]):
-                    would = candidate
-        final_states = tuple(s for s in states if s is not None)
+        final_states, refusal, would = _read_replies(groups, replies, limits, shadow)
+        if refusal is None and would is not None and len(groups) > 1:
+            # Another slot group may have counted the request in its shadow limits: taken again
+            # without them, so no shadow limit of the request counts it, as on one Redis.
+            final_states, refusal, would = await self._without_shadow(
+                request_id, groups, replies, limits, shadow, (now, meta, dims, spans)
+            )
         reservation = Reservation(request_id, tuple(anchor for anchor, _ in groups))
         if refusal is None and would is not None:
             index, reason, retry = would
@@ -382,6 +369,45 @@ class Engine:
             reason,
             None if retry < 0 else retry,
         )
+
+    async def _without_shadow(
+        self,
+        request_id: str,
+        groups: list[tuple[str, list[int]]],
+        replies: list[dict[str, Any]],
+        limits: Sequence[Limit],
+        shadow: frozenset[str],
+        call: tuple[int, bytes, bytes | None, str],
+    ) -> tuple[tuple[LimitState, ...], tuple[int, str, int] | None, tuple[int, str, int] | None]:
+        """A shadow limit of one slot group would refuse: the groups that took their shadow
+        limits are undone and taken again, skipping them. Between the two, another request
+        may take their enforced limits' room: this one is then refused, taking nothing."""
+        now, meta, dims, spans = call
+        redo = [
+            n
+            for n, ((_, indices), reply) in enumerate(zip(groups, replies, strict=True))
+            if "sk" not in reply and any(limits[i].key in shadow for i in indices)
+        ]
+        if redo:
+            await self._cancel(Reservation(request_id, tuple(groups[n][0] for n in redo)))
+            again = await self._gather(
+                self._acquire_group(
+                    request_id,
+                    groups[n][0],
+                    [limits[i] for i in groups[n][1]],
+                    now,
+                    meta,
+                    False,
+                    dims if n == 0 else None,
+                    spans,
+                    [m + 1 for m, i in enumerate(groups[n][1]) if limits[i].key in shadow],
+                    skip_shadow=True,
+                )
+                for n in redo
+            )
+            for n, reply in zip(redo, again, strict=True):
+                replies[n] = reply
+        return _read_replies(groups, replies, limits, shadow)
 
     async def settle(
         self,
@@ -620,6 +646,7 @@ class Engine:
         ledger_dims: bytes | None,
         spans: str,
         shadow: list[int],
+        skip_shadow: bool = False,
     ) -> dict[str, Any]:
         keys = [*self._record_keys(anchor, rid), *(limit.key for limit in limits)]
         args = [
@@ -634,6 +661,7 @@ class Engine:
             ledger_dims or b"",
             spans,
             msgpack.packb(shadow) if shadow else b"",
+            "1" if skip_shadow else "0",
         ]
         return await self._run(self._scripts["acquire"], keys, args)
 
@@ -786,6 +814,37 @@ def _share_spec(limit: SharedWindow, group: Sequence[Limit]) -> list[Any]:
 def _later(retry: int, other: int) -> bool:
     """Whether ``retry`` frees later than ``other``; -1 means never."""
     return other >= 0 and (retry < 0 or retry > other)
+
+
+def _read_replies(
+    groups: Sequence[tuple[str, list[int]]],
+    replies: Sequence[dict[str, Any]],
+    limits: Sequence[Limit],
+    shadow: frozenset[str],
+) -> tuple[tuple[LimitState, ...], tuple[int, str, int] | None, tuple[int, str, int] | None]:
+    """Every limit's state from the groups' replies, the enforced refusal that frees last and
+    the shadow limit that would refuse (each as limit index, reason, retry-after or -1)."""
+    states: list[LimitState | None] = [None] * len(limits)
+    refusal: tuple[int, str, int] | None = None
+    would: tuple[int, str, int] | None = None
+    for (_, indices), reply in zip(groups, replies, strict=True):
+        flat, took = reply["st"], reply.get("took")
+        for n, i in enumerate(indices):
+            taken = None
+            if reply["ok"]:
+                taken = took[n] if took else limits[i].amount
+            states[i] = LimitState(
+                limits[i], flat[2 * n], flat[2 * n + 1], taken, limits[i].key in shadow
+            )
+        if not reply["ok"]:
+            candidate = (indices[reply["i"] - 1], reply["why"], reply["ra"])
+            if refusal is None or _later(candidate[2], refusal[2]):
+                refusal = candidate
+        elif "sh" in reply:
+            candidate = (indices[reply["sh"] - 1], reply["shwhy"], reply["shra"])
+            if would is None or _later(candidate[2], would[2]):
+                would = candidate
+    return tuple(s for s in states if s is not None), refusal, would
 
 
 def _check_shadow(shadow: Any, limits: Sequence[Limit]) -> frozenset[str]:

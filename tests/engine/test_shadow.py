@@ -132,19 +132,30 @@ async def test_hostile_shadow_arguments_are_refused(
     assert [s.remaining for s in await clocked.peek([limit])] == [5]
 
 
-async def test_cluster_shadow_decisions(cluster_engine: Engine, ns: str) -> None:
-    """Limits in several slots: the would-refusal is reported; an enforced refusal in any
-    slot takes nothing anywhere."""
+async def test_on_a_cluster_no_shadow_limit_of_any_slot_counts_a_would_be_refusal(
+    cluster_engine: Engine, ns: str
+) -> None:
+    """Limits in three slots: a shadow limit of one would refuse, so the shadow limit of
+    another is not counted either (its group is taken again without it), as on one Redis;
+    an enforced refusal in any slot takes nothing anywhere."""
     limits = [
         SlidingWindow(f"{{{ns}a}}:w", 1, "1m"),
         SlidingWindow(f"{{{ns}b}}:w", 5, "1m"),
         SlidingWindow(f"{{{ns}c}}:w", 5, "1m"),
     ]
-    shadow = [limits[0].key]
+    shadow = [limits[0].key, limits[1].key]
     assert (await cluster_engine.acquire(None, limits, shadow=shadow)).shadow_refused is None
-    decision = await cluster_engine.acquire(None, limits, shadow=shadow)
+    decision = await cluster_engine.acquire("second", limits, shadow=shadow)
     assert decision.allowed and decision.shadow_refused == limits[0]
+    assert [s.taken for s in decision.states] == [0, 0, 1]
+    assert [s.remaining for s in await cluster_engine.peek(limits)] == [0, 4, 3]
+    again = await cluster_engine.acquire("second", limits, shadow=shadow)  # a retry
+    assert again.allowed and [s.remaining for s in await cluster_engine.peek(limits)] == [0, 4, 3]
+    assert decision.reservation is not None
+    settled = await cluster_engine.settle(decision.reservation)
+    assert settled.status == "settled" and settled.first
+    assert [s.remaining for s in await cluster_engine.peek(limits)] == [0, 4, 3]
     enforced = [SlidingWindow(f"{{{ns}d}}:w", 0, "1m"), *limits]
     refused = await cluster_engine.acquire(None, enforced, shadow=shadow)
     assert not refused.allowed
-    assert [s.remaining for s in await cluster_engine.peek(limits)] == [0, 3, 3]
+    assert [s.remaining for s in await cluster_engine.peek(limits)] == [0, 4, 3]
