@@ -25,8 +25,8 @@ from ..engine.durations import parse_duration, shown
 from ..engine.limits import MAX_AMOUNT
 from ..errors import EntityError, InvalidDuration
 from ..pricing import NANO
-from .tags import check_tag, tag_list
 from .shadow import shadow_flag, shadow_names
+from .tags import check_tag, tag_list
 
 __all__ = [
     "KINDS",
