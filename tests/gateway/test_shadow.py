@@ -174,6 +174,24 @@ async def test_an_end_users_limit_is_switched_by_customer_update(stack: Stack) -
     assert info["shadow_limits"] is None
 
 
+async def test_a_tags_limit_in_shadow(stack: Stack) -> None:
+    await stack.admin.post(
+        "/tag/new", {"name": "canary", "rpm_limit": 1, "shadow_limits": ["rpm_limit"]}
+    )
+    key = await stack.key()
+    headers = {"Authorization": f"Bearer {key}", "x-litellm-tags": "canary"}
+    body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 4}
+    url = f"{stack.base}/v1/chat/completions"
+    seen = []
+    for _ in range(2):
+        async with stack.admin.session.post(url, json=body, headers=headers) as response:
+            seen.append((response.status, response.headers.get(SHADOW_REFUSED)))
+    assert seen == [(200, None), (200, "tag:requests")]
+    await stack.admin.post("/tag/update", {"name": "canary", "shadow_limits": []})
+    async with stack.admin.session.post(url, json=body, headers=headers) as response:
+        assert response.status == 429
+
+
 async def test_a_refusal_by_an_enforced_limit_takes_nothing_in_shadow_limits(
     stack: Stack,
 ) -> None:
