@@ -220,3 +220,36 @@ class ShareModel:
         within = self.own.used(now) + need <= self.share
         if within and self.total.used(now) + need > self.total.limit.capacity:
             self.board[self.own.limit.key] = (now + self.total.w, self.share)
+
+
+Check = tuple[str | None, int | None]  # (reason, retry-after ms or NEVER) of one limit
+
+
+def reported(refusals: list[Check]) -> Check:
+    """The refusal a decision reports of several: one that never frees, else the one that
+    frees last (the first of equals)."""
+    never = [c for c in refusals if c[1] is NEVER]
+    return never[0] if never else max(refusals, key=lambda c: c[1] or 0)
+
+
+@dataclass
+class Admission:
+    """One acquire decided with shadow limits: ``refusal`` by an enforced limit (nothing is
+    taken), else admitted, ``would`` naming a shadow limit that would have refused, and
+    ``taken`` the limits that count the request: all, or, when one would, the enforced ones."""
+
+    refusal: Check | None
+    would: Check | None
+    taken: frozenset[int]
+
+
+def admit(checks: dict[int, Check], shadow: frozenset[int]) -> Admission:
+    """``checks``: each limit's own answer, by id. A shadow limit never refuses; when one
+    would, no shadow limit counts the request (as a refusal would count nowhere)."""
+    refusing = [c for i, c in checks.items() if c[0] is not None and i not in shadow]
+    if refusing:
+        return Admission(reported(refusing), None, frozenset())
+    would = [c for i, c in checks.items() if c[0] is not None and i in shadow]
+    if would:
+        return Admission(None, reported(would), frozenset(checks) - shadow)
+    return Admission(None, None, frozenset(checks))

@@ -20,7 +20,7 @@ from ratelimiter import Budget, Concurrency, Engine, SharedWindow, SlidingWindow
 from ratelimiter.engine.durations import time_zone
 
 from ..conftest import ManualClock
-from .model import BudgetModel, LeaseModel, ShareModel, WindowModel
+from .model import BudgetModel, LeaseModel, ShareModel, WindowModel, admit
 
 HOLD_TTL = 20_000
 # Long enough that Redis's own (real-time) key expiry never fires during an example.
@@ -150,24 +150,21 @@ class Scenario:
             checks[4] = self.lease.check(now)
         if mask & 8:
             checks[8] = self.budget_check(now, spend, took)
-        refusals = [c for bit, c in checks.items() if c[0] is not None and not bit & shadow]
-        would = [c for bit, c in checks.items() if c[0] is not None and bit & shadow]
-        assert decision.allowed == (not refusals), (decision, checks)
-        assert [s.shadow for s in decision.states] == [bool(b & shadow) for b in checks]
-        if refusals:
-            assert (decision.reason, decision.retry_after_ms) == first_to_free(refusals)
+        shadow_bits = frozenset(bit for bit in checks if bit & shadow)
+        outcome = admit(checks, shadow_bits)
+        assert decision.allowed == (outcome.refusal is None), (decision, checks)
+        assert [s.shadow for s in decision.states] == [bit in shadow_bits for bit in checks]
+        if outcome.refusal is not None:
+            assert (decision.reason, decision.retry_after_ms) == outcome.refusal
             assert decision.shadow_refused is None
             self.expect_states(decision, mask, now, taken=False)
             assert all(s.taken is None for s in decision.states)  # refused takes nothing
             return
         got = (decision.shadow_reason, decision.shadow_retry_after_ms)
-        assert got == (first_to_free(would) if would else (None, None))
-        if would:  # as if refused there: the shadow limits take nothing
-            mask_taken = mask & ~shadow
-            took = {m: n for m, n in took.items() if mask_taken & {"tokens": 2, "spend": 8}[m]}
-            self.take(decision, Request(rid, mask_taken, tokens, spend, 0, 0), mask, took)
-            return
-        self.take(decision, Request(rid, mask, tokens, spend, 0, 0), mask, took)
+        assert got == (outcome.would or (None, None))
+        taken = sum(outcome.taken)  # the bits of the limits that count it
+        took = {m: n for m, n in took.items() if taken & {"tokens": 2, "spend": 8}[m]}
+        self.take(decision, Request(rid, taken, tokens, spend, 0, 0), mask, took)
 
     def take(self, decision: Any, request: Request, asked: int, took: dict[str, int]) -> None:
         """The model takes the limits in ``request.mask`` of the ``asked`` ones it met."""
@@ -306,12 +303,6 @@ class Scenario:
             max(self.lease.limit.capacity - self.lease.live(now), 0),
             max(self.budget.limit.capacity - self.budget.current(now), 0),
         ]
-
-
-def first_to_free(refusals: list[tuple[Any, Any]]) -> tuple[Any, Any]:
-    """The refusal a decision reports: one that never frees, else the one that frees last."""
-    never = [c for c in refusals if c[1] is None]
-    return never[0] if never else max(refusals, key=lambda c: c[1] or 0)
 
 
 async def run(redis_url: str, config: dict[str, Any], steps: list[tuple[Any, ...]]) -> None:
