@@ -126,11 +126,11 @@ def shadow_keys(
         return frozenset(limit.key for limit in limits if not isinstance(limit, Gate))
     team = next((s.fields for s in scopes if s.kind == "team"), {})
     owners = [
-        (scope.key(prefix, ""), team if scope.kind == "member" else scope.fields)
+        (scope.key(prefix, ""), fields)
         for scope in scopes
+        if _shadows(fields := team if scope.kind == "member" else scope.fields)
     ]
-    owners = [(base, fields) for base, fields in owners if _shadows(fields)]
-    if not owners:
+    if not owners:  # most requests: nothing in shadow, nothing more to do
         return frozenset()
     found = set()
     for limit in limits:
