@@ -29,6 +29,7 @@ from ..conftest import (
     running_upstream,
 )
 from .test_capacity import settings_for
+from .test_surfaces import ASK, Surfaces, surfaces  # noqa: F401 (a fixture)
 
 # How an enforced refusal's error type names the limit that a shadow header names.
 REFUSED_AS = {"requests": "key:requests", "tokens": "key:tokens", "budget_exceeded": "key:budget"}
@@ -342,3 +343,25 @@ async def test_a_shadow_limit_is_never_served_from_capacity_blocks(ns: str, redi
                     assert response.status == 200
                     would.append(response.headers.get(SHADOW_REFUSED))
     assert would == [None] * 16 + ["deployment:requests"] * 4
+
+
+async def test_every_surface_reports_a_would_be_refusal(surfaces: Surfaces) -> None:  # noqa: F811
+    """Anthropic's Messages (with Anthropic's own rate-limit headers) and OpenAI's Responses
+    say it as chat does; the shadow limit is left out of Anthropic's headers too."""
+    key = await surfaces.key(rpm_limit=1, shadow_mode=True)
+    claude = surfaces.claude(key)
+    first = await claude.messages.with_raw_response.create(
+        model="claude", max_tokens=1, messages=ASK
+    )
+    assert SHADOW_REFUSED not in first.headers
+    second = await claude.messages.with_raw_response.create(
+        model="claude", max_tokens=1, messages=ASK
+    )
+    assert second.headers[SHADOW_REFUSED] == "key:requests"
+    assert second.headers[SHADOW_REASON] == "window_full"
+    assert "anthropic-ratelimit-requests-remaining" not in second.headers
+    responses = await surfaces.openai(key).responses.with_raw_response.create(
+        model="gpt", input="hi", max_output_tokens=16
+    )
+    assert responses.headers[SHADOW_REFUSED] == "key:requests"
+    await surfaces.balanced()
