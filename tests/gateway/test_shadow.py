@@ -365,3 +365,46 @@ async def test_every_surface_reports_a_would_be_refusal(surfaces: Surfaces) -> N
     )
     assert responses.headers[SHADOW_REFUSED] == "key:requests"
     await surfaces.balanced()
+
+
+async def test_an_enforcing_sidecar_and_a_shadow_sidecar_agree_request_by_request(
+    ns: str, redis_url: str
+) -> None:
+    """The same traffic through two sidecars, one enforcing, one with shadow: true (each with
+    its own key prefix): refusals in one, the same would-be refusals at the same requests in
+    the other, for a key's rpm, tpm and budget and for the deployment's rpm."""
+    async with running_upstream() as upstream:
+        enforcing = settings_for(f"{ns}e", upstream, rpm=12)
+        shadowing = settings_for(f"{ns}s", upstream, rpm=12, shadow=True)
+        async with (
+            running_sidecar(enforcing, redis_url) as one,
+            running_sidecar(shadowing, redis_url) as two,
+            aiohttp.ClientSession() as session,
+        ):
+            seen: list[list[str | None]] = [[], []]
+            for limits in CONFIGS:
+                keys = [
+                    (await Admin(session, base).post("/key/generate", limits))["key"]
+                    for base in (one, two)
+                ]
+                for max_tokens in TRAFFIC:
+                    for n, base in enumerate((one, two)):
+                        seen[n].append(await sent(session, base, keys[n], max_tokens))
+    assert seen[1] == seen[0]
+    assert {"key:requests", "key:tokens", "key:budget", "deployment:requests"} <= set(seen[0])
+
+
+async def sent(session: aiohttp.ClientSession, base: str, key: str, max_tokens: int) -> str | None:
+    """The limit that refused the request (enforced) or would have (shadow), or None."""
+    body = {"model": "m", "messages": MESSAGES, "max_tokens": max_tokens}
+    async with session.post(
+        f"{base}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+    ) as response:
+        payload = await response.json(content_type=None)
+        if response.status != 429:
+            assert response.status == 200, payload
+            return response.headers.get(SHADOW_REFUSED)
+        error = payload["error"]
+        if error["message"].startswith("Rate limit exceeded for deployment"):
+            return "deployment:requests"
+        return REFUSED_AS[error["type"]]
