@@ -105,3 +105,5 @@ async def test_live_shadow_refusals_are_summed_over_sidecars(ns: str, redis_url:
             assert live["shadow_refused"] == {"window_full (key)": 3}, live
             assert live["recent_shadow_refused"] == {"window_full (key)": 3}, live
             assert live["refused"] == {}, live  # nobody was refused
+            async with session.get(f"{one}/ui/api/shadow") as response:
+                assert response.status == 401  # the report needs the master key
