@@ -238,6 +238,7 @@ const SHADOW_COLUMN = { title: "Shadow", value: shadowBadge };
 // summed over sidecars), also once they are enforced again.
 function shadowColumn(kind, entityOf, idOf, shadow) {
   return { title: "Shadow", value: (row) => {
+    if (!entityOf(row)) return null; // nothing here has limits of its own
     const counts = (shadow.entities || {})[`${kind}:${idOf(row)}`] || {};
     const total = Object.values(counts).reduce((sum, n) => sum + n, 0);
     return el("div", {}, shadowBadge(entityOf(row)), total ? el("div", { class: "muted shadow-count",
@@ -448,7 +449,8 @@ async function teamsPage() {
 }
 
 async function customersPage() {
-  const [customers, budgets] = await Promise.all([api("GET", "/customer/list"), api("GET", "/budget/list")]);
+  const [customers, budgets, shadow] = await Promise.all([api("GET", "/customer/list"),
+    api("GET", "/budget/list"), shadowToday()]);
   const options = ["", ...budgets.map((b) => b.budget_id)];
   const assign = (c) => formDialog("Budget of customer " + c.user_id,
     [{ name: "budget_id", label: "Budget", options, value: c.budget_id }],
@@ -467,6 +469,7 @@ async function customersPage() {
       { title: "Alias", value: (c) => c.alias },
       { cls: "id", title: "Budget", value: (c) => c.budget_id || (c.max_budget != null ? money(c.max_budget) : null) },
       { title: "Spend", num: true, value: (c) => money(c.spend) },
+      shadowColumn("end_user", (c) => c, (c) => c.user_id, shadow),
       { title: "State", value: (c) => el("span", { class: "badge " + (c.blocked ? "bad" : "good"),
         text: c.blocked ? "blocked" : "active" }) },
       { ...ACTIONS, value: (c) => actions(
@@ -495,7 +498,7 @@ function tagForm(title, tag, route, submitLabel) {
 }
 
 async function tagsPage() {
-  const tags = await api("GET", "/tag/list");
+  const [tags, shadow] = await Promise.all([api("GET", "/tag/list"), shadowToday()]);
   const period = (t) => (t.budget_windows && t.budget_windows.length ? t.budget_windows[0] : null);
   return [
     header("Tags", el("button", { type: "button", id: "create-tag", onclick: () =>
@@ -509,6 +512,7 @@ async function tagsPage() {
       { title: "This period", num: true, value: (t) => (period(t) ? money(period(t).spend) : "—") },
       { title: "Duration", value: (t) => durationName(t.budget_duration) },
       { title: "Next reset", value: (t) => when(t.budget_reset_at) },
+      shadowColumn("tag", (t) => (t.created_at ? t : null), (t) => t.name, shadow),
       { title: "RPM / TPM / parallel", value: (t) =>
         [t.rpm_limit, t.tpm_limit, t.max_parallel_requests].map(plain).join(" / ") },
       { ...ACTIONS, value: (t) => (t.created_at ? actions(
