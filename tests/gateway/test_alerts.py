@@ -222,3 +222,56 @@ def test_the_forecast_is_the_periods_own_rate() -> None:
     assert _runs_out_at(100, 100, 0, 30 * day, 10 * day) is None  # already spent
     assert _runs_out_at(0, 100, 0, 30 * day, 10 * day) is None
     assert _runs_out_at(90, 100, 0, 100 * 365 * day, 10 * day) is None  # never resets
+
+
+async def test_tag_and_end_user_budgets_alert_at_their_thresholds(
+    receiver: Receiver, ns: str, redis_url: str
+) -> None:
+    """Thresholds hold for every scope with a budget: a tag's (from ``x-litellm-tags``) and an
+    end user's (the body's ``user``) alert at 50 % and when exhausted, each once, with a
+    forecast over their own daily period."""
+    async with running_upstream() as upstream:
+        settings = Settings(
+            master_key=MASTER_KEY,
+            key_prefix=f"t:{ns}:",
+            alert_webhook_url=receiver.url,
+            budget_alert_thresholds=(0.5,),
+            models=(
+                Deployment(
+                    "m", "openai/m", api_base=upstream, input_cost_per_token=1e-6,
+                    output_cost_per_token=2e-6,
+                ),
+            ),
+        )  # fmt: skip
+        async with running_sidecar(settings, redis_url) as base, aiohttp.ClientSession() as s:
+            admin = Admin(s, base)
+            await admin.post(
+                "/tag/new", {"name": "eng", "max_budget": 0.0001, "budget_duration": "1d"}
+            )
+            await admin.post(
+                "/customer/new", {"user_id": "ann", "max_budget": 0.0001, "budget_duration": "1d"}
+            )
+            key = (await admin.post("/key/generate", {}))["key"]
+            client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+            # apart, so that each budget is the one that refuses: 18e-6 a request, 50 % at
+            # the 3rd, spent at the 6th
+            for extra in ({"user": "ann"}, {"extra_headers": {"x-litellm-tags": "eng"}}):
+                for _ in range(8):
+                    with contextlib.suppress(openai.RateLimitError):
+                        await client.chat.completions.create(
+                            model="m", messages=MESSAGES, max_tokens=4, **extra
+                        )
+            await client.close()
+            await wait_for(lambda: len(receiver.events) >= 4)
+            await asyncio.sleep(0.5)
+    by_scope = {(e["scope"], e["id"], e["event"]): e for e in receiver.events}
+    assert sorted(by_scope) == [
+        ("end_user", "ann", "budget_exceeded"),
+        ("end_user", "ann", "budget_threshold_crossed"),
+        ("tag", "eng", "budget_exceeded"),
+        ("tag", "eng", "budget_threshold_crossed"),
+    ]
+    assert len(receiver.events) == 4
+    tag_half = by_scope["tag", "eng", "budget_threshold_crossed"]
+    assert tag_half["text"].startswith("tag eng: ") and "passed 50%" in tag_half["text"]
+    assert tag_half["budget_duration"] == "1d" and tag_half["runs_out_at_ms"] is not None
