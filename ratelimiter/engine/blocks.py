@@ -92,6 +92,7 @@ class Blocks:
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     # blocks whose answer never came: abandoned until Redis confirms, so they take nothing
     _lost: dict[str, Limit] = field(default_factory=dict)
+    _sweeping: bool = False  # a put_back's sweep is pending
     # per key: no block is asked for before then (a bucket about to end; Redis refused one)
     _quiet_until: dict[str, float] = field(default_factory=dict)
 
@@ -138,10 +139,21 @@ class Blocks:
         await self.sweep()
 
     def put_back(self, grant: Grant, used: int) -> None:
-        """``give_back`` without settling a finished block now: for a caller that cannot
-        wait (the block is settled by the next give-back, or when its time is up)."""
-        grant.block.used += used - grant.amount
-        grant.block.in_flight -= 1
+        """``give_back`` for a caller that does not wait: a closed block whose last request
+        this was is settled by a task of its own, at most one such task at a time."""
+        block = grant.block
+        block.used += used - grant.amount
+        block.in_flight -= 1
+        if block.in_flight == 0 and block in self._closed and not self._sweeping:
+            self._sweeping = True
+
+            async def soon() -> None:
+                try:
+                    await self.sweep()
+                finally:
+                    self._sweeping = False
+
+            self._track(asyncio.get_running_loop().create_task(soon()))
 
     async def sweep(self) -> None:
         """Close the blocks whose time is up and settle the closed ones no request holds.
@@ -215,8 +227,10 @@ class Blocks:
             await asyncio.sleep(max(block.closes_at - self.clock(), 0))
             await self.sweep()
 
-        task = asyncio.get_running_loop().create_task(later())
-        self._tasks.add(task)
+        self._track(asyncio.get_running_loop().create_task(later()))
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)  # a running task must be referenced, or it may be collected
         task.add_done_callback(self._tasks.discard)
 
     async def _refill(self, limit: Limit) -> Block | None:

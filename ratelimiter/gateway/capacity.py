@@ -23,7 +23,7 @@ from aiohttp import web
 
 from ..engine import Blocks, Decision, Grant
 from ..engine.limits import Limit, SharedWindow
-from .http import ENGINE, SETTINGS, SETTLING
+from .http import ENGINE, SETTINGS
 
 __all__ = ["BLOCKS", "add_capacity_blocks", "give_back", "take_blocks", "with_block_states"]
 
@@ -77,12 +77,17 @@ def with_block_states(blocks: Blocks, decision: Decision, grants: Sequence[Grant
     return replace(decision, states=(*decision.states, *(blocks.state(g) for g in grants)))
 
 
-def give_back(app: web.Application, grants: Sequence[Grant], actuals: Mapping[str, int] | None):
+def give_back(
+    app: web.Application, grants: Sequence[Grant], actuals: Mapping[str, int] | None
+) -> None:
     """The request is over: each grant goes back with what its limit would have kept in
     Redis, its actual amount by measure (``actuals``, as settling does), or nothing when the
-    request was refused or never sent (``None``). Runs after the response, as settling does."""
+    request was refused or never sent (``None``). Nothing waits: a block it finishes is
+    settled by a task of the blocks' own."""
     if grants:
-        app[SETTLING].start(_give_back(app[BLOCKS], grants, actuals))
+        blocks = app[BLOCKS]
+        for grant in grants:
+            blocks.put_back(grant, _used(grant, actuals))
 
 
 def _used(grant: Grant, actuals: Mapping[str, int] | None) -> int:
@@ -90,13 +95,6 @@ def _used(grant: Grant, actuals: Mapping[str, int] | None) -> int:
         return 0
     measure = grant.limit.measure
     return grant.amount if measure is None else actuals.get(measure, grant.amount)
-
-
-async def _give_back(
-    blocks: Blocks, grants: Sequence[Grant], actuals: Mapping[str, int] | None
-) -> None:
-    for grant in grants:
-        await blocks.give_back(grant, _used(grant, actuals))
 
 
 async def _blocks(app: web.Application) -> AsyncIterator[None]:

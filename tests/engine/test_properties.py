@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -304,14 +305,25 @@ class Scenario:
             max(self.budget.limit.capacity - self.budget.current(now), 0),
         ]
 
+    async def check(self) -> None:
+        await self.check_peek()
+        self.check_overshoot()
 
-async def run(redis_url: str, config: dict[str, Any], steps: list[tuple[Any, ...]]) -> None:
+
+async def run(
+    redis_url: str,
+    config: dict[str, Any],
+    steps: list[tuple[Any, ...]],
+    scenario_of: Callable[[Engine, ManualClock, dict[str, Any]], Any] = Scenario,
+) -> None:
+    """``steps`` against a fresh engine on a manual clock, each followed by the scenario's
+    checks of Redis against the model."""
     clock = ManualClock(1_800_000_000_000 + config["start"])
     engine = await Engine.connect(
         redis_url, clock=clock, hold_ttl_ms=HOLD_TTL, prefix=f"p:{uuid.uuid4().hex}:"
     )
     try:
-        scenario = Scenario(engine, clock, config)
+        scenario = scenario_of(engine, clock, config)
         for op, *args in steps:
             if op == "advance":
                 clock.advance(args[0])
@@ -323,8 +335,7 @@ async def run(redis_url: str, config: dict[str, Any], steps: list[tuple[Any, ...
                 await scenario.renew(args[0])
             else:
                 await scenario.expire()
-            await scenario.check_peek()
-            scenario.check_overshoot()
+            await scenario.check()
     finally:
         await engine.close()
 
@@ -493,30 +504,9 @@ class ShareScenario:
         assert self.total.used(now) <= self.total.limit.capacity + excess
 
 
-async def run_shares(redis_url: str, config: dict[str, Any], steps: list[tuple[Any, ...]]) -> None:
-    clock = ManualClock(1_800_000_000_000 + config["start"])
-    engine = await Engine.connect(
-        redis_url, clock=clock, hold_ttl_ms=HOLD_TTL, prefix=f"p:{uuid.uuid4().hex}:"
-    )
-    try:
-        scenario = ShareScenario(engine, clock, config)
-        for op, *args in steps:
-            if op == "advance":
-                clock.advance(args[0])
-            elif op == "acquire":
-                await scenario.acquire(*args)
-            elif op in ("settle", "release"):
-                await scenario.finish(args[0], op, *args[1:])
-            else:
-                await scenario.expire()
-            await scenario.check()
-    finally:
-        await engine.close()
-
-
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(config=share_configs, steps=share_ops)
 def test_shared_windows_agree_with_the_model(
     redis_url: str, config: dict[str, Any], steps: list[tuple[Any, ...]]
 ) -> None:
-    asyncio.run(run_shares(redis_url, config, steps))
+    asyncio.run(run(redis_url, config, steps, ShareScenario))

@@ -52,23 +52,31 @@ async def receiver() -> AsyncIterator[Receiver]:
     await runner.cleanup()
 
 
+def alerting(
+    ns: str, receiver: Receiver, upstream: str, thresholds: tuple[float, ...] = ()
+) -> Settings:
+    """A sidecar that sends its alerts to ``receiver``; model ``m`` at $1/$2 per million."""
+    return Settings(
+        master_key=MASTER_KEY,
+        key_prefix=f"t:{ns}:",
+        alert_webhook_url=receiver.url,
+        budget_alert_thresholds=thresholds,
+        models=(
+            Deployment(
+                "m",
+                "openai/m",
+                api_base=upstream,
+                input_cost_per_token=1e-6,
+                output_cost_per_token=2e-6,
+            ),
+        ),
+    )
+
+
 @pytest.fixture
 async def sidecar(receiver: Receiver, ns: str, redis_url: str) -> AsyncIterator[tuple[str, Admin]]:
     async with running_upstream() as upstream:
-        settings = Settings(
-            master_key=MASTER_KEY,
-            key_prefix=f"t:{ns}:",
-            alert_webhook_url=receiver.url,
-            models=(
-                Deployment(
-                    "m",
-                    "openai/m",
-                    api_base=upstream,
-                    input_cost_per_token=1e-6,
-                    output_cost_per_token=2e-6,
-                ),
-            ),
-        )
+        settings = alerting(ns, receiver, upstream)
         async with running_sidecar(settings, redis_url) as base, aiohttp.ClientSession() as session:
             yield base, Admin(session, base)
 
@@ -180,18 +188,7 @@ async def test_budget_thresholds_alert_once_each_with_a_forecast(
     the exhaustion, each once however many requests pass them; Slack's ``text`` says how far
     the budget is spent."""
     async with running_upstream() as upstream:
-        settings = Settings(
-            master_key=MASTER_KEY,
-            key_prefix=f"t:{ns}:",
-            alert_webhook_url=receiver.url,
-            budget_alert_thresholds=(0.5, 0.8),
-            models=(
-                Deployment(
-                    "m", "openai/m", api_base=upstream, input_cost_per_token=1e-6,
-                    output_cost_per_token=2e-6,
-                ),
-            ),
-        )  # fmt: skip
+        settings = alerting(ns, receiver, upstream, thresholds=(0.5, 0.8))
         async with running_sidecar(settings, redis_url) as base, aiohttp.ClientSession() as s:
             admin = Admin(s, base)
             key = (await admin.post("/key/generate", {"max_budget": 0.0001}))["key"]
@@ -231,18 +228,7 @@ async def test_tag_and_end_user_budgets_alert_at_their_thresholds(
     end user's (the body's ``user``) alert at 50 % and when exhausted, each once, with a
     forecast over their own daily period."""
     async with running_upstream() as upstream:
-        settings = Settings(
-            master_key=MASTER_KEY,
-            key_prefix=f"t:{ns}:",
-            alert_webhook_url=receiver.url,
-            budget_alert_thresholds=(0.5,),
-            models=(
-                Deployment(
-                    "m", "openai/m", api_base=upstream, input_cost_per_token=1e-6,
-                    output_cost_per_token=2e-6,
-                ),
-            ),
-        )  # fmt: skip
+        settings = alerting(ns, receiver, upstream, thresholds=(0.5,))
         async with running_sidecar(settings, redis_url) as base, aiohttp.ClientSession() as s:
             admin = Admin(s, base)
             await admin.post(

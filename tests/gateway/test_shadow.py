@@ -156,6 +156,17 @@ async def test_switching_between_shadow_and_enforced_needs_no_restart(stack: Sta
     assert info["info"]["shadow_mode"] is True and info["info"]["shadow_limits"] == []
 
 
+async def statuses_and_shadow(
+    stack: Stack, url: str, body: dict[str, Any], headers: dict[str, str], times: int
+) -> list[tuple[int, str | None]]:
+    """``times`` requests one after another: each one's status and shadow refusal header."""
+    seen = []
+    for _ in range(times):
+        async with stack.admin.session.post(url, json=body, headers=headers) as response:
+            seen.append((response.status, response.headers.get(SHADOW_REFUSED)))
+    return seen
+
+
 async def test_an_end_users_limit_is_switched_by_customer_update(stack: Stack) -> None:
     await stack.admin.post("/customer/new", {"user_id": "bob", "rpm_limit": 1})
     await stack.admin.post("/customer/update", {"user_id": "bob", "shadow_limits": ["rpm_limit"]})
@@ -163,10 +174,7 @@ async def test_an_end_users_limit_is_switched_by_customer_update(stack: Stack) -
     headers = {"Authorization": f"Bearer {key}"}
     body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 4, "user": "bob"}
     url = f"{stack.base}/v1/chat/completions"
-    seen = []
-    for _ in range(2):
-        async with stack.admin.session.post(url, json=body, headers=headers) as response:
-            seen.append((response.status, response.headers.get(SHADOW_REFUSED)))
+    seen = await statuses_and_shadow(stack, url, body, headers, 2)
     assert seen == [(200, None), (200, "end_user:requests")]
     await stack.admin.post("/customer/update", {"user_id": "bob", "shadow_limits": None})
     async with stack.admin.session.post(url, json=body, headers=headers) as response:
@@ -183,10 +191,7 @@ async def test_a_tags_limit_in_shadow(stack: Stack) -> None:
     headers = {"Authorization": f"Bearer {key}", "x-litellm-tags": "canary"}
     body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 4}
     url = f"{stack.base}/v1/chat/completions"
-    seen = []
-    for _ in range(2):
-        async with stack.admin.session.post(url, json=body, headers=headers) as response:
-            seen.append((response.status, response.headers.get(SHADOW_REFUSED)))
+    seen = await statuses_and_shadow(stack, url, body, headers, 2)
     assert seen == [(200, None), (200, "tag:requests")]
     await stack.admin.post("/tag/update", {"name": "canary", "shadow_limits": []})
     async with stack.admin.session.post(url, json=body, headers=headers) as response:
