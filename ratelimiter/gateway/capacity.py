@@ -8,7 +8,9 @@ Redis in its one atomic acquire. Refused there, it gives its shares back unused;
 gives them back at settlement with what it used (its actual tokens and spend), or unused when
 the upstream never had it. A limit whose block is spent or closed, or nearly full in Redis, is
 checked in the acquire itself, exactly, as without blocks; requests that do not bound
-themselves (capped) and ``budget_enforcement: strict`` never use blocks. The under-admission
+themselves (capped) and ``budget_enforcement: strict`` never use blocks, nor do shadow limits
+and a deployment's windows split by priority (decided in Redis with their shares). The
+under-admission
 this costs is bounded by the blocks outstanding: per sidecar and limit, about one block of
 capacity / share, plus the unused part of blocks whose requests still run.
 """
