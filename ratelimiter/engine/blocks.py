@@ -201,8 +201,16 @@ class Blocks:
     @property
     def outstanding(self) -> int:
         """Units counted in Redis that no request has used: the under-admission right now."""
-        blocks = [*self._open.values(), *self._closed]
-        return sum(max(b.granted - b.used, 0) for b in blocks if not b.settled)
+        return sum(self.outstanding_by_limit().values())
+
+    def outstanding_by_limit(self) -> dict[str, int]:
+        """``outstanding`` per limit (its name, else its key): units are the limit's own."""
+        units: dict[str, int] = {}
+        for block in [*self._open.values(), *self._closed]:
+            if not block.settled:
+                name = block.limit.name or block.limit.key
+                units[name] = units.get(name, 0) + max(block.granted - block.used, 0)
+        return units
 
     def _usable(self, limit: Limit) -> Block | None:
         block = self._open.get(limit.key)

@@ -26,6 +26,7 @@ from aiohttp import web
 from ..engine import Blocks, Decision, Grant
 from ..engine.limits import Limit, SharedWindow
 from .http import ENGINE, SETTINGS
+from .metrics import BLOCK_UNITS
 
 __all__ = ["BLOCKS", "add_capacity_blocks", "give_back", "take_blocks", "with_block_states"]
 
@@ -107,6 +108,7 @@ async def _blocks(app: web.Application) -> AsyncIterator[None]:
     blocks = app[BLOCKS] = Blocks(
         app[ENGINE], size=lambda limit: limit.capacity // (_share(shares, limit) or 1)
     )
+    app[BLOCK_UNITS] = blocks.outstanding_by_limit
     renewing = asyncio.create_task(_renew_forever(blocks, settings.hold_ttl_s / 4))
     yield
     renewing.cancel()

@@ -37,6 +37,7 @@ class Metrics:
     sink_lag_entries: Gauge
     sink_lag_seconds: Gauge
     shadow_refusals: Counter
+    capacity_block_units: Gauge
     # (metric, label values) -> child: labels() checks and locks on every call (~4 us)
     children: dict[tuple[Any, tuple[str, ...]], Any] = field(default_factory=dict)
 
@@ -93,6 +94,13 @@ class Metrics:
                 ["scope", "reason"],
                 registry=r,
             ),
+            capacity_block_units=Gauge(
+                "ratelimiter_capacity_block_units",
+                "Capacity counted in Redis that this sidecar's blocks hold unused (the "
+                "under-admission they cause now), by limit, in the limit's own units",
+                ["limit"],
+                registry=r,
+            ),
         )
 
 
@@ -100,6 +108,8 @@ METRICS = web.AppKey("metrics", Metrics)
 
 
 SINK_LAG = web.AppKey("sink_lag", Callable[[], Awaitable[Any]])
+# this sidecar's capacity blocks, unused units by limit (capacity.py), read at each scrape
+BLOCK_UNITS = web.AppKey("block_units", Callable[[], dict[str, int]])
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -110,6 +120,10 @@ async def _metrics(request: web.Request) -> web.Response:
             if lag is not None:
                 metrics.sink_lag_entries.set(lag.entries)
                 metrics.sink_lag_seconds.set(lag.seconds)
+    if BLOCK_UNITS in request.app:
+        metrics.capacity_block_units.clear()  # limits whose blocks are all settled drop out
+        for limit, units in request.app[BLOCK_UNITS]().items():
+            metrics.capacity_block_units.labels(limit).set(units)
     body = generate_latest(metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -56,6 +56,15 @@ async def chat(
         return response
 
 
+async def block_units(session: aiohttp.ClientSession, base: str, limit: str) -> float:
+    """``ratelimiter_capacity_block_units`` of ``limit`` on /metrics (0 when not listed)."""
+    async with session.get(f"{base}/metrics") as response:
+        text = await response.text()
+    line = f'ratelimiter_capacity_block_units{{limit="{limit}"}} '
+    found = [row for row in text.splitlines() if row.startswith(line)]
+    return float(found[0].removeprefix(line)) if found else 0.0
+
+
 async def used(redis_url: str, settings: Settings) -> dict[str, int]:
     """What Redis counts in the proxy's and the deployment's limits, by limit name."""
     deployment = settings.models[0]
@@ -154,12 +163,15 @@ async def test_the_deployment_is_counted_a_block_at_a_time(redis_url: str, ns: s
         settings = settings_for(ns, upstream, rpm=640, capacity_blocks={"deployment": 8})
         async with sidecars(settings, redis_url, 1) as (base,), aiohttp.ClientSession() as session:
             key = (await Admin(session, base).post("/key/generate", {}))["key"]
-            counted = []
+            counted, reported = [], []
             for sent in range(1, 21):  # a block is not taken in a bucket's last moments
                 assert (await chat(session, base, key)).status == 200
                 counted.append((await used(redis_url, settings))["deployment:requests"] - sent)
+                reported.append(await block_units(session, base, "deployment:requests"))
                 await asyncio.sleep(0.05)
             assert max(counted) >= 80 - 20
+            # /metrics says what the blocks hold unused: Redis's count less what was served
+            assert max(reported) >= 80 - 20
     assert (await used(redis_url, settings))["deployment:requests"] == 20
 
 
