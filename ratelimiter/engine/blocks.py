@@ -248,10 +248,14 @@ class Blocks:
         if task is None:
             task = asyncio.get_running_loop().create_task(self._ask(limit))
             self._refills[limit.key] = task
-            task.add_done_callback(lambda _: self._refills.pop(limit.key, None))
+            task.add_done_callback(lambda t: self._forget_refill(limit.key, t))
             # retrieved: a failed refill whose takers all gave up is not an unhandled error
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return await asyncio.shield(task)
+
+    def _forget_refill(self, key: str, task: asyncio.Task[Block | None]) -> None:
+        if self._refills.get(key) is task:  # never a newer refill of the same key
+            del self._refills[key]
 
     async def _ask(self, limit: Limit) -> Block | None:
         old = self._open.get(limit.key)
