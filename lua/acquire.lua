@@ -23,6 +23,8 @@
 --            enforced would. A refusal by an enforced limit takes nothing anywhere, as before.
 -- ARGV[12]   '1' to take no shadow limit even if none of this group would refuse: one of
 --            another slot group of the request would (a Cluster), so none may count it
+-- ARGV[13]   the settle plan (format in lib.lua, record_each), kept in the record as 'pl' when
+--            every limit takes its whole amount, or '' (or absent) for none
 --
 -- Returns a msgpack map:
 --   ok   1 admitted, 0 refused
@@ -53,8 +55,10 @@ if shadow_arg ~= '' then
   end
 end
 
-local existing = redis.call('HMGET', KEYS[1], 's', 'reply', 'spec', 'keys', 'grp', 'ask', 'shw')
-if existing[1] == 'held' then
+-- A new id has no record: the rest of one is read only for a repeated id.
+local status = redis.call('HGET', KEYS[1], 's')
+if status == 'held' then
+  local existing = redis.call('HMGET', KEYS[1], 's', 'reply', 'spec', 'keys', 'grp', 'ask', 'shw')
   if (existing[6] or existing[3]) ~= ARGV[3] or existing[4] ~= table.concat(KEYS, '\0', 3)
       or existing[5] ~= ARGV[10] or (existing[7] or '') ~= shadow_arg then
     return mp_pack({ok = 0, dup = 'conflict', st = {}})
@@ -62,8 +66,8 @@ if existing[1] == 'held' then
   local reply = mp_unpack(existing[2])
   reply.dup = 'held'
   return mp_pack(reply)
-elseif existing[1] then
-  return mp_pack({ok = 0, dup = existing[1], st = {}})
+elseif status then
+  return mp_pack({ok = 0, dup = status, st = {}})
 end
 
 local NEVER = -1
@@ -263,10 +267,17 @@ if short then  -- the record keeps the amounts taken, where every version reads 
   stored = mp_pack(specs)
   redis.call('HSET', KEYS[1], 'ask', ARGV[3])
 end
-redis.call('HSET', KEYS[1], 's', 'held', 't0', int(now), 'dl', int(deadline), 'spec', stored,
-  'keys', table.concat(KEYS, '\0', 3), 'at', mp_pack(at), 'meta', ARGV[6], 'reply', reply, 'grp', ARGV[10])
+local keys = table.concat(KEYS, '\0', 3)
+-- the settle plan only while every limit took its amount as asked (lib.lua, record_each)
+local plan = not short and ARGV[13] or ''
 if ARGV[8] ~= '' then
-  redis.call('HSET', KEYS[1], 'lg', ARGV[8], 'dims', ARGV[9])
+  redis.call('HSET', KEYS[1], 's', 'held', 't0', int(now), 'dl', int(deadline), 'spec', stored,
+    'keys', keys, 'at', mp_pack(at), 'meta', ARGV[6], 'reply', reply, 'grp', ARGV[10],
+    'pl', plan, 'lg', ARGV[8], 'dims', ARGV[9])
+else
+  redis.call('HSET', KEYS[1], 's', 'held', 't0', int(now), 'dl', int(deadline), 'spec', stored,
+    'keys', keys, 'at', mp_pack(at), 'meta', ARGV[6], 'reply', reply, 'grp', ARGV[10],
+    'pl', plan)
 end
 if shadow_arg ~= '' then  -- a repeated acquire must name the same shadow limits
   redis.call('HSET', KEYS[1], 'shw', shadow_arg)

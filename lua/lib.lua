@@ -45,54 +45,56 @@ end
 -- window can only under-admit, by at most that bucket's share, and never over-admit.
 
 local function window_view(key, now, W, g)
-  local w = {key = key, W = W, g = g, M = math.ceil(W / g) + 1}
-  w.lo = floor((now - W) / g)
-  w.cur = floor(now / g)
-  w.field = tostring(w.cur % w.M)
-  local v = redis.call('HMGET', key, 's', 'o', w.field)
-  w.sum = tonumber(v[1]) or 0
-  w.o = tonumber(v[2])
-  w.in_cur = tonumber(v[3]) or 0
-  w.expired = {}
-  if w.o and w.o < w.lo then
-    if w.lo - w.o >= w.M then
+  local M, cur = math.ceil(W / g) + 1, floor(now / g)
+  local lo, field = floor((now - W) / g), tostring(cur % M)
+  local v = redis.call('HMGET', key, 's', 'o', field)
+  -- one constructor: a table grown field by field is rehashed several times, per limit
+  local w = {key = key, W = W, g = g, M = M, lo = lo, cur = cur, field = field,
+    sum = tonumber(v[1]) or 0, o = tonumber(v[2]), in_cur = tonumber(v[3]) or 0, gone = false,
+    expired = false}
+  if w.o and w.o < lo then
+    if lo - w.o >= M then
       w.sum, w.in_cur, w.gone = 0, 0, true
     else
-      for id = w.o, w.lo - 1 do
-        w.expired[#w.expired + 1] = tostring(id % w.M)
+      local expired = {}
+      for id = w.o, lo - 1 do
+        expired[#expired + 1] = tostring(id % M)
       end
-      local old = redis.call('HMGET', key, unpack(w.expired))
+      local old = redis.call('HMGET', key, unpack(expired))
       for i = 1, #old do
         w.sum = w.sum - (tonumber(old[i]) or 0)
       end
-      if w.cur - w.M >= w.o then
+      if cur - M >= w.o then
         w.in_cur = 0 -- its field still holds an expired bucket, dropped on write
       end
+      w.expired = expired
     end
   end
   return w
 end
 
--- Writes the view back with `changes` (field -> new value): first drops the buckets that
--- slid out, then one HSET for the changes, the sum and the oldest id.
-local function window_write(w, changes)
+-- Writes the view back with the current bucket's new amount (nil: unchanged): first drops the
+-- buckets that slid out, then one HSET for it, the sum and the oldest id.
+local function window_write(w, in_cur)
+  local key = w.key
   if w.gone then
-    redis.call('DEL', w.key)
-  elseif #w.expired > 0 then
-    redis.call('HDEL', w.key, unpack(w.expired))
-  end
-  local args = {'s', int(w.sum)}
-  for field, value in pairs(changes) do
-    args[#args + 1] = field
-    args[#args + 1] = int(value)
+    redis.call('DEL', key)
+  elseif w.expired then
+    redis.call('HDEL', key, unpack(w.expired))
   end
   -- 'o' only moves forward, so a clock stepping back cannot resurrect purged buckets.
   if w.o == nil or w.o < w.lo then
     w.o = w.lo
-    args[#args + 1] = 'o'
-    args[#args + 1] = int(w.lo)
+    if in_cur then
+      redis.call('HSET', key, 's', int(w.sum), w.field, int(in_cur), 'o', int(w.lo))
+    else
+      redis.call('HSET', key, 's', int(w.sum), 'o', int(w.lo))
+    end
+  elseif in_cur then
+    redis.call('HSET', key, 's', int(w.sum), w.field, int(in_cur))
+  else
+    redis.call('HSET', key, 's', int(w.sum))
   end
-  redis.call('HSET', w.key, unpack(args))
 end
 
 -- Amount in each live bucket, oldest first. Before a purge, a live bucket whose field
@@ -153,23 +155,27 @@ local function window_add(w, now, amount)
   local fresh = w.in_cur == 0
   w.sum = w.sum + amount
   w.in_cur = w.in_cur + amount
-  window_write(w, amount > 0 and {[w.field] = w.in_cur} or {})
+  window_write(w, amount > 0 and w.in_cur or nil)
   if fresh then
     redis.call('PEXPIRE', w.key, int(window_frees_at(w, w.cur) - now))
   end
 end
 
--- Changes a reserved bucket by delta if it still counts; never below zero.
+-- Changes a reserved bucket by delta if it still counts; never below zero. Reads and writes
+-- only the sum and that bucket (two calls): buckets that slid out stay counted in 's' until the
+-- next acquire purges them, as every reader subtracts them, and 'o' stays where it is.
 local function window_adjust(key, now, W, g, id, delta)
-  local w = window_view(key, now, W, g)
-  if w.o == nil or id < w.lo then
+  local M = math.ceil(W / g) + 1
+  local field = tostring(id % M)
+  local v = redis.call('HMGET', key, 's', 'o', field)
+  local o = tonumber(v[2])
+  -- the bucket is gone once it slid out; a field below 'o' was purged (clock stepped back)
+  if o == nil or id < floor((now - W) / g) or id < o then
     return
   end
-  local field = tostring(id % w.M)
-  local held = tonumber(redis.call('HGET', key, field)) or 0
+  local held = tonumber(v[3]) or 0
   delta = math.max(delta, -held)
-  w.sum = w.sum + delta
-  window_write(w, {[field] = held + delta})
+  redis.call('HSET', key, 's', int((tonumber(v[1]) or 0) + delta), field, int(held + delta))
 end
 
 -- Share of a total window ('p') ----------------------------------------------------------
@@ -283,20 +289,29 @@ end
 --   spec = the msgpack specs    keys = the limit keys joined by NUL
 --   at = msgpack array, per limit: the bucket id (window), period start (budget), 0 (lease)
 --   meta = caller metadata      reply = acquire's packed answer, for a repeated acquire
+--   pl = the settle plan (record_each), from the caller; absent in records of older versions,
+--        which is why every other field stays: each version finishes the other's records
 -- When a capped limit took less than asked, spec holds the specs with the amounts taken (so
 -- every version of these scripts settles what was taken) and ask = the specs as given, which a
 -- repeated acquire compares with.
--- Once finished, spec/keys/at give way to t1, est and out (msgpack maps measure -> amount)
+-- Once finished, spec/keys/at/pl give way to t1, est and out (msgpack maps measure -> amount)
 -- and the hash lives for the result ttl so repeated calls get the first outcome.
 
+local RECORD_FIELDS = {'s', 't0', 't1', 'dl', 'est', 'out', 'meta', 'spec', 'keys', 'at', 'pl',
+  'lg', 'dims'}
+
+-- The fields of a record that settle, renew and expire read (not the whole hash: its repeated
+-- acquire's reply and group list are never needed here); nil when there is no record.
 local function record_load(key)
-  local flat = redis.call('HGETALL', key)
-  if #flat == 0 then
+  local v = redis.call('HMGET', key, unpack(RECORD_FIELDS))
+  if not v[1] then
     return nil
   end
   local rec = {}
-  for i = 1, #flat, 2 do
-    rec[flat[i]] = flat[i + 1]
+  for i = 1, #RECORD_FIELDS do
+    if v[i] then
+      rec[RECORD_FIELDS[i]] = v[i]
+    end
   end
   return rec
 end
@@ -352,12 +367,47 @@ local function ledger_write(rec, rid, now, status, est, out, charged, info)
   redis.call('SADD', rec.lg .. 'rollup-due', day)
 end
 
+-- Calls limit(kind, key, amount, measure, ...) for each limit of a held record, with the
+-- arguments of record_limits. A record with a settle plan (rec.pl, written by acquire when every
+-- limit took its amount) gives only what settlement at the estimate or at the actuals changes:
+-- measured windows and shares, budgets, leases. Unpacking it and 'at' costs less than the specs
+-- and keys, and the limits it leaves out (unmeasured windows, gates) are not even read. A refund
+-- changes every window, so it reads the specs. The plan is a flat msgpack array, one entry per
+-- limit in KEYS order: 'w', index, key, amount, measure, window ms, bucket ms (a window or a
+-- share with a measure); 'b', index, key, amount, measure, b1, b2, retention ms (a budget; its
+-- period is b0..b1 or b1..b2, by the start in 'at'); 'l', key (a lease). index = the limit's
+-- place in 'at'.
+local function record_each(rec, refund, limit)
+  if rec.pl == nil or rec.pl == '' or refund then
+    for _, lim in ipairs(record_limits(rec)) do
+      limit(unpack(lim))
+    end
+    return
+  end
+  local at, pl, n = mp_unpack(rec.at), mp_unpack(rec.pl), 1
+  while pl[n] do
+    local kind = pl[n]
+    if kind == 'w' then
+      limit('w', pl[n + 2], pl[n + 3], pl[n + 4], pl[n + 5], pl[n + 6], at[pl[n + 1]])
+      n = n + 7
+    elseif kind == 'b' then
+      local start = at[pl[n + 1]]
+      local stop = start < pl[n + 5] and pl[n + 5] or pl[n + 6]
+      limit('b', budget_key(pl[n + 2], start), pl[n + 3], pl[n + 4], stop, pl[n + 7])
+      n = n + 8
+    else
+      limit('l', pl[n + 1], 1, '')
+      n = n + 2
+    end
+  end
+end
+
 local function record_finish(rec, key, rid, now, mode, actuals, ttl, info)
   local reserved, charged = {}, {}
-  for _, lim in ipairs(record_limits(rec)) do
-    local kind, lkey, amount, measure = lim[1], lim[2], lim[3], lim[4]
+  local refund = mode == 'release' or mode == 'cancel'
+  record_each(rec, refund, function(kind, lkey, amount, measure, p5, p6, p7)
     local final = amount
-    if mode == 'release' or mode == 'cancel' then
+    if refund then
       final = 0
     elseif mode == 'settle' and measure ~= '' and actuals[measure] ~= nil then
       final = actuals[measure]
@@ -367,14 +417,14 @@ local function record_finish(rec, key, rid, now, mode, actuals, ttl, info)
     end
     if kind == 'w' or kind == 'p' then
       if final ~= amount then
-        window_adjust(lkey, now, lim[5], lim[6], lim[7], final - amount)
+        window_adjust(lkey, now, p5, p6, p7, final - amount)
       end
     elseif kind == 'b' then
-      budget_add(lkey, final - amount, -amount, lim[5], lim[6], now)
+      budget_add(lkey, final - amount, -amount, p5, p6, now)
     elseif kind == 'l' then
       redis.call('ZREM', lkey, rid)
     end
-  end
+  end)
   if mode == 'settle' then  -- measured but limited nowhere (tokens with no tpm): still recorded
     for measure, amount in pairs(actuals) do
       if charged[measure] == nil then
@@ -391,7 +441,7 @@ local function record_finish(rec, key, rid, now, mode, actuals, ttl, info)
   if rec.lg then
     ledger_write(rec, rid, now, status, rec.est, rec.out, charged, info)
   end
-  redis.call('HDEL', key, 'spec', 'keys', 'at', 'reply', 'dims', 'ask', 'grp')
+  redis.call('HDEL', key, 'spec', 'keys', 'at', 'reply', 'dims', 'ask', 'grp', 'pl')
   redis.call('HSET', key, 's', status, 't1', int(now), 'est', rec.est, 'out', rec.out)
   redis.call('PEXPIRE', key, int(ttl))
   return reserved, charged

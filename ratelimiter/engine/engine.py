@@ -662,6 +662,7 @@ class Engine:
             spans,
             msgpack.packb(shadow) if shadow else b"",
             "1" if skip_shadow else "0",
+            self._settle_plan(limits, now),
         ]
         return await self._run(self._scripts["acquire"], keys, args)
 
@@ -756,6 +757,22 @@ class Engine:
                     ]
                 )
         return msgpack.packb(specs)
+
+    def _settle_plan(self, limits: Sequence[Limit], now: int) -> bytes:
+        """What settlement changes, for the record (lib.lua, record_each): measured windows and
+        shares, budgets and leases, each with its place in the group; the rest is skipped."""
+        plan: list[Any] = []
+        for place, limit in enumerate(limits, 1):
+            if isinstance(limit, SlidingWindow) and limit.measure:  # a SharedWindow too
+                plan += ["w", place, limit.key, limit.amount, limit.measure]
+                plan += [limit.window_ms, limit.bucket_ms]
+            elif isinstance(limit, Budget):
+                _, b1, b2 = self._period(limit.period, now)
+                plan += ["b", place, limit.key, limit.amount, limit.measure or "", b1, b2]
+                plan.append(limit.retention_ms)
+            elif isinstance(limit, Concurrency):
+                plan += ["l", limit.key]
+        return msgpack.packb(plan)
 
     def _period(self, duration: Duration, now: int) -> tuple[int, int, int]:
         """Current period and the next one's end: the script picks by its own clock."""
