@@ -25,6 +25,8 @@
 --            another slot group of the request would (a Cluster), so none may count it
 -- ARGV[13]   the settle plan (format in lib.lua, record_each), kept in the record as 'pl' when
 --            every limit takes its whole amount, or '' (or absent) for none
+-- ARGV[14]   the specs of ARGV[3], flat (lib.lua), which this script decides with; ARGV[3] is
+--            what the record keeps and a repeated acquire compares
 --
 -- Returns a msgpack map:
 --   ok   1 admitted, 0 refused
@@ -45,7 +47,11 @@
 -- A share is decided on the total as it stands before this call takes anything.
 
 local rid, now = ARGV[1], clock(ARGV[2])
-local specs = mp_unpack(ARGV[3])
+local S = mp_unpack(ARGV[14])  -- the specs, flat (lib.lua): limit i at S[(i - 1) * 9 + 1 ...]
+local n = #S / 9
+if n ~= #KEYS - 2 then
+  return redis.error_reply('ERR acquire: the flat specs (ARGV[14]) do not match the keys')
+end
 
 local shadow_arg = ARGV[11] or ''
 local shadow = {}
@@ -81,14 +87,15 @@ local function later(wait, than)
 end
 
 -- Pass 1: read every limit and decide.
-for i, spec in ipairs(specs) do
-  local key, kind, amount, cap = KEYS[i + 2], spec[1], spec[2], spec[3]
-  local view = {used = 0}
+for i = 1, n do
+  local b = (i - 1) * 9
+  local key, kind, amount, cap = KEYS[i + 2], S[b + 1], S[b + 2], S[b + 3]
+  local view  -- a window's or share's is its window view; the others' made here, whole
   local why, wait
   -- a capped limit asking for nothing, or one being forced, is decided as any other
-  local upto = amount > 0 and ARGV[7] ~= '1' and is_capped(spec)
+  local upto = amount > 0 and ARGV[7] ~= '1' and S[b + 9] == 1
   if kind == 'w' then
-    view = window_view(key, now, spec[5], spec[6])
+    view = window_view(key, now, S[b + 5], S[b + 6])
     view.used = view.sum
     if upto then
       view.take = math.min(amount, math.max(cap - view.used, 0))
@@ -103,9 +110,9 @@ for i, spec in ipairs(specs) do
       why, wait = 'window_full', window_retry(view, now, amount, cap)
     end
   elseif kind == 'p' then
-    local t = spec[7]
-    view = share_view(key, spec, KEYS[t + 2], specs[t], now)
-    local most = math.max(cap, math.min(spec[8], specs[t][3]))
+    local t = S[b + 7]
+    view = share_view(key, S, b, KEYS[t + 2], (t - 1) * 9, now)
+    local most = math.max(cap, math.min(S[b + 8], S[(t - 1) * 9 + 3]))
     if upto then
       view.take = math.min(amount, math.max(view.room, 0))
       if most < 1 then
@@ -119,23 +126,23 @@ for i, spec in ipairs(specs) do
       why, wait = 'share_full', share_retry(view, now, amount, cap, view.level)
     end
   elseif kind == 'g' then
-    view.used = redis.call('EXISTS', key)
+    view = {used = redis.call('EXISTS', key)}
     if view.used == 1 then
       why = 'closed'
     end
   elseif kind == 'l' then
-    view.used = lease_count(key, now, true)
+    view = {used = lease_count(key, now, true)}
     if amount > cap then
       why = 'exceeds_capacity'
     elseif view.used + amount > cap then
       why, wait = 'no_free_slot', math.max((lease_first_expiry(key) or now) - now, 0)
     end
   else
-    view.start, view.stop = budget_period(spec, now)
-    view.pkey = budget_key(key, view.start)
-    view.used, view.held = budget_read(view.pkey)
-    view.fresh = view.used == nil
-    view.used = view.used or 0
+    local start, stop = budget_period(S, b, now)
+    local pkey = budget_key(key, start)
+    local used, held = budget_read(pkey)
+    view = {start = start, stop = stop, pkey = pkey, used = used or 0, held = held,
+      fresh = used == nil}
     if upto then
       view.take = math.min(amount, math.max(cap - view.used, 0))
       if cap < 1 then
@@ -162,20 +169,20 @@ for i, spec in ipairs(specs) do
   views[i] = view
 end
 
-local function remaining(spec, used)
-  return math.max(spec[3] - used, 0)
+local function remaining(b, used)
+  return math.max(S[b + 3] - used, 0)
 end
 
 -- Time to reset of a limit this request does not take.
-local function untaken_reset(i, spec, view)
-  if spec[1] == 'w' or spec[1] == 'p' then
+local function untaken_reset(i, b, view)
+  if S[b + 1] == 'w' or S[b + 1] == 'p' then
     return window_reset(view, now)
-  elseif spec[1] == 'l' then
-    if view.used >= spec[3] and view.used > 0 then
+  elseif S[b + 1] == 'l' then
+    if view.used >= S[b + 3] and view.used > 0 then
       return math.max((lease_first_expiry(KEYS[i + 2]) or now) - now, 0)
     end
     return 0
-  elseif spec[1] == 'b' then
+  elseif S[b + 1] == 'b' then
     return view.stop - now
   end
   return 0
@@ -183,18 +190,19 @@ end
 
 -- A share not taken: marked waiting when its total was full (lib.lua), taken or not by a
 -- refusal or a shadow limit's would-be refusal alike.
-local function untaken_share(i, spec, view)
-  if spec[1] == 'p' then
-    local need = is_capped(spec) and math.min(spec[2], 1) or spec[2]
-    share_mark_waiting(view, KEYS[i + 2], spec, KEYS[spec[7] + 2], specs[spec[7]], now, need)
+local function untaken_share(i, b, view)
+  if S[b + 1] == 'p' then
+    local need = S[b + 9] == 1 and math.min(S[b + 2], 1) or S[b + 2]
+    share_mark_waiting(view, KEYS[i + 2], S, b, KEYS[S[b + 7] + 2], (S[b + 7] - 1) * 9, now, need)
   end
 end
 
 if refused > 0 and ARGV[7] ~= '1' then
-  for i, spec in ipairs(specs) do
-    untaken_share(i, spec, views[i])
-    states[#states + 1] = remaining(spec, views[i].used)
-    states[#states + 1] = untaken_reset(i, spec, views[i])
+  for i = 1, n do
+    local b = (i - 1) * 9
+    untaken_share(i, b, views[i])
+    states[#states + 1] = remaining(b, views[i].used)
+    states[#states + 1] = untaken_reset(i, b, views[i])
   end
   return mp_pack({ok = 0, i = refused, why = reason, ra = retry, st = states})
 end
@@ -203,13 +211,14 @@ end
 -- When a shadow limit would refuse, no shadow limit is taken.
 local skip = (sh > 0 or ARGV[12] == '1') and next(shadow) ~= nil and ARGV[7] ~= '1'
 local at, took, short = {}, {}, false
-for i, spec in ipairs(specs) do
-  local key, kind, amount = KEYS[i + 2], spec[1], spec[2]
+for i = 1, n do
+  local b = (i - 1) * 9
+  local key, kind, amount = KEYS[i + 2], S[b + 1], S[b + 2]
   local view, reset = views[i], 0
   if skip and shadow[i] then
     view.take, kind, short = 0, 'skipped', true
-    untaken_share(i, spec, view)
-    reset = untaken_reset(i, spec, view)
+    untaken_share(i, b, view)
+    reset = untaken_reset(i, b, view)
   end
   if view.take then
     short = short or view.take < amount
@@ -223,18 +232,18 @@ for i, spec in ipairs(specs) do
   elseif kind == 'g' or kind == 'skipped' then
     at[i] = 0
   elseif kind == 'l' then
-    local ttl = spec[5]
+    local ttl = S[b + 5]
     redis.call('ZADD', key, int(now + ttl), rid)
     redis.call('PEXPIRE', key, int(ttl))
     view.used = view.used + 1
-    if view.used >= spec[3] then
+    if view.used >= S[b + 3] then
       reset = math.max((lease_first_expiry(key) or now) - now, 0)
     end
     at[i] = 0
   else
     redis.call('HSET', view.pkey, 'u', int(view.used + amount), 'h', int(view.held + amount))
     if view.fresh then
-      redis.call('PEXPIRE', view.pkey, int(view.stop + spec[8] - now))
+      redis.call('PEXPIRE', view.pkey, int(view.stop + S[b + 8] - now))
     end
     reset = view.stop - now
     at[i] = view.start
@@ -242,7 +251,7 @@ for i, spec in ipairs(specs) do
   if kind == 'w' or kind == 'b' or kind == 'p' then
     view.used = view.used + amount
   end
-  states[#states + 1] = remaining(spec, view.used)
+  states[#states + 1] = remaining(b, view.used)
   states[#states + 1] = reset
 end
 
@@ -258,6 +267,7 @@ end
 reply = mp_pack(reply)
 local stored = ARGV[3]
 if short then  -- the record keeps the amounts taken, where every version reads them
+  local specs = mp_unpack(ARGV[3])
   for i, spec in ipairs(specs) do
     spec[2] = took[i]
     if skip and shadow[i] then  -- held as a gate: nothing to settle, renew or refund

@@ -14,6 +14,9 @@
 -- (spec[7] for a window, spec[9] for a budget or a share). A capped limit takes "up to amount": it
 -- admits while at least one unit is left and takes min(amount, what is left), so a request
 -- that does not bound itself can pass it only alone, by its own excess.
+-- acquire gets the same specs flat as well, to decide with: one msgpack array of 9 values per
+-- limit, the spec's first 8 (0 where it has fewer) and 1 if it is capped, else 0. Unpacking it
+-- costs half what the nested arrays cost (a Lua table each, grown element by element).
 -- All amounts are integers (requests, tokens, nano-dollars); all times are milliseconds
 -- on Redis's clock unless the caller passes an explicit "now" (tests, simulations).
 
@@ -32,10 +35,6 @@ local function clock(override)
   end
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
-end
-
-local function is_capped(spec)
-  return spec[spec[1] == 'w' and 7 or 9] == 1
 end
 
 -- Sliding window -------------------------------------------------------------------
@@ -202,13 +201,14 @@ local function share_protected(total_key, own, now)
 end
 
 -- Reads a share and its total (read-only views); room = the most the request may take now.
-local function share_view(key, spec, total_key, total_spec, now)
-  local view = window_view(key, now, spec[5], spec[6])
+-- The share's spec is S[b + 1 ..], its total's S[tb + 1 ..] (flat specs, as acquire gets them).
+local function share_view(key, S, b, total_key, tb, now)
+  local view = window_view(key, now, S[b + 5], S[b + 6])
   view.used = view.sum
-  view.total = window_view(total_key, now, total_spec[5], total_spec[6])
-  view.total_cap = total_spec[3]
-  view.level = math.min(spec[8], total_spec[3] - share_protected(total_key, key, now))
-  view.room = math.max(spec[3] - view.used, view.level - view.total.sum)
+  view.total = window_view(total_key, now, S[tb + 5], S[tb + 6])
+  view.total_cap = S[tb + 3]
+  view.level = math.min(S[b + 8], S[tb + 3] - share_protected(total_key, key, now))
+  view.room = math.max(S[b + 3] - view.used, view.level - view.total.sum)
   return view
 end
 
@@ -222,13 +222,13 @@ end
 
 -- After a refusal: a request within its share that found the total full marks the share as
 -- waiting, so that nobody borrows its unused part for one total window.
-local function share_mark_waiting(view, key, spec, total_key, total_spec, now, need)
-  if view.used + need > spec[3] or view.total.sum + need <= view.total_cap then
+local function share_mark_waiting(view, key, S, b, total_key, tb, now, need)
+  if view.used + need > S[b + 3] or view.total.sum + need <= view.total_cap then
     return
   end
-  local W = total_spec[5]
+  local W = S[tb + 5]
   redis.call('HSET', total_key .. ':waiting', key,
-    int(now + W) .. ' ' .. int(spec[3]) .. ' ' .. int(spec[5]) .. ' ' .. int(spec[6]))
+    int(now + W) .. ' ' .. int(S[b + 3]) .. ' ' .. int(S[b + 5]) .. ' ' .. int(S[b + 6]))
   redis.call('PEXPIRE', total_key .. ':waiting', int(W))
 end
 
@@ -255,8 +255,9 @@ end
 -- The caller sends the current period and the next one, so a request that crosses the
 -- boundary on Redis's clock lands in the right period with no reset job.
 
-local function budget_period(spec, now)
-  local b0, b1, b2 = spec[5], spec[6], spec[7]
+-- The spec is S[b + 1 ..]: a spec of its own (b = 0) or one of flat specs.
+local function budget_period(S, b, now)
+  local b0, b1, b2 = S[b + 5], S[b + 6], S[b + 7]
   if now >= b1 then
     return b1, b2
   end

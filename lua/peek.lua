@@ -29,7 +29,7 @@ for i, spec in ipairs(specs) do
       reset = math.max((lease_first_expiry(key) or now) - now, 0)
     end
   else
-    local start, stop = budget_period(spec, now)
+    local start, stop = budget_period(spec, 0, now)
     used, reset = budget_read(budget_key(key, start)) or 0, stop - now
   end
   out[#out + 1] = math.max(cap - used, 0)

@@ -649,10 +649,11 @@ class Engine:
         skip_shadow: bool = False,
     ) -> dict[str, Any]:
         keys = [*self._record_keys(anchor, rid), *(limit.key for limit in limits)]
+        specs = self._specs(limits, now)
         args = [
             rid,
             self._now_override(),
-            self._encode(limits, now),
+            msgpack.packb(specs),
             self.hold_ttl_ms,
             self.record_grace_ms,
             meta,
@@ -663,6 +664,7 @@ class Engine:
             msgpack.packb(shadow) if shadow else b"",
             "1" if skip_shadow else "0",
             self._settle_plan(limits, now),
+            _flat(specs),
         ]
         return await self._run(self._scripts["acquire"], keys, args)
 
@@ -721,6 +723,9 @@ class Engine:
         return [tag for tag, exists in zip(tags, found, strict=True) if exists]
 
     def _encode(self, limits: Sequence[Limit], now: int) -> bytes:
+        return msgpack.packb(self._specs(limits, now))
+
+    def _specs(self, limits: Sequence[Limit], now: int) -> list[list[Any]]:
         specs: list[list[Any]] = []
         for limit in limits:
             if isinstance(limit, SharedWindow):
@@ -756,7 +761,7 @@ class Engine:
                         *_CAPPED[limit.capped],
                     ]
                 )
-        return msgpack.packb(specs)
+        return specs
 
     def _settle_plan(self, limits: Sequence[Limit], now: int) -> bytes:
         """What settlement changes, for the record (lib.lua, record_each): measured windows and
@@ -805,6 +810,22 @@ class Engine:
 # A capped limit's spec ends with a 1 (lib.lua); others are sent as before, so records held
 # by older scripts and repeated acquires compare equal.
 _CAPPED: dict[bool, tuple[int, ...]] = {False: (), True: (1,)}
+
+
+# Values of each kind's spec before its capped flag; flat specs pad them to 8 (lib.lua).
+_SPEC_SIZE = {"w": 6, "p": 8, "b": 8, "l": 5, "g": 4}
+_PADDING = {size: [0] * (8 - size) for size in _SPEC_SIZE.values()}
+
+
+def _flat(specs: Sequence[list[Any]]) -> bytes:
+    """The specs as acquire decides with them: 9 values each, the last 1 if capped."""
+    flat: list[Any] = []
+    for spec in specs:
+        size = _SPEC_SIZE[spec[0]]
+        flat += spec[:size]
+        flat += _PADDING[size]
+        flat.append(1 if len(spec) > size else 0)
+    return msgpack.packb(flat)
 
 
 def _share_spec(limit: SharedWindow, group: Sequence[Limit]) -> list[Any]:
