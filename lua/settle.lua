@@ -34,8 +34,9 @@ end
 if rec.s ~= 'held' then
   return mp_pack(record_fields(rec))
 end
-record_finish(rec, KEYS[1], rid, now, mode, mp_unpack(ARGV[4]), tonumber(ARGV[5]), ARGV[6])
+local reserved, charged = record_finish(rec, KEYS[1], rid, now, mode, mp_unpack(ARGV[4]),
+  tonumber(ARGV[5]), ARGV[6])
 redis.call('ZREM', KEYS[2], rid)
-local out = record_fields(rec)
-out.first = 1
-return mp_pack(out)
+-- record_fields, with the maps at hand rather than unpacked again ('cancel' leaves none)
+return mp_pack({s = rec.s, first = 1, t0 = tonumber(rec.t0), t1 = tonumber(rec.t1),
+  est = rec.est and reserved, out = rec.out and charged, meta = rec.meta})
