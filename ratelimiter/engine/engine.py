@@ -663,8 +663,7 @@ class Engine:
             spans,
             msgpack.packb(shadow) if shadow else b"",
             "1" if skip_shadow else "0",
-            self._settle_plan(limits, now),
-            _flat(specs),
+            *_flat_and_plan(specs, keys[2:]),
         ]
         return await self._run(self._scripts["acquire"], keys, args)
 
@@ -763,22 +762,6 @@ class Engine:
                 )
         return specs
 
-    def _settle_plan(self, limits: Sequence[Limit], now: int) -> bytes:
-        """What settlement changes, for the record (lib.lua, record_each): measured windows and
-        shares, budgets and leases, each with its place in the group; the rest is skipped."""
-        plan: list[Any] = []
-        for place, limit in enumerate(limits, 1):
-            if isinstance(limit, SlidingWindow) and limit.measure:  # a SharedWindow too
-                plan += ["w", place, limit.key, limit.amount, limit.measure]
-                plan += [limit.window_ms, limit.bucket_ms]
-            elif isinstance(limit, Budget):
-                _, b1, b2 = self._period(limit.period, now)
-                plan += ["b", place, limit.key, limit.amount, limit.measure or "", b1, b2]
-                plan.append(limit.retention_ms)
-            elif isinstance(limit, Concurrency):
-                plan += ["l", limit.key]
-        return msgpack.packb(plan)
-
     def _period(self, duration: Duration, now: int) -> tuple[int, int, int]:
         """Current period and the next one's end: the script picks by its own clock."""
         cached = self._periods.get(duration)
@@ -817,15 +800,25 @@ _SPEC_SIZE = {"w": 6, "p": 8, "b": 8, "l": 5, "g": 4}
 _PADDING = {size: [0] * (8 - size) for size in _SPEC_SIZE.values()}
 
 
-def _flat(specs: Sequence[list[Any]]) -> bytes:
-    """The specs as acquire decides with them: 9 values each, the last 1 if capped."""
+def _flat_and_plan(specs: Sequence[list[Any]], keys: Sequence[str]) -> tuple[bytes, bytes]:
+    """acquire's settle plan (lib.lua, record_each: what settlement changes, each limit with its
+    place in the group) and the specs flat, as acquire decides with them (9 values each, the
+    last 1 if capped)."""
+    plan: list[Any] = []
     flat: list[Any] = []
-    for spec in specs:
-        size = _SPEC_SIZE[spec[0]]
+    for place, (spec, key) in enumerate(zip(specs, keys, strict=True), 1):
+        kind = spec[0]
+        size = _SPEC_SIZE[kind]
         flat += spec[:size]
         flat += _PADDING[size]
         flat.append(1 if len(spec) > size else 0)
-    return msgpack.packb(flat)
+        if kind == "b":
+            plan += ["b", place, key, spec[1], spec[3], spec[5], spec[6], spec[7]]
+        elif kind == "l":
+            plan += ["l", key]
+        elif spec[3] and kind != "g":  # a window or share with a measure
+            plan += ["w", place, key, spec[1], spec[3], spec[4], spec[5]]
+    return msgpack.packb(plan), msgpack.packb(flat)
 
 
 def _share_spec(limit: SharedWindow, group: Sequence[Limit]) -> list[Any]:
