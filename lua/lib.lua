@@ -1,5 +1,9 @@
 -- Shared helpers. The engine prepends this file to every script before loading it,
 -- so each script stays one atomic EVALSHA while the arithmetic lives in one place.
+-- Only the parts a script uses are prepended (ratelimiter/engine/scripts.py, PARTS): every local
+-- function is a closure made anew on every call, so each one a script never calls costs it for
+-- nothing. A part runs from a line '-- [part: name]' to the next; what comes before the first
+-- goes to every script.
 --
 -- Limit specs arrive as msgpack arrays, one per limit, in KEYS order:
 --   {kind, amount, capacity, measure, p1, p2, p3, p4}
@@ -37,6 +41,7 @@ local function clock(override)
   return tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
 end
 
+-- [part: decide]
 -- Sliding window -------------------------------------------------------------------
 -- A hash of buckets of g ms: field 's' = sum of live buckets, field 'o' = oldest bucket
 -- id still stored, and one field per bucket named (id mod M). A request at time t counts
@@ -160,6 +165,7 @@ local function window_add(w, now, amount)
   end
 end
 
+-- [part: finish]
 -- Changes a reserved bucket by delta if it still counts; never below zero. Reads and writes
 -- only the sum and that bucket (two calls): buckets that slid out stay counted in 's' until the
 -- next acquire purges them, as every reader subtracts them, and 'o' stays where it is.
@@ -177,6 +183,7 @@ local function window_adjust(key, now, W, g, id, delta)
   redis.call('HSET', key, 's', int((tonumber(v[1]) or 0) + delta), field, int(held + delta))
 end
 
+-- [part: decide]
 -- Share of a total window ('p') ----------------------------------------------------------
 -- A sliding window of its own (as 'w'; its capacity is the share) over a total window that
 -- another spec of the same call counts. It admits while its own window stays within the share,
@@ -250,6 +257,7 @@ local function lease_first_expiry(key)
   return tonumber(first[2])
 end
 
+-- [part: budget]
 -- Spend budget ----------------------------------------------------------------------
 -- One hash per period, named <key>:<period start ms>: 'u' = spent plus held, 'h' = held.
 -- The caller sends the current period and the next one, so a request that crosses the
@@ -274,6 +282,7 @@ local function budget_read(pkey)
   return tonumber(v[1]), tonumber(v[2]) or 0
 end
 
+-- [part: finish]
 -- Adds to spend and holds of one period; a new key lives until the period ends plus retention.
 local function budget_add(pkey, used, held, period_end, retention, now)
   local u, h = budget_read(pkey)

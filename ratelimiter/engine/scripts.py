@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -16,6 +17,16 @@ from .multiplex import Multiplexer
 __all__ = ["Script", "load_scripts", "run_script"]
 
 NAMES = ("acquire", "settle", "renew", "peek", "expire", "reset")
+# The parts of lib.lua each script is given, besides its head (see lib.lua's header).
+PARTS: dict[str, tuple[str, ...]] = {
+    "acquire": ("decide", "budget"),
+    "peek": ("decide", "budget"),
+    "settle": ("budget", "finish"),
+    "renew": ("budget", "finish"),
+    "expire": ("budget", "finish"),
+    "reset": (),
+}
+_PART = re.compile(r"^-- \[part: (\w+)\]\n", re.MULTILINE)
 
 
 def _lua_dir() -> Path:
@@ -34,6 +45,13 @@ class Script:
     name: str
     source: bytes
     sha: str
+
+
+def lib_parts(lib: str, names: tuple[str, ...]) -> str:
+    """lib.lua's head and its parts named ``names``, in the file's order."""
+    pieces = _PART.split(lib)  # head, name, text, name, text...
+    kept = [text for name, text in zip(pieces[1::2], pieces[2::2], strict=True) if name in names]
+    return "".join([pieces[0], *kept])
 
 
 def _assemble(lib: str, body: str) -> str:
@@ -55,7 +73,8 @@ def load_scripts() -> dict[str, Script]:
     lib = (directory / "lib.lua").read_text()
     scripts = {}
     for name in NAMES:
-        source = _assemble(lib, (directory / f"{name}.lua").read_text()).encode()
+        own = lib_parts(lib, PARTS[name])
+        source = _assemble(own, (directory / f"{name}.lua").read_text()).encode()
         scripts[name] = Script(name, source, hashlib.sha1(source).hexdigest())
     return scripts
 
