@@ -278,21 +278,22 @@ if short then  -- the record keeps the amounts taken, where every version reads 
   redis.call('HSET', KEYS[1], 'ask', ARGV[3])
 end
 local keys = table.concat(KEYS, '\0', 3)
+local dl, life = int(deadline), int(hold_ttl + record_ttl)
 -- the settle plan only while every limit took its amount as asked (lib.lua, record_each)
 local plan = not short and ARGV[13] or ''
 if ARGV[8] ~= '' then
-  redis.call('HSET', KEYS[1], 's', 'held', 't0', int(now), 'dl', int(deadline), 'spec', stored,
+  redis.call('HSET', KEYS[1], 's', 'held', 't0', int(now), 'dl', dl, 'spec', stored,
     'keys', keys, 'at', mp_pack(at), 'meta', ARGV[6], 'reply', reply, 'grp', ARGV[10],
     'pl', plan, 'lg', ARGV[8], 'dims', ARGV[9])
 else
-  redis.call('HSET', KEYS[1], 's', 'held', 't0', int(now), 'dl', int(deadline), 'spec', stored,
+  redis.call('HSET', KEYS[1], 's', 'held', 't0', int(now), 'dl', dl, 'spec', stored,
     'keys', keys, 'at', mp_pack(at), 'meta', ARGV[6], 'reply', reply, 'grp', ARGV[10],
     'pl', plan)
 end
 if shadow_arg ~= '' then  -- a repeated acquire must name the same shadow limits
   redis.call('HSET', KEYS[1], 'shw', shadow_arg)
 end
-redis.call('PEXPIRE', KEYS[1], int(hold_ttl + record_ttl))
-redis.call('ZADD', KEYS[2], int(deadline), rid)
-redis.call('PEXPIRE', KEYS[2], int(hold_ttl + record_ttl))
+redis.call('PEXPIRE', KEYS[1], life)
+redis.call('ZADD', KEYS[2], dl, rid)
+redis.call('PEXPIRE', KEYS[2], life)
 return reply

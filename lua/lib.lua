@@ -307,23 +307,18 @@ end
 -- Once finished, spec/keys/at/pl give way to t1, est and out (msgpack maps measure -> amount)
 -- and the hash lives for the result ttl so repeated calls get the first outcome.
 
-local RECORD_FIELDS = {'s', 't0', 't1', 'dl', 'est', 'out', 'meta', 'spec', 'keys', 'at', 'pl',
-  'lg', 'dims'}
-
 -- The fields of a record that settle, renew and expire read (not the whole hash: its repeated
 -- acquire's reply and group list are never needed here); nil when there is no record.
 local function record_load(key)
-  local v = redis.call('HMGET', key, unpack(RECORD_FIELDS))
+  local v = redis.call('HMGET', key, 's', 't0', 't1', 'dl', 'est', 'out', 'meta', 'spec', 'keys',
+    'at', 'pl', 'lg', 'dims')
   if not v[1] then
     return nil
   end
-  local rec = {}
-  for i = 1, #RECORD_FIELDS do
-    if v[i] then
-      rec[RECORD_FIELDS[i]] = v[i]
-    end
-  end
-  return rec
+  -- HMGET gives false for a missing field; the record leaves it out (nil), as HGETALL did
+  return {s = v[1], t0 = v[2] or nil, t1 = v[3] or nil, dl = v[4] or nil, est = v[5] or nil,
+    out = v[6] or nil, meta = v[7] or nil, spec = v[8] or nil, keys = v[9] or nil,
+    at = v[10] or nil, pl = v[11] or nil, lg = v[12] or nil, dims = v[13] or nil}
 end
 
 -- Where each amount of a held record went: {kind, key, amount, measure, ...} per limit,
@@ -369,9 +364,9 @@ end
 -- here, on every settlement: an eighth of a request's Redis instructions (benchmarks.settle_cost).
 local DAY_MS = 86400000
 
-local function ledger_write(rec, rid, now, status, est, out, charged, info)
+local function ledger_write(rec, rid, now, t1, status, est, out, info)
   local day = int(floor(now / DAY_MS))
-  redis.call('XADD', rec.lg .. 'ledger:' .. day, '*', 'rid', rid, 't0', rec.t0, 't1', int(now),
+  redis.call('XADD', rec.lg .. 'ledger:' .. day, '*', 'rid', rid, 't0', rec.t0, 't1', t1,
     's', status, 'est', est, 'out', out, 'meta', rec.meta or '', 'info', info or '',
     'd', rec.dims)
   redis.call('SADD', rec.lg .. 'rollup-due', day)
@@ -448,11 +443,12 @@ local function record_finish(rec, key, rid, now, mode, actuals, ttl, info)
   end
   local status = mode == 'release' and 'released' or (mode == 'settle' and 'settled' or 'expired')
   rec.s, rec.t1, rec.est, rec.out = status, now, mp_pack(reserved), mp_pack(charged)
+  local t1 = int(now)
   if rec.lg then
-    ledger_write(rec, rid, now, status, rec.est, rec.out, charged, info)
+    ledger_write(rec, rid, now, t1, status, rec.est, rec.out, info)
   end
   redis.call('HDEL', key, 'spec', 'keys', 'at', 'reply', 'dims', 'ask', 'grp', 'pl')
-  redis.call('HSET', key, 's', status, 't1', int(now), 'est', rec.est, 'out', rec.out)
+  redis.call('HSET', key, 's', status, 't1', t1, 'est', rec.est, 'out', rec.out)
   redis.call('PEXPIRE', key, int(ttl))
   return reserved, charged
 end
