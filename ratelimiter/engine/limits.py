@@ -40,6 +40,11 @@ def _check_int(owner: str, name: str, value: Any, *, minimum: int = 0) -> None:
         raise InvalidLimit(f"{owner}: {name} must be between {minimum} and 2**53-1, got {value}")
 
 
+def is_amount(value: Any) -> bool:
+    """Whether ``value`` is a whole number the engine counts exactly (0 to 2**53-1)."""
+    return type(value) is int and 0 <= value <= MAX_AMOUNT
+
+
 def _check_bool(owner: str, name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise InvalidLimit(f"{owner}: {name} must be true or false, got {value!r}")
@@ -185,15 +190,15 @@ class Budget:
 
 def _with_amount(limit: Any, amount: int, capped: bool | None) -> Any:
     # The policy layer builds limits on every request; copying skips re-validating the rest.
-    _check_int(f"limit {limit.name or limit.key!r}", "amount", amount)
-    clone = object.__new__(type(limit))
-    for cls in type(limit).__mro__:  # a subclass's __slots__ lists only its own fields
-        for name in getattr(cls, "__slots__", ()):
-            object.__setattr__(clone, name, getattr(limit, name))
-    object.__setattr__(clone, "amount", amount)
-    if capped is not None:
-        object.__setattr__(clone, "capped", capped)
-    return clone
+    if not is_amount(amount):
+        _check_int(f"limit {limit.name or limit.key!r}", "amount", amount)
+    return copy_with(limit, amount, limit.capped if capped is None else capped)
+
+
+def copy_with(limit: Any, amount: int, capped: bool) -> Any:
+    """``limit`` (a sliding window, shared window or budget) holding ``amount``, ``capped``,
+    unchecked: the caller has checked ``amount``."""
+    return _COPIERS[type(limit)](limit, amount, capped)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,3 +255,26 @@ def _check_totals(limits: tuple[Limit, ...]) -> None:
                 f"shared window {limit.name or limit.key!r}: its total {limit.total_key!r} "
                 "must be a SlidingWindow of the same request"
             )
+
+
+def _slot_names(cls: type) -> tuple[str, ...]:
+    # a subclass's __slots__ lists only its own fields
+    return tuple(n for c in reversed(cls.__mro__) for n in getattr(c, "__slots__", ()))
+
+
+def _copier(cls: type) -> Any:
+    """A function copying a ``cls`` with another amount and capped, one line per slot set
+    through its descriptor: a third of the time of a loop over the slots, and a request's
+    limits are copied for every request. Written from the class's slots, so a field added
+    to it is copied too."""
+    names = _slot_names(cls)
+    given = {"amount": "amount", "capped": "capped"}
+    body = "".join(f"    _{n}(clone, {given.get(n, f'limit.{n}')})\n" for n in names)
+    source = f"def copy(limit, amount, capped):\n    clone = _new(_cls)\n{body}    return clone\n"
+    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
+    namespace.update({f"_{n}": getattr(cls, n).__set__ for n in names})
+    exec(source, namespace)  # the source holds only the class's own slot names
+    return namespace["copy"]
+
+
+_COPIERS = {cls: _copier(cls) for cls in (SlidingWindow, SharedWindow, Budget)}

@@ -15,31 +15,41 @@ strict``, is bounded by the proxy to what ``completion_room`` says its limits af
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from ..engine import LimitState
-from ..engine.limits import Budget, Concurrency, Gate, Limit, SharedWindow, SlidingWindow
+from ..engine.limits import (
+    Budget,
+    Concurrency,
+    Gate,
+    Limit,
+    SharedWindow,
+    SlidingWindow,
+    copy_with,
+    is_amount,
+)
 from ..pricing import NANO, Price, cost_nano, nano
 from .priority import share_limits
-from .shadow import SHADOW_FIELDS
+from .shadow import SHADOW_FIELDS, shadow_keys
 
 __all__ = [
     "LIMIT_FIELDS",
     "SCOPE_KINDS",
     "STRICT_MIN_TOKENS",
+    "Plan",
     "Resolved",
     "Scope",
     "completion_room",
     "inherit",
     "limits_for",
+    "plan_for",
     "scope_budgets",
 ]
 
-# Distinct (scopes, model) combinations whose limits stay built; past it the cache starts over.
+# Distinct (scopes, model, surface) combinations whose plans stay built, the least recently
+# used dropped first.
 PLANS = 16_384
 LEASE_TTL_MS = 60_000
 NEVER_RESETS = "100y"  # a budget without a duration: one period from 1970 to 2070
@@ -175,13 +185,84 @@ def limits_for(
     """Every limit ``request`` meets, with its estimated tokens and cost as the amounts;
     ``capped`` (a request that does not bound itself) makes its token windows and budgets
     take up to those amounts, as much as is left."""
-    limits: list[Limit] = []
-    for scope in request.scopes:
-        for limit, measure in _scope_plan(scope, request.model, prefix, lease_ttl_ms):
-            if measure is not None:
-                limit = limit.with_amount(request.amount(measure), capped)
-            limits.append(limit)
-    return limits
+    return plan_for(request.scopes, request.model, prefix, lease_ttl_ms).limits(request, capped)
+
+
+Keep = Callable[[Limit], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The limits of every request of the same scopes (with the same fields) and model, built
+    and checked once: a request only fills in its amounts. Each entry is a limit and the
+    measure whose amount it takes (None: it keeps its own)."""
+
+    entries: tuple[tuple[Any, str | None], ...]
+    shadowed: frozenset[str]  # keys in shadow by their entities' fields (shadow.py)
+    unblocked: frozenset[str]  # every key but the blocks': in shadow when the sidecar is
+
+    def limits(self, request: Resolved, capped: bool = False) -> list[Limit]:
+        """The limits with ``request``'s amounts (see ``limits_for``)."""
+        amounts = {
+            "tokens": request.tokens,
+            "input_tokens": request.amount("input_tokens"),
+            "output_tokens": request.amount("output_tokens"),
+            "cost": request.cost,
+        }
+        if not all(map(is_amount, amounts.values())):  # the limit it fails names itself
+            return [t if m is None else t.with_amount(amounts[m], capped) for t, m in self.entries]
+        return [t if m is None else copy_with(t, amounts[m], capped) for t, m in self.entries]
+
+
+# (prefix, lease TTL, model, keep, scope kinds and ids) -> the scopes' fields and their plan.
+_plans: dict[tuple[Any, ...], tuple[tuple[Mapping[str, Any], ...], Plan]] = {}
+
+
+def plan_for(
+    scopes: Sequence[Scope],
+    model: str,
+    prefix: str,
+    lease_ttl_ms: int = LEASE_TTL_MS,
+    keep: Keep | None = None,
+) -> Plan:
+    """The plan of a request of ``scopes`` for ``model``, of the limits ``keep`` keeps (all
+    when None; it must be hashable and always keep the same limits).
+
+    One plan is kept per scope identity (kinds and ids), with the fields it was built from:
+    an entity edited since (or reloaded by the store) is a new fields object, compared by
+    content, and a changed one replaces the plan, so an admin change holds from the next
+    request and stale versions are never pinned. Comparing fields by identity first keeps
+    large entities (a team's members) from costing per request."""
+    name = (prefix, lease_ttl_ms, model, keep, *[(scope.kind, scope.id) for scope in scopes])
+    fields = tuple([scope.fields for scope in scopes])
+    cached = _plans.pop(name, None)
+    if cached is None or not all(map(_same, cached[0], fields)):
+        cached = (fields, _compile(scopes, model, prefix, lease_ttl_ms, keep))
+        if len(_plans) >= PLANS:
+            del _plans[next(iter(_plans))]
+    _plans[name] = cached  # most recently used last
+    return cached[1]
+
+
+def _same(built: Mapping[str, Any], now: Mapping[str, Any]) -> bool:
+    return built is now or built == now
+
+
+def _compile(
+    scopes: Sequence[Scope], model: str, prefix: str, lease_ttl_ms: int, keep: Keep | None
+) -> Plan:
+    entries = tuple(
+        (limit, measure)
+        for scope in scopes
+        for limit, measure in _build(scope, model, prefix, lease_ttl_ms)
+        if keep is None or keep(limit)
+    )
+    limits = [limit for limit, _ in entries]
+    return Plan(
+        entries,
+        shadow_keys(scopes, limits, prefix),
+        shadow_keys(scopes, limits, prefix, everything=True),
+    )
 
 
 def completion_room(
@@ -226,29 +307,6 @@ def _affordable(left: int, prompt: int, price: Price | None, choices: int) -> in
     while fits >= 0 and cost_nano(price, prompt, (fits + 1) * choices) <= left:
         fits += 1
     return fits
-
-
-_plans: dict[tuple[Any, ...], list[tuple[Limit, str | None]]] = {}
-
-
-def _scope_plan(
-    scope: Scope, model: str, prefix: str, lease_ttl_ms: int
-) -> list[tuple[Limit, str | None]]:
-    """One scope's limits for ``model``, built and checked once per distinct content of its
-    fields. Building ~20 checked limits per request was a quarter of the sidecar's CPU; keying
-    on the fields' content means an edited entity simply gets a new plan."""
-    try:
-        fields = orjson.dumps(scope.fields, option=orjson.OPT_SORT_KEYS)
-    except TypeError:  # fields orjson cannot serialise: build without the cache
-        return list(_build(scope, model, prefix, lease_ttl_ms))
-    fingerprint = (scope.kind, scope.id, fields, model, prefix, lease_ttl_ms)
-    plan = _plans.get(fingerprint)
-    if plan is None:
-        plan = list(_build(scope, model, prefix, lease_ttl_ms))
-        if len(_plans) >= PLANS:
-            _plans.clear()
-        _plans[fingerprint] = plan
-    return plan
 
 
 def _build(

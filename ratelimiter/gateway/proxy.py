@@ -55,10 +55,9 @@ from .http import (
 )
 from .logs import info_line
 from .metrics import METRICS, timer
-from .policy import STRICT_MIN_TOKENS, Resolved, Scope, completion_room, limits_for
+from .policy import STRICT_MIN_TOKENS, Plan, Resolved, Scope, completion_room, plan_for
 from .resolver import Caller, authenticate, check_model_access, resolve
 from .routing import aliases_of, listed_names, route
-from .shadow import shadow_keys
 from .shadow_counts import count_shadow_refusal
 from .side_routes import _remember_answer, add_side_routes, carried_tokens
 from .surfaces import SURFACES, StreamTally, Surface
@@ -178,10 +177,15 @@ class Call:
                     tags=self.client_tags,
                 )
             self.scopes = resolved.scopes
-            limits = self._limits(resolved, capped=not self.bounded and not self.strict)
-            self.shadow = shadow_keys(
-                self.scopes, limits, self.settings.key_prefix, self.settings.shadow
+            plan = plan_for(
+                resolved.scopes,
+                resolved.model,
+                self.settings.key_prefix,
+                round(self.settings.lease_ttl_s * 1000),
+                self.surface.counts,
             )
+            limits = plan.limits(resolved, capped=not self.bounded and not self.strict)
+            self.shadow = plan.unblocked if self.settings.shadow else plan.shadowed
             metrics = self.app[METRICS]
             self.describe(caller, deployment)
             self.limits = limits
@@ -190,7 +194,7 @@ class Call:
                 with timer(metrics.redis_seconds):
                     async with self.admission_deadline():
                         if self.strict:
-                            limits = self.limits = await self._bound(resolved, price, limits)
+                            limits = self.limits = await self._bound(resolved, price, plan, limits)
                         decision = await self._acquire(limits)
             except RedisUnavailable as exc:
                 refused = self._refuse_unchecked(exc, limits)
@@ -287,13 +291,8 @@ class Call:
             return "Nothing fits now: what is left does not cover even the prompt."
         return f"The largest max_tokens that fits now is {room}."
 
-    def _limits(self, resolved: Resolved, capped: bool = False) -> list[Limit]:
-        ttl_ms = round(self.settings.lease_ttl_s * 1000)
-        limits = limits_for(resolved, self.settings.key_prefix, ttl_ms, capped=capped)
-        return [limit for limit in limits if self.surface.counts(limit)]
-
     async def _bound(
-        self, resolved: Resolved, price: Price | None, limits: list[Limit]
+        self, resolved: Resolved, price: Price | None, plan: Plan, limits: list[Limit]
     ) -> list[Limit]:
         """budget_enforcement: strict. The request's limits with the completion bounded to what
         they afford now (at most default_max_tokens), held in full. Between this peek and the
@@ -318,7 +317,7 @@ class Call:
             output_tokens=most,
             cost=estimated_cost(price, self.prompt, most, writes_cache=self.writes_cache),
         )
-        return self._limits(bounded)
+        return plan.limits(bounded)
 
     @property
     def _minimum(self) -> int:
