@@ -842,6 +842,26 @@ def _share_spec(limit: SharedWindow, group: Sequence[Limit]) -> list[Any]:
     ]
 
 
+_new = object.__new__
+_set_limit, _set_remaining, _set_reset_ms, _set_taken, _set_shadow = (
+    getattr(LimitState, name).__set__
+    for name in ("limit", "remaining", "reset_ms", "taken", "shadow")
+)
+
+
+def _state(limit: Limit, remaining: int, reset_ms: int, taken: int | None, shadow: bool) -> Any:
+    """``LimitState(limit, remaining, reset_ms, taken, shadow)`` in half the time: its slots set
+    through their descriptors, not the frozen ``__init__``'s ``object.__setattr__`` calls. A
+    decision has a state per limit, 20 and more for a sidecar request."""
+    state = _new(LimitState)
+    _set_limit(state, limit)
+    _set_remaining(state, remaining)
+    _set_reset_ms(state, reset_ms)
+    _set_taken(state, taken)
+    _set_shadow(state, shadow)
+    return state
+
+
 def _later(retry: int, other: int) -> bool:
     """Whether ``retry`` frees later than ``other``; -1 means never."""
     return other >= 0 and (retry < 0 or retry > other)
@@ -859,14 +879,11 @@ def _read_replies(
     refusal: tuple[int, str, int] | None = None
     would: tuple[int, str, int] | None = None
     for (_, indices), reply in zip(groups, replies, strict=True):
-        flat, took = reply["st"], reply.get("took")
+        flat, took, ok = reply["st"], reply.get("took"), reply["ok"]
         for n, i in enumerate(indices):
-            taken = None
-            if reply["ok"]:
-                taken = took[n] if took else limits[i].amount
-            states[i] = LimitState(
-                limits[i], flat[2 * n], flat[2 * n + 1], taken, limits[i].key in shadow
-            )
+            limit = limits[i]
+            taken = (took[n] if took else limit.amount) if ok else None
+            states[i] = _state(limit, flat[2 * n], flat[2 * n + 1], taken, limit.key in shadow)
         if not reply["ok"]:
             candidate = (indices[reply["i"] - 1], reply["why"], reply["ra"])
             if refusal is None or _later(candidate[2], refusal[2]):
@@ -875,7 +892,7 @@ def _read_replies(
             candidate = (indices[reply["sh"] - 1], reply["shwhy"], reply["shra"])
             if would is None or _later(candidate[2], would[2]):
                 would = candidate
-    return tuple(s for s in states if s is not None), refusal, would
+    return tuple(filter(None, states)), refusal, would
 
 
 def _check_shadow(shadow: Any, limits: Sequence[Limit]) -> frozenset[str]:
