@@ -31,6 +31,7 @@ from ..engine.limits import (
     is_amount,
 )
 from ..pricing import NANO, Price, cost_nano, nano
+from ..responses import HeaderTemplate
 from .priority import share_limits
 from .shadow import SHADOW_FIELDS, shadow_keys
 
@@ -200,6 +201,18 @@ class Plan:
     entries: tuple[tuple[Any, str | None], ...]
     shadowed: frozenset[str]  # keys in shadow by their entities' fields (shadow.py)
     unblocked: frozenset[str]  # every key but the blocks': in shadow when the sidecar is
+    # the rate-limit header templates, made on first use: with shadowed, with unblocked
+    _headers: dict[bool, HeaderTemplate] = field(default_factory=dict, compare=False, repr=False)
+
+    def headers(self, everything: bool = False) -> HeaderTemplate:
+        """The rate-limit headers of its decisions, with ``shadowed`` in shadow (``unblocked``
+        when ``everything``)."""
+        template = self._headers.get(everything)
+        if template is None:
+            shadow = self.unblocked if everything else self.shadowed
+            limits = [limit for limit, _ in self.entries]
+            template = self._headers[everything] = HeaderTemplate(limits, shadow)
+        return template
 
     def limits(self, request: Resolved, capped: bool = False) -> list[Limit]:
         """The limits with ``request``'s amounts (see ``limits_for``)."""

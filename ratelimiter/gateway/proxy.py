@@ -31,12 +31,12 @@ import msgpack
 import orjson
 from aiohttp import web
 
-from ..engine import Decision, Grant, Reservation
+from ..engine import Blocks, Decision, Grant, Reservation
 from ..engine.limits import MAX_AMOUNT, Budget, Limit, SharedWindow, SlidingWindow
 from ..errors import EntityError, RedisUnavailable
 from ..ledger import ledger_dims
 from ..pricing import Price, Usage, dollars, estimated_cost, read_usage
-from ..responses import json_response
+from ..responses import HeaderTemplate, json_response
 from .alerts import ALERTS
 from .capacity import BLOCKS, add_capacity_blocks, give_back, take_blocks, with_block_states
 from .config import Deployment, Settings
@@ -135,6 +135,7 @@ class Call:
         # for the trace: the last decision, its estimate in nano-dollars, Redis time before it
         self.decision: Decision | None = None
         self.shadow: frozenset[str] = frozenset()  # keys of the limits in shadow (shadow.py)
+        self.headers: HeaderTemplate | None = None  # of an admission in its plan's order
         self.estimate_nano: int | None = None
         self.admission_redis_s = 0.0
 
@@ -217,6 +218,8 @@ class Call:
                 self.reservation, self.deployment = decision.reservation, deployment
                 if self.grants:
                     decision = with_block_states(self.app[BLOCKS], decision, self.grants)
+                if self._blocks() is None:  # else its states are not in the plan's order
+                    self.headers = plan.headers(self.settings.shadow)
                 self._count_shadow_refusal(decision)
                 return deployment, decision
             if isinstance(decision.refused, Budget):
@@ -232,8 +235,8 @@ class Call:
     async def _acquire(self, limits: list[Limit]) -> Decision:
         """One atomic acquire of ``limits``, less those this sidecar's capacity blocks serve
         (capacity.py); what the blocks granted goes back unused unless it is admitted."""
-        blocks = self.app.get(BLOCKS)
-        if blocks is not None and not self.strict:
+        blocks = self._blocks()
+        if blocks is not None:
             # a shadow limit is always decided in the acquire, where its would-be refusal is
             # counted exactly as the same limit enforced would be: never from a block
             enforced = [limit for limit in limits if limit.key not in self.shadow]
@@ -249,6 +252,10 @@ class Call:
         if not decision.allowed:
             self._give_back(None)
         return decision
+
+    def _blocks(self) -> Blocks | None:
+        """This sidecar's capacity blocks, when they serve this request's limits."""
+        return None if self.strict else self.app.get(BLOCKS)
 
     def _give_back(self, actuals: dict[str, int] | None) -> None:
         grants, self.grants = self.grants, []
@@ -736,7 +743,8 @@ async def forward(call: Call, deployment: Deployment, decision: Decision) -> web
     surface = call.surface
     url = surface.upstream_url(deployment)
     headers = surface.upstream_headers(call.request, deployment)
-    failure = surface.rate_headers(decision, call.request_id)
+    # made once: the answer, an error or the stream each carry them
+    failure = surface.rate_headers(decision, call.request_id, call.headers)
     payload = orjson.dumps(call.upstream_body(deployment))
     try:
         with timer(call.app[METRICS].upstream_seconds):
@@ -744,9 +752,9 @@ async def forward(call: Call, deployment: Deployment, decision: Decision) -> web
             upstream = await call.app[HTTP].post(url, data=payload, headers=headers)
         async with upstream:
             if upstream.status >= 400:
-                return await _upstream_error(call, deployment, upstream, decision)
+                return await _upstream_error(call, deployment, upstream, failure)
             if surface.streams(call.body):
-                return await _stream(call, deployment, decision, upstream)
+                return await _stream(call, deployment, failure, upstream)
             raw = await upstream.read()
     except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
         if isinstance(exc, _NEVER_SENT):
@@ -784,7 +792,7 @@ async def forward(call: Call, deployment: Deployment, decision: Decision) -> web
 
 
 async def _upstream_error(
-    call: Call, deployment: Deployment, upstream: aiohttp.ClientResponse, decision: Decision
+    call: Call, deployment: Deployment, upstream: aiohttp.ClientResponse, headers: dict[str, str]
 ) -> web.Response:
     raw = await upstream.read()
     try:
@@ -806,7 +814,7 @@ async def _upstream_error(
         if isinstance(message, str) and message
         else raw.decode(errors="replace")[:500] or f"upstream answered {upstream.status}",
         kind if isinstance(kind, str) and kind else "upstream_error",
-        headers=call.surface.rate_headers(decision, call.request_id),
+        headers=headers,
     )
 
 
@@ -817,12 +825,12 @@ _NEVER_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 async def _stream(
     call: Call,
     deployment: Deployment,
-    decision: Decision,
+    headers: dict[str, str],
     upstream: aiohttp.ClientResponse,
 ) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={
-            **call.surface.rate_headers(decision, call.request_id),
+            **headers,
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache",
         }

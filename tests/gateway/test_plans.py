@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import openai
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from ratelimiter.engine.limits import SlidingWindow
+from ratelimiter.engine import Decision, LimitState
+from ratelimiter.engine.limits import Budget, Concurrency, Gate, Limit, SharedWindow, SlidingWindow
 from ratelimiter.errors import InvalidLimit
 from ratelimiter.gateway import policy
 from ratelimiter.gateway.policy import Resolved, Scope, limits_for, plan_for
+from ratelimiter.responses import HeaderTemplate, anthropic_rate_headers, rate_headers
 
 from ..conftest import MESSAGES, Stack
 
@@ -77,3 +81,58 @@ def test_the_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     for n in range(10):
         plan_for((Scope("key", f"k{n}", {"rpm_limit": 1}),), "m", P)
     assert len(policy._plans) == 4
+
+
+_REMAINING = st.one_of(st.integers(-2, 3), st.integers(0, 10**6))  # ties, the first wins
+_NAMES = st.sampled_from(["key:requests", "key:tokens", "user:budget", "requests", "tokens", ""])
+
+
+@st.composite
+def _decisions(draw: st.DrawFn) -> tuple[list[Limit], frozenset[str], Decision]:
+    """Limits of every kind, names that repeat or collide with the tightest windows' headers,
+    some in shadow, and a decision over them (admitted, maybe with a shadow refusal)."""
+    limits: list[Limit] = []
+    for n in range(draw(st.integers(0, 12))):
+        key, name = f"rl:{{s}}:{n}", draw(_NAMES)
+        kind = draw(
+            st.sampled_from(["window", "tokens", "input", "share", "budget", "lease", "gate"])
+        )
+        capacity = draw(st.integers(0, 10**6))
+        if kind == "window":
+            limits.append(SlidingWindow(key, capacity, "1m", name=name))
+        elif kind in ("tokens", "input"):
+            measure = "tokens" if kind == "tokens" else "input_tokens"
+            limits.append(SlidingWindow(key, capacity, "1m", 0, measure=measure, name=name))
+        elif kind == "share":
+            total = SlidingWindow(f"{key}:total", capacity, "1m", name=name)
+            limits += [total, SharedWindow(key, capacity, "1m", name=name, total_key=total.key)]
+        elif kind == "budget":
+            limits.append(Budget(key, capacity, "1d", 0, name=name))
+        elif kind == "lease":
+            limits.append(Concurrency(key, capacity, name=name))
+        else:
+            limits.append(Gate(key, name=name))
+    shadow = frozenset(draw(st.sets(st.sampled_from([limit.key for limit in limits] or ["x"]))))
+    states = tuple(
+        LimitState(limit, draw(_REMAINING), draw(st.integers(0, 10**8)), 1, limit.key in shadow)
+        for limit in limits
+    )
+    refused = draw(st.sampled_from([None, *limits]))
+    decision = Decision(True, "r", states, shadow_refused=refused, shadow_reason="requests")
+    return limits, shadow, decision
+
+
+@given(_decisions())
+def test_a_header_template_makes_the_headers_rate_headers_makes(
+    case: tuple[list[Limit], frozenset[str], Decision],
+) -> None:
+    limits, shadow, decision = case
+    template = HeaderTemplate(limits, shadow)
+    for made in (rate_headers, anthropic_rate_headers):
+        assert list(made(decision, "r", template).items()) == list(made(decision, "r").items())
+
+
+def test_a_template_is_not_used_for_a_decision_of_other_limits() -> None:
+    template = HeaderTemplate([SlidingWindow("rl:{k}:rpm", 5, "1m", name="key:requests")], ())
+    unchecked = Decision(True, "r", ())  # admitted while Redis was away: no states
+    assert rate_headers(unchecked, "r", template) == {"x-request-id": "r"}

@@ -13,7 +13,7 @@ from ...engine import Decision
 from ...engine.limits import Limit
 from ...errors import EntityError
 from ...pricing import Usage, estimate_tokens, read_usage
-from ...responses import error_response, rate_headers, refusal
+from ...responses import HeaderTemplate, error_response, rate_headers, refusal
 from ..bodies import MAX_END_USER_CHARS, check_body
 from ..config import Deployment
 
@@ -191,8 +191,10 @@ class Surface:
 
     # -- answers in the API's own form --------------------------------------------------
 
-    def rate_headers(self, decision: Decision, request_id: str) -> dict[str, str]:
-        return rate_headers(decision, request_id)
+    def rate_headers(
+        self, decision: Decision, request_id: str, template: HeaderTemplate | None = None
+    ) -> dict[str, str]:
+        return rate_headers(decision, request_id, template)
 
     def refusal(self, decision: Decision, request_id: str, hint: str = "") -> web.Response:
         return refusal(decision, request_id, hint)

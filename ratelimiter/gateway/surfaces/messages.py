@@ -23,7 +23,7 @@ from ...engine import Decision
 from ...engine.limits import Concurrency, Gate, Limit, SlidingWindow
 from ...errors import EntityError
 from ...pricing import Usage, content_pieces, measure
-from ...responses import anthropic_error, anthropic_rate_headers, refusal
+from ...responses import HeaderTemplate, anthropic_error, anthropic_rate_headers, refusal
 from ..config import Deployment
 from .base import StreamTally, Surface
 
@@ -105,8 +105,10 @@ class Messages(Surface):
             tally.complete = True
         return True
 
-    def rate_headers(self, decision: Decision, request_id: str) -> dict[str, str]:
-        return anthropic_rate_headers(decision, request_id)
+    def rate_headers(
+        self, decision: Decision, request_id: str, template: HeaderTemplate | None = None
+    ) -> dict[str, str]:
+        return anthropic_rate_headers(decision, request_id, template)
 
     def refusal(self, decision: Decision, request_id: str, hint: str = "") -> web.Response:
         made = refusal(decision, request_id, hint)
