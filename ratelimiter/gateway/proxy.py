@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import replace
+from types import TracebackType
 from typing import Any
 
 import aiohttp
@@ -139,8 +140,8 @@ class Call:
         self.estimate_nano: int | None = None
         self.admission_redis_s = 0.0
 
-    def admission_deadline(self) -> contextlib.AbstractAsyncContextManager[None]:
-        return _admission_deadline(self.app, self.deadline)
+    def admission_deadline(self) -> _AdmissionDeadline:
+        return _AdmissionDeadline(self.app, self.deadline)
 
     async def admit(self, caller: Caller) -> tuple[Deployment, Decision] | web.Response:
         store = self.app[STORE]
@@ -662,19 +663,35 @@ async def _read_body(request: web.Request, surface: Surface) -> dict[str, Any]:
         raise EntityError(400, f"the body is not valid JSON: {exc}") from None
 
 
-@contextlib.asynccontextmanager
-async def _admission_deadline(app: web.Application, deadline: float) -> AsyncIterator[None]:
+class _AdmissionDeadline:
     """Every Redis call before admission shares one deadline: a paused Redis costs a client
-    redis_timeout, not the timeout of each call and each of its retries."""
-    try:
-        async with asyncio.timeout_at(deadline):
-            yield
-    except TimeoutError:
-        raise RedisUnavailable(
-            app[ENGINE].address,
-            f"no answer within {app[SETTINGS].redis_timeout_s:g}s "
+    redis_timeout, not the timeout of each call and each of its retries. A class, not an
+    async generator: it is entered three times per request."""
+
+    __slots__ = ("app", "timeout")
+
+    def __init__(self, app: web.Application, deadline: float) -> None:
+        self.app, self.timeout = app, asyncio.timeout_at(deadline)
+
+    async def __aenter__(self) -> None:
+        await self.timeout.__aenter__()
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            await self.timeout.__aexit__(kind, exc, tb)
+        except TimeoutError:
+            raise self._unavailable() from None
+        if kind is not None and issubclass(kind, TimeoutError):
+            raise self._unavailable() from None
+
+    def _unavailable(self) -> RedisUnavailable:
+        return RedisUnavailable(
+            self.app[ENGINE].address,
+            f"no answer within {self.app[SETTINGS].redis_timeout_s:g}s "
             "(ratelimiter_settings.redis_timeout)",
-        ) from None
+        )
 
 
 def proxy_route(surface: Surface) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -707,13 +724,13 @@ async def _proxied(request: web.Request, surface: Surface) -> web.StreamResponse
     settings = request.app[SETTINGS]
     deadline = asyncio.get_running_loop().time() + settings.redis_timeout_s
     # Who is calling first: a caller with no valid key costs no body parsing or estimate.
-    async with _admission_deadline(request.app, deadline):
+    async with _AdmissionDeadline(request.app, deadline):
         caller = await authenticate(request.app[STORE], settings, bearer(request))
     call = Call(request, surface, await _read_body(request, surface), deadline)
     trace_call(request, call)
     previous = surface.continues(call.body)
     if previous is not None:  # the earlier turns are billed again as input: held too
-        async with _admission_deadline(request.app, deadline):
+        async with _AdmissionDeadline(request.app, deadline):
             call.prompt += await carried_tokens(request.app, caller, previous)
     admitted = await call.admit(caller)
     if isinstance(admitted, web.Response):
