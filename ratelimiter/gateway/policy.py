@@ -15,6 +15,8 @@ strict``, is bounded by the proxy to what ``completion_room`` says its limits af
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,8 +51,8 @@ __all__ = [
     "scope_budgets",
 ]
 
-# Distinct (scopes, model, surface) combinations whose plans stay built, the least recently
-# used dropped first.
+# Scopes (per model and surface), and combinations of them, whose limits stay built; the
+# least recently used go first.
 PLANS = 16_384
 LEASE_TTL_MS = 60_000
 NEVER_RESETS = "100y"  # a budget without a duration: one period from 1970 to 2070
@@ -190,6 +192,7 @@ def limits_for(
 
 
 Keep = Callable[[Limit], bool]
+Entry = tuple[Any, str | None]  # a limit and the measure whose amount it takes
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +201,7 @@ class Plan:
     and checked once: a request only fills in its amounts. Each entry is a limit and the
     measure whose amount it takes (None: it keeps its own)."""
 
-    entries: tuple[tuple[Any, str | None], ...]
+    entries: tuple[Entry, ...]
     shadowed: frozenset[str]  # keys in shadow by their entities' fields (shadow.py)
     unblocked: frozenset[str]  # every key but the blocks': in shadow when the sidecar is
     # the rate-limit header templates, made on first use: with shadowed, with unblocked
@@ -227,8 +230,12 @@ class Plan:
         return [t if m is None else copy_with(t, amounts[m], capped) for t, m in self.entries]
 
 
-# (prefix, lease TTL, model, keep, scope kinds and ids) -> the scopes' fields and their plan.
-_plans: dict[tuple[Any, ...], tuple[tuple[Mapping[str, Any], ...], Plan]] = {}
+# One part per scope identity (prefix, lease TTL, model, keep, kind, id): the fields it was
+# built from and the scope's entries. One plan per list of parts, which it holds, by identity:
+# parts are shared by every request of the scope, so a key met with thousands of end users has
+# one part, where a plan per combination of scopes would be rebuilt at every turn of the cache.
+_parts: dict[tuple[Any, ...], tuple[Mapping[str, Any], tuple[Entry, ...]]] = {}
+_plans: dict[tuple[int, ...], tuple[tuple[tuple[Entry, ...], ...], Plan]] = {}
 
 
 def plan_for(
@@ -239,37 +246,44 @@ def plan_for(
     keep: Keep | None = None,
 ) -> Plan:
     """The plan of a request of ``scopes`` for ``model``, of the limits ``keep`` keeps (all
-    when None; it must be hashable and always keep the same limits).
-
-    One plan is kept per scope identity (kinds and ids), with the fields it was built from:
-    an entity edited since (or reloaded by the store) is a new fields object, compared by
-    content, and a changed one replaces the plan, so an admin change holds from the next
-    request and stale versions are never pinned. Comparing fields by identity first keeps
-    large entities (a team's members) from costing per request."""
-    name = (prefix, lease_ttl_ms, model, keep, *[(scope.kind, scope.id) for scope in scopes])
-    fields = tuple([scope.fields for scope in scopes])
-    cached = _plans.pop(name, None)
-    if cached is None or not all(map(_same, cached[0], fields)):
-        cached = (fields, _compile(scopes, model, prefix, lease_ttl_ms, keep))
-        if len(_plans) >= PLANS:
-            del _plans[next(iter(_plans))]
-    _plans[name] = cached  # most recently used last
+    when None; it must be hashable and always keep the same limits)."""
+    parts = tuple([_part(scope, model, prefix, lease_ttl_ms, keep) for scope in scopes])
+    key = tuple(map(id, parts))
+    cached = _plans.pop(key, None)
+    if cached is None or not all(map(operator.is_, cached[0], parts)):
+        cached = (parts, _assemble(scopes, parts, prefix))
+    _keep(_plans, key, cached)
     return cached[1]
 
 
-def _same(built: Mapping[str, Any], now: Mapping[str, Any]) -> bool:
-    return built is now or built == now
+def _part(
+    scope: Scope, model: str, prefix: str, lease_ttl_ms: int, keep: Keep | None
+) -> tuple[Entry, ...]:
+    """One scope's entries, built once per content of its fields. They are compared by
+    identity first, which is what the store's cached entities give: an entity edited (or
+    reloaded) is a new object, compared by content, and one that changed gets a new part on
+    its next request, replacing the old, so an admin change holds from the next request.
+    Neither a team's members list nor a fingerprint of it costs per request."""
+    name = (prefix, lease_ttl_ms, model, keep, scope.kind, scope.id)
+    fields = scope.fields
+    cached = _parts.pop(name, None)
+    if cached is None or not (cached[0] is fields or cached[0] == fields):
+        built = _build(scope, model, prefix, lease_ttl_ms)
+        cached = (fields, tuple(e for e in built if keep is None or keep(e[0])))
+    _keep(_parts, name, cached)
+    return cached[1]
 
 
-def _compile(
-    scopes: Sequence[Scope], model: str, prefix: str, lease_ttl_ms: int, keep: Keep | None
-) -> Plan:
-    entries = tuple(
-        (limit, measure)
-        for scope in scopes
-        for limit, measure in _build(scope, model, prefix, lease_ttl_ms)
-        if keep is None or keep(limit)
-    )
+def _keep(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    """``value`` as the most recently used of ``cache`` (taken out of it when looked up);
+    past PLANS the least recently used goes."""
+    if len(cache) >= PLANS:
+        del cache[next(iter(cache))]
+    cache[key] = value
+
+
+def _assemble(scopes: Sequence[Scope], parts: Sequence[tuple[Entry, ...]], prefix: str) -> Plan:
+    entries = tuple(itertools.chain.from_iterable(parts))
     limits = [limit for limit, _ in entries]
     return Plan(
         entries,

@@ -60,8 +60,20 @@ def test_a_plan_is_reused_while_the_fields_are_equal_and_replaced_when_they_chan
     assert changed is not first
     (rpm,) = [t for t, _ in changed.entries if t.key.endswith(":rpm")]
     assert rpm.capacity == 2
-    # one plan per scope identity: the superseded one is gone, not kept alongside
-    assert sum(1 for name in policy._plans if name[4:] == (("key", "k"),)) == 1
+    # one part per scope identity: the superseded one is gone, not kept alongside
+    assert sum(1 for name in policy._parts if name[4:] == ("key", "k")) == 1
+
+
+def test_a_scope_met_in_many_combinations_is_built_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[str] = []
+    build = policy._build
+    monkeypatch.setattr(
+        policy, "_build", lambda scope, *a: built.append(scope.id) or build(scope, *a)
+    )
+    key = Scope("key", "shared", {"rpm_limit": 3})
+    for n in range(20):
+        plan_for((key, Scope("end_user", f"e{n}", {"rpm_limit": 1})), "m", P)
+    assert built.count("shared") == 1
 
 
 def test_amounts_are_filled_in_per_request_and_checked() -> None:
@@ -78,9 +90,10 @@ def test_amounts_are_filled_in_per_request_and_checked() -> None:
 def test_the_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(policy, "PLANS", 4)
     monkeypatch.setattr(policy, "_plans", {})
+    monkeypatch.setattr(policy, "_parts", {})
     for n in range(10):
         plan_for((Scope("key", f"k{n}", {"rpm_limit": 1}),), "m", P)
-    assert len(policy._plans) == 4
+    assert len(policy._plans) == len(policy._parts) == 4
 
 
 _REMAINING = st.one_of(st.integers(-2, 3), st.integers(0, 10**6))  # ties, the first wins
