@@ -285,3 +285,13 @@ def test_settle_cost_counts_settlement_and_rollups_apart() -> None:
     assert report["requests"] == 20 and report["commands_per_request"] > 0
     assert {"evalsha", "xadd", "sadd"} <= report["by_command"].keys()
     assert report["instructions_per_request"]["acquire_and_settle"] > 0
+
+
+def test_instructions_counts_the_sidecars_work_per_request(tmp_path: Path) -> None:
+    out = tmp_path / "instructions.json"
+    args = ("--requests", "5", "--warmup", "2", "--out", str(out))
+    done = run_module("benchmarks.instructions", *args, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    # a request runs the sidecar's whole path: far more than a Redis script's instructions
+    assert result["sidecar"] > 100_000 and result["requests"] == 5
