@@ -9,7 +9,7 @@ a warm-up the counters are zeroed, ``--requests`` requests are sent one at a tim
 them streamed, each from one of 32 end users), and the count is read back. With ``--baseline``
 the sidecar of another checkout (``git worktree add --detach /tmp/before <rev>``) is measured
 the same way afterwards. Under callgrind the sidecar runs some 50 times slower: a run takes a
-minute or two, and needs valgrind. Two runs of the same code agreed within 0.7 %.
+minute or two, and needs valgrind. Two runs of the same code agreed within 1 %.
 """
 
 from __future__ import annotations
