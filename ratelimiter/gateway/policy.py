@@ -263,7 +263,8 @@ def _part(
     identity first, which is what the store's cached entities give: an entity edited (or
     reloaded) is a new object, compared by content, and one that changed gets a new part on
     its next request, replacing the old, so an admin change holds from the next request.
-    Neither a team's members list nor a fingerprint of it costs per request."""
+    Neither a team's members list nor a fingerprint of it costs per request. So fields must
+    not be changed in place once a request met them (the store's entities never are)."""
     name = (prefix, lease_ttl_ms, model, keep, scope.kind, scope.id)
     fields = scope.fields
     cached = _parts.pop(name, None)
