@@ -22,10 +22,18 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterator,
+    Sequence,
+)
 from dataclasses import replace
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import aiohttp
 import msgpack
@@ -69,6 +77,7 @@ from .tracing import OPERATIONS, end_span, spend_usd, start_span, trace_call
 __all__ = ["HTTP", "add_proxy_routes"]
 
 log = logging.getLogger("ratelimiter.proxy")
+T = TypeVar("T")
 TOKEN_MEASURES = ("tokens", "input_tokens", "output_tokens")
 
 
@@ -165,8 +174,8 @@ class Call:
             self.estimate_nano = estimated_cost(
                 price, self.prompt, self.most, writes_cache=self.writes_cache
             )
-            async with self.admission_deadline():
-                resolved = await resolve(
+            resolved = await self.admission_deadline().run(
+                resolve(
                     store,
                     self.settings,
                     caller,
@@ -178,6 +187,7 @@ class Call:
                     output_tokens=self.most,
                     tags=self.client_tags,
                 )
+            )
             self.scopes = resolved.scopes
             plan = plan_for(
                 resolved.scopes,
@@ -668,12 +678,13 @@ class _AdmissionDeadline:
     redis_timeout, not the timeout of each call and each of its retries. A class, not an
     async generator: it is entered three times per request."""
 
-    __slots__ = ("app", "timeout")
+    __slots__ = ("app", "deadline", "timeout")
 
     def __init__(self, app: web.Application, deadline: float) -> None:
-        self.app, self.timeout = app, asyncio.timeout_at(deadline)
+        self.app, self.deadline = app, deadline
 
     async def __aenter__(self) -> None:
+        self.timeout = asyncio.timeout_at(self.deadline)
         await self.timeout.__aenter__()
 
     async def __aexit__(
@@ -686,12 +697,55 @@ class _AdmissionDeadline:
         if kind is not None and issubclass(kind, TimeoutError):
             raise self._unavailable() from None
 
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """``await coro`` under the deadline, whose timer is armed only if ``coro`` waits.
+        Most requests find the entities they need in the store's cache and never wait, and
+        arming an asyncio timeout costs more than the rest of such a call. It is armed after
+        ``coro``'s first step, before the loop runs again, so it bites as if armed first."""
+        try:
+            waiting = coro.send(None)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        except TimeoutError:
+            raise self._unavailable() from None
+        async with self:
+            return await _Resumed(coro, waiting)
+
     def _unavailable(self) -> RedisUnavailable:
         return RedisUnavailable(
             self.app[ENGINE].address,
             f"no answer within {self.app[SETTINGS].redis_timeout_s:g}s "
             "(ratelimiter_settings.redis_timeout)",
         )
+
+
+class _Resumed(Generic[T]):
+    """The rest of a coroutine whose first step ended waiting on ``waiting``: awaited, it
+    hands that wait to the task, then steps the coroutine as ``await`` would have."""
+
+    __slots__ = ("coro", "waiting")
+
+    def __init__(self, coro: Coroutine[Any, Any, T], waiting: Any) -> None:
+        self.coro, self.waiting = coro, waiting
+
+    def __await__(self) -> Generator[Any, Any, T]:
+        coro, step = self.coro, self.waiting
+        while True:
+            try:
+                answer = yield step
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # cancelled (the deadline), or thrown in: it is coro's
+                try:
+                    step = coro.throw(exc)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
+            else:
+                try:
+                    step = coro.send(answer)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
 
 
 def proxy_route(surface: Surface) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -724,8 +778,8 @@ async def _proxied(request: web.Request, surface: Surface) -> web.StreamResponse
     settings = request.app[SETTINGS]
     deadline = asyncio.get_running_loop().time() + settings.redis_timeout_s
     # Who is calling first: a caller with no valid key costs no body parsing or estimate.
-    async with _AdmissionDeadline(request.app, deadline):
-        caller = await authenticate(request.app[STORE], settings, bearer(request))
+    admission = _AdmissionDeadline(request.app, deadline)
+    caller = await admission.run(authenticate(request.app[STORE], settings, bearer(request)))
     call = Call(request, surface, await _read_body(request, surface), deadline)
     trace_call(request, call)
     previous = surface.continues(call.body)
