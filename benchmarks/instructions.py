@@ -6,10 +6,13 @@ request moved by 30 % between runs of ``benchmarks.compare`` on a busy 2-core ma
 
 The sidecar runs under callgrind with the benchmark's full set of limits (``services``); after
 a warm-up the counters are zeroed, ``--requests`` requests are sent one at a time (a fifth of
-them streamed, each from one of 32 end users), and the count is read back. With ``--baseline``
-the sidecar of another checkout (``git worktree add --detach /tmp/before <rev>``) is measured
-the same way afterwards. Under callgrind the sidecar runs some 50 times slower: a run takes a
-minute or two, and needs valgrind. Two runs of the same code agreed within 1 %.
+them streamed, each from one of 32 end users), and the count is read back. The bare proxy
+(``benchmarks.bare_proxy``, what any aiohttp proxy has to do) is then counted the same way
+with the same requests, so "sidecar / bare proxy" is a measured ratio, the deterministic
+counterpart of ``benchmarks.compare``'s requests/s ratio. With ``--baseline`` the sidecar of
+another checkout (``git worktree add --detach /tmp/before <rev>``) is measured the same way
+afterwards. Under callgrind a process runs some 50 times slower: a run takes a few minutes,
+and needs valgrind. Two runs of the same code agreed within 1 %.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ END_USERS = 32
 STREAM_SHARE = 0.2
 
 
+def callgrind(root: Path) -> list[str]:
+    return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={root}/callgrind.out"]
+
+
 @contextlib.contextmanager
 def counted_sidecar(
     root: Path, upstream: str, redis_url: str, source: Path | None, name: str
@@ -45,7 +52,7 @@ def counted_sidecar(
     setup = services.SidecarSetup()
     config.write_text(yaml.safe_dump(services.sidecar_config(setup, upstream, redis_url)))
     key, port = "sk-" + secrets.token_hex(24), free_port()
-    args = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={root}/callgrind.out"]
+    args = callgrind(root)
     args += [sys.executable, "-m", "ratelimiter.cli", "serve", "--config", str(config)]
     args += ["--port", str(port), "--workers", "1"]
     env = {"RATELIMITER_MASTER_KEY": key}
@@ -55,6 +62,18 @@ def counted_sidecar(
     ready = "/health/readiness"
     with services.service(name, args, url, ready, root, env=env, timeout=900) as running:
         running.url, running.master_key = f"{url}/v1", key
+        yield running
+
+
+@contextlib.contextmanager
+def counted_bare_proxy(root: Path, upstream: str) -> Iterator[services.Service]:
+    """``benchmarks.bare_proxy`` under callgrind."""
+    port = free_port()
+    args = [*callgrind(root), sys.executable, "-m", "benchmarks.bare_proxy", "--port", str(port)]
+    args += ["--upstream", upstream]
+    url = f"http://127.0.0.1:{port}"
+    with services.service("bare-proxy", args, url, "/v1/models", root, timeout=900) as running:
+        running.url = f"{url}/v1"
         yield running
 
 
@@ -85,6 +104,17 @@ def send(base: str, keys: Sequence[str], count: int, rng: random.Random) -> floa
     return time.perf_counter() - started
 
 
+def count(
+    proxy: services.Service, root: Path, keys: Sequence[str], requests: int, warmup: int
+) -> float:
+    """Instructions per request of ``proxy``: the same draw of requests for every proxy."""
+    rng = random.Random(7)
+    send(proxy.url, keys, warmup, rng)
+    pid = proxy.process.pid
+    counted, _ = instructions(pid, root, lambda: send(proxy.url, keys, requests, rng))
+    return counted / requests
+
+
 def measure(source: Path | None, requests: int, warmup: int) -> float:
     """Instructions per request of the sidecar of ``source`` (None: this checkout)."""
     with contextlib.ExitStack() as ctx:
@@ -94,11 +124,18 @@ def measure(source: Path | None, requests: int, warmup: int) -> float:
         name = "sidecar" if source is None else "baseline"
         sidecar = ctx.enter_context(counted_sidecar(root, upstream.url, redis.url, source, name))
         keys = services.full_enforcement_keys(sidecar.url, sidecar.master_key, 4, ("bench-model",))
-        rng = random.Random(7)
-        send(sidecar.url, keys, warmup, rng)
-        pid = sidecar.process.pid
-        counted, _ = instructions(pid, root, lambda: send(sidecar.url, keys, requests, rng))
-        return counted / requests
+        return count(sidecar, root, keys, requests, warmup)
+
+
+def measure_bare_proxy(requests: int, warmup: int) -> float:
+    """Instructions per request of the bare proxy, for the requests the sidecar was sent (the
+    keys are passed on unchecked, so any will do)."""
+    with contextlib.ExitStack() as ctx:
+        root = ctx.enter_context(services.workdir())
+        upstream = ctx.enter_context(services.fake_upstream(root))
+        bare = ctx.enter_context(counted_bare_proxy(root, upstream.url))
+        keys = ["sk-" + secrets.token_hex(24) for _ in range(4)]
+        return count(bare, root, keys, requests, warmup)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -120,11 +157,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit("valgrind (with callgrind_control) is needed: apt-get install valgrind")
     result: dict[str, Any] = {"requests": args.requests}
     result["sidecar"] = round(measure(None, args.requests, args.warmup))
-    print(f"sidecar   {result['sidecar']:>12,} instructions per request")
+    print(f"sidecar     {result['sidecar']:>12,} instructions per request")
+    result["bare_proxy"] = round(measure_bare_proxy(args.requests, args.warmup))
+    result["sidecar_over_bare_proxy"] = round(result["sidecar"] / result["bare_proxy"], 3)
+    print(f"bare proxy  {result['bare_proxy']:>12,} instructions per request")
+    print(f"sidecar / bare proxy: {result['sidecar_over_bare_proxy']}")
     if args.baseline is not None:
         result["baseline"] = round(measure(args.baseline, args.requests, args.warmup))
         result["sidecar_over_baseline"] = round(result["sidecar"] / result["baseline"], 3)
-        print(f"baseline  {result['baseline']:>12,} instructions per request")
+        print(f"baseline    {result['baseline']:>12,} instructions per request")
         print(f"sidecar / baseline: {result['sidecar_over_baseline']}")
     result["command"] = "python -m benchmarks.instructions " + " ".join(
         sys.argv[1:] if argv is None else argv

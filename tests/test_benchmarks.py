@@ -295,3 +295,6 @@ def test_instructions_counts_the_sidecars_work_per_request(tmp_path: Path) -> No
     result = json.loads(out.read_text())
     # a request runs the sidecar's whole path: far more than a Redis script's instructions
     assert result["sidecar"] > 100_000 and result["requests"] == 5
+    # the bare proxy forwards the same requests, checking nothing: less work than the sidecar
+    assert 0 < result["bare_proxy"] < result["sidecar"]
+    assert result["sidecar_over_bare_proxy"] == round(result["sidecar"] / result["bare_proxy"], 3)
