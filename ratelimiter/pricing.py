@@ -589,6 +589,10 @@ def response_cost(completion: Any) -> tuple[str, float]:
     return model, dollars(price.cost(counted))
 
 
+# A message or delta with no other fields than these has no characters beyond its content.
+_TEXT_ONLY = frozenset(("role", "content"))
+
+
 def choice_chars(choice: Any) -> int:
     """Characters a provider generated in one choice of an answer or of a streamed chunk:
     completion text, message or delta content and refusal, tool-call and function-call
@@ -599,7 +603,12 @@ def choice_chars(choice: Any) -> int:
     for part in (choice.get("message"), choice.get("delta")):
         if not isinstance(part, dict):
             continue
-        total += _chars(part.get("content")) + _chars(part.get("refusal"))
+        content = part.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        if part.keys() <= _TEXT_ONLY:  # a streamed chunk's delta, mostly: nothing more to count
+            continue
+        total += _chars(part.get("refusal"))
         calls = part.get("tool_calls")
         functions = (
             [c.get("function") for c in calls if isinstance(c, dict)]

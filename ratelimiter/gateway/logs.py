@@ -94,7 +94,12 @@ def info_line(logger: logging.Logger, message: str, fields: Mapping[str, Any]) -
         "message": message,
     }
     for name, value in fields.items():
-        entry[name] = _bounded(value)
+        # most fields are short strings, numbers or None: bounded here, without a call
+        kind = type(value)
+        if kind in _PLAIN or (kind is str and len(value) <= FIELD_CHARS):
+            entry[name] = value
+        else:
+            entry[name] = _bounded(value)
     line = orjson.dumps(entry, default=lambda value: _cut(str(value))).decode()
     _write_soon(handler, line + handler.terminator)
 

@@ -909,14 +909,18 @@ async def _stream(
     wanted = call.surface.wants_usage(call.body)
     try:
         await response.prepare(call.request)
-        # Whatever arrived is parsed line by line but written back in one piece: a write
-        # per SSE line cost more CPU than the rest of the stream's handling together.
+        # Whatever arrived is read line by line but written back in one piece: a write per
+        # SSE line cost more CPU than the rest of the stream's handling together.
         partial = b""
         async for data in upstream.content.iter_any():
-            *lines, partial = (partial + data).split(b"\n")
-            out = [line for line in lines if _read_sse_line(call, line, wanted)]
-            if out:
-                await response.write(b"\n".join(out) + b"\n")
+            if partial:
+                data = partial + data
+            end = data.rfind(b"\n") + 1
+            partial = data[end:]
+            if end:
+                out = _read_sse(call, data[:end], wanted)
+                if out:
+                    await response.write(out)
         if partial:
             await response.write(partial)
     except (aiohttp.ClientError, OSError):
@@ -930,14 +934,31 @@ async def _stream(
     return response
 
 
+def _read_sse(call: Call, lines: bytes, wanted: bool) -> bytes:
+    """Whole SSE lines (``lines`` ends with a newline) as the client gets them: each data
+    line read by ``_read_sse_line``, those it keeps from the client left out. The lines are
+    passed on as they came unless one is left out: most chunks are never split and joined
+    again, and blank and ``event:`` lines never reach a function call."""
+    kept: list[bytes] | None = None
+    split = lines.split(b"\n")
+    split.pop()  # after the last newline: nothing
+    for at, line in enumerate(split):
+        if line[:5] == b"data:" and not _read_sse_line(call, line, wanted):
+            if kept is None:
+                kept = split[:at]
+        elif kept is not None:
+            kept.append(line)
+    if kept is None:
+        return lines
+    return b"\n".join(kept) + b"\n" if kept else b""
+
+
 def _read_sse_line(call: Call, line: bytes, wanted: bool) -> bool:
-    """Take usage and generated characters from one SSE line (its surface reads the event);
-    False to keep it from the client. A data line that is not valid JSON is passed on and
-    counted whole."""
-    if not line.startswith(b"data:"):
-        return True
+    """Take usage and generated characters from one SSE data line (its surface reads the
+    event); False to keep it from the client. A data line that is not valid JSON is passed
+    on and counted whole."""
     data = line[5:].lstrip(b" ")
-    if not data.startswith(b"{"):
+    if data[:1] != b"{":
         return True
     try:
         event = orjson.loads(data)

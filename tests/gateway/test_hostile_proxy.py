@@ -126,6 +126,10 @@ class Garbage:
             return web.json_response(answer)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        if self.mode == "split":
+            for at in range(0, len(SPLIT_STREAM), 7):  # lines cut anywhere, many per write
+                await response.write(SPLIT_STREAM[at : at + 7])
+            return response
         delta = {"choices": [{"index": 0, "delta": {"content": text}}]}
         await response.write(b"data: " + orjson.dumps(delta) + b"\n\n")
         if self.mode == "bad_sse":
@@ -137,6 +141,40 @@ class Garbage:
             )
         await response.write(b"data: [DONE]\n\n")
         return response
+
+
+# A stream written 7 bytes at a time: comments, event lines, a line that is not JSON, and
+# the usage event (which the client did not ask for) between two content events.
+SPLIT_USAGE = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}\n'
+SPLIT_STREAM = (
+    b": keep-alive\n\n"
+    b'data: {"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {"content": "ab"}}]}\n\n'
+    b"event: note\ndata: not json\n\n" + SPLIT_USAGE + b"\n"
+    b'data: {"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {"content": "cd"}}]}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+async def test_a_stream_cut_anywhere_reaches_the_client_whole_but_the_usage_it_did_not_ask(
+    garbage: tuple[Garbage, str, str],
+) -> None:
+    """SSE lines split across the upstream's writes are passed on byte for byte, less the
+    usage event the client did not ask for, and the stream is charged from that usage."""
+    upstream, base, key = garbage
+    upstream.mode = "split"
+    body = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}], "stream": True}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{base}/v1/chat/completions", json=body, headers=auth(key)
+        ) as response:
+            assert response.status == 200
+            streamed = await response.read()
+        async with session.get(
+            f"{base}/spend/logs", params={"api_key": key}, headers=auth(MASTER_KEY)
+        ) as response:
+            (entry,) = await response.json()
+    assert streamed == SPLIT_STREAM.replace(SPLIT_USAGE, b"")
+    assert (entry["prompt_tokens"], entry["completion_tokens"]) == (3, 4)
 
 
 @pytest.fixture
