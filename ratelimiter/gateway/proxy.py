@@ -28,7 +28,6 @@ from collections.abc import (
     Callable,
     Coroutine,
     Generator,
-    Iterator,
     Sequence,
 )
 from dataclasses import replace
@@ -615,13 +614,13 @@ class Renewals:
         self.tick_s = tick_s
         self.calls: dict[Call, float] = {}  # call -> loop time it started
 
-    @contextlib.contextmanager
-    def renewing(self, call: Call) -> Iterator[None]:
-        self.calls[call] = asyncio.get_running_loop().time()
-        try:
-            yield
-        finally:
-            del self.calls[call]
+    def add(self, call: Call, now: float) -> None:
+        """Renew ``call`` from now (loop time) until ``remove``: a pair of calls, not a
+        context manager, which cost a generator per request."""
+        self.calls[call] = now
+
+    def remove(self, call: Call) -> None:
+        del self.calls[call]
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -775,35 +774,40 @@ async def _answered(request: web.Request, surface: Surface) -> web.StreamRespons
 
 
 async def _proxied(request: web.Request, surface: Surface) -> web.StreamResponse:
-    settings = request.app[SETTINGS]
-    deadline = asyncio.get_running_loop().time() + settings.redis_timeout_s
+    app = request.app  # a property that looks the app up on each use
+    settings = app[SETTINGS]
+    now = asyncio.get_running_loop().time()
+    deadline = now + settings.redis_timeout_s
     # Who is calling first: a caller with no valid key costs no body parsing or estimate.
-    admission = _AdmissionDeadline(request.app, deadline)
-    caller = await admission.run(authenticate(request.app[STORE], settings, bearer(request)))
+    admission = _AdmissionDeadline(app, deadline)
+    caller = await admission.run(authenticate(app[STORE], settings, bearer(request)))
     call = Call(request, surface, await _read_body(request, surface), deadline)
     trace_call(request, call)
     previous = surface.continues(call.body)
     if previous is not None:  # the earlier turns are billed again as input: held too
-        async with _AdmissionDeadline(request.app, deadline):
-            call.prompt += await carried_tokens(request.app, caller, previous)
+        async with admission:
+            call.prompt += await carried_tokens(app, caller, previous)
     admitted = await call.admit(caller)
     if isinstance(admitted, web.Response):
         return admitted
     deployment, decision = admitted
-    request.app[METRICS].in_flight.inc()
+    in_flight = app[METRICS].in_flight
+    in_flight.inc()
     status = 499  # the client went away before an answer was made
+    # Leases and the hold are renewed for as long as the upstream takes, streamed or not:
+    # a slow answer must not free its parallel slot while it still runs.
+    renewals = app[RENEWALS]
+    renewals.add(call, asyncio.get_running_loop().time())
     try:
-        # Leases and the hold are renewed for as long as the upstream takes, streamed or
-        # not: a slow answer must not free its parallel slot while it still runs.
-        with request.app[RENEWALS].renewing(call):
-            response = await forward(call, deployment, decision)
+        response = await forward(call, deployment, decision)
         status = response.status
         return response
     finally:
+        renewals.remove(call)
         try:
             call.finish()
         finally:
-            request.app[METRICS].in_flight.dec()
+            in_flight.dec()
             info_line(log, "proxied", call.log_fields(deployment, status, caller))
             answer = call.tally.extra.get("id")
             if answer and status < 400:
@@ -998,7 +1002,16 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=10, sock_read=app[SETTINGS].upstream_timeout_s
     )
-    app[HTTP] = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+    # No cap on connections per host (aiohttp's default is 100): the limits decide how many
+    # calls run, and a 101st stream must not wait silently for a pooled connection. No
+    # cookie jar: a cookie one upstream answer sets must not ride on other keys' requests.
+    connector = aiohttp.TCPConnector(limit=0)
+    app[HTTP] = aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
     yield
     await app[HTTP].close()
 

@@ -100,6 +100,7 @@ class Garbage:
     def __init__(self) -> None:
         self.mode = "ok"
         self.delay_s = 0.0
+        self.cookies: list[dict[str, str]] = []  # what each request carried
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -108,6 +109,7 @@ class Garbage:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        self.cookies.append(dict(request.cookies))
         await asyncio.sleep(self.delay_s)
         text = "word " * 10  # 50 characters: 13 tokens by chars / 4
         usage: Any = {
@@ -123,7 +125,10 @@ class Garbage:
             answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
             if usage is not None:
                 answer["usage"] = usage
-            return web.json_response(answer)
+            answered = web.json_response(answer)
+            if self.mode == "cookie":
+                answered.set_cookie("session", "of-the-first-caller")
+            return answered
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         if self.mode == "split":
@@ -141,6 +146,23 @@ class Garbage:
             )
         await response.write(b"data: [DONE]\n\n")
         return response
+
+
+async def test_a_cookie_an_upstream_sets_is_not_sent_with_later_requests(
+    garbage: tuple[Garbage, str, str],
+) -> None:
+    """The sidecar's upstream session serves every key: an upstream's cookie must not ride on
+    the next caller's request."""
+    upstream, base, key = garbage
+    upstream.mode = "cookie"
+    body = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}]}
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            async with session.post(
+                f"{base}/v1/chat/completions", json=body, headers=auth(key)
+            ) as response:
+                assert response.status == 200
+    assert upstream.cookies == [{}, {}]
 
 
 # A stream written 7 bytes at a time: comments, event lines, a line that is not JSON, and
