@@ -776,8 +776,7 @@ async def _answered(request: web.Request, surface: Surface) -> web.StreamRespons
 async def _proxied(request: web.Request, surface: Surface) -> web.StreamResponse:
     app = request.app  # a property that looks the app up on each use
     settings = app[SETTINGS]
-    now = asyncio.get_running_loop().time()
-    deadline = now + settings.redis_timeout_s
+    deadline = asyncio.get_running_loop().time() + settings.redis_timeout_s
     # Who is calling first: a caller with no valid key costs no body parsing or estimate.
     admission = _AdmissionDeadline(app, deadline)
     caller = await admission.run(authenticate(app[STORE], settings, bearer(request)))
