@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
+from math import inf
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from .connections import (
 )
 from .durations import Duration, parse_duration, period_bounds, time_zone
 from .embedded import DEFAULT_DATA_DIR, RedisServer
-from .frames import Layout
+from .frames import Layout, Parts, limit_parts
 from .limits import (
     MAX_AMOUNT,
     Budget,
@@ -46,7 +47,7 @@ from .limits import (
     SlidingWindow,
     validate_limits,
 )
-from .multiplex import Multiplexer, Packed, packed
+from .multiplex import Multiplexer, Packed
 from .scripts import Script, load_scripts, run_script
 
 __all__ = [
@@ -64,7 +65,8 @@ SINGLE_ANCHOR = "rl"
 SLOTS = 16384
 _CLOCK_REFRESH_S = 30.0
 _UNAVAILABLE = (*unavailable_errors, *refusing_errors)
-LAYOUTS = 4096  # limit sets whose packed arguments are kept (see frames.py), as policy's plans
+LAYOUTS = 4096  # limit sets whose packed arguments are kept (see frames.py)
+LIMIT_PARTS = 16_384  # and limits' parts, as policy's plans
 
 
 @cache
@@ -231,6 +233,7 @@ class Engine:
         self._offset_at = float("-inf")
         self._periods: dict[Duration, tuple[int, int, int]] = {}
         self._layouts: dict[tuple[object, ...], Layout] = {}
+        self._limit_parts: dict[object, Parts] = {}
         self._scripts = load_scripts()
         # A Cluster client routes each call by slot itself; one server gets pipelined calls.
         self._scripts_via: RedisClient | Multiplexer = (
@@ -320,12 +323,16 @@ class Engine:
         now = await self._now_ms()
         groups = layout.groups
         dims = None if ledger is None else msgpack.packb(list(ledger))
-        calls = [
-            (anchor, keys, fragments.fill(limits), places)
-            for (anchor, _), keys, fragments, places in zip(
+        calls: list[GroupCall] = [
+            (
+                anchor,
+                [limits[i].key for i in indices] if self.cluster else fragments.keys,
+                fragments.fill(limits),
+                places,
+            )
+            for (anchor, indices), fragments, places in zip(
                 groups,
-                layout.sent,
-                layout.fragments_at(now, self._specs),
+                layout.fragments_at(now, self._parts),
                 layout.shadow_places(shadow),
                 strict=True,
             )
@@ -709,15 +716,35 @@ class Engine:
 
     def _new_layout(self, limits: tuple[Limit, ...]) -> Layout:
         groups = self._groups(limits)
-        keys = [tuple(limits[i].key for i in indices) for _, indices in groups]
         for _, indices in groups:
             group = [limits[i] for i in indices]
             for limit in group:
                 if isinstance(limit, SharedWindow):
                     _share_spec(limit, group)  # its total must be in its group: raises if not
-        # the multiplexer sends a limit set's keys as packed once; a Cluster client routes by them
-        sent = keys if self.cluster else [packed(each) for each in keys]
-        return Layout(limits, groups, keys, sent, ",".join(anchor for anchor, _ in groups))
+        return Layout(limits, groups, ",".join(anchor for anchor, _ in groups))
+
+    def _parts(self, group: list[Limit], now: int) -> list[Parts]:
+        """Each limit's parts (frames.py) for the periods of ``now``: kept by its token, but a
+        shared window's, whose spec holds its total's place in the group."""
+        made = []
+        for limit in group:
+            parts = self._limit_parts.get(limit.token)
+            if parts is None or not parts.start <= now < parts.end:
+                if isinstance(limit, SharedWindow):
+                    parts = limit_parts(_share_spec(limit, group), limit.key, -inf, inf)
+                else:
+                    parts = self._new_parts(limit, now)
+            made.append(parts)
+        return made
+
+    def _new_parts(self, limit: Limit, now: int) -> Parts:
+        (spec,) = self._specs([limit], now)
+        start, end = (spec[4], spec[5]) if spec[0] == "b" else (-inf, inf)
+        parts = limit_parts(spec, limit.key, start, end)
+        if len(self._limit_parts) >= LIMIT_PARTS:
+            del self._limit_parts[next(iter(self._limit_parts))]
+        self._limit_parts[limit.token] = parts
+        return parts
 
     async def _run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         # translate_errors without its generator's cost: every acquire and settle passes here

@@ -6,7 +6,9 @@ A gateway request meets the limits of its plan (policy.Plan), copied with its ow
 for every request of the plan: it is packed here once into msgpack fragments, and a request
 only packs its amounts between them (a msgpack array is its header and then its elements).
 A ``Layout`` is found by the tokens of the limits, so it never serves another limit set, and
-its fragments by the budget periods they hold, so they never serve another period.
+its fragments by the budget periods they hold, so they never serve another period. A limit set
+met for the first time is joined from its limits' ``Parts``, kept by token too: the limits of a
+key are met with many end users, each another set.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import Any
 import msgpack
 
 from .limits import Limit
+from .multiplex import Packed
 
-__all__ = ["Fragments", "Layout"]
+__all__ = ["Fragments", "Layout", "Parts", "limit_parts"]
 
 _pack = msgpack.packb
 _array = msgpack.Packer().pack_array_header
@@ -45,6 +48,7 @@ class Fragments:
 
     steps: tuple[Step, ...]
     tails: tuple[bytes, bytes, bytes]  # what ends the specs, the plan and the flat specs
+    keys: Packed  # the limits' keys, for the multiplexer
 
     def fill(self, limits: Sequence[Limit]) -> tuple[bytes, bytes, bytes]:
         """The specs, the settle plan and the flat specs of ``limits`` (the request's)."""
@@ -68,6 +72,86 @@ class Fragments:
         return b"".join(specs), b"".join(plan), b"".join(flat)
 
 
+@dataclass(frozen=True, slots=True)
+class Parts:
+    """One limit's bytes in acquire's arguments that hold neither the request's amount nor the
+    limit's place in its group: made once per limit (and budget period) for every limit set
+    that has it. A spec holding no amount (a lease, a gate) is whole in the heads."""
+
+    amount: bool  # whether the spec holds the request's amount
+    spec_heads: tuple[bytes, bytes]  # the spec before its amount, by capped
+    spec_tails: tuple[bytes, bytes]  # and after it
+    flat_head: bytes
+    flat_tails: tuple[bytes, bytes]
+    plan_head: bytes  # the plan entry before its place ("b", "w") or whole ("l"), or b""
+    plan_tail: bytes  # after the amount
+    plan_values: int  # values in the plan entry: 0 for none
+    key: bytes  # msgpack
+    resp: bytes  # the key as a RESP argument, without its CRLF
+    start: float  # the budget period it holds: valid from start to end
+    end: float
+
+
+def limit_parts(spec: list[Any], key: str, start: float, end: float) -> Parts:
+    """``spec`` (``Engine._specs``) of the limit keyed ``key`` as parts, valid from ``start`` to
+    ``end``."""
+    kind, size = _pack(spec[0]), SPEC_SIZE[spec[0]]
+    capped = int(len(spec) > size)
+    rest = b"".join(map(_pack, spec[2:size]))
+    flat_rest = rest + _PADDING[size]
+    packed_key = _pack(key)
+    encoded = key.encode()
+    resp = b"$%d\r\n%s" % (len(encoded), encoded)
+    plan_head, plan_tail, plan_values = _plan_entry(spec, packed_key)
+    if spec[0] not in _AMOUNTS:
+        whole = _array(size + capped) + kind + _pack(spec[1]) + rest + _CAPPED[capped]
+        flat = kind + _pack(spec[1]) + flat_rest + _FLAG[capped]
+        return Parts(
+            False,
+            (whole, whole),
+            (b"", b""),
+            flat,
+            (b"", b""),
+            plan_head,
+            b"",
+            plan_values,
+            packed_key,
+            resp,
+            start,
+            end,
+        )
+    return Parts(
+        True,
+        (_array(size) + kind, _array(size + 1) + kind),
+        (rest, rest + _CAPPED[1]),
+        kind,
+        (flat_rest + _FLAG[0], flat_rest + _FLAG[1]),
+        plan_head,
+        plan_tail,
+        plan_values,
+        packed_key,
+        resp,
+        start,
+        end,
+    )
+
+
+def _plan_entry(spec: list[Any], key: bytes) -> tuple[bytes, bytes, int]:
+    """A limit's entry in the settle plan (lib.lua, record_each: what settlement changes): the
+    bytes before its place (whole for a lease), those after its amount, its count of values."""
+    kind = spec[0]
+    if kind == "b":
+        return _pack("b"), b"".join(map(_pack, (spec[3], spec[5], spec[6], spec[7]))), 8
+    if kind == "l":
+        return _pack("l") + key, b"", 2
+    if spec[3] and kind != "g":  # a window or share with a measure
+        return _pack("w"), b"".join(map(_pack, spec[3:6])), 7
+    return b"", b"", 0
+
+
+PartsOf = Callable[[list[Limit], int], list[Parts]]
+
+
 @dataclass(slots=True)
 class Layout:
     """What acquire sends for a list of limits of these tokens, but the amounts: the slot
@@ -76,8 +160,6 @@ class Layout:
 
     limits: tuple[Limit, ...]  # those it was made from, checked (their amounts are not used)
     groups: list[tuple[str, list[int]]]  # each slot group's anchor and its limits' places
-    keys: list[tuple[str, ...]]  # each group's limits' keys
-    sent: list[Sequence[str] | bytes]  # and as they are sent (``multiplex.packed``, on one server)
     spans: str
     shadows: dict[frozenset[str], list[bytes]] = field(default_factory=dict)
     fragments: list[Fragments] = field(default_factory=list)
@@ -96,19 +178,16 @@ class Layout:
             ]
         return places
 
-    def fragments_at(
-        self, now: int, specs: Callable[[Sequence[Limit], int], list[list[Any]]]
-    ) -> list[Fragments]:
-        """Each group's fragments for the periods of ``now``; ``specs`` (``Engine._specs``) makes
-        the limits' specs, budget periods included, when they are not made yet for them."""
+    def fragments_at(self, now: int, parts_of: PartsOf) -> list[Fragments]:
+        """Each group's fragments for the periods of ``now``, from its limits' parts
+        (``parts_of``, ``Engine._parts``) when they are not made yet for them."""
         if not self.start <= now < self.end:
             made, start, end = [], float("-inf"), float("inf")
-            for (_, indices), keys in zip(self.groups, self.keys, strict=True):
-                group_specs = specs([self.limits[i] for i in indices], now)
-                for spec in group_specs:
-                    if spec[0] == "b":  # the periods that hold now (the script picks its own)
-                        start, end = max(start, spec[4]), min(end, spec[5])
-                made.append(_fragments(indices, keys, group_specs))
+            for _, indices in self.groups:
+                parts = parts_of([self.limits[i] for i in indices], now)
+                for each in parts:
+                    start, end = max(start, each.start), min(end, each.end)
+                made.append(_fragments(indices, parts))
             self.fragments, self.start, self.end = made, start, end
         return self.fragments
 
@@ -121,57 +200,38 @@ def _places(indices: list[int], limits: Sequence[Limit], shadow: frozenset[str])
     return _pack(places) if places else b""
 
 
-def _fragments(indices: list[int], keys: tuple[str, ...], specs: list[list[Any]]) -> Fragments:
-    """Each limit's spec, plan entry and flat spec packed but its amount; the bytes of limits
-    whose spec holds no amount (leases, gates) are merged into their neighbours'."""
-    places = range(1, len(specs) + 1)
-    entries = [_plan_entry(*each) for each in zip(specs, keys, places, strict=True)]
-    plan_size = sum(values for _, _, values in entries)
+def _fragments(indices: list[int], parts: list[Parts]) -> Fragments:
+    """The group's limits' parts joined with their places; the bytes of limits whose spec
+    holds no amount (leases, gates) are merged into their neighbours'."""
+    plan_size = sum(each.plan_values for each in parts)
     # the bytes of the specs, the plan and the flat specs not yet placed in a step
-    before = [_array(len(specs)), _array(plan_size), _array(9 * len(specs))]
+    before = [_array(len(parts)), _array(plan_size), _array(9 * len(parts))]
     steps: list[Step] = []
-    for spec, i, (plan_head, plan_tail, plan_values) in zip(specs, indices, entries, strict=True):
-        kind, size = _pack(spec[0]), SPEC_SIZE[spec[0]]
-        capped = int(len(spec) > size)
-        rest = b"".join(map(_pack, spec[2:size]))
-        flat_tail = rest + _PADDING[size]
-        if spec[0] not in _AMOUNTS:
-            amount = _pack(spec[1])
-            before[0] += _array(size + capped) + kind + amount + rest + _CAPPED[capped]
-            before[1] += plan_head + plan_tail
-            before[2] += kind + amount + flat_tail + _FLAG[capped]
+    for place, (i, each) in enumerate(zip(indices, parts, strict=True), 1):
+        plan_head = each.plan_head
+        if each.plan_values > 2:  # it names its place (all but a lease's)
+            plan_head += _pack(place) + each.key
+        if not each.amount:
+            before[0] += each.spec_heads[0]
+            before[1] += plan_head
+            before[2] += each.flat_head
             continue
         plan_step = None
-        if plan_values:
+        if each.plan_values:
             plan_step, before[1] = before[1] + plan_head, b""
+        heads = each.spec_heads
         steps.append(
             (
                 i,
-                (before[0] + _array(size) + kind, before[0] + _array(size + 1) + kind),
-                (rest, rest + _CAPPED[1]),
+                (before[0] + heads[0], before[0] + heads[1]),
+                each.spec_tails,
                 plan_step,
-                plan_tail,
-                before[2] + kind,
-                (flat_tail + _FLAG[0], flat_tail + _FLAG[1]),
+                each.plan_tail,
+                before[2] + each.flat_head,
+                each.flat_tails,
             )
         )
         before[0] = before[2] = b""
-    return Fragments(tuple(steps), (before[0], before[1], before[2]))
-
-
-def _plan_entry(spec: list[Any], key: str, place: int) -> tuple[bytes, bytes, int]:
-    """A limit's entry in the settle plan (lib.lua, record_each: what settlement changes),
-    as the bytes before and after its amount and its count of values."""
-    kind = spec[0]
-    if kind == "b":
-        tail = b"".join(map(_pack, (spec[3], spec[5], spec[6], spec[7])))
-        return _pack("b") + _pack(place) + _pack(key), tail, 8
-    if kind == "l":
-        return _pack("l") + _pack(key), b"", 2
-    if spec[3] and kind != "g":  # a window or share with a measure
-        return (
-            _pack("w") + _pack(place) + _pack(key),
-            _pack(spec[3]) + _pack(spec[4]) + _pack(spec[5]),
-            7,
-        )
-    return b"", b"", 0
+    keys = Packed(b"\r\n".join([each.resp for each in parts]))
+    keys.count = len(parts)
+    return Fragments(tuple(steps), (before[0], before[1], before[2]), keys)

@@ -18,14 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.connection import AbstractConnection
 
-__all__ = ["Multiplexer", "Packed", "packed"]
+__all__ = ["Multiplexer", "Packed"]
 
 RETRY_BASE_S, RETRY_CAP_S = 0.05, 0.5
 
@@ -180,13 +179,6 @@ class Packed(bytes):
     none after: sent as they are, for arguments that many commands repeat (a limit set's keys)."""
 
     count: int
-
-
-def packed(args: Sequence[str]) -> Packed:
-    """``args`` as one ``Packed``, to pass to ``pack`` (only: no other client reads it)."""
-    made = Packed(pack(tuple(args))[:-2].partition(b"\r\n")[2])
-    made.count = len(args)
-    return made
 
 
 def pack(command: tuple[Any, ...]) -> bytes:

@@ -53,13 +53,13 @@ def engine(clock: int = NOW) -> Engine:
     """An engine that packs arguments but never reaches Redis."""
     made = Engine.__new__(Engine)
     made.cluster, made.tz, made._clock = False, time_zone("UTC"), lambda: clock
-    made._periods, made._layouts = {}, {}
+    made._periods, made._layouts, made._limit_parts = {}, {}, {}
     return made
 
 
 def packed(made: Engine, limits: Sequence[Limit], now: int = NOW) -> list[tuple[bytes, ...]]:
     checked, layout = made._layout(list(limits), True)  # as with a ledger
-    return [f.fill(checked) for f in layout.fragments_at(now, made._specs)]
+    return [f.fill(checked) for f in layout.fragments_at(now, made._parts)]
 
 
 def expected(made: Engine, limits: Sequence[Limit], now: int = NOW) -> list[tuple[bytes, ...]]:
@@ -111,6 +111,9 @@ def test_fragments_filled_with_amounts_are_the_packed_specs(
     for _ in range(3):  # the first request makes the layout, the next ones fill it in
         request = filled(data.draw, limits)
         assert packed(made, request) == expected(made, request)
+    # another set of the same limits, in another order: their parts are reused, placed anew
+    request = data.draw(st.permutations(filled(data.draw, limits)))
+    assert packed(made, request) == expected(made, request)
 
 
 def test_a_budget_whose_period_rolls_over_gets_the_new_period() -> None:
