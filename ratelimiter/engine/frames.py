@@ -33,6 +33,7 @@ _AMOUNTS = frozenset("wpb")  # kinds whose spec holds the request's amount; l an
 _CAPPED = (b"", _pack(1))  # a capped limit's spec ends with a 1 (lib.lua)
 _FLAG = (_pack(0), _pack(1))
 _PADDING = {size: _pack(0) * (8 - size) for size in SPEC_SIZE.values()}
+_PLACES = tuple(map(_pack, range(128)))
 
 # One limit whose spec holds the request's amount: its place in the request's limits and the
 # bytes before and after the amount in the specs (ARGV[3], by capped), the settle plan
@@ -210,7 +211,7 @@ def _fragments(indices: list[int], parts: list[Parts]) -> Fragments:
     for place, (i, each) in enumerate(zip(indices, parts, strict=True), 1):
         plan_head = each.plan_head
         if each.plan_values > 2:  # it names its place (all but a lease's)
-            plan_head += _pack(place) + each.key
+            plan_head += (_PLACES[place] if place < len(_PLACES) else _pack(place)) + each.key
         if not each.amount:
             before[0] += each.spec_heads[0]
             before[1] += plan_head
@@ -219,19 +220,14 @@ def _fragments(indices: list[int], parts: list[Parts]) -> Fragments:
         plan_step = None
         if each.plan_values:
             plan_step, before[1] = before[1] + plan_head, b""
-        heads = each.spec_heads
+        heads, flat_head = each.spec_heads, each.flat_head
+        if before[0]:  # a lease's or a gate's bytes came first
+            heads = (before[0] + heads[0], before[0] + heads[1])
+            flat_head = before[2] + flat_head
+            before[0] = before[2] = b""
         steps.append(
-            (
-                i,
-                (before[0] + heads[0], before[0] + heads[1]),
-                each.spec_tails,
-                plan_step,
-                each.plan_tail,
-                before[2] + each.flat_head,
-                each.flat_tails,
-            )
+            (i, heads, each.spec_tails, plan_step, each.plan_tail, flat_head, each.flat_tails)
         )
-        before[0] = before[2] = b""
     keys = Packed(b"\r\n".join([each.resp for each in parts]))
     keys.count = len(parts)
     return Fragments(tuple(steps), (before[0], before[1], before[2]), keys)
