@@ -25,6 +25,7 @@ from ratelimiter.engine.limits import (
     SlidingWindow,
     copy_with,
 )
+from ratelimiter.engine.multiplex import pack
 
 DAY_MS = 86_400_000
 NOW = 1_800_000_000_000
@@ -155,3 +156,13 @@ def test_the_layouts_are_bounded(monkeypatch: Any) -> None:
     for n in range(10):
         packed(made, [Gate(f"g{n}")])
     assert len(made._layouts) == 3
+
+
+@given(st.lists(st.text(min_size=1), max_size=5), st.lists(st.text(min_size=1), max_size=5))
+def test_keys_packed_once_are_sent_as_the_keys_themselves(keys: list[str], args: list[str]) -> None:
+    made = engine()
+    limits = [Gate(key) for key in dict.fromkeys(key.replace("\0", "") or "k" for key in keys)]
+    checked, layout = made._layout(limits, True)
+    (fragments,) = layout.fragments_at(NOW, made._parts)
+    sent = [limit.key for limit in checked]
+    assert pack(("EVALSHA", 1, fragments.keys, *args)) == pack(("EVALSHA", 1, *sent, *args))
