@@ -34,7 +34,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .engine import Engine, LimitState, Reservation
 from .limits import Budget, Limit, SharedWindow, SlidingWindow
@@ -324,6 +324,5 @@ class Blocks:
 def _as_block(limit: Limit, size: int) -> Limit:
     """The limit as a block reserves it: capped at what is left, ``size`` units, settled
     through a measure of its own so that what was not used goes back."""
-    reserved = limit.with_amount(size, capped=True)  # type: ignore[union-attr]
-    object.__setattr__(reserved, "measure", BLOCK_MEASURE)
-    return reserved
+    # replace, not a copy changed in place: another measure is another limit (its token)
+    return replace(limit, amount=size, capped=True, measure=BLOCK_MEASURE)  # type: ignore[type-var]

@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
+from math import inf
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,18 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from ..errors import DuplicateRequest, InvalidLimit
-from .connections import RedisClient, RedisSettings, connect, translate_errors
+from .connections import (
+    RedisClient,
+    RedisSettings,
+    as_unavailable,
+    connect,
+    refusing_errors,
+    translate_errors,
+    unavailable_errors,
+)
 from .durations import Duration, parse_duration, period_bounds, time_zone
 from .embedded import DEFAULT_DATA_DIR, RedisServer
+from .frames import Layout, Parts, limit_parts
 from .limits import (
     MAX_AMOUNT,
     Budget,
@@ -37,7 +47,7 @@ from .limits import (
     SlidingWindow,
     validate_limits,
 )
-from .multiplex import Multiplexer
+from .multiplex import Multiplexer, Packed
 from .scripts import Script, load_scripts, run_script
 
 __all__ = [
@@ -54,6 +64,9 @@ __all__ = [
 SINGLE_ANCHOR = "rl"
 SLOTS = 16384
 _CLOCK_REFRESH_S = 30.0
+_UNAVAILABLE = (*unavailable_errors, *refusing_errors)
+LAYOUTS = 4096  # limit sets whose packed arguments are kept (see frames.py)
+LIMIT_PARTS = 16_384  # and limits' parts, as policy's plans
 
 
 @cache
@@ -219,6 +232,8 @@ class Engine:
         self._offset_ms = 0.0
         self._offset_at = float("-inf")
         self._periods: dict[Duration, tuple[int, int, int]] = {}
+        self._layouts: dict[tuple[object, ...], Layout] = {}
+        self._limit_parts: dict[object, Parts] = {}
         self._scripts = load_scripts()
         # A Cluster client routes each call by slot itself; one server gets pipelined calls.
         self._scripts_via: RedisClient | Multiplexer = (
@@ -300,27 +315,38 @@ class Engine:
         them (an instant of under-admission, as for a refusal; refused if their room went).
         """
         request_id = _check_request_id(request_id)
-        limits = validate_limits(limits, allow_empty=ledger is not None)
-        shadow = _check_shadow(shadow, limits)
+        limits, layout = self._layout(limits, ledger is not None)
+        if type(shadow) is not frozenset or shadow not in layout.shadows:
+            shadow = _check_shadow(shadow, limits)
         if not isinstance(meta, bytes):
             raise InvalidLimit(f"meta must be bytes, got {type(meta).__name__}")
         now = await self._now_ms()
-        groups = self._groups(limits)
+        groups = layout.groups
         dims = None if ledger is None else msgpack.packb(list(ledger))
-        spans = ",".join(anchor for anchor, _ in groups)
+        calls: list[GroupCall] = [
+            (
+                anchor,
+                [limits[i].key for i in indices] if self.cluster else fragments.keys,
+                fragments.fill(limits),
+                places,
+            )
+            for (anchor, indices), fragments, places in zip(
+                groups,
+                layout.fragments_at(now, self._parts),
+                layout.shadow_places(shadow),
+                strict=True,
+            )
+        ]
         replies = await self._gather(
             self._acquire_group(
                 request_id,
-                anchor,
-                [limits[i] for i in indices],
-                now,
+                call,
                 meta,
                 force,
                 dims if n == 0 else None,  # the first group keeps the request's ledger entry
-                spans,
-                [m + 1 for m, i in enumerate(indices) if limits[i].key in shadow],
+                layout.spans,
             )
-            for n, (anchor, indices) in enumerate(groups)
+            for n, call in enumerate(calls)
         )
         reused = next((r["dup"] for r in replies if r.get("dup") not in (None, "held")), None)
         if reused is not None:
@@ -338,7 +364,7 @@ class Engine:
             # Another slot group may have counted the request in its shadow limits: taken again
             # without them, so no shadow limit of the request counts it, as on one Redis.
             final_states, refusal, would = await self._without_shadow(
-                request_id, groups, replies, limits, shadow, (now, meta, dims, spans)
+                request_id, groups, replies, limits, shadow, calls, (meta, dims, layout.spans)
             )
         reservation = Reservation(request_id, tuple(anchor for anchor, _ in groups))
         if refusal is None and would is not None:
@@ -377,12 +403,13 @@ class Engine:
         replies: list[dict[str, Any]],
         limits: Sequence[Limit],
         shadow: frozenset[str],
-        call: tuple[int, bytes, bytes | None, str],
+        calls: list[GroupCall],
+        request: tuple[bytes, bytes | None, str],
     ) -> tuple[tuple[LimitState, ...], tuple[int, str, int] | None, tuple[int, str, int] | None]:
         """A shadow limit of one slot group would refuse: the groups that took their shadow
         limits are undone and taken again, skipping them. Between the two, another request
         may take their enforced limits' room: this one is then refused, taking nothing."""
-        now, meta, dims, spans = call
+        meta, dims, spans = request
         redo = [
             n
             for n, ((_, indices), reply) in enumerate(zip(groups, replies, strict=True))
@@ -393,14 +420,11 @@ class Engine:
             again = await self._gather(
                 self._acquire_group(
                     request_id,
-                    groups[n][0],
-                    [limits[i] for i in groups[n][1]],
-                    now,
+                    calls[n],
                     meta,
                     False,
                     dims if n == 0 else None,
                     spans,
-                    [m + 1 for m, i in enumerate(groups[n][1]) if limits[i].key in shadow],
                     skip_shadow=True,
                 )
                 for n in redo
@@ -638,22 +662,23 @@ class Engine:
     async def _acquire_group(
         self,
         rid: str,
-        anchor: str,
-        limits: Sequence[Limit],
-        now: int,
+        call: GroupCall,
         meta: bytes,
         force: bool,
         ledger_dims: bytes | None,
         spans: str,
-        shadow: list[int],
         skip_shadow: bool = False,
     ) -> dict[str, Any]:
-        keys = [*self._record_keys(anchor, rid), *(limit.key for limit in limits)]
-        specs = self._specs(limits, now)
+        anchor, limit_keys, (specs, plan, flat), shadow_places = call
+        keys = self._record_keys(anchor, rid)
+        if type(limit_keys) is Packed:
+            keys.append(limit_keys)
+        else:
+            keys += limit_keys
         args = [
             rid,
             self._now_override(),
-            msgpack.packb(specs),
+            specs,
             self.hold_ttl_ms,
             self.record_grace_ms,
             meta,
@@ -661,15 +686,73 @@ class Engine:
             "" if ledger_dims is None else self.ledger_base(anchor),
             ledger_dims or b"",
             spans,
-            msgpack.packb(shadow) if shadow else b"",
+            shadow_places,
             "1" if skip_shadow else "0",
-            *_flat_and_plan(specs, keys[2:]),
+            plan,
+            flat,
         ]
         return await self._run(self._scripts["acquire"], keys, args)
 
+    def _layout(self, limits: Any, allow_empty: bool) -> tuple[tuple[Limit, ...], Layout]:
+        """``limits`` as a tuple, checked, and their layout: found by their tokens when a list
+        of limits with the same tokens was met before (checked then), made otherwise."""
+        if type(limits) is list:
+            limits = tuple(limits)
+        elif type(limits) is not tuple:
+            limits = validate_limits(limits, allow_empty=allow_empty)
+        try:
+            tokens = tuple([limit.token for limit in limits])
+            layout = self._layouts.get(tokens) if tokens else None
+        except (AttributeError, TypeError):  # not limits: validate_limits says what is wrong
+            tokens, layout = (), None
+        if layout is None:
+            limits = validate_limits(limits, allow_empty=allow_empty)
+            layout = self._new_layout(limits)
+            if tokens:
+                if len(self._layouts) >= LAYOUTS:
+                    del self._layouts[next(iter(self._layouts))]
+                self._layouts[tokens] = layout
+        return limits, layout
+
+    def _new_layout(self, limits: tuple[Limit, ...]) -> Layout:
+        groups = self._groups(limits)
+        for _, indices in groups:
+            group = [limits[i] for i in indices]
+            for limit in group:
+                if isinstance(limit, SharedWindow):
+                    _share_spec(limit, group)  # its total must be in its group: raises if not
+        return Layout(limits, groups, ",".join(anchor for anchor, _ in groups))
+
+    def _parts(self, group: list[Limit], now: int) -> list[Parts]:
+        """Each limit's parts (frames.py) for the periods of ``now``: kept by its token, but a
+        shared window's, whose spec holds its total's place in the group."""
+        made = []
+        for limit in group:
+            parts = self._limit_parts.get(limit.token)
+            if parts is None or not parts.start <= now < parts.end:
+                if isinstance(limit, SharedWindow):
+                    parts = limit_parts(_share_spec(limit, group), limit.key, -inf, inf)
+                else:
+                    parts = self._new_parts(limit, now)
+            made.append(parts)
+        return made
+
+    def _new_parts(self, limit: Limit, now: int) -> Parts:
+        (spec,) = self._specs([limit], now)
+        start, end = (spec[4], spec[5]) if spec[0] == "b" else (-inf, inf)
+        parts = limit_parts(spec, limit.key, start, end)
+        if len(self._limit_parts) >= LIMIT_PARTS:
+            del self._limit_parts[next(iter(self._limit_parts))]
+        self._limit_parts[limit.token] = parts
+        return parts
+
     async def _run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
-        with translate_errors(self.address):
-            return _unpack(await run_script(self._scripts_via, script, keys, args))
+        # translate_errors without its generator's cost: every acquire and settle passes here
+        try:
+            reply = await run_script(self._scripts_via, script, keys, args)
+        except _UNAVAILABLE as exc:
+            raise as_unavailable(self.address, exc) from exc
+        return _unpack(reply)
 
     async def _gather(self, calls: Iterable[Any]) -> list[Any]:
         calls = list(calls)
@@ -795,32 +878,6 @@ class Engine:
 _CAPPED: dict[bool, tuple[int, ...]] = {False: (), True: (1,)}
 
 
-# Values of each kind's spec before its capped flag; flat specs pad them to 8 (lib.lua).
-_SPEC_SIZE = {"w": 6, "p": 8, "b": 8, "l": 5, "g": 4}
-_PADDING = {size: [0] * (8 - size) for size in _SPEC_SIZE.values()}
-
-
-def _flat_and_plan(specs: Sequence[list[Any]], keys: Sequence[str]) -> tuple[bytes, bytes]:
-    """acquire's settle plan (lib.lua, record_each: what settlement changes, each limit with its
-    place in the group) and the specs flat, as acquire decides with them (9 values each, the
-    last 1 if capped)."""
-    plan: list[Any] = []
-    flat: list[Any] = []
-    for place, (spec, key) in enumerate(zip(specs, keys, strict=True), 1):
-        kind = spec[0]
-        size = _SPEC_SIZE[kind]
-        flat += spec[:size]
-        flat += _PADDING[size]
-        flat.append(1 if len(spec) > size else 0)
-        if kind == "b":
-            plan += ["b", place, key, spec[1], spec[3], spec[5], spec[6], spec[7]]
-        elif kind == "l":
-            plan += ["l", key]
-        elif spec[3] and kind != "g":  # a window or share with a measure
-            plan += ["w", place, key, spec[1], spec[3], spec[4], spec[5]]
-    return msgpack.packb(plan), msgpack.packb(flat)
-
-
 def _share_spec(limit: SharedWindow, group: Sequence[Limit]) -> list[Any]:
     """A shared window's spec: its total is named by its place in the same slot group."""
     place = next((n for n, other in enumerate(group, 1) if other.key == limit.total_key), None)
@@ -841,6 +898,10 @@ def _share_spec(limit: SharedWindow, group: Sequence[Limit]) -> list[Any]:
         *_CAPPED[limit.capped],
     ]
 
+
+# One slot group's call: its anchor, its limits' keys (``multiplex.Packed`` on one server), the
+# specs, settle plan and flat specs with the request's amounts (frames.py), its shadow places.
+GroupCall = tuple[str, Sequence[str] | bytes, tuple[bytes, bytes, bytes], bytes]
 
 _new = object.__new__
 _set_limit, _set_remaining, _set_reset_ms, _set_taken, _set_shadow = (

@@ -33,6 +33,13 @@ DEFAULT_LEASE_TTL_MS = 60_000
 DEFAULT_BUDGET_RETENTION_MS = 2 * 86_400_000
 
 
+def _new_token(limit: Any) -> None:
+    """Give ``limit`` a token of its own: an object standing for every field of it but the amount
+    and capped, shared only with its copies (``copy_with``), so that the engine can pack once what
+    they have in common (frames.py). Set last, once the limit is checked."""
+    object.__setattr__(limit, "token", object())
+
+
 def _check_int(owner: str, name: str, value: Any, *, minimum: int = 0) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidLimit(f"{owner}: {name} must be a whole number, got {value!r}")
@@ -77,6 +84,7 @@ class SlidingWindow:
     capped: bool = False
     window_ms: int = field(init=False, repr=False, compare=False)
     bucket_ms: int = field(init=False, repr=False, compare=False)
+    token: object = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         owner = f"sliding window {self.name or self.key!r}"
@@ -91,6 +99,7 @@ class SlidingWindow:
         object.__setattr__(self, "window", window)
         object.__setattr__(self, "window_ms", window.milliseconds)
         object.__setattr__(self, "bucket_ms", max(1, -(-window.milliseconds // self.buckets)))
+        _new_token(self)
 
     def with_amount(self, amount: int, capped: bool | None = None) -> SlidingWindow:
         """The same limit for a request of another size (checks only the new amount), capped
@@ -122,6 +131,7 @@ class SharedWindow(SlidingWindow):
         if self.total_key == self.key:
             raise InvalidLimit(f"{owner}: total_key must name another window")
         _check_int(owner, "saturation", self.saturation)
+        _new_token(self)
 
     def with_amount(self, amount: int, capped: bool | None = None) -> SharedWindow:
         return _with_amount(self, amount, capped)
@@ -136,12 +146,14 @@ class Concurrency:
     capacity: int
     ttl_ms: int = DEFAULT_LEASE_TTL_MS
     name: str = ""
+    token: object = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         owner = f"concurrency limit {self.name or self.key!r}"
         _check_key(owner, self.key)
         _check_int(owner, "capacity", self.capacity)
         _check_int(owner, "ttl_ms", self.ttl_ms, minimum=1)
+        _new_token(self)
 
     @property
     def amount(self) -> int:
@@ -172,6 +184,7 @@ class Budget:
     name: str = ""
     retention_ms: int = DEFAULT_BUDGET_RETENTION_MS
     capped: bool = False
+    token: object = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         owner = f"budget {self.name or self.key!r}"
@@ -181,6 +194,7 @@ class Budget:
         _check_int(owner, "retention_ms", self.retention_ms)
         _check_bool(owner, "capped", self.capped)
         object.__setattr__(self, "period", parse_duration(self.period))
+        _new_token(self)
 
     def with_amount(self, amount: int, capped: bool | None = None) -> Budget:
         """The same budget for a request of another cost (checks only the new amount), capped
@@ -197,7 +211,8 @@ def _with_amount(limit: Any, amount: int, capped: bool | None) -> Any:
 
 def copy_with(limit: Any, amount: int, capped: bool) -> Any:
     """``limit`` (a sliding window, shared window or budget) holding ``amount``, ``capped``,
-    unchecked: the caller has checked ``amount``."""
+    unchecked: the caller has checked ``amount``. The copy keeps ``limit``'s token: a copy whose
+    other fields are then changed must be given a new one."""
     return _COPIERS[type(limit)](limit, amount, capped)
 
 
@@ -208,9 +223,11 @@ class Gate:
 
     key: str
     name: str = ""
+    token: object = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_key(f"gate {self.name or self.key!r}", self.key)
+        _new_token(self)
 
     capacity = 1
     amount = 0

@@ -12,7 +12,7 @@ from typing import Any
 from redis.exceptions import NoScriptError
 
 from .connections import RedisClient
-from .multiplex import Multiplexer
+from .multiplex import Multiplexer, Packed
 
 __all__ = ["Script", "load_scripts", "run_script"]
 
@@ -82,9 +82,14 @@ def load_scripts() -> dict[str, Script]:
 async def run_script(
     redis: RedisClient | Multiplexer, script: Script, keys: list[str], args: list[Any]
 ) -> Any:
-    """EVALSHA; on NOSCRIPT (a restarted or flushed server, a promoted replica) load and retry."""
+    """EVALSHA; on NOSCRIPT (a restarted or flushed server, a promoted replica) load and retry.
+    A key may be a ``multiplex.Packed`` of several keys (when ``redis`` is a multiplexer)."""
+    count = len(keys)
+    for key in keys:
+        if type(key) is Packed:
+            count += key.count - 1
     try:
-        return await redis.evalsha(script.sha, len(keys), *keys, *args)
+        return await redis.evalsha(script.sha, count, *keys, *args)
     except NoScriptError:
         await redis.script_load(script.source)
-        return await redis.evalsha(script.sha, len(keys), *keys, *args)
+        return await redis.evalsha(script.sha, count, *keys, *args)
