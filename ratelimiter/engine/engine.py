@@ -48,7 +48,7 @@ from .limits import (
     validate_limits,
 )
 from .multiplex import Multiplexer, Packed
-from .scripts import Script, load_scripts, run_script
+from .scripts import Script, load_all, load_scripts, run_script
 
 __all__ = [
     "BudgetUse",
@@ -268,6 +268,12 @@ class Engine:
             raise
         engine._server = server
         return engine
+
+    async def preload(self) -> None:
+        """Load the scripts now rather than on their first use, whose retry after NOSCRIPT
+        would go behind calls made meanwhile (see ``scripts.load_all``)."""
+        with translate_errors(self.address):
+            await load_all(self._scripts_via)
 
     async def close(self) -> None:
         if isinstance(self._scripts_via, Multiplexer):

@@ -14,7 +14,7 @@ from redis.exceptions import NoScriptError
 from .connections import RedisClient
 from .multiplex import Multiplexer, Packed
 
-__all__ = ["Script", "load_scripts", "run_script"]
+__all__ = ["Script", "load_all", "load_scripts", "run_script"]
 
 NAMES = ("acquire", "settle", "renew", "peek", "expire", "reset")
 # The parts of lib.lua each script is given, besides its head (see lib.lua's header).
@@ -91,5 +91,14 @@ async def run_script(
     try:
         return await redis.evalsha(script.sha, count, *keys, *args)
     except NoScriptError:
-        await redis.script_load(script.source)
+        await load_all(redis)
         return await redis.evalsha(script.sha, count, *keys, *args)
+
+
+async def load_all(redis: RedisClient | Multiplexer) -> None:
+    """Every script into Redis's cache. Also on one NOSCRIPT: a call that meets it is sent
+    again behind whatever was pipelined meanwhile, so a settlement retried so would reach Redis
+    after a request that came later (and still finds its lease held); loading all at once makes
+    that happen to one call after a flush, not to the first call of each script."""
+    for script in load_scripts().values():
+        await redis.script_load(script.source)

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from ..engine import Engine
+from ..errors import RedisUnavailable
 from ..ledger import collect_expired_holds
 from ..ledger.rollups import fold_forever
 from ..ledger.sink import PostgresSink, Shipper, read_lag
@@ -67,6 +68,10 @@ async def _fold_rollups(app: web.Application) -> AsyncIterator[None]:
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     for warning in await redis_health_warnings(app[ENGINE]):
         log.warning(warning)
+    try:
+        await app[ENGINE].preload()
+    except RedisUnavailable as exc:  # loaded on first use once Redis answers
+        log.warning("could not load the Lua scripts yet: %s", exc)
 
     settings, shipper = app[SETTINGS], None
     if settings.ledger_sink:

@@ -932,6 +932,9 @@ async def _stream(
         upstream.close()
         return response
     call.settle(call.stream_actuals(deployment))
+    # Started before the client can see the end: closing the upstream response afterwards
+    # waits on the loop, and a client's next request would meet this one's lease still held.
+    call.finish()
     with contextlib.suppress(aiohttp.ClientError, OSError):
         await response.write_eof()
     return response

@@ -16,6 +16,7 @@ from ratelimiter import (
     connect,
 )
 from ratelimiter.engine.embedded import free_port
+from ratelimiter.engine.scripts import load_scripts
 from ratelimiter.gateway.health import redis_health_warnings
 
 from ..conftest import serving
@@ -84,6 +85,23 @@ async def test_scripts_flushed_are_reloaded(engine: Engine, ns: str) -> None:
     await engine.redis.script_flush()
     assert (await engine.acquire(None, [limit])).allowed
     assert (await engine.peek([limit]))[0].remaining == 1
+
+
+async def test_one_noscript_loads_every_script(engine: Engine, ns: str) -> None:
+    """A call retried after NOSCRIPT goes behind what was pipelined meanwhile: a settlement
+    meeting it would reach Redis after a later acquire, which would find its lease still held.
+    After one NOSCRIPT no other script may meet one."""
+    shas = [script.sha for script in load_scripts().values()]
+    await engine.redis.script_flush()
+    assert (await engine.acquire(None, [SlidingWindow(f"{ns}:w", 3, "1m")])).allowed
+    assert await engine.redis.script_exists(*shas) == [True] * len(shas)
+
+
+async def test_preload_loads_every_script(engine: Engine) -> None:
+    shas = [script.sha for script in load_scripts().values()]
+    await engine.redis.script_flush()
+    await engine.preload()
+    assert await engine.redis.script_exists(*shas) == [True] * len(shas)
 
 
 async def test_engine_carries_on_across_a_redis_restart(tmp_path: object, ns: str) -> None:
