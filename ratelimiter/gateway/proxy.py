@@ -894,6 +894,10 @@ async def _upstream_error(
 
 # Failures that mean the request never left: nothing to bill.
 _NEVER_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+# An SSE line longer than this is no event we can read (OpenAI's and Anthropic's are a few KB):
+# it is passed on as it comes and charged as generated text, so that an upstream sending no
+# newline cannot grow the sidecar's memory without end.
+MAX_SSE_LINE = 1 << 20
 
 
 async def _stream(
@@ -914,18 +918,28 @@ async def _stream(
         await response.prepare(call.request)
         # Whatever arrived is read line by line but written back in one piece: a write per
         # SSE line cost more CPU than the rest of the stream's handling together.
-        partial = b""
+        partial: list[bytes] = []  # the start of a line, kept in pieces: joined once, whole
+        held = 0  # its length
+        overlong = False  # in a line longer than MAX_SSE_LINE: passed on unread
         async for data in upstream.content.iter_any():
-            if partial:
-                data = partial + data
+            if overlong:
+                data, overlong = await _pass_on_overlong(call, response, data)
             end = data.rfind(b"\n") + 1
-            partial = data[end:]
             if end:
-                out = _read_sse(call, data[:end], wanted)
+                lines = b"".join((*partial, data[:end])) if partial else data[:end]
+                partial, held = [], 0
+                out = _read_sse(call, lines, wanted)
                 if out:
                     await response.write(out)
+            if end < len(data):
+                partial.append(data[end:])
+                held += len(data) - end
+                if held > MAX_SSE_LINE:
+                    overlong = True
+                    await _pass_on_overlong(call, response, b"".join(partial))
+                    partial, held = [], 0
         if partial:
-            await response.write(partial)
+            await response.write(b"".join(partial))
     except (aiohttp.ClientError, OSError):
         # The client left (stop paying for tokens nobody reads) or the upstream broke off:
         # the caller's finish() charges what was streamed.
@@ -938,6 +952,18 @@ async def _stream(
     with contextlib.suppress(aiohttp.ClientError, OSError):
         await response.write_eof()
     return response
+
+
+async def _pass_on_overlong(
+    call: Call, response: web.StreamResponse, data: bytes
+) -> tuple[bytes, bool]:
+    """The part of an overlong line in ``data`` goes to the client unread and is charged as
+    generated characters; returns what follows the line, and whether the line goes on."""
+    cut = data.find(b"\n") + 1
+    line = data[:cut] if cut else data
+    call.tally.chars += len(line)
+    await response.write(line)
+    return (data[cut:], False) if cut else (b"", True)
 
 
 def _read_sse(call: Call, lines: bytes, wanted: bool) -> bytes:

@@ -135,6 +135,10 @@ class Garbage:
             for at in range(0, len(SPLIT_STREAM), 7):  # lines cut anywhere, many per write
                 await response.write(SPLIT_STREAM[at : at + 7])
             return response
+        if self.mode == "overlong":
+            for at in range(0, len(OVERLONG_STREAM), 65536):
+                await response.write(OVERLONG_STREAM[at : at + 65536])
+            return response
         delta = {"choices": [{"index": 0, "delta": {"content": text}}]}
         await response.write(b"data: " + orjson.dumps(delta) + b"\n\n")
         if self.mode == "bad_sse":
@@ -197,6 +201,38 @@ async def test_a_stream_cut_anywhere_reaches_the_client_whole_but_the_usage_it_d
             (entry,) = await response.json()
     assert streamed == SPLIT_STREAM.replace(SPLIT_USAGE, b"")
     assert (entry["prompt_tokens"], entry["completion_tokens"]) == (3, 4)
+
+
+# A data line of 3 MiB with no newline until its end, between two content events.
+OVERLONG = b"data: " + b"y" * (3 << 20)
+OVERLONG_STREAM = (
+    b'data: {"choices": [{"index": 0, "delta": {"content": "ab"}}]}\n\n'
+    + OVERLONG
+    + b'\n\ndata: {"choices": [{"index": 0, "delta": {"content": "cd"}}]}\n\ndata: [DONE]\n\n'
+)
+
+
+async def test_an_upstream_line_past_the_bound_is_passed_on_unread_and_charged(
+    garbage: tuple[Garbage, str, str],
+) -> None:
+    """A line longer than MAX_SSE_LINE is not held whole in memory: it reaches the client as
+    it came, is charged as generated text, and the events after it are read again."""
+    upstream, base, key = garbage
+    upstream.mode = "overlong"
+    body = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}], "stream": True}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{base}/v1/chat/completions", json=body, headers=auth(key)
+        ) as response:
+            assert response.status == 200
+            streamed = await response.read()
+        async with session.get(
+            f"{base}/spend/logs", params={"api_key": key}, headers=auth(MASTER_KEY)
+        ) as response:
+            (entry,) = await response.json()
+    assert streamed == OVERLONG_STREAM
+    # no usage event: the output is the characters generated / 4, the line's and "abcd"
+    assert entry["completion_tokens"] == -(-(len(OVERLONG) + 1 + 4) // 4)
 
 
 @pytest.fixture
