@@ -91,14 +91,18 @@ async def run_script(
     try:
         return await redis.evalsha(script.sha, count, *keys, *args)
     except NoScriptError:
-        await load_all(redis)
+        await load_all(redis, script)
         return await redis.evalsha(script.sha, count, *keys, *args)
 
 
-async def load_all(redis: RedisClient | Multiplexer) -> None:
-    """Every script into Redis's cache. Also on one NOSCRIPT: a call that meets it is sent
-    again behind whatever was pipelined meanwhile, so a settlement retried so would reach Redis
-    after a request that came later (and still finds its lease held); loading all at once makes
-    that happen to one call after a flush, not to the first call of each script."""
-    for script in load_scripts().values():
+async def load_all(redis: RedisClient | Multiplexer, first: Script | None = None) -> None:
+    """``first`` (a script Redis did not have) and every script of ``lua/`` into Redis's
+    cache. All of them on one NOSCRIPT: a call that meets it is sent again behind whatever was
+    pipelined meanwhile, so a settlement retried so would reach Redis after a request that came
+    later (and still find its lease held); loading all at once makes that happen to one call
+    after a flush, not to the first call of each script."""
+    scripts = list(load_scripts().values())
+    if first is not None:
+        scripts = [first, *(script for script in scripts if script.sha != first.sha)]
+    for script in scripts:
         await redis.script_load(script.source)
