@@ -239,6 +239,7 @@ async def test_tag_and_end_user_budgets_alert_at_their_thresholds(
             )
             key = (await admin.post("/key/generate", {}))["key"]
             client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+            sent_ms = int(time.time() * 1000) - 1000
             # apart, so that each budget is the one that refuses: 18e-6 a request, 50 % at
             # the 3rd, spent at the 6th
             for extra in ({"user": "ann"}, {"extra_headers": {"x-litellm-tags": "eng"}}):
@@ -247,8 +248,13 @@ async def test_tag_and_end_user_budgets_alert_at_their_thresholds(
                         await client.chat.completions.create(
                             model="m", messages=MESSAGES, max_tokens=4, **extra
                         )
+                    # A request is settled, and its budgets checked for alerts, after its
+                    # answer; a read waits for that, so each threshold is seen as crossed when
+                    # it is, with a forecast, not once a later request has spent it all.
+                    await admin.get("/key/info", key=key)
             await client.close()
             await wait_for(lambda: len(receiver.events) >= 4)
+            answered_ms = int(time.time() * 1000) + 1000
             await asyncio.sleep(0.5)
     by_scope = {(e["scope"], e["id"], e["event"]): e for e in receiver.events}
     assert sorted(by_scope) == [
@@ -260,4 +266,14 @@ async def test_tag_and_end_user_budgets_alert_at_their_thresholds(
     assert len(receiver.events) == 4
     tag_half = by_scope["tag", "eng", "budget_threshold_crossed"]
     assert tag_half["text"].startswith("tag eng: ") and "passed 50%" in tag_half["text"]
-    assert tag_half["budget_duration"] == "1d" and tag_half["runs_out_at_ms"] is not None
+    assert tag_half["budget_duration"] == "1d"
+    # The forecast: when the budget runs out at the period's rate so far, if before the period
+    # ends. The period is the UTC day, so whether it runs out depends on the hour of the run.
+    start, end = tag_half["period_start_ms"], tag_half["period_end_ms"]
+    used, capacity = round(tag_half["spend"] * 1e9), round(tag_half["max_budget"] * 1e9)
+    earliest, latest = (start + capacity * (t - start) // used for t in (sent_ms, answered_ms))
+    if latest < end:
+        assert earliest <= tag_half["runs_out_at_ms"] <= latest
+        assert "runs out on" in tag_half["text"]
+    elif earliest >= end:
+        assert tag_half["runs_out_at_ms"] is None
