@@ -181,13 +181,8 @@ SPLIT_STREAM = (
 )
 
 
-async def test_a_stream_cut_anywhere_reaches_the_client_whole_but_the_usage_it_did_not_ask(
-    garbage: tuple[Garbage, str, str],
-) -> None:
-    """SSE lines split across the upstream's writes are passed on byte for byte, less the
-    usage event the client did not ask for, and the stream is charged from that usage."""
-    upstream, base, key = garbage
-    upstream.mode = "split"
+async def streamed_and_charged(base: str, key: str) -> tuple[bytes, dict[str, Any]]:
+    """One streamed chat request's bytes as the client got them, and its ledger entry."""
     body = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}], "stream": True}
     async with aiohttp.ClientSession() as session:
         async with session.post(
@@ -199,6 +194,17 @@ async def test_a_stream_cut_anywhere_reaches_the_client_whole_but_the_usage_it_d
             f"{base}/spend/logs", params={"api_key": key}, headers=auth(MASTER_KEY)
         ) as response:
             (entry,) = await response.json()
+    return streamed, entry
+
+
+async def test_a_stream_cut_anywhere_reaches_the_client_whole_but_the_usage_it_did_not_ask(
+    garbage: tuple[Garbage, str, str],
+) -> None:
+    """SSE lines split across the upstream's writes are passed on byte for byte, less the
+    usage event the client did not ask for, and the stream is charged from that usage."""
+    upstream, base, key = garbage
+    upstream.mode = "split"
+    streamed, entry = await streamed_and_charged(base, key)
     assert streamed == SPLIT_STREAM.replace(SPLIT_USAGE, b"")
     assert (entry["prompt_tokens"], entry["completion_tokens"]) == (3, 4)
 
@@ -219,17 +225,7 @@ async def test_an_upstream_line_past_the_bound_is_passed_on_unread_and_charged(
     it came, is charged as generated text, and the events after it are read again."""
     upstream, base, key = garbage
     upstream.mode = "overlong"
-    body = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}], "stream": True}
-    async with aiohttp.ClientSession() as session:
-        async with session.post(
-            f"{base}/v1/chat/completions", json=body, headers=auth(key)
-        ) as response:
-            assert response.status == 200
-            streamed = await response.read()
-        async with session.get(
-            f"{base}/spend/logs", params={"api_key": key}, headers=auth(MASTER_KEY)
-        ) as response:
-            (entry,) = await response.json()
+    streamed, entry = await streamed_and_charged(base, key)
     assert streamed == OVERLONG_STREAM
     # no usage event: the output is the characters generated / 4, the line's and "abcd"
     assert entry["completion_tokens"] == -(-(len(OVERLONG) + 1 + 4) // 4)
