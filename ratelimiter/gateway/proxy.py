@@ -987,17 +987,18 @@ def _read_sse(call: Call, lines: bytes, wanted: bool) -> bytes:
 
 def _read_sse_line(call: Call, line: bytes, wanted: bool) -> bool:
     """Take usage and generated characters from one SSE data line (its surface reads the
-    event); False to keep it from the client. A data line that is not valid JSON is passed
-    on and counted whole."""
-    data = line[5:].lstrip(b" ")
+    event); False to keep it from the client. A data line that is no JSON object, but for
+    OpenAI's closing ``[DONE]``, is passed on and counted whole as generated text: an upstream
+    streaming words we cannot read still pays for them."""
+    data = line[5:].strip()
     if data[:1] != b"{":
+        if data != b"[DONE]":
+            call.tally.chars += len(data)
         return True
     try:
         event = orjson.loads(data)
     except orjson.JSONDecodeError:
         call.tally.chars += len(data)
-        return True
-    if not isinstance(event, dict):
         return True
     if call.response_id is None:
         call.response_id = response_id(call.surface.event_id(event))

@@ -139,6 +139,9 @@ class Garbage:
             for at in range(0, len(OVERLONG_STREAM), 65536):
                 await response.write(OVERLONG_STREAM[at : at + 65536])
             return response
+        if self.mode == "text":
+            await response.write(TEXT_STREAM)
+            return response
         delta = {"choices": [{"index": 0, "delta": {"content": text}}]}
         await response.write(b"data: " + orjson.dumps(delta) + b"\n\n")
         if self.mode == "bad_sse":
@@ -229,6 +232,28 @@ async def test_an_upstream_line_past_the_bound_is_passed_on_unread_and_charged(
     assert streamed == OVERLONG_STREAM
     # no usage event: the output is the characters generated / 4, the line's and "abcd"
     assert entry["completion_tokens"] == -(-(len(OVERLONG) + 1 + 4) // 4)
+
+
+# Words streamed as data lines that are no JSON object, and no usage event.
+TEXT_LINES = (b"plain words the client reads", b'["a", "list"]', b'"a string"')
+TEXT_STREAM = (
+    b'data: {"choices": [{"index": 0, "delta": {"content": "ab"}}]}\n\n'
+    + b"".join(b"data: " + line + b"\r\n\r\n" for line in TEXT_LINES)
+    + b"data: [DONE]\n\n"
+)
+
+
+async def test_data_lines_that_are_no_json_object_are_charged_as_text(
+    garbage: tuple[Garbage, str, str],
+) -> None:
+    """Text the upstream streamed in data lines the sidecar cannot read as events reaches the
+    client as it came and is charged as generated text; OpenAI's closing [DONE] is not."""
+    upstream, base, key = garbage
+    upstream.mode = "text"
+    streamed, entry = await streamed_and_charged(base, key)
+    assert streamed == TEXT_STREAM
+    generated = len(b"ab") + sum(len(line) for line in TEXT_LINES)
+    assert entry["completion_tokens"] == -(-generated // 4)
 
 
 @pytest.fixture
