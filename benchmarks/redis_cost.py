@@ -16,8 +16,12 @@ the same length is measured too and subtracted. Workloads:
 - ``hot_scope``: the same cycle on the proxy scope alone, which every request passes through.
 
 Each figure is also given as a multiple of the trivial EVALSHA's, so it survives a change of
-Redis build. ``--baseline DIR`` runs the same against the engine of another checkout (``git
-worktree add --detach /tmp/before <rev>``) in a second Redis, for a before/after in one run.
+Redis build. The enforced request's count is also split by where it goes (``callgrind_annotate``,
+inclusive, by Redis function): the scripts in all, of which the ``redis.call``s with their
+commands, their replies turned into Lua values and msgpack; what is left of the scripts is the
+Lua interpreter running their own code. Propagating the writes to the AOF comes on top.
+``--baseline DIR`` runs the same against the engine of another checkout (``git worktree add
+--detach /tmp/before <rev>``) in a second Redis, for a before/after in one run.
 Writes JSON (``--out``, default benchmarks/results/redis_cost.json).
 """
 
@@ -43,6 +47,19 @@ DIMENSIONS = ("key:k", "user:u", "team:t", "end_user:e", "model:m", "org:o")
 META = b"m" * 300  # about what the sidecar's ledger metadata weighs
 START_TIMEOUT_S = 60.0
 TOTALS = re.compile(rb"^(?:totals|summary): (\d+)", re.MULTILINE)
+
+
+# Where an enforced request's instructions go: Redis functions whose inclusive counts split it
+# (Redis 7's names; a build without one leaves its part out).
+PARTS = {
+    "scripts": "evalGenericCommand",
+    "redis_calls": "scriptCall",
+    "replies_to_lua": "parseReply",
+    "msgpack_unpack": "mp_unpack",
+    "msgpack_pack": "mp_pack",
+    "aof_propagation": "propagatePendingCommands",
+}
+ANNOTATED = re.compile(r"^\s*([\d,]+) .*?:(\w+) \[", re.MULTILINE)
 
 
 def callgrind_available() -> bool:
@@ -157,7 +174,11 @@ def measure(requests: int) -> dict[str, Any]:
 
             for job in jobs.values():  # scripts loaded, keys made: steady state from here
                 timed(job)()
-            counts = {name: instructions(pid, workdir, timed(job)) for name, job in jobs.items()}
+            counts = {}
+            for name, job in jobs.items():
+                counts[name] = instructions(pid, workdir, timed(job))
+                if name == "enforced_request":
+                    parts = where_it_goes(_newest_dump(workdir), requests)
             # Redis's timers tick whatever it serves; their rate, from an idle stretch.
             longest = max(seconds for _, seconds in counts.values())
             idle, idle_s = instructions(pid, workdir, lambda: _sleep(longest))
@@ -173,9 +194,37 @@ def measure(requests: int) -> dict[str, Any]:
         "multiple_of_trivial_evalsha": {
             name: round(value / trivial, 1) for name, value in per_op.items()
         },
+        "enforced_request_parts": parts,
         "idle_instructions_per_s": round(per_s),
         "requests": requests,
     }
+
+
+def _newest_dump(workdir: Path) -> Path:
+    return max(workdir.glob("callgrind.out*"), key=lambda path: path.stat().st_mtime_ns)
+
+
+def where_it_goes(dump: Path, requests: int) -> dict[str, int]:
+    """Instructions per request in each of PARTS, and the scripts' own Lua work (what is left
+    of them), from one dump."""
+    annotated = subprocess.run(
+        ["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(dump)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    inclusive: dict[str, int] = {}
+    for count, function in ANNOTATED.findall(annotated):
+        inclusive.setdefault(function, int(count.replace(",", "")))
+    parts = {
+        part: inclusive[function] // requests
+        for part, function in PARTS.items()
+        if function in inclusive
+    }
+    inside = ("redis_calls", "replies_to_lua", "msgpack_unpack", "msgpack_pack")
+    if "scripts" in parts and all(part in parts for part in inside):
+        parts["lua_own_work"] = parts["scripts"] - sum(parts[part] for part in inside)
+    return parts
 
 
 def _sleep(seconds: float) -> float:
@@ -212,6 +261,10 @@ def print_result(name: str, result: dict[str, Any]) -> None:
     for workload, count in result["instructions_per_op"].items():
         multiple = result["multiple_of_trivial_evalsha"][workload]
         print(f"  {workload:17} {count:>12,}  ({multiple}x a trivial EVALSHA)")
+    parts = result.get("enforced_request_parts", {})
+    if parts:
+        split = ", ".join(f"{part} {count:,}" for part, count in parts.items())
+        print(f"  enforced_request, per request: {split}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -238,10 +238,17 @@ def test_redis_cost_counts_instructions_per_request(tmp_path: Path) -> None:
     out = tmp_path / "cost.json"
     done = run_module("benchmarks.redis_cost", "--requests", "20", "--out", str(out))
     assert done.returncode == 0, done.stderr
-    per_op = json.loads(out.read_text())["current"]["instructions_per_op"]
+    current = json.loads(out.read_text())["current"]
+    per_op = current["instructions_per_op"]
     # a whole enforced request (20 limits, ledger entry) costs more than its hot scope alone,
     # which costs more than a script that only returns
     assert per_op["enforced_request"] > per_op["hot_scope"] > per_op["trivial_evalsha"] > 0
+    # the split of the enforced request: parts of the scripts within them, all within the whole
+    parts = current["enforced_request_parts"]
+    inside = ("redis_calls", "replies_to_lua", "msgpack_unpack", "msgpack_pack", "lua_own_work")
+    assert all(parts[part] > 0 for part in inside)
+    assert sum(parts[part] for part in inside) == parts["scripts"]
+    assert parts["scripts"] + parts["aof_propagation"] < 1.2 * per_op["enforced_request"]
 
 
 def test_sink_benchmark_ships_everything_and_keeps_the_ledger_out_of_redis(
