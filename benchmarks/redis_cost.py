@@ -174,7 +174,8 @@ def measure(requests: int) -> dict[str, Any]:
 
             for job in jobs.values():  # scripts loaded, keys made: steady state from here
                 timed(job)()
-            counts = {}
+            counts: dict[str, tuple[int, float]] = {}
+            parts: dict[str, int] = {}
             for name, job in jobs.items():
                 counts[name] = instructions(pid, workdir, timed(job))
                 if name == "enforced_request":

@@ -987,9 +987,9 @@ def _read_sse(call: Call, lines: bytes, wanted: bool) -> bytes:
 
 def _read_sse_line(call: Call, line: bytes, wanted: bool) -> bool:
     """Take usage and generated characters from one SSE data line (its surface reads the
-    event); False to keep it from the client. A data line that is no JSON object, but for
-    OpenAI's closing ``[DONE]``, is passed on and counted whole as generated text: an upstream
-    streaming words we cannot read still pays for them."""
+    event); False to keep it from the client. A data line that is not a JSON object (other
+    than OpenAI's closing ``[DONE]``) is passed on and counted whole as generated text: an
+    upstream streaming words we cannot read still pays for them."""
     data = line[5:].strip()
     if data[:1] != b"{":
         if data != b"[DONE]":
