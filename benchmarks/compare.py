@@ -85,6 +85,22 @@ def await_settlements(redis_url: str, quiet_s: float = 0.2, limit_s: float = 3.0
         calls = now
 
 
+def await_idle(
+    pids: Sequence[int], busy: float = 0.05, every_s: float = 0.5, limit_s: float = 15.0
+) -> None:
+    """Wait until ``pids`` use less than ``busy`` of a core: after a saturating run the sidecar
+    still folds its ledger entries into rollups for a while, which a latency measured at a
+    steady rate would otherwise pay for (and the faster sidecar, with more entries, more)."""
+    deadline = time.monotonic() + limit_s
+    used = sum(cpu_seconds(pid) for pid in pids)
+    while time.monotonic() < deadline:
+        time.sleep(every_s)
+        now = sum(cpu_seconds(pid) for pid in pids)
+        if now - used < busy * every_s:
+            return
+        used = now
+
+
 @contextlib.contextmanager
 def stack(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     """Every target, started once and kept up for all runs."""
@@ -187,6 +203,8 @@ def one_run(
     if args.rate:
         # Latency with the machine not saturated: what a request costs, without queueing.
         paced = dataclasses.replace(plan, rate=args.rate, duration_s=args.rate_duration)
+        quiet = [*watched.values(), *([redis.process.pid] if redis is not None else [])]
+        await_idle(quiet)
         at_rate, _ = load.run(paced, 1, progress=False)
         report["at_rate"] = {"rate": args.rate, "latency_ms": at_rate["latency_ms"]}
     return report
@@ -218,11 +236,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         for s, b in zip(runs.get("sidecar", []), runs.get("bare_proxy", []), strict=False)
     ]
     ratio = round(sidecar / bare, 3) if sidecar and bare else None
-    paced = [
-        (s["at_rate"]["latency_ms"], b["at_rate"]["latency_ms"])
-        for s, b in zip(runs.get("sidecar", []), runs.get("bare_proxy", []), strict=False)
-        if "at_rate" in s and "at_rate" in b
-    ]
+    paced = _paced(runs, "sidecar")
     multiple = round(sidecar / litellm, 1) if sidecar and litellm else None
     # Per run pair, then the median, like the added latency: pairs share the machine's state.
     against_baseline = [
@@ -245,6 +259,8 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "added_p99_ms": round(statistics.median(added99), 3) if added99 else None,
         "added_p50_ms_at_rate": _median_gap(paced, "p50"),
         "added_p99_ms_at_rate": _median_gap(paced, "p99"),
+        "baseline_added_p50_ms_at_rate": _median_gap(_paced(runs, "baseline"), "p50"),
+        "baseline_added_p99_ms_at_rate": _median_gap(_paced(runs, "baseline"), "p99"),
         "p50_ms": p50,
         "p99_ms": p99,
         "cpu_us_per_request": {
@@ -260,13 +276,28 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             for k in (runs.get("sidecar") or [{}])[0].get("redis_calls_per_request", {})
         },
     }
+    # The latency targets are for a machine that is not saturated (DESIGN: "at a steady 200
+    # requests/s"); under full load the added latency is queueing behind the sidecar's CPU.
     out["targets"] = {
         "ratio_to_bare_proxy": _verdict(ratio, TARGET_RATIO_TO_BARE, at_least=True),
-        "added_p50_ms": _verdict(out["added_p50_ms"], TARGET_ADDED_P50_MS, at_least=False),
-        "added_p99_ms": _verdict(out["added_p99_ms"], TARGET_ADDED_P99_MS, at_least=False),
+        "added_p50_ms_at_rate": _verdict(
+            out["added_p50_ms_at_rate"], TARGET_ADDED_P50_MS, at_least=False
+        ),
+        "added_p99_ms_at_rate": _verdict(
+            out["added_p99_ms_at_rate"], TARGET_ADDED_P99_MS, at_least=False
+        ),
         "ratio_to_litellm": _verdict(multiple, TARGET_LITELLM_MULTIPLE, at_least=True),
     }
     return out
+
+
+def _paced(runs: dict[str, list[dict[str, Any]]], name: str) -> list[tuple[dict, dict]]:
+    """Per run pair, the latencies at the steady rate of ``name`` and of the bare proxy."""
+    return [
+        (s["at_rate"]["latency_ms"], b["at_rate"]["latency_ms"])
+        for s, b in zip(runs.get(name, []), runs.get("bare_proxy", []), strict=False)
+        if "at_rate" in s and "at_rate" in b
+    ]
 
 
 def _median_gap(pairs: Sequence[tuple[dict, dict]], q: str) -> float | None:
@@ -300,6 +331,11 @@ def print_summary(summary: dict[str, Any]) -> None:
         print(
             f"  added latency at a steady {summary['rate']}/s: "
             f"p50 {summary['added_p50_ms_at_rate']} ms, p99 {summary['added_p99_ms_at_rate']} ms"
+        )
+    if summary["baseline_added_p50_ms_at_rate"] is not None:
+        print(
+            f"  the baseline's at that rate: p50 {summary['baseline_added_p50_ms_at_rate']} ms, "
+            f"p99 {summary['baseline_added_p99_ms_at_rate']} ms"
         )
     for name, verdict in summary["targets"].items():
         print(f"  {name:22} {verdict}")

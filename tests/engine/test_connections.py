@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 from aiohttp import web
 
@@ -77,6 +81,43 @@ async def test_unix_socket(tmp_path: object) -> None:
         async with await Engine.connect(server.url) as engine:
             assert not engine.cluster
             assert (await engine.acquire(None, [Concurrency("c", 1)])).allowed
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "redis.crt", directory / "redis.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_tls(tmp_path: Path) -> None:
+    """The engine's pipelined connection is the socket redis-py opened (here a TLS one), taken
+    over after the handshake: admissions and settlements run over it as over plain TCP."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a certificate")
+    cert, key = _self_signed(tmp_path)
+    port = free_port()
+    tls = ("--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key))
+    tls += ("--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no")
+    server = RedisServer(tmp_path, port=free_port(), appendonly=False, extra_args=tls)
+    try:
+        server.start()
+    except Exception as exc:  # a build without TLS refuses the options
+        pytest.skip(f"this redis-server does not serve TLS: {exc}")
+    try:
+        url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+        async with await Engine.connect(url) as engine:
+            limits = [SlidingWindow("{tls}:rpm", 2, "1m"), Concurrency("{tls}:parallel", 5)]
+            first = await engine.acquire(None, limits)
+            assert first.allowed and (await engine.acquire(None, limits)).allowed
+            assert not (await engine.acquire(None, limits)).allowed
+            assert (await engine.settle(first.reservation, {})).first
+            assert [s.remaining for s in await engine.peek(limits)] == [0, 4]
+    finally:
+        server.stop()
 
 
 async def test_scripts_flushed_are_reloaded(engine: Engine, ns: str) -> None:
