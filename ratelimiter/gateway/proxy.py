@@ -797,20 +797,35 @@ async def _proxied(request: web.Request, surface: Surface) -> web.StreamResponse
     # a slow answer must not free its parallel slot while it still runs.
     renewals = app[RENEWALS]
     renewals.add(call, asyncio.get_running_loop().time())
+    response: web.StreamResponse | None = None
     try:
-        response = await forward(call, deployment, decision)
-        status = response.status
+        try:
+            response = await forward(call, deployment, decision)
+            status = response.status
+        finally:
+            renewals.remove(call)
+            try:
+                call.finish()  # its settlement queued before the answer leaves
+            finally:
+                in_flight.dec()
+        answer = call.tally.extra.get("id")
+        if answer and status < 400:  # retrievable by its id once the client has it
+            await _remember_answer(call, caller, deployment, answer)
+        await _send(request, response)
         return response
     finally:
-        renewals.remove(call)
-        try:
-            call.finish()
-        finally:
-            in_flight.dec()
-            info_line(log, "proxied", call.log_fields(deployment, status, caller))
-            answer = call.tally.extra.get("id")
-            if answer and status < 400:
-                await _remember_answer(call, caller, deployment, answer)
+        info_line(log, "proxied", call.log_fields(deployment, status, caller))
+
+
+async def _send(request: web.Request, response: web.StreamResponse) -> None:
+    """A whole answer written out now rather than when the handler returns, so that the log
+    line and the metrics after it are not part of the client's wait (a stream is out already).
+    A client gone meanwhile is aiohttp's to notice, as for any answer."""
+    if response.prepared:
+        return
+    with contextlib.suppress(ConnectionResetError):
+        await response.prepare(request)
+        await response.write_eof()
 
 
 async def forward(call: Call, deployment: Deployment, decision: Decision) -> web.StreamResponse:
