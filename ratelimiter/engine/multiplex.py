@@ -53,8 +53,6 @@ class Multiplexer:
         self.outbox: list[tuple[bytes, asyncio.Future[Any]]] = []
         self.flush_at: asyncio.Handle | None = None  # the turn's flush, once scheduled
         self.connecting: asyncio.Task[None] | None = None
-        # the socket timeout the connection came with, enforced by the watchdog instead
-        self.timeout: float | None = None
         self.progress_at = 0.0  # loop time of the last reply, or of a wait's start
         self.watchdog: asyncio.TimerHandle | None = None
         self.dropping: set[asyncio.Task[None]] = set()  # drops under way, referenced
@@ -121,24 +119,24 @@ class Multiplexer:
             return
         finally:
             self.connecting = None
-        self.timeout = self.link.timeout
-        if self.timeout:
+        if self.link.timeout:
             loop = asyncio.get_running_loop()
-            self.watchdog = loop.call_later(self.timeout, self._watch)
+            self.watchdog = loop.call_later(self.link.timeout, self._watch)
         self._flush()
 
     def _watch(self) -> None:
         """Drop the connection when commands wait and no reply came for the timeout; else
-        look again when the oldest wait would reach it."""
-        assert self.timeout
+        look again when the oldest wait would reach it. Runs only while a link is up (losing
+        it cancels the watchdog)."""
+        link = self.link
+        assert link is not None and link.timeout
         loop = asyncio.get_running_loop()
         late = loop.time() - self.progress_at
-        waiting = self.link is not None and self.link.waiting
-        if waiting and late >= self.timeout:
+        if link.waiting and late >= link.timeout:
             self.watchdog = None
-            self._lost(redis_errors.TimeoutError(f"no reply from Redis within {self.timeout:g}s"))
+            self._lost(redis_errors.TimeoutError(f"no reply from Redis within {link.timeout:g}s"))
             return
-        wait = self.timeout - late if waiting else self.timeout
+        wait = link.timeout - late if link.waiting else link.timeout
         self.watchdog = loop.call_later(wait, self._watch)
 
     def _replied(self) -> None:
@@ -186,6 +184,7 @@ class _Link(asyncio.Protocol):
         if writer is None:
             raise redis_errors.ConnectionError("the pool gave a connection that is not open")
         self.owner, self.connection = owner, connection
+        # the socket timeout the connection came with, enforced by the watchdog instead
         self.timeout, connection.socket_timeout = connection.socket_timeout, None
         encoder = connection.encoder
         options: dict[str, Any] = {"replyError": BaseParser.parse_error}
